@@ -1,0 +1,48 @@
+# Two commands for a new user: `make run` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+RUN_DIR := .run
+CONFIG := docs/examples/config.toml
+SAMPLE := docs/examples/identities.jsonl
+
+.PHONY: run test lint bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+# The stamps make a second `make run` or `make test` skip the install when
+# pyproject.toml has not changed since.
+$(VENV)/.installed-run: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml | $(BIN)/python
+	bash tests/system-deps.sh
+	$(BIN)/python -m pip install --quiet -e '.[test,pcsc,hid]'
+	touch $@ $(VENV)/.installed-run
+
+run: $(VENV)/.installed-run
+	mkdir -p $(RUN_DIR)
+	$(BIN)/identity-connector import --config $(CONFIG) $(SAMPLE)
+	@echo
+	@echo "Try it from another terminal:"
+	@echo
+	@echo "  curl -s http://127.0.0.1:8080/v1/identity/scan \\"
+	@echo "    -H 'Content-Type: application/json' \\"
+	@echo "    -d '{\"requestId\": \"'\$$(cat /proc/sys/kernel/random/uuid)'\", \"storeId\": \"STORE-001\", \"scanEvent\": {\"id\": \"'\$$(cat /proc/sys/kernel/random/uuid)'\", \"timestamp\": \"'\$$(date -u +%Y-%m-%dT%H:%M:%SZ)'\", \"location\": \"ENTRY\", \"value\": \"SHOPPER-0001\", \"channel\": \"OPTICAL\"}}'"
+	@echo
+	$(BIN)/identity-connector serve --config $(CONFIG)
+
+test: $(VENV)/.installed-test
+	bash tests/system-deps.sh
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest
+
+lint: $(VENV)/.installed-test
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+clean:
+	rm -rf $(RUN_DIR) $(VENV)
