@@ -1,0 +1,204 @@
+"""The HTTP API: ResolveScan, health, and the OpenAPI document, with problem-details errors."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+
+import msgspec
+import structlog
+from aiohttp import web
+
+from daemon.config import Config
+from daemon.resolver import IdempotencyConflict, Resolver
+from daemon.schema import (
+    PROBLEM_MEDIA_TYPE,
+    BodyInvalid,
+    FieldError,
+    Problem,
+    RequestInvalid,
+    decode_request,
+    encode_problem,
+    openapi_document,
+)
+
+log = structlog.get_logger(__name__)
+
+SCAN_PATH = "/v1/identity/scan"
+PROBLEM_TYPE_PREFIX = "urn:identity-connector:problem:"
+
+RESOLVER_KEY = web.AppKey("resolver", Resolver)
+CONFIG_KEY = web.AppKey("config", Config)
+OPENAPI_KEY = web.AppKey("openapi", bytes)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def problem_response(
+    status: int,
+    slug: str,
+    title: str,
+    detail: str,
+    errors: list[FieldError] | None = None,
+    headers: dict[str, str] | None = None,
+) -> web.Response:
+    """Build an RFC 9457 problem-details response."""
+    problem = Problem(
+        type=PROBLEM_TYPE_PREFIX + slug, title=title, status=status, detail=detail, errors=errors
+    )
+    return web.Response(
+        status=status,
+        body=encode_problem(problem),
+        content_type=PROBLEM_MEDIA_TYPE,
+        headers=headers,
+    )
+
+
+_HTTP_PROBLEMS: dict[int, tuple[str, str]] = {
+    404: ("not-found", "no such resource: the ResolveScan endpoint is POST " + SCAN_PATH),
+    405: ("method-not-allowed", "method {method} is not allowed on {path}; use {allowed}"),
+    413: ("body-too-large", "the request body exceeds the {limit}-byte limit"),
+}
+
+
+@web.middleware
+async def problem_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Turn every error into problem details; an unexpected exception becomes a bare 500."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return _http_error_problem(request, exc)
+    except Exception:
+        log.exception("request.failed", method=request.method, path=request.path)
+        return problem_response(
+            500,
+            "internal-error",
+            "Internal Server Error",
+            "the connector failed to process the request; the cause is in its log",
+        )
+
+
+def _http_error_problem(request: web.Request, exc: web.HTTPException) -> web.Response:
+    config = request.app[CONFIG_KEY]
+    slug, template = _HTTP_PROBLEMS.get(exc.status, ("http-error", exc.reason))
+    allowed = ""
+    headers = {}
+    if isinstance(exc, web.HTTPMethodNotAllowed):
+        allowed = ", ".join(sorted(exc.allowed_methods))
+        headers["Allow"] = allowed
+    detail = template.format(
+        method=request.method,
+        path=request.path,
+        allowed=allowed,
+        limit=config.server.max_body_size,
+    )
+    return problem_response(exc.status, slug, exc.reason, detail, headers=headers)
+
+
+def _is_json(content_type: str) -> bool:
+    return content_type == "application/json" or (
+        content_type.startswith("application/") and content_type.endswith("+json")
+    )
+
+
+async def resolve_scan(request: web.Request) -> web.Response:
+    started = time.perf_counter()
+    config = request.app[CONFIG_KEY]
+
+    if not _is_json(request.content_type):
+        sent = request.headers.get("Content-Type", "none")
+        return problem_response(
+            415,
+            "unsupported-media-type",
+            "Unsupported Media Type",
+            f"Content-Type {sent!r} is not JSON; send the body as application/json",
+        )
+    limit = config.server.max_body_size
+    if request.content_length is not None and request.content_length > limit:
+        raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=request.content_length)
+    body = await request.read()
+
+    try:
+        scan_request = decode_request(body)
+    except BodyInvalid as exc:
+        return problem_response(400, "invalid-body", "Bad Request", str(exc))
+    except RequestInvalid as exc:
+        return _invalid(exc.errors)
+
+    if scan_request.storeId not in config.stores.ids:
+        return _invalid(
+            [
+                FieldError(
+                    field="storeId",
+                    message=f"store {scan_request.storeId!r} is not served by this connector;"
+                    f" it serves {', '.join(config.stores.ids)}",
+                )
+            ]
+        )
+
+    try:
+        response_body, _replayed = await request.app[RESOLVER_KEY].resolve(scan_request, started)
+    except IdempotencyConflict:
+        return problem_response(
+            422,
+            "idempotency-conflict",
+            "Unprocessable Content",
+            f"scanEvent.id {scan_request.scanEvent.id} was already decided for a different"
+            " storeId, location, channel or value; send a new scanEvent.id for a new scan",
+        )
+    return web.Response(body=response_body, content_type="application/json")
+
+
+def _invalid(errors: list[FieldError]) -> web.Response:
+    fields = ", ".join(error.field for error in errors)
+    return problem_response(
+        400,
+        "invalid-request",
+        "Bad Request",
+        f"the request body breaks the ResolveScan contract in: {fields}",
+        errors=errors,
+    )
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "up"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    resolver = request.app[RESOLVER_KEY]
+    store = resolver.store
+    try:
+        store.reader.connection.execute("SELECT 1 FROM identities LIMIT 1").fetchall()
+        database_ok = store.writer.alive
+    except Exception as exc:  # the reason goes to the log, not to the caller
+        log.warning("health.database_failed", error=str(exc))
+        database_ok = False
+    if not database_ok:
+        return web.json_response({"status": "not ready"}, status=503)
+    cache = "stale" if resolver.cache_stale(time.time()) else "fresh"
+    return web.json_response({"status": "ready", "cache": cache})
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return web.Response(body=request.app[OPENAPI_KEY], content_type="application/json")
+
+
+def openapi_bytes() -> bytes:
+    """Serialise the OpenAPI document the way docs/openapi.json stores it."""
+    return msgspec.json.format(msgspec.json.encode(openapi_document()), indent=2) + b"\n"
+
+
+def build_app(config: Config, resolver: Resolver) -> web.Application:
+    app = web.Application(
+        middlewares=[problem_middleware], client_max_size=config.server.max_body_size
+    )
+    app[CONFIG_KEY] = config
+    app[RESOLVER_KEY] = resolver
+    app[OPENAPI_KEY] = openapi_bytes()
+    app.router.add_post(SCAN_PATH, resolve_scan)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/openapi.json", openapi)
+    return app

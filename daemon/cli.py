@@ -1,0 +1,204 @@
+"""The `identity-connector` command: serve, import, lookup, status, check-config."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+from daemon.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
+from daemon.identities import import_file
+from daemon.logs import configure_logging
+from daemon.resolver import LAST_PULL_META_KEY, Resolver
+from daemon.schema import CHANNELS, LOCATIONS
+from daemon.store import Store, StoreError
+
+MAX_PRINTED_ERRORS = 100
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="identity-connector",
+        description="On-premises Identity Connector for Just Walk Out gates.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def with_config(sub: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        sub.add_argument(
+            "--config",
+            type=Path,
+            default=DEFAULT_CONFIG_PATH,
+            help=f"configuration file (default: {DEFAULT_CONFIG_PATH})",
+        )
+        return sub
+
+    with_config(commands.add_parser("serve", help="run the daemon in the foreground"))
+
+    importer = with_config(
+        commands.add_parser("import", help="load identity records from JSON Lines or CSV")
+    )
+    importer.add_argument("file", type=Path, help="records file (.jsonl, .ndjson or .csv)")
+    importer.add_argument(
+        "--format", choices=["jsonl", "csv"], help="file format (default: from the extension)"
+    )
+
+    lookup = with_config(
+        commands.add_parser("lookup", help="print the decision for a value, recording nothing")
+    )
+    lookup.add_argument("value", help="scanned value; '-' reads it from standard input")
+    lookup.add_argument("--store", help="store id (default: the first configured store)")
+    lookup.add_argument("--location", choices=LOCATIONS, default="ENTRY")
+    lookup.add_argument("--channel", choices=CHANNELS, default="OPTICAL")
+
+    status = with_config(commands.add_parser("status", help="print cache, sync and outbox state"))
+    status.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+    check = commands.add_parser("check-config", help="validate a configuration file")
+    check.add_argument("file", type=Path)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "check-config":
+            load_config(args.file)
+            print(f"{args.file}: configuration is valid")
+            return 0
+        config = load_config(args.config)
+        configure_logging(
+            config.logging.level,
+            config.logging.format,
+            stream=sys.stdout if args.command == "serve" else sys.stderr,
+        )
+        if args.command == "serve":
+            from daemon.service import serve
+
+            asyncio.run(serve(config))
+            return 0
+        if args.command == "import":
+            return _import(config, args.file, args.format)
+        if args.command == "lookup":
+            return _lookup(config, args)
+        return _status(config, args.json)
+    except (ConfigError, StoreError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _open_store(config: Config) -> Store:
+    return Store.open(
+        Path(config.database.path), config.database.secret_path, config.database.busy_timeout
+    )
+
+
+def _import(config: Config, path: Path, file_format: str | None) -> int:
+    if not path.is_file():
+        print(f"error: records file {path} not found", file=sys.stderr)
+        return 2
+    store = _open_store(config)
+    try:
+        summary = import_file(
+            store.reader.connection,
+            store.hasher,
+            path,
+            file_format,
+            progress=sys.stderr.isatty(),
+        )
+    finally:
+        store.close()
+
+    for error in summary.errors[:MAX_PRINTED_ERRORS]:
+        print(f"{path}:{error.line}: rejected: {error.reason}", file=sys.stderr)
+    if len(summary.errors) > MAX_PRINTED_ERRORS:
+        print(f"... and {len(summary.errors) - MAX_PRINTED_ERRORS} more", file=sys.stderr)
+    rate = (summary.inserted + summary.updated) / summary.seconds if summary.seconds else 0.0
+    line = (
+        f"imported {path}: {summary.inserted} inserted, {summary.updated} updated,"
+        f" {summary.rejected} rejected in {summary.seconds:.1f} s ({rate:,.0f} records/s)"
+    )
+    if summary.replaced_keys:
+        line += f"; {summary.replaced_keys} older credentials gave up their key"
+    print(line)
+    return 1 if summary.rejected else 0
+
+
+def _lookup(config: Config, args: argparse.Namespace) -> int:
+    value = sys.stdin.readline() if args.value == "-" else args.value
+    store_id = args.store or config.stores.ids[0]
+    store = _open_store(config)
+    try:
+        resolver = Resolver(store, config)
+        now = time.time()
+        evaluation = resolver.evaluate(value, store_id, args.location, args.channel, now, now)
+    finally:
+        store.close()
+    identity = evaluation.identity
+    verdict = evaluation.verdict
+    print(f"action:      {verdict.action}")
+    print(f"reason:      {verdict.reason.value}")
+    if verdict.overridden:
+        print(f"overridden:  {', '.join(r.value for r in verdict.overridden)}")
+    print(f"id:          {identity.id if identity else '(unknown key)'}")
+    print(f"type:        {identity.type if identity else '-'}")
+    print(f"credential:  {identity.credential_id if identity else '-'}")
+    print(f"fingerprint: {evaluation.fingerprint}")
+    return 0
+
+
+def _status(config: Config, as_json: bool) -> int:
+    store = _open_store(config)
+    try:
+        reader = store.reader
+        now = time.time()
+        oldest = reader.oldest_outbox_time()
+        last_pull = reader.meta(LAST_PULL_META_KEY)
+        state = {
+            "database": str(store.path),
+            "identities": reader.count("identities"),
+            "decisionsRetained": reader.count("decisions"),
+            "outboxDepth": reader.count("outbox"),
+            "outboxOldestAgeSeconds": round(now - oldest, 1) if oldest else None,
+            "hq": config.hq.url if config.hq else None,
+            "syncCursor": reader.meta("cursor"),
+            "lastPull": _iso(float(last_pull)) if last_pull else None,
+            "cacheStale": Resolver(store, config).cache_stale(now),
+            "devicesConfigured": [device.get("name", "(unnamed)") for device in config.devices],
+            **{f"{name}Bytes": size for name, size in store.file_sizes().items()},
+        }
+    finally:
+        store.close()
+    if as_json:
+        print(json.dumps(state, indent=2))
+        return 0
+    print(f"database:       {state['database']}")
+    print(f"identities:     {state['identities']}")
+    print(f"decisions kept: {state['decisionsRetained']} (for idempotent replies)")
+    age = state["outboxOldestAgeSeconds"]
+    oldest_text = f", oldest {age:.0f} s old" if age is not None else ""
+    print(f"outbox:         {state['outboxDepth']} events waiting for HQ{oldest_text}")
+    if config.hq is None:
+        print("hq:             not configured; the cache changes only by import")
+    else:
+        print(f"hq:             {config.hq.url}")
+        print(f"sync cursor:    {state['syncCursor'] or '(none yet)'}")
+        print(f"last pull:      {state['lastPull'] or 'never'}")
+        cache = "STALE: only associates are accepted" if state["cacheStale"] else "fresh"
+        print(f"cache:          {cache}")
+    devices = state["devicesConfigured"]
+    print(f"devices:        {', '.join(devices) if devices else 'none configured'}")
+    return 0
+
+
+def _iso(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp).astimezone().isoformat(timespec="seconds")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

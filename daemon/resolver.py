@@ -1,0 +1,272 @@
+"""ResolveScan: idempotency, lookup, policy, and the decision with its audit event."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import msgspec
+import structlog
+
+from daemon.config import Config
+from daemon.normalize import candidate_keys, strip_value
+from daemon.policy import Reason, ScanContext, Verdict, decide
+from daemon.schema import ResolveScanRequest, ResolveScanResponse, encode_response
+from daemon.store import Identity, KeyHasher, Store, StoredDecision
+
+log = structlog.get_logger(__name__)
+
+LAST_PULL_META_KEY = "last_pull_at"
+_EVENT_ENCODER = msgspec.json.Encoder()
+
+
+class IdempotencyConflict(Exception):
+    """A scanEvent.id that was decided before for a different payload."""
+
+
+@dataclass(frozen=True, slots=True)
+class Evaluation:
+    identity: Identity | None
+    key_hash: bytes
+    verdict: Verdict
+
+    @property
+    def fingerprint(self) -> str:
+        return KeyHasher.fingerprint(self.key_hash)
+
+
+class Resolver:
+    """Decides scans from the store's cache under the configured policy."""
+
+    def __init__(self, store: Store, config: Config) -> None:
+        self.store = store
+        self.config = config
+        # scanEvent.id -> [lock, waiter count]: concurrent calls for one id queue on the lock,
+        # so the first decides and the rest replay its stored response.
+        self._inflight: dict[str, list[Any]] = {}
+
+    def cache_stale(self, now: float) -> bool:
+        """Whether the stale-cache rule applies: HQ is configured and not pulled recently."""
+        if self.config.hq is None:
+            return False
+        last_pull = self.store.reader.meta(LAST_PULL_META_KEY)
+        if last_pull is None:
+            return True
+        return now - float(last_pull) > self.config.policy.max_cache_age
+
+    def evaluate(
+        self,
+        value: str,
+        store_id: str,
+        location: str,
+        channel: str,
+        scanned_at: float,
+        now: float | None = None,
+    ) -> Evaluation:
+        """Look a scanned value up and apply the policy, recording nothing."""
+        now = time.time() if now is None else now
+        hasher = self.store.hasher
+        policy = self.config.policy
+        candidates = candidate_keys(value, channel, policy.value_encoding)
+        context = ScanContext(
+            store_id=store_id,
+            location=location,
+            channel=channel,
+            scanned_at=scanned_at,
+            now=now,
+            cache_stale=self.cache_stale(now),
+        )
+
+        if not candidates:
+            key_hash = hasher.hash(strip_value(value))
+            reason = Reason.INVALID_ENCODING if policy.value_encoding == "base64" else None
+            if reason is not None:
+                return Evaluation(None, key_hash, Verdict("REJECT", reason))
+            return Evaluation(None, key_hash, decide(None, context, policy))
+
+        first_hash = b""
+        for candidate in candidates:
+            key_hash = hasher.hash(candidate)
+            first_hash = first_hash or key_hash
+            identity = self.store.reader.identity_by_hash(key_hash)
+            if identity is not None:
+                return Evaluation(identity, key_hash, decide(identity, context, policy))
+        return Evaluation(None, first_hash, decide(None, context, policy))
+
+    async def resolve(self, request: ResolveScanRequest, started: float) -> tuple[bytes, bool]:
+        """Return the response body for a request and whether it replays an earlier one.
+
+        Raises IdempotencyConflict when the scanEvent.id was decided for another payload.
+        """
+        scan = request.scanEvent
+        scan_id = scan.id.lower()
+        request_hash = self.store.hasher.hash_parts(
+            request.storeId, scan.location, scan.channel, scan.value
+        )
+
+        entry = self._inflight.get(scan_id)
+        if entry is None:
+            entry = [asyncio.Lock(), 0]
+            self._inflight[scan_id] = entry
+        entry[1] += 1
+        try:
+            async with entry[0]:
+                stored = self.store.reader.decision(scan_id)
+                if stored is not None:
+                    return self._replay(stored, request_hash, request), True
+                body = await self._decide_and_record(request, scan_id, request_hash, started)
+                return body, False
+        finally:
+            entry[1] -= 1
+            if entry[1] == 0:
+                del self._inflight[scan_id]
+
+    def _replay(
+        self, stored: StoredDecision, request_hash: bytes, request: ResolveScanRequest
+    ) -> bytes:
+        if stored.request_hash != request_hash:
+            log.warning(
+                "scan.idempotency_conflict",
+                request_id=request.requestId,
+                scan_event_id=request.scanEvent.id,
+                store_id=request.storeId,
+            )
+            raise IdempotencyConflict(request.scanEvent.id)
+        log.info(
+            "scan.replayed",
+            request_id=request.requestId,
+            scan_event_id=request.scanEvent.id,
+            store_id=request.storeId,
+        )
+        return stored.response
+
+    async def _decide_and_record(
+        self, request: ResolveScanRequest, scan_id: str, request_hash: bytes, started: float
+    ) -> bytes:
+        scan = request.scanEvent
+        now = time.time()
+        evaluation = self.evaluate(
+            scan.value,
+            request.storeId,
+            scan.location,
+            scan.channel,
+            scan.timestamp.timestamp(),
+            now,
+        )
+        identity = evaluation.identity
+        verdict = evaluation.verdict
+        response = ResolveScanResponse(
+            id=identity.id if identity else scan.id,
+            type=identity.type if identity else "SHOPPER",  # type: ignore[arg-type]
+            action=verdict.action,  # type: ignore[arg-type]
+        )
+        body = encode_response(response)
+        latency_ms = round((time.perf_counter() - started) * 1000, 3)
+
+        event = audit_event(
+            source="gateway",
+            store_id=request.storeId,
+            request_id=request.requestId,
+            scan_event_id=scan.id,
+            scanned_at=scan.timestamp,
+            location=scan.location,
+            channel=scan.channel,
+            evaluation=evaluation,
+            latency_ms=latency_ms,
+            now=now,
+        )
+        await self.store.writer.submit(
+            lambda connection: record_decision(
+                connection, scan_id, request_hash, body, verdict, event, now
+            )
+        )
+        log.info(
+            "scan.decided",
+            request_id=request.requestId,
+            scan_event_id=scan.id,
+            store_id=request.storeId,
+            location=scan.location,
+            channel=scan.channel,
+            key_fingerprint=evaluation.fingerprint,
+            identity_id=response.id if identity else None,
+            type=response.type,
+            action=verdict.action,
+            reason=verdict.reason.value,
+            overridden=[r.value for r in verdict.overridden] or None,
+            latency_ms=latency_ms,
+        )
+        return body
+
+
+def audit_event(
+    *,
+    source: str,
+    store_id: str,
+    request_id: str | None,
+    scan_event_id: str | None,
+    scanned_at: datetime,
+    location: str,
+    channel: str,
+    evaluation: Evaluation,
+    latency_ms: float,
+    now: float,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Build the audit event HQ receives for a decision; it never holds the scanned value."""
+    identity = evaluation.identity
+    verdict = evaluation.verdict
+    event: dict[str, Any] = {
+        "eventId": str(uuid.uuid4()),
+        "time": datetime.fromtimestamp(now, UTC).isoformat().replace("+00:00", "Z"),
+        "source": source,
+        "storeId": store_id,
+        "requestId": request_id,
+        "scanEventId": scan_event_id,
+        "scanTime": scanned_at.isoformat(),
+        "location": location,
+        "channel": channel,
+        "keyFingerprint": evaluation.fingerprint,
+        "credentialId": identity.credential_id if identity else None,
+        "identityId": identity.id if identity else None,
+        "type": identity.type if identity else None,
+        "action": verdict.action,
+        "reason": verdict.reason.value,
+        "overriddenReasons": [r.value for r in verdict.overridden],
+        "latencyMs": latency_ms,
+        "clockUncertain": False,
+    }
+    if extra:
+        event.update(extra)
+    return event
+
+
+def record_decision(
+    connection: sqlite3.Connection,
+    scan_id: str,
+    request_hash: bytes,
+    body: bytes,
+    verdict: Verdict,
+    event: dict[str, Any],
+    now: float,
+) -> None:
+    """Store the decision and its outbox event; the writer commits both together."""
+    connection.execute(
+        "INSERT INTO decisions (scan_event_id, request_hash, response, action, reason, decided_at)"
+        " VALUES (?, ?, ?, ?, ?, ?)",
+        (scan_id, request_hash, body, verdict.action, verdict.reason.value, now),
+    )
+    connection.execute(
+        "INSERT INTO outbox (event_id, created_at, body) VALUES (?, ?, ?)",
+        (event["eventId"], now, _EVENT_ENCODER.encode(event)),
+    )
+
+
+def prune_decisions(connection: sqlite3.Connection, older_than: float) -> int:
+    """Delete idempotency records decided before ``older_than``; return how many."""
+    cursor = connection.execute("DELETE FROM decisions WHERE decided_at < ?", (older_than,))
+    return cursor.rowcount

@@ -1,0 +1,297 @@
+"""ResolveScan request and response types, validation errors, and the OpenAPI document.
+
+One set of msgspec types gives decoding, validation with exact field paths, and the JSON
+Schema that the OpenAPI document embeds, so the served document cannot drift from the code.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+UUID_PATTERN = r"^[0-9a-fA-F]{8}\-[0-9a-fA-F]{4}\-[0-9a-fA-F]{4}\-[0-9a-fA-F]{4}\-[0-9a-fA-F]{12}$"
+MAX_STORE_ID_LENGTH = 255
+MAX_VALUE_LENGTH = 1000
+MAX_ID_LENGTH = 255
+
+Location = Literal["ENTRY", "EXIT", "MANUAL_IN_STORE"]
+Channel = Literal["OPTICAL", "RADIO", "CONTACT"]
+IdentityType = Literal["SHOPPER", "ASSOCIATE", "CASH", "LOYALTY"]
+Action = Literal["ACCEPT", "REJECT"]
+
+LOCATIONS: tuple[str, ...] = ("ENTRY", "EXIT", "MANUAL_IN_STORE")
+CHANNELS: tuple[str, ...] = ("OPTICAL", "RADIO", "CONTACT")
+IDENTITY_TYPES: tuple[str, ...] = ("SHOPPER", "ASSOCIATE", "CASH", "LOYALTY")
+
+Uuid = Annotated[
+    str, msgspec.Meta(pattern=UUID_PATTERN, description="A UUID in 8-4-4-4-12 hex form.")
+]
+
+
+class ScanEvent(msgspec.Struct, kw_only=True):
+    id: Annotated[
+        str,
+        msgspec.Meta(
+            pattern=UUID_PATTERN,
+            description="UUID of one interaction with a gate; repeated calls reuse it.",
+        ),
+    ]
+    timestamp: Annotated[
+        dt.datetime,
+        msgspec.Meta(tz=True, description="When the scan happened, RFC 3339 with an offset."),
+    ]
+    location: Annotated[Location, msgspec.Meta(description="Where the scan happened.")]
+    value: Annotated[
+        str,
+        msgspec.Meta(
+            max_length=MAX_VALUE_LENGTH, description="The scanned payload (QR code, badge, card)."
+        ),
+    ]
+    channel: Annotated[Channel, msgspec.Meta(description="How the key was read.")]
+
+
+class ResolveScanRequest(msgspec.Struct, kw_only=True):
+    requestId: Annotated[
+        str,
+        msgspec.Meta(pattern=UUID_PATTERN, description="UUID Amazon makes for each call."),
+    ]
+    storeId: Annotated[
+        str,
+        msgspec.Meta(
+            max_length=MAX_STORE_ID_LENGTH, description="Store id assigned at onboarding."
+        ),
+    ]
+    scanEvent: ScanEvent
+
+
+class ResolveScanResponse(msgspec.Struct, kw_only=True):
+    id: Annotated[
+        str,
+        msgspec.Meta(max_length=MAX_ID_LENGTH, description="Identifier Amazon associates."),
+    ]
+    type: IdentityType
+    action: Action
+
+
+class FieldError(msgspec.Struct, kw_only=True):
+    field: Annotated[str, msgspec.Meta(description="Dotted path of the field, e.g. scanEvent.id")]
+    message: str
+
+
+class Problem(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """RFC 9457 problem details."""
+
+    type: str
+    title: str
+    status: int
+    detail: str
+    errors: list[FieldError] | None = None
+
+
+class RequestInvalid(Exception):
+    """A ResolveScan body that does not match the contract."""
+
+    def __init__(self, errors: list[FieldError]) -> None:
+        super().__init__("; ".join(f"{e.field}: {e.message}" for e in errors))
+        self.errors = errors
+
+
+_REQUEST_DECODER = msgspec.json.Decoder(ResolveScanRequest)
+_ANY_DECODER = msgspec.json.Decoder()
+
+_FIELD_RULES: dict[str, str] = {
+    "requestId": "uuid",
+    "storeId": "store",
+    "scanEvent.id": "uuid",
+    "scanEvent.timestamp": "timestamp",
+    "scanEvent.location": "location",
+    "scanEvent.value": "value",
+    "scanEvent.channel": "channel",
+}
+
+
+class BodyInvalid(Exception):
+    """A body that is not a JSON object at all; the message says why."""
+
+
+def decode_request(body: bytes) -> ResolveScanRequest:
+    """Decode and validate a ResolveScan body.
+
+    Raises BodyInvalid when the body is not a JSON object, and RequestInvalid listing every
+    offending field when it is one that breaks the contract.
+    """
+    try:
+        return _REQUEST_DECODER.decode(body)
+    except msgspec.ValidationError:
+        pass
+    except msgspec.DecodeError as exc:
+        raise BodyInvalid(_describe_decode_error(body, exc)) from None
+    except RecursionError:
+        raise BodyInvalid("the JSON body is nested too deeply") from None
+
+    # The fast decoder stops at the first error; walk the document again to report all.
+    try:
+        document = _ANY_DECODER.decode(body)
+    except RecursionError:
+        raise BodyInvalid("the JSON body is nested too deeply") from None
+    if not isinstance(document, dict):
+        raise BodyInvalid(f"the JSON body must be an object, got {_json_type(document)}")
+    errors: list[FieldError] = []
+    _collect_errors(document, ResolveScanRequest, "", errors)
+    if not errors:  # pragma: no cover - the typed decoder and the walk agree
+        errors.append(FieldError(field="(body)", message="does not match the request schema"))
+    raise RequestInvalid(errors)
+
+
+def _describe_decode_error(body: bytes, exc: msgspec.DecodeError) -> str:
+    if not body.strip():
+        return "the request body is empty; send a JSON object"
+    text = str(exc)
+    if "UTF-8" in text:
+        return "the request body is not valid UTF-8"
+    return f"the request body is not valid JSON ({text})"
+
+
+def _collect_errors(
+    document: dict[str, Any], struct_type: type[msgspec.Struct], prefix: str, errors: list
+) -> None:
+    for field in msgspec.structs.fields(struct_type):
+        path = f"{prefix}{field.encode_name}"
+        if field.encode_name not in document:
+            errors.append(FieldError(field=path, message="missing required field"))
+            continue
+        value = document[field.encode_name]
+        if field.type is ScanEvent:
+            if not isinstance(value, dict):
+                errors.append(
+                    FieldError(field=path, message=f"must be an object, got {_json_type(value)}")
+                )
+            else:
+                _collect_errors(value, ScanEvent, path + ".", errors)
+            continue
+        try:
+            msgspec.convert(value, field.type)
+        except msgspec.ValidationError:
+            errors.append(FieldError(field=path, message=_describe_field(path, value)))
+
+
+def _describe_field(path: str, value: Any) -> str:
+    rule = _FIELD_RULES[path]
+    if value is None:
+        return "must not be null"
+    if not isinstance(value, str):
+        expected = "an RFC 3339 date-time string" if rule == "timestamp" else "a string"
+        return f"must be {expected}, got {_json_type(value)}"
+
+    shown = _show(value)
+    if rule == "uuid":
+        return f"must be a UUID (8-4-4-4-12 hexadecimal digits), got {shown}"
+    if rule == "store":
+        return f"must be at most {MAX_STORE_ID_LENGTH} characters, got {len(value)}"
+    if rule == "value":
+        # The scanned value is a secret; report its length only.
+        return f"must be at most {MAX_VALUE_LENGTH} characters, got {len(value)}"
+    if rule == "location":
+        return f"must be one of {', '.join(LOCATIONS)} (upper case), got {shown}"
+    if rule == "channel":
+        return f"must be one of {', '.join(CHANNELS)} (upper case), got {shown}"
+    return (
+        "must be an RFC 3339 date-time with a valid date and an offset,"
+        f" such as 2024-04-25T13:03:14Z, got {shown}"
+    )
+
+
+def _show(value: str, limit: int = 64) -> str:
+    if len(value) > limit:
+        return repr(value[:limit] + "...")
+    return repr(value)
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return "an object"
+
+
+PROBLEM_MEDIA_TYPE = "application/problem+json"
+_PROBLEM_ENCODER = msgspec.json.Encoder()
+_RESPONSE_ENCODER = msgspec.json.Encoder()
+
+
+def encode_response(response: ResolveScanResponse) -> bytes:
+    return _RESPONSE_ENCODER.encode(response)
+
+
+def encode_problem(problem: Problem) -> bytes:
+    return _PROBLEM_ENCODER.encode(problem)
+
+
+def openapi_document() -> dict[str, Any]:
+    """Build the OpenAPI 3.1 document for the gateway-facing API from the types above."""
+    (request, response, problem), components = msgspec.json.schema_components(
+        [ResolveScanRequest, ResolveScanResponse, Problem],
+        ref_template="#/components/schemas/{name}",
+    )
+
+    def problem_response(description: str) -> dict[str, Any]:
+        return {"description": description, "content": {PROBLEM_MEDIA_TYPE: {"schema": problem}}}
+
+    health = {
+        "200": {
+            "description": "Up (healthz) or ready (readyz).",
+            "content": {"application/json": {"schema": {"type": "object"}}},
+        },
+        "503": {
+            "description": "Not ready.",
+            "content": {"application/json": {"schema": {"type": "object"}}},
+        },
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "Identity Connector",
+            "version": "1.0.0",
+            "description": (
+                "ResolveScan as called by Amazon's Identity Gateway, answered by an"
+                " on-premises identity cache."
+            ),
+        },
+        "paths": {
+            "/v1/identity/scan": {
+                "post": {
+                    "operationId": "ResolveScan",
+                    "summary": "Resolve a scanned key to an identity and an ACCEPT or REJECT.",
+                    "requestBody": {
+                        "required": True,
+                        "content": {"application/json": {"schema": request}},
+                    },
+                    "responses": {
+                        "200": {
+                            "description": "The decision.",
+                            "content": {"application/json": {"schema": response}},
+                        },
+                        "400": problem_response("The body breaks the contract; see errors."),
+                        "413": problem_response("The body is larger than the configured limit."),
+                        "415": problem_response("The body is not sent as application/json."),
+                        "422": problem_response(
+                            "The scanEvent.id was used before with a different payload."
+                        ),
+                        "500": problem_response("The connector failed; see its log."),
+                    },
+                }
+            },
+            "/healthz": {"get": {"operationId": "Healthz", "responses": health}},
+            "/readyz": {"get": {"operationId": "Readyz", "responses": health}},
+        },
+        "components": {"schemas": components},
+    }

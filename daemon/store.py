@@ -1,0 +1,466 @@
+"""The SQLite store: identity cache, idempotency records and the audit outbox.
+
+All writes of the daemon go through one writer thread (``StoreWriter``), so no two writers
+contend and a burst of decisions shares one commit. Readers use their own connections. Scanned
+values and identity keys are stored only as HMAC-SHA-256 digests under a secret kept in a file
+outside the database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import os
+import queue
+import secrets
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import sqlite_utils
+import structlog
+
+log = structlog.get_logger(__name__)
+
+SCHEMA_VERSION = 1
+SECRET_BYTES = 32
+# Decisions queued while a commit runs join the next one; this bounds one transaction.
+MAX_GROUP_COMMIT = 256
+
+T = TypeVar("T")
+
+
+class StoreError(Exception):
+    """The database cannot be used as it is; the message says why and what to do."""
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    credential_id: str
+    key_hash: bytes
+    id: str
+    type: str
+    status: str
+    valid_from: float | None
+    valid_until: float | None
+    stores: tuple[str, ...]
+    channels: tuple[str, ...] | None
+    locations: tuple[str, ...] | None
+    version: int
+
+
+@dataclass(frozen=True, slots=True)
+class StoredDecision:
+    request_hash: bytes
+    response: bytes
+
+
+class KeyHasher:
+    """HMAC-SHA-256 of scanned values under the store's secret."""
+
+    def __init__(self, secret: bytes) -> None:
+        self._secret = secret
+
+    def hash(self, value: str) -> bytes:
+        return hmac.digest(self._secret, value.encode("utf-8"), "sha256")
+
+    def hash_parts(self, *parts: str) -> bytes:
+        """Hash several fields unambiguously (each is length-prefixed)."""
+        mac = hmac.new(self._secret, digestmod=hashlib.sha256)
+        for part in parts:
+            data = part.encode("utf-8")
+            mac.update(len(data).to_bytes(4, "big"))
+            mac.update(data)
+        return mac.digest()
+
+    @staticmethod
+    def fingerprint(key_hash: bytes) -> str:
+        """Short, log-safe form of a key hash (the first 6 bytes in hex)."""
+        return key_hash[:6].hex()
+
+
+def load_or_create_secret(path: Path, database_exists: bool) -> bytes:
+    """Read the HMAC secret, or create it with mode 0600 when the database is new."""
+    try:
+        text = path.read_text(encoding="ascii").strip()
+    except FileNotFoundError:
+        if database_exists:
+            raise StoreError(
+                f"secret file {path} not found, but the database already exists and its key"
+                " hashes were made with that secret: restore the file from backup, or move the"
+                " database aside and import the identities again"
+            ) from None
+        return _create_secret(path)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise StoreError(f"cannot read secret file {path}: {exc}") from None
+
+    try:
+        secret = bytes.fromhex(text)
+    except ValueError:
+        raise StoreError(
+            f"secret file {path} is invalid: it must hold {SECRET_BYTES} bytes as hex"
+        ) from None
+    if len(secret) < 16:
+        raise StoreError(f"secret file {path} is too short: it must hold at least 16 bytes as hex")
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o077:
+        log.warning("store.secret_permissions", path=str(path), mode=oct(mode), expected="0o600")
+    return secret
+
+
+def _create_secret(path: Path) -> bytes:
+    secret = secrets.token_bytes(SECRET_BYTES)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "w", encoding="ascii") as handle:
+        handle.write(secret.hex() + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    log.info("store.secret_created", path=str(path))
+    return secret
+
+
+def connect(path: Path, busy_timeout: float) -> sqlite3.Connection:
+    """Open a connection in autocommit mode with WAL and the project's pragmas."""
+    connection = sqlite3.connect(
+        path, isolation_level=None, check_same_thread=False, timeout=busy_timeout
+    )
+    connection.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
+    connection.execute("PRAGMA journal_mode = WAL")
+    # NORMAL in WAL mode loses no committed transaction when the process dies; only a power
+    # loss can roll back the last commits, and the gateway then retries with the same id.
+    connection.execute("PRAGMA synchronous = NORMAL")
+    connection.execute("PRAGMA foreign_keys = ON")
+    return connection
+
+
+# Each migration runs inside the transaction that also sets user_version.
+def _migrate_1(db: sqlite_utils.Database) -> None:
+    db["identities"].create(
+        {
+            "credential_id": str,
+            "key_hash": bytes,
+            "identity_id": str,
+            "type": str,
+            "status": str,
+            "valid_from": float,
+            "valid_until": float,
+            "stores": str,
+            "channels": str,
+            "locations": str,
+            "version": int,
+            "updated_at": float,
+        },
+        pk="credential_id",
+        not_null={"key_hash", "identity_id", "type", "status", "stores", "version"},
+    )
+    db["identities"].create_index(["key_hash"], unique=True, index_name="identities_key_hash")
+    db["decisions"].create(
+        {
+            "scan_event_id": str,
+            "request_hash": bytes,
+            "response": bytes,
+            "action": str,
+            "reason": str,
+            "decided_at": float,
+        },
+        pk="scan_event_id",
+        not_null={"request_hash", "response", "action", "reason", "decided_at"},
+    )
+    db["decisions"].create_index(["decided_at"], index_name="decisions_decided_at")
+    db.execute(
+        "CREATE TABLE outbox ("
+        " seq INTEGER PRIMARY KEY AUTOINCREMENT,"
+        " event_id TEXT NOT NULL UNIQUE,"
+        " created_at REAL NOT NULL,"
+        " body BLOB NOT NULL)"
+    )
+    db["meta"].create({"key": str, "value": str}, pk="key", not_null={"value"})
+
+
+MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {1: _migrate_1}
+
+
+def migrate(connection: sqlite3.Connection, path: Path) -> int:
+    """Bring the schema to SCHEMA_VERSION in one transaction; refuse a newer database."""
+    version = connection.execute("PRAGMA user_version").fetchone()[0]
+    if version > SCHEMA_VERSION:
+        raise StoreError(
+            f"database {path} has schema version {version}, newer than the {SCHEMA_VERSION}"
+            " this build of identity-connector supports: install the newer release, or"
+            " restore a backup made by this one; the file was left untouched"
+        )
+    if version == SCHEMA_VERSION:
+        return version
+
+    db = sqlite_utils.Database(connection)
+    connection.execute("BEGIN IMMEDIATE")
+    try:
+        for target in range(version + 1, SCHEMA_VERSION + 1):
+            MIGRATIONS[target](db)
+        connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        connection.execute("COMMIT")
+    except BaseException:
+        connection.execute("ROLLBACK")
+        raise
+    log.info("store.migrated", path=str(path), from_version=version, to_version=SCHEMA_VERSION)
+    return SCHEMA_VERSION
+
+
+def check_integrity(path: Path, busy_timeout: float) -> bool:
+    """Return whether the file is a readable SQLite database that passes integrity_check."""
+    try:
+        connection = sqlite3.connect(path, timeout=busy_timeout)
+        try:
+            rows = connection.execute("PRAGMA integrity_check").fetchall()
+        finally:
+            connection.close()
+    except sqlite3.DatabaseError as exc:
+        log.error("store.unreadable", path=str(path), error=str(exc))
+        return False
+    if rows != [("ok",)]:
+        log.error("store.integrity_failed", path=str(path), problems=[r[0] for r in rows[:5]])
+        return False
+    return True
+
+
+def move_aside(path: Path) -> Path:
+    """Rename a corrupt database and its WAL files to ``<name>.corrupt-<time>``."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    target = path.with_name(f"{path.name}.corrupt-{stamp}")
+    for suffix in ("", "-wal", "-shm"):
+        source = Path(str(path) + suffix)
+        if source.exists():
+            source.rename(Path(str(target) + suffix))
+    return target
+
+
+def open_database(path: Path, busy_timeout: float) -> sqlite3.Connection:
+    """Open the database, checking integrity and migrating; a corrupt file is moved aside."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() and path.stat().st_size > 0 and not check_integrity(path, busy_timeout):
+        moved = move_aside(path)
+        log.error(
+            "store.corrupt_moved_aside",
+            path=str(path),
+            moved_to=str(moved),
+            action="starting with an empty cache; import the identities again or let HQ sync"
+            " rebuild it",
+        )
+    connection = connect(path, busy_timeout)
+    try:
+        migrate(connection, path)
+    except BaseException:
+        connection.close()
+        raise
+    return connection
+
+
+def _row_to_identity(row: tuple) -> Identity:
+    return Identity(
+        credential_id=row[0],
+        key_hash=row[1],
+        id=row[2],
+        type=row[3],
+        status=row[4],
+        valid_from=row[5],
+        valid_until=row[6],
+        stores=tuple(json.loads(row[7])),
+        channels=tuple(json.loads(row[8])) if row[8] is not None else None,
+        locations=tuple(json.loads(row[9])) if row[9] is not None else None,
+        version=row[10],
+    )
+
+
+_IDENTITY_COLUMNS = (
+    "credential_id, key_hash, identity_id, type, status, valid_from, valid_until,"
+    " stores, channels, locations, version"
+)
+
+
+class StoreReader:
+    """Read queries on a connection of its own; use it from one thread at a time."""
+
+    def __init__(self, connection: sqlite3.Connection) -> None:
+        self.connection = connection
+
+    def identity_by_hash(self, key_hash: bytes) -> Identity | None:
+        row = self.connection.execute(
+            f"SELECT {_IDENTITY_COLUMNS} FROM identities WHERE key_hash = ?", (key_hash,)
+        ).fetchone()
+        return _row_to_identity(row) if row else None
+
+    def decision(self, scan_event_id: str) -> StoredDecision | None:
+        row = self.connection.execute(
+            "SELECT request_hash, response FROM decisions WHERE scan_event_id = ?",
+            (scan_event_id,),
+        ).fetchone()
+        return StoredDecision(request_hash=row[0], response=row[1]) if row else None
+
+    def meta(self, key: str) -> str | None:
+        row = self.connection.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def count(self, table: str) -> int:
+        assert table in ("identities", "decisions", "outbox")
+        return self.connection.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+
+    def oldest_outbox_time(self) -> float | None:
+        row = self.connection.execute("SELECT min(created_at) FROM outbox").fetchone()
+        return row[0]
+
+
+class StoreWriter:
+    """The one writer: a thread that runs queued jobs in shared transactions.
+
+    A job is a function of a connection. Jobs queued together commit together (group
+    commit); each runs in its own savepoint, so one failing job rolls back alone and its
+    caller gets the exception, while the others commit.
+    """
+
+    def __init__(self, path: Path, busy_timeout: float) -> None:
+        self._connection = connect(path, busy_timeout)
+        self._jobs: queue.SimpleQueue[tuple[Callable[[sqlite3.Connection], Any], Any] | None] = (
+            queue.SimpleQueue()
+        )
+        self._thread = threading.Thread(target=self._run, name="store-writer", daemon=True)
+        self._thread.start()
+        self.last_commit_at = time.monotonic()
+        self.failed: BaseException | None = None
+
+    async def submit(self, job: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``job`` in the writer thread and return its result once committed."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        self._jobs.put((job, (loop, future)))
+        return await future
+
+    def submit_and_wait(self, job: Callable[[sqlite3.Connection], T]) -> T:
+        """Blocking form of ``submit`` for code outside the event loop."""
+        done = threading.Event()
+        box: dict[str, Any] = {}
+        self._jobs.put((job, (done, box)))
+        done.wait()
+        if "error" in box:
+            raise box["error"]
+        return box["result"]
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and self.failed is None
+
+    def close(self) -> None:
+        """Finish the queued jobs, then stop the thread and close the connection."""
+        self._jobs.put(None)
+        self._thread.join()
+        self._connection.close()
+
+    def _run(self) -> None:
+        stopping = False
+        while not stopping:
+            first = self._jobs.get()
+            if first is None:
+                break
+            batch = [first]
+            while len(batch) < MAX_GROUP_COMMIT:
+                try:
+                    item = self._jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    stopping = True
+                    break
+                batch.append(item)
+            self._commit_batch(batch)
+
+    def _commit_batch(self, batch: list) -> None:
+        outcomes: list[tuple[bool, Any]] = []
+        connection = self._connection
+        try:
+            connection.execute("BEGIN IMMEDIATE")
+            for job, _waiter in batch:
+                connection.execute("SAVEPOINT job")
+                try:
+                    result = job(connection)
+                except Exception as exc:
+                    connection.execute("ROLLBACK TO job")
+                    connection.execute("RELEASE job")
+                    outcomes.append((False, exc))
+                else:
+                    connection.execute("RELEASE job")
+                    outcomes.append((True, result))
+            connection.execute("COMMIT")
+            self.last_commit_at = time.monotonic()
+        except Exception as exc:
+            if connection.in_transaction:
+                connection.execute("ROLLBACK")
+            log.error("store.commit_failed", jobs=len(batch), error=str(exc))
+            outcomes = [(False, exc)] * len(batch)
+        for (_job, waiter), (ok, value) in zip(batch, outcomes, strict=True):
+            _deliver(waiter, ok, value)
+
+
+def _deliver(waiter: Any, ok: bool, value: Any) -> None:
+    first, second = waiter
+    if isinstance(first, asyncio.AbstractEventLoop):
+        first.call_soon_threadsafe(_set_future, second, ok, value)
+    else:
+        second["result" if ok else "error"] = value
+        first.set()
+
+
+def _set_future(future: asyncio.Future, ok: bool, value: Any) -> None:
+    if future.done():
+        return
+    if ok:
+        future.set_result(value)
+    else:
+        future.set_exception(value)
+
+
+@dataclass
+class Store:
+    """The opened database: its path, the key hasher, a reader and the writer."""
+
+    path: Path
+    hasher: KeyHasher
+    reader: StoreReader
+    writer: StoreWriter
+
+    @classmethod
+    def open(cls, path: Path, secret_path: Path, busy_timeout: float = 5.0) -> Store:
+        existed = path.exists() and path.stat().st_size > 0
+        connection = open_database(path, busy_timeout)
+        database_has_rows = (
+            existed and connection.execute("SELECT count(*) FROM identities").fetchone()[0] > 0
+        )
+        try:
+            secret = load_or_create_secret(secret_path, database_has_rows)
+        except BaseException:
+            connection.close()
+            raise
+        return cls(
+            path=path,
+            hasher=KeyHasher(secret),
+            reader=StoreReader(connection),
+            writer=StoreWriter(path, busy_timeout),
+        )
+
+    def close(self) -> None:
+        self.writer.close()
+        self.reader.connection.close()
+
+    def file_sizes(self) -> dict[str, int]:
+        sizes = {}
+        for suffix, name in (("", "database"), ("-wal", "wal")):
+            try:
+                sizes[name] = Path(str(self.path) + suffix).stat().st_size
+            except FileNotFoundError:
+                sizes[name] = 0
+        return sizes
