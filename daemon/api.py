@@ -202,3 +202,9 @@ def build_app(config: Config, resolver: Resolver) -> web.Application:
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/openapi.json", openapi)
     return app
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.stdout.buffer.write(openapi_bytes())

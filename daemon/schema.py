@@ -12,6 +12,8 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 UUID_PATTERN = r"^[0-9a-fA-F]{8}\-[0-9a-fA-F]{4}\-[0-9a-fA-F]{4}\-[0-9a-fA-F]{4}\-[0-9a-fA-F]{12}$"
+# Python's "$" also matches before a trailing newline, so the exact length closes that gap.
+UUID_LENGTH = 36
 MAX_STORE_ID_LENGTH = 255
 MAX_VALUE_LENGTH = 1000
 MAX_ID_LENGTH = 255
@@ -25,16 +27,13 @@ LOCATIONS: tuple[str, ...] = ("ENTRY", "EXIT", "MANUAL_IN_STORE")
 CHANNELS: tuple[str, ...] = ("OPTICAL", "RADIO", "CONTACT")
 IDENTITY_TYPES: tuple[str, ...] = ("SHOPPER", "ASSOCIATE", "CASH", "LOYALTY")
 
-Uuid = Annotated[
-    str, msgspec.Meta(pattern=UUID_PATTERN, description="A UUID in 8-4-4-4-12 hex form.")
-]
-
-
 class ScanEvent(msgspec.Struct, kw_only=True):
     id: Annotated[
         str,
         msgspec.Meta(
             pattern=UUID_PATTERN,
+            min_length=UUID_LENGTH,
+            max_length=UUID_LENGTH,
             description="UUID of one interaction with a gate; repeated calls reuse it.",
         ),
     ]
@@ -55,7 +54,12 @@ class ScanEvent(msgspec.Struct, kw_only=True):
 class ResolveScanRequest(msgspec.Struct, kw_only=True):
     requestId: Annotated[
         str,
-        msgspec.Meta(pattern=UUID_PATTERN, description="UUID Amazon makes for each call."),
+        msgspec.Meta(
+            pattern=UUID_PATTERN,
+            min_length=UUID_LENGTH,
+            max_length=UUID_LENGTH,
+            description="UUID Amazon makes for each call.",
+        ),
     ]
     storeId: Annotated[
         str,

@@ -1,0 +1,36 @@
+"""The OpenAPI document: served, committed, and generated from the same types."""
+
+from __future__ import annotations
+
+import json
+
+from daemon.api import openapi_bytes
+from tests.conftest import REPO, Daemon
+
+COMMITTED = REPO / "docs" / "openapi.json"
+
+
+def test_served_document_matches_committed(shared_daemon: Daemon) -> None:
+    reply = shared_daemon.request("GET", "/openapi.json")
+    assert reply.status == 200
+    assert reply.body == COMMITTED.read_bytes(), (
+        "docs/openapi.json is out of date: regenerate it with"
+        " `python -m daemon.api > docs/openapi.json`"
+    )
+
+
+def test_generated_document_matches_committed() -> None:
+    assert openapi_bytes() == COMMITTED.read_bytes()
+
+
+def test_document_is_openapi_31_with_contract_limits() -> None:
+    document = json.loads(COMMITTED.read_text())
+    schemas = document["components"]["schemas"]
+    scan_event = schemas["ScanEvent"]["properties"]
+    assert document["openapi"] == "3.1.0"
+    assert schemas["ResolveScanRequest"]["required"] == ["requestId", "storeId", "scanEvent"]
+    assert scan_event["value"]["maxLength"] == 1000
+    assert sorted(scan_event["location"]["enum"]) == ["ENTRY", "EXIT", "MANUAL_IN_STORE"]
+    assert sorted(scan_event["channel"]["enum"]) == ["CONTACT", "OPTICAL", "RADIO"]
+    assert scan_event["timestamp"]["format"] == "date-time"
+    assert schemas["ResolveScanResponse"]["properties"]["id"]["maxLength"] == 255

@@ -1,0 +1,38 @@
+"""A real server fault gives a bare 500 and one log line with the traceback."""
+
+from __future__ import annotations
+
+import sqlite3
+
+from tests.conftest import Daemon
+
+
+def test_database_fault_gives_500_without_internals(daemon: Daemon) -> None:
+    # Dropping the table under the running daemon is a genuine fault in its storage.
+    connection = sqlite3.connect(daemon.database)
+    connection.execute("DROP TABLE identities")
+    connection.commit()
+    connection.close()
+
+    reply = daemon.scan("KEY-SHOPPER-5f1c2b")
+    problem = reply.json()
+    text = reply.body.decode()
+
+    assert reply.status == 500
+    assert reply.headers["Content-Type"] == "application/problem+json"
+    assert problem["status"] == 500
+    assert "identities" not in text
+    assert "Traceback" not in text
+    failures = [line for line in daemon.log_lines() if line.get("event") == "request.failed"]
+    assert len(failures) == 1
+    assert "Traceback" in failures[0]["exception"]
+    assert "no such table" in failures[0]["exception"]
+
+
+def test_readyz_reports_database_fault(daemon: Daemon) -> None:
+    assert daemon.request("GET", "/readyz").status == 200
+    connection = sqlite3.connect(daemon.database)
+    connection.execute("DROP TABLE identities")
+    connection.commit()
+    connection.close()
+    assert daemon.request("GET", "/readyz").status == 503

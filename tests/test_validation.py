@@ -1,0 +1,247 @@
+"""The validation table: every field rule of the contract, and every kind of bad input."""
+
+from __future__ import annotations
+
+import copy
+import json
+import socket
+from typing import Any
+
+import pytest
+
+from tests.conftest import Daemon, now_rfc3339, scan_body
+
+UUID = "0f8fad5b-d9cb-469f-a165-70867728950e"
+MISSING = object()
+
+
+def _with(path: str, value: Any) -> dict[str, Any]:
+    body = scan_body("KEY-SHOPPER-5f1c2b")
+    target = body
+    parts = path.split(".")
+    for part in parts[:-1]:
+        target = target[part]
+    if value is MISSING:
+        del target[parts[-1]]
+    else:
+        target[parts[-1]] = value
+    return body
+
+
+FIELD_CASES: list[tuple[str, str, Any]] = [
+    # (case id, dotted field, value)
+    ("requestId missing", "requestId", MISSING),
+    ("storeId missing", "storeId", MISSING),
+    ("scanEvent missing", "scanEvent", MISSING),
+    ("scanEvent.id missing", "scanEvent.id", MISSING),
+    ("timestamp missing", "scanEvent.timestamp", MISSING),
+    ("location missing", "scanEvent.location", MISSING),
+    ("value missing", "scanEvent.value", MISSING),
+    ("channel missing", "scanEvent.channel", MISSING),
+    ("requestId not uuid", "requestId", "not-a-uuid"),
+    ("requestId one short", "requestId", UUID[:-1]),
+    ("requestId one long", "requestId", UUID + "0"),
+    ("requestId non-hex", "requestId", "0f8fad5b-d9cb-469f-a165-70867728950g"),
+    ("requestId no dashes", "requestId", UUID.replace("-", "")),
+    ("requestId trailing newline", "requestId", UUID + "\n"),
+    ("scanEvent.id not uuid", "scanEvent.id", "abc"),
+    ("scanEvent.id braces", "scanEvent.id", "{" + UUID + "}"),
+    ("storeId 256 chars", "storeId", "S" * 256),
+    ("value 1001 chars", "scanEvent.value", "v" * 1001),
+    ("location lower case", "scanEvent.location", "entry"),
+    ("location unknown", "scanEvent.location", "LOBBY"),
+    ("location empty", "scanEvent.location", ""),
+    ("channel lower case", "scanEvent.channel", "optical"),
+    ("channel unknown", "scanEvent.channel", "BLUETOOTH"),
+    ("timestamp no offset", "scanEvent.timestamp", "2024-04-25T13:03:14"),
+    ("timestamp date only", "scanEvent.timestamp", "2024-04-25"),
+    ("timestamp Feb 30", "scanEvent.timestamp", "2024-02-30T13:03:14Z"),
+    ("timestamp month 13", "scanEvent.timestamp", "2024-13-01T13:03:14Z"),
+    ("timestamp hour 25", "scanEvent.timestamp", "2024-04-25T25:03:14Z"),
+    ("timestamp epoch number", "scanEvent.timestamp", 1714050194),
+    ("timestamp words", "scanEvent.timestamp", "yesterday"),
+    ("requestId null", "requestId", None),
+    ("storeId null", "storeId", None),
+    ("scanEvent null", "scanEvent", None),
+    ("value null", "scanEvent.value", None),
+    ("channel null", "scanEvent.channel", None),
+    ("requestId number", "requestId", 42),
+    ("storeId number", "storeId", 1),
+    ("storeId list", "storeId", ["STORE-001"]),
+    ("value object", "scanEvent.value", {"a": 1}),
+    ("value boolean", "scanEvent.value", True),
+    ("location number", "scanEvent.location", 1),
+    ("scanEvent string", "scanEvent", "ENTRY"),
+    ("scanEvent list", "scanEvent", []),
+    ("storeId not served", "storeId", "STORE-404"),
+]
+
+
+@pytest.mark.parametrize(
+    ("field", "value"), [case[1:] for case in FIELD_CASES], ids=[case[0] for case in FIELD_CASES]
+)
+def test_field_rule_rejected(shared_daemon: Daemon, field: str, value: Any) -> None:
+    reply = shared_daemon.post_json(_with(field, value))
+    assert reply.status == 400
+    assert reply.headers["Content-Type"] == "application/problem+json"
+    problem = reply.json()
+    assert problem["status"] == 400
+    assert [error["field"] for error in problem["errors"]] == [field]
+
+
+EDGE_CASES_ACCEPTED: list[tuple[str, str, Any]] = [
+    ("storeId 255 chars is valid shape", "storeId", "S" * 255),
+    ("value 1000 chars", "scanEvent.value", "v" * 1000),
+    ("value empty", "scanEvent.value", ""),
+    ("uuid upper case", "requestId", UUID.upper()),
+    ("timestamp offset", "scanEvent.timestamp", "OFFSET"),
+    ("timestamp fraction", "scanEvent.timestamp", "FRACTION"),
+]
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [case[1:] for case in EDGE_CASES_ACCEPTED],
+    ids=[case[0] for case in EDGE_CASES_ACCEPTED],
+)
+def test_edge_value_passes_schema(shared_daemon: Daemon, field: str, value: Any) -> None:
+    body = _with(field, value)
+    if value == "OFFSET":
+        # The current time written in +05:30.
+        from datetime import datetime, timedelta, timezone
+
+        body["scanEvent"]["timestamp"] = (
+            datetime.now(timezone(timedelta(hours=5, minutes=30))).isoformat(timespec="seconds")
+        )
+    if value == "FRACTION":
+        body["scanEvent"]["timestamp"] = now_rfc3339().replace("Z", ".123456Z")
+    reply = shared_daemon.post_json(body)
+    if field == "storeId":
+        # The shape is valid; the store is simply not one this box serves.
+        assert reply.json()["errors"][0]["message"].startswith("store ")
+        return
+    assert reply.status == 200
+
+
+def test_all_errors_reported_at_once(shared_daemon: Daemon) -> None:
+    body = scan_body("x")
+    body["requestId"] = "bad"
+    body["scanEvent"]["location"] = "NOWHERE"
+    del body["scanEvent"]["channel"]
+    problem = shared_daemon.post_json(body).json()
+    fields = [error["field"] for error in problem["errors"]]
+    assert fields == ["requestId", "scanEvent.location", "scanEvent.channel"]
+
+
+def test_unknown_attributes_ignored(shared_daemon: Daemon) -> None:
+    body = scan_body("KEY-SHOPPER-5f1c2b")
+    body["newTopLevel"] = {"nested": [1, 2, {"deep": None}]}
+    body["scanEvent"]["newField"] = "ignored"
+    reply = shared_daemon.post_json(body)
+    assert reply.status == 200
+    assert reply.json()["action"] == "ACCEPT"
+
+
+def test_value_not_echoed_in_error(shared_daemon: Daemon) -> None:
+    secret = "SECRET-VALUE-" + "x" * 1000
+    reply = shared_daemon.post_json(_with("scanEvent.value", secret))
+    assert reply.status == 400
+    assert b"SECRET-VALUE" not in reply.body
+
+
+RAW_BODY_CASES: list[tuple[str, bytes, int]] = [
+    ("empty body", b"", 400),
+    ("whitespace body", b"   ", 400),
+    ("malformed json", b'{"requestId": ', 400),
+    ("trailing garbage", json.dumps(scan_body("x")).encode() + b"}", 400),
+    ("json array", b"[1, 2, 3]", 400),
+    ("json string", b'"hello"', 400),
+    ("json null", b"null", 400),
+    ("json number", b"42", 400),
+    ("invalid utf-8", b'{"requestId": "\xff\xfe"}', 400),
+    ("deep nesting array", b"[" * 5000 + b"]" * 5000, 400),
+    ("deep nesting in unknown field", b'{"x": ' + b"[" * 5000 + b"]" * 5000 + b"}", 400),
+    ("oversized body", b'{"pad": "' + b"a" * 20000 + b'"}', 413),
+]
+
+
+@pytest.mark.parametrize(
+    ("body", "status"),
+    [case[1:] for case in RAW_BODY_CASES],
+    ids=[case[0] for case in RAW_BODY_CASES],
+)
+def test_bad_body_clear_answer(shared_daemon: Daemon, body: bytes, status: int) -> None:
+    reply = shared_daemon.request(
+        "POST", "/v1/identity/scan", body, {"Content-Type": "application/json"}
+    )
+    assert reply.status == status
+    problem = reply.json()
+    assert problem["status"] == status
+    assert problem["detail"]
+
+
+@pytest.mark.parametrize(
+    ("content_type", "status"),
+    [
+        ("text/plain", 415),
+        ("application/x-www-form-urlencoded", 415),
+        ("application/xml", 415),
+        ("application/json; charset=utf-8", 200),
+        ("Application/JSON", 200),
+    ],
+)
+def test_content_type(shared_daemon: Daemon, content_type: str, status: int) -> None:
+    reply = shared_daemon.post_json(scan_body("KEY-SHOPPER-5f1c2b"), content_type=content_type)
+    assert reply.status == status
+
+
+def test_missing_content_type_is_415(shared_daemon: Daemon) -> None:
+    body = json.dumps(scan_body("KEY-SHOPPER-5f1c2b")).encode()
+    reply = shared_daemon.request("POST", "/v1/identity/scan", body, {})
+    assert reply.status == 415
+
+
+def test_chunked_oversized_body_is_413(shared_daemon: Daemon) -> None:
+    chunk = b"a" * 4096
+    with socket.create_connection(("127.0.0.1", shared_daemon.port), timeout=10) as sock:
+        sock.sendall(
+            b"POST /v1/identity/scan HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+        )
+        for _ in range(6):
+            sock.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+        sock.sendall(b"0\r\n\r\n")
+        received = b""
+        while chunk_in := sock.recv(65536):
+            received += chunk_in
+    assert received.startswith(b"HTTP/1.1 413")
+
+
+@pytest.mark.parametrize("method", ["GET", "PUT", "DELETE", "PATCH"])
+def test_wrong_method_is_405(shared_daemon: Daemon, method: str) -> None:
+    reply = shared_daemon.request(method, "/v1/identity/scan")
+    assert reply.status == 405
+    assert reply.headers["Allow"] == "POST"
+    assert reply.json()["status"] == 405
+
+
+def test_unknown_path_is_404(shared_daemon: Daemon) -> None:
+    reply = shared_daemon.request("POST", "/v1/identity/scans", b"{}")
+    assert reply.status == 404
+    assert reply.headers["Content-Type"] == "application/problem+json"
+
+
+def test_body_limit_configurable(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from tests.conftest import make_daemon
+
+    instance = make_daemon(tmp_path)
+    text = instance.config.read_text().replace("[server]\n", "[server]\nmax_body_size = 512\n")
+    instance.config.write_text(text)
+    instance.start()
+    try:
+        body = copy.deepcopy(scan_body("KEY-SHOPPER-5f1c2b"))
+        body["pad"] = "p" * 600
+        assert instance.post_json(body).status == 413
+        assert instance.scan("KEY-SHOPPER-5f1c2b").status == 200
+    finally:
+        instance.stop()
