@@ -8,10 +8,16 @@ verdict back through ``feedback`` for devices that can beep or blink.
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Literal, Protocol
+from typing import Annotated, Literal, Protocol
+
+import msgspec
+import structlog
+
+log = structlog.get_logger(__name__)
 
 Channel = Literal["OPTICAL", "RADIO", "CONTACT"]
 
@@ -56,3 +62,127 @@ class Driver(Protocol):
 async def sleep_backoff(attempt: int, base: float, cap: float) -> None:
     """Sleep base * 2**attempt seconds, capped, between reconnect attempts."""
     await asyncio.sleep(min(cap, base * (2**attempt)))
+
+
+# Durations in settings: seconds as a number, or a string of number-unit pairs
+# such as "1.5s", "200ms", "5m" or "1h30m".
+Duration = float | str
+
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
+
+
+def parse_duration(value: float | str) -> float:
+    """Convert a duration setting to seconds; raise ValueError on a negative or malformed one."""
+    if isinstance(value, bool):
+        raise ValueError(f"invalid duration {value!r}: expected seconds or a string like '200ms'")
+
+    if isinstance(value, int | float):
+        seconds = float(value)
+    else:
+        text = value.strip()
+        parts = _DURATION_PART.findall(text)
+        if not text or "".join(number + unit for number, unit in parts) != text:
+            raise ValueError(
+                f"invalid duration {value!r}: expected seconds or a string like '1.5s', "
+                "'200ms', '5m' or '1h30m'"
+            )
+        seconds = sum(float(number) * _DURATION_UNITS[unit] for number, unit in parts)
+
+    if seconds < 0:
+        raise ValueError(f"invalid duration {value!r}: must not be negative")
+    return seconds
+
+
+class DeviceSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, tag_field="kind"):
+    """Keys of every ``[[devices]]`` table.
+
+    Each driver subclasses this with ``tag`` set to its ``kind``, so the daemon
+    can decode a list of tables into a union of the driver settings types.
+    """
+
+    name: Annotated[str, msgspec.Meta(min_length=1)]
+    station: Annotated[str, msgspec.Meta(min_length=1)]
+
+
+async def wait_readable(fd: int, timeout: float | None) -> bool:
+    """Wait on the event loop until ``fd`` is readable; return False when ``timeout`` passes.
+
+    A hung-up descriptor counts as readable, so the caller's next read raises the error.
+    """
+    loop = asyncio.get_running_loop()
+    ready = loop.create_future()
+
+    def mark_ready() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_reader(fd, mark_ready)
+    try:
+        await asyncio.wait_for(ready, timeout)
+    except TimeoutError:
+        return False
+    finally:
+        loop.remove_reader(fd)
+    return True
+
+
+class HealthReporter:
+    """Send a device's health changes to the sink and log them once per change.
+
+    The sink gets a ``Health`` event whenever availability or the error text
+    changes. The log gets one ``device.unavailable`` warning when the device goes
+    away and one ``device.available`` line when it returns. Repeated failures in
+    between are logged at debug level only.
+    """
+
+    def __init__(self, device: str, sink: EventSink) -> None:
+        self._device = device
+        self._sink = sink
+        self._last: Health | None = None
+        self._failures = 0
+
+    async def available(self, **fields: object) -> None:
+        """Record that the device is open and readable."""
+        if self._last is not None and self._last.available:
+            return
+
+        log.info("device.available", device=self._device, failed_attempts=self._failures, **fields)
+        self._failures = 0
+        self._last = Health(self._device, available=True)
+        await self._sink(self._last)
+
+    async def unavailable(self, error: str, **fields: object) -> None:
+        """Record a failed open or a lost device, with the error that caused it."""
+        self._failures += 1
+        was_available = self._last is None or self._last.available
+        if was_available:
+            log.warning("device.unavailable", device=self._device, error=error, **fields)
+        else:
+            log.debug(
+                "device.still_unavailable",
+                device=self._device,
+                error=error,
+                failed_attempts=self._failures,
+                **fields,
+            )
+
+        if self._last is not None and not self._last.available and self._last.error == error:
+            return
+        self._last = Health(self._device, available=False, error=error)
+        await self._sink(self._last)
+
+
+class LogThrottle:
+    """Allow one log line per key per interval, so a noisy device cannot flood the journal."""
+
+    def __init__(self, interval: float) -> None:
+        self._interval = interval
+        self._next_allowed: dict[str, float] = {}
+
+    def allow(self, key: str, now: float) -> bool:
+        """Return True when a line for ``key`` may be logged at ``now`` (monotonic seconds)."""
+        if now < self._next_allowed.get(key, float("-inf")):
+            return False
+        self._next_allowed[key] = now + self._interval
+        return True

@@ -1,0 +1,616 @@
+"""PC/SC card reader driver: card UIDs read with GET DATA, reader health, beep/LED feedback.
+
+One driver watches one reader, chosen by a glob on the PC/SC reader name. It
+yields a scan per card presented and a health change when the reader or the
+PC/SC service (pcscd) goes away or comes back. Every pyscard call blocks, so
+each runs on this driver's own worker thread. pcsc-lite serialises the calls
+on one context, and a single thread keeps them in order. Errors from that
+thread come back through the awaited future, so none is lost.
+
+Cards that yield no usable key are skipped without a scan, each logged as
+``card.skipped`` with a ``reason``:
+
+- ``uid_random``: a single-size ISO 14443-A UID (4 bytes) starting 0x08, which
+  the card draws anew at every power-up (phones and many payment cards);
+- ``uid_missing``: the reader or card returned no UID (status word not 90 00);
+- ``uid_length_invalid``: status 90 00 but not 4, 7 or 10 bytes of UID;
+- ``card_removed``: the card left the field before its UID was read;
+- ``read_failed``: any other PC/SC error while reading the card.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fnmatch
+import re
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Literal, TypeVar
+
+import msgspec
+import structlog
+
+from drivers.base import Channel, EventSink, Health, Scan, sleep_backoff
+
+try:
+    from smartcard import scard
+except ImportError:  # pyscard is the optional "pcsc" extra
+    scard = None
+
+log = structlog.get_logger(__name__)
+
+_T = TypeVar("_T")
+
+# PC/SC Part 3 GET DATA with P1 = 00: the card's UID, all of it (Le = 00).
+GET_UID_APDU = (0xFF, 0xCA, 0x00, 0x00, 0x00)
+SW_SUCCESS = 0x9000
+
+# ISO/IEC 14443-3 UID sizes: single (4), double (7) and triple (10) bytes.
+UID_LENGTHS = frozenset({4, 7, 10})
+
+# A single-size UID whose first byte is 0x08 is a random ID (ISO/IEC 14443-3,
+# "UID0 = 08h"), new at every power-up, so it can never name a credential.
+RANDOM_UID_FIRST_BYTE = 0x08
+
+# The pseudo-reader pcsc-lite updates when readers are added or removed.
+PNP_NOTIFICATION = "\\\\?PnP?\\Notification"
+
+# A status word 6C xx (wrong Le) or 61 xx (more data) is followed up at most
+# this many times, so a card that keeps asking cannot hold the reader.
+MAX_FOLLOW_UPS = 2
+
+# A transaction that fails while the card is still listed is tried this many
+# times in all. Between tries the driver waits up to READ_RETRY_DELAY seconds
+# for the card to be reported gone. The delay outlasts the 400 ms presence
+# poll that pcsc-lite runs for readers that do not signal card events.
+READ_ATTEMPTS = 3
+READ_RETRY_DELAY = 0.5
+
+# ACR122U "Bi-color LED and Buzzer Control" pseudo-APDU, FF 00 40 P2 04 T1 T2 N B
+# (ACS reference manuals): P2 selects LEDs and blinking, T1/T2 are the on/off
+# times in units of 100 ms, N the repetitions, B = 01 sounds the buzzer during T1.
+ACR122U_ACCEPTED_APDU = (0xFF, 0x00, 0x40, 0xA8, 0x04, 0x02, 0x01, 0x01, 0x01)  # green, 1 beep
+ACR122U_REJECTED_APDU = (0xFF, 0x00, 0x40, 0x54, 0x04, 0x01, 0x01, 0x03, 0x01)  # red, 3 beeps
+ACR122U_NAME_GLOB = "*ACR122*"
+
+# Escape IOCTL of the CCID driver, SCARD_CTL_CODE(3500) on pcsc-lite, used to
+# reach the ACR122U's LED and buzzer when no card is on the reader.
+CCID_ESCAPE_FUNCTION = 3500
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m)\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0}
+
+SkipReason = Literal[
+    "uid_random", "uid_missing", "uid_length_invalid", "card_removed", "read_failed"
+]
+
+
+def parse_duration(text: str) -> float:
+    """Convert "500ms", "2s" or "1m" to seconds, raising ValueError on any other form."""
+    match = _DURATION.match(text)
+    if match is None:
+        raise ValueError(
+            f'invalid duration {text!r}: write a number and a unit, one of ms, s, m (e.g. "500ms")'
+        )
+    return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+
+
+class PcscSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """One ``[[devices]]`` table with ``kind = "pcsc"``."""
+
+    name: str
+    kind: Literal["pcsc"]
+    station: str
+    reader: str
+    """Glob on the PC/SC reader name, e.g. "ACS ACR122U*"; the first match in name order wins."""
+    uid_byte_order: Literal["msb", "lsb"] = "msb"
+    """msb: the UID bytes as GET DATA returns them (UID0 first); lsb: reversed."""
+    interface: Literal["auto", "contactless", "contact"] = "auto"
+    """Channel of the scans; auto detects contactless cards by their PC/SC Part 3 ATR."""
+    feedback: Literal["auto", "acr122u", "off"] = "auto"
+    """auto: ACR122U LED/buzzer commands when the reader name matches *ACR122*."""
+    poll_interval: str = "500ms"
+    """Maximum length of one wait on pcscd; the reader list is rechecked at least this often."""
+    reconnect_delay: str = "500ms"
+    """First wait before re-establishing a lost PC/SC context; doubles on every failure."""
+    reconnect_delay_max: str = "30s"
+    """Cap of that doubling wait."""
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise ValueError("invalid name '': give each device a unique name")
+        if not self.reader:
+            raise ValueError("invalid reader '': give a reader name glob such as \"ACS ACR122U*\"")
+        for field in ("poll_interval", "reconnect_delay", "reconnect_delay_max"):
+            seconds = parse_duration(getattr(self, field))
+            if seconds <= 0:
+                raise ValueError(f"invalid {field} {getattr(self, field)!r}: use more than 0")
+
+    @property
+    def poll_seconds(self) -> float:
+        return parse_duration(self.poll_interval)
+
+    @property
+    def reconnect_seconds(self) -> float:
+        return parse_duration(self.reconnect_delay)
+
+    @property
+    def reconnect_max_seconds(self) -> float:
+        return parse_duration(self.reconnect_delay_max)
+
+
+class PcscError(Exception):
+    """A PC/SC call failed in a way that loses the context or the reader."""
+
+
+class ReaderGone(Exception):
+    """The configured reader is not (or no longer) in pcscd's reader list."""
+
+
+class CardSkipped(Exception):
+    """A presented card gave no usable UID; ``reason`` is one of SkipReason."""
+
+    def __init__(self, reason: SkipReason, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason: SkipReason = reason
+        self.detail = detail
+
+
+def describe_result(operation: str, hresult: int) -> str:
+    """Format a PC/SC result code as "<operation> failed: <message> (0x...)"."""
+    message = scard.SCardGetErrorMessage(hresult) if scard is not None else "unknown error"
+    return f"{operation} failed: {message.rstrip('.')} (0x{hresult & 0xFFFFFFFF:08X})"
+
+
+def extract_uid(response: Sequence[int]) -> bytes:
+    """Return the UID in a GET DATA response, or raise CardSkipped saying why there is none.
+
+    Completeness is decided by the status word and the data length only. The
+    first byte is never used to guess a size: 0x88 is the cascade tag inside the
+    anticollision frames, yet a 4-byte UID reported by a reader may start with it.
+    """
+    if len(response) < 2:
+        # No status word means the exchange broke off, as when the card leaves
+        # the field mid-command; vpcd then reports success with no bytes at all.
+        raise CardSkipped("read_failed", f"response of {len(response)} bytes has no status word")
+
+    data = bytes(response[:-2])
+    status_word = (response[-2] << 8) | response[-1]
+    if status_word != SW_SUCCESS:
+        raise CardSkipped("uid_missing", f"status word {status_word:04X}")
+    if len(data) not in UID_LENGTHS:
+        raise CardSkipped("uid_length_invalid", f"{len(data)} bytes; expected 4, 7 or 10")
+    if len(data) == 4 and data[0] == RANDOM_UID_FIRST_BYTE:
+        raise CardSkipped("uid_random", "4-byte UID starting 08 is drawn anew at every power-up")
+    return data
+
+
+def format_uid(uid: bytes, byte_order: Literal["msb", "lsb"]) -> str:
+    """Return the canonical key: uppercase hex, no separators, in the configured byte order."""
+    ordered = uid if byte_order == "msb" else uid[::-1]
+    return ordered.hex().upper()
+
+
+def is_contactless_atr(atr: bytes) -> bool:
+    """Tell whether an ATR has the form PC/SC Part 3 readers build for contactless cards.
+
+    That form is 3B 8n 80 01 followed by n historical bytes and a check byte:
+    only TD1 and TD2 are present, announcing T=0 and then T=1.
+    """
+    return len(atr) >= 4 and atr[0] == 0x3B and atr[1] & 0xF0 == 0x80 and atr[2:4] == b"\x80\x01"
+
+
+@dataclass(frozen=True, slots=True)
+class CardRead:
+    """The result of reading one presented card."""
+
+    uid: bytes
+    atr: bytes
+
+
+class _Session:
+    """One PC/SC context and the blocking calls on it; only the driver's worker thread calls it.
+
+    ``stop`` is the exception, because SCardCancel is meant to be called from
+    another thread to end a pending SCardGetStatusChange.
+    """
+
+    def __init__(self, settings: PcscSettings) -> None:
+        self._settings = settings
+        self._context: Any = None
+        self._stopping = False
+
+    def establish(self) -> None:
+        self.release()
+        hresult, context = scard.SCardEstablishContext(scard.SCARD_SCOPE_USER)
+        if hresult != scard.SCARD_S_SUCCESS:
+            raise PcscError(describe_result("SCardEstablishContext", hresult))
+        self._context = context
+
+    def release(self) -> None:
+        context, self._context = self._context, None
+        if context is not None:
+            # A context whose pcscd died cannot be released cleanly; nothing is left to free.
+            scard.SCardReleaseContext(context)
+
+    def stop(self) -> None:
+        """End a pending wait now and keep new waits from starting (any thread may call this)."""
+        self._stopping = True
+        if self._context is not None:
+            scard.SCardCancel(self._context)
+
+    def list_readers(self) -> list[str]:
+        hresult, readers = scard.SCardListReaders(self._context, [])
+        if hresult == scard.SCARD_E_NO_READERS_AVAILABLE:
+            return []
+        if hresult != scard.SCARD_S_SUCCESS:
+            raise PcscError(describe_result("SCardListReaders", hresult))
+        return list(readers)
+
+    def find_reader(self) -> tuple[str | None, int]:
+        """Return the first reader matching the glob (or None) and how many matched."""
+        matches = sorted(
+            name for name in self.list_readers() if fnmatch.fnmatchcase(name, self._settings.reader)
+        )
+        return (matches[0] if matches else None), len(matches)
+
+    def wait_for_change(
+        self, states: list[tuple[str, int]], timeout: float
+    ) -> list[tuple[str, int]] | None:
+        """Wait for a reader state to differ from ``states``; None when it timed out or stopped."""
+        if self._stopping:
+            # SCardCancel only ends a wait already pending; this catches one about to start.
+            return None
+        hresult, new_states = scard.SCardGetStatusChange(self._context, int(timeout * 1000), states)
+        if hresult in (scard.SCARD_E_TIMEOUT, scard.SCARD_E_CANCELLED):
+            return None
+        if hresult == scard.SCARD_E_UNKNOWN_READER:
+            raise ReaderGone("the reader left pcscd's reader list")
+        if hresult != scard.SCARD_S_SUCCESS:
+            raise PcscError(describe_result("SCardGetStatusChange", hresult))
+        return [(name, event_state) for name, event_state, _atr in new_states]
+
+    def read_card(self, reader: str, feedback_on_skip: bool) -> CardRead:
+        """Connect to the card on ``reader`` and read its UID with GET DATA.
+
+        Raises CardSkipped when the card yields no usable UID; with
+        ``feedback_on_skip`` the ACR122U then blinks red and beeps three times.
+        """
+        hresult, card, protocol = scard.SCardConnect(
+            self._context,
+            reader,
+            scard.SCARD_SHARE_SHARED,
+            scard.SCARD_PROTOCOL_T0 | scard.SCARD_PROTOCOL_T1,
+        )
+        if hresult in (scard.SCARD_E_NO_SMARTCARD, scard.SCARD_W_REMOVED_CARD):
+            raise CardSkipped("card_removed", "card left before the connection was made")
+        if hresult != scard.SCARD_S_SUCCESS:
+            raise CardSkipped("read_failed", describe_result("SCardConnect", hresult))
+
+        try:
+            hresult, _reader, _state, _protocol, atr = scard.SCardStatus(card)
+            if hresult != scard.SCARD_S_SUCCESS:
+                raise _card_error("SCardStatus", hresult)
+
+            try:
+                uid = extract_uid(transmit_with_follow_ups(card, protocol, GET_UID_APDU))
+            except CardSkipped as skipped:
+                if feedback_on_skip and skipped.reason.startswith("uid_"):
+                    # Best effort: the skip is logged by the caller either way, and a
+                    # reader that rejects the command has nothing more to tell us.
+                    scard.SCardTransmit(card, protocol, list(ACR122U_REJECTED_APDU))
+                raise
+            return CardRead(uid=uid, atr=bytes(atr))
+        finally:
+            scard.SCardDisconnect(card, scard.SCARD_LEAVE_CARD)
+
+
+def _card_error(operation: str, hresult: int) -> CardSkipped:
+    if hresult in (scard.SCARD_W_REMOVED_CARD, scard.SCARD_E_NO_SMARTCARD):
+        return CardSkipped("card_removed", describe_result(operation, hresult))
+    return CardSkipped("read_failed", describe_result(operation, hresult))
+
+
+def transmit_with_follow_ups(card: Any, protocol: int, apdu: Sequence[int]) -> list[int]:
+    """Send ``apdu`` and return data plus final status word, following 6C xx and 61 xx.
+
+    6C xx requests the same command again with Le = xx, and 61 xx announces xx
+    more bytes to fetch with GET RESPONSE (ISO/IEC 7816-4, used by T=0 cards).
+    """
+    command = list(apdu)
+    collected: list[int] = []
+    for _ in range(MAX_FOLLOW_UPS + 1):
+        hresult, response = scard.SCardTransmit(card, protocol, command)
+        if hresult != scard.SCARD_S_SUCCESS:
+            raise _card_error("SCardTransmit", hresult)
+        if len(response) < 2:
+            return collected + list(response)
+
+        sw1, sw2 = response[-2], response[-1]
+        if sw1 == 0x6C:
+            command = [*command[:4], sw2]
+        elif sw1 == 0x61:
+            collected += response[:-2]
+            command = [0x00, 0xC0, 0x00, 0x00, sw2]
+        else:
+            return collected + list(response)
+    return collected + list(response)
+
+
+class PcscDriver:
+    """Reads card UIDs from the PC/SC reader that the settings' glob selects."""
+
+    def __init__(self, settings: PcscSettings) -> None:
+        if scard is None:
+            raise RuntimeError(
+                f"device {settings.name!r} needs pyscard, which is not installed: "
+                "install identity-connector[pcsc] (it builds against libpcsclite-dev)"
+            )
+        self.name = settings.name
+        self.settings = settings
+        self._executor: ThreadPoolExecutor | None = None
+        self._feedback_executor: ThreadPoolExecutor | None = None
+        self._session = _Session(settings)
+        self._available: bool | None = None
+        self._reader: str | None = None
+
+    async def run(self, sink: EventSink) -> None:
+        """Watch the reader until cancelled, re-establishing the PC/SC context when it is lost."""
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"pcsc-{self.name}")
+        self._session = _Session(self.settings)
+        attempt = 0
+        try:
+            while True:
+                try:
+                    await self._call(self._session.establish)
+                    reader = await self._wait_for_reader(sink)
+                    attempt = 0
+                    await self._watch_reader(reader, sink)
+                except ReaderGone as error:
+                    await self._set_health(sink, False, f"reader {self._reader!r}: {error}")
+                    self._reader = None
+                except PcscError as error:
+                    await self._set_health(sink, False, str(error))
+                    await self._call(self._session.release)
+                    log.debug("pcsc.reconnect_scheduled", device=self.name, attempt=attempt)
+                    await sleep_backoff(
+                        attempt,
+                        self.settings.reconnect_seconds,
+                        self.settings.reconnect_max_seconds,
+                    )
+                    attempt += 1
+                except Exception as error:
+                    # A bug or an unexpected pyscard error. Log it with the traceback, then
+                    # recover as from a lost context instead of stopping the device.
+                    log.exception("pcsc.driver_failed", device=self.name)
+                    await self._set_health(sink, False, f"driver failed: {error!r}")
+                    await self._call(self._session.release)
+                    await sleep_backoff(
+                        attempt,
+                        self.settings.reconnect_seconds,
+                        self.settings.reconnect_max_seconds,
+                    )
+                    attempt += 1
+        finally:
+            self._stop_worker()
+
+    def _stop_worker(self) -> None:
+        executor, self._executor = self._executor, None
+        if executor is None:
+            return
+        # The pending SCardGetStatusChange ends at once; the release then runs on
+        # the worker thread after it, and the thread exits on its own.
+        self._session.stop()
+        executor.submit(self._session.release)
+        executor.shutdown(wait=False)
+        feedback_executor, self._feedback_executor = self._feedback_executor, None
+        if feedback_executor is not None:
+            feedback_executor.shutdown(wait=False)
+
+    async def _call(self, function: Callable[..., _T], *args: Any) -> _T:
+        assert self._executor is not None, "run() owns the worker thread"
+        return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
+
+    async def _set_health(self, sink: EventSink, available: bool, error: str | None = None) -> None:
+        """Send a health change and log it once per transition, never on repeats."""
+        if available == self._available:
+            return
+        self._available = available
+        if available:
+            log.info("device.available", device=self.name, reader=self._reader)
+        else:
+            log.warning("device.unavailable", device=self.name, error=error)
+        await sink(Health(device=self.name, available=available, error=error))
+
+    async def _wait_for_reader(self, sink: EventSink) -> str:
+        """Return the matching reader's name, waiting for pcscd to list one."""
+        pnp_state = scard.SCARD_STATE_UNAWARE
+        while True:
+            reader, match_count = await self._call(self._session.find_reader)
+            if reader is not None:
+                if match_count > 1:
+                    log.warning(
+                        "pcsc.reader_ambiguous",
+                        device=self.name,
+                        glob=self.settings.reader,
+                        matches=match_count,
+                        reader=reader,
+                    )
+                self._reader = reader
+                await self._set_health(sink, True)
+                return reader
+
+            await self._set_health(sink, False, f"no PC/SC reader matches {self.settings.reader!r}")
+            # pcscd wakes this wait when a hot-plugged (USB) reader arrives. Readers
+            # from reader.conf never notify, so the poll timeout rechecks the list.
+            changes = await self._call(
+                self._session.wait_for_change,
+                [(PNP_NOTIFICATION, pnp_state)],
+                self.settings.poll_seconds,
+            )
+            if changes:
+                pnp_state = changes[0][1] & ~scard.SCARD_STATE_CHANGED
+
+    async def _watch_reader(self, reader: str, sink: EventSink) -> None:
+        """Read each card presented on ``reader``; raises ReaderGone or PcscError to stop."""
+        states = [
+            (reader, scard.SCARD_STATE_UNAWARE),
+            (PNP_NOTIFICATION, scard.SCARD_STATE_UNAWARE),
+        ]
+        # pcsc-lite counts insertions and removals in the upper 16 bits of the
+        # event state, so a card swapped between two waits still shows as new.
+        read_event_count: int | None = None
+
+        while True:
+            changes = await self._call(
+                self._session.wait_for_change, states, self.settings.poll_seconds
+            )
+            if changes is None:
+                continue
+            states = [(name, state & ~scard.SCARD_STATE_CHANGED) for name, state in changes]
+            reader_state = changes[0][1]
+            pnp_changed = bool(changes[1][1] & scard.SCARD_STATE_CHANGED)
+
+            gone_flags = scard.SCARD_STATE_UNKNOWN | scard.SCARD_STATE_IGNORE
+            if reader_state & gone_flags:
+                raise ReaderGone("the reader left pcscd's reader list")
+            if pnp_changed and reader not in await self._call(self._session.list_readers):
+                raise ReaderGone("the reader left pcscd's reader list")
+
+            if not reader_state & scard.SCARD_STATE_PRESENT:
+                read_event_count = None
+                continue
+            event_count = reader_state >> 16
+            if event_count == read_event_count or reader_state & scard.SCARD_STATE_MUTE:
+                continue
+            reader_state = await self._read_card(reader, reader_state, sink)
+            read_event_count = reader_state >> 16
+            states[0] = (reader, reader_state & ~scard.SCARD_STATE_CHANGED)
+
+    async def _read_card(self, reader: str, reader_state: int, sink: EventSink) -> int:
+        """Read the presented card, retrying a failed transaction; return the last reader state."""
+        captured_at = datetime.now(UTC)
+        feedback_on_skip = self._feedback_mode(reader) == "acr122u"
+
+        for attempt in range(1, READ_ATTEMPTS + 1):
+            try:
+                card = await self._call(self._session.read_card, reader, feedback_on_skip)
+            except CardSkipped as skipped:
+                failure = skipped
+            else:
+                await self._send_scan(card, captured_at, sink)
+                return reader_state
+
+            if failure.reason != "read_failed" or attempt == READ_ATTEMPTS:
+                self._log_skipped(reader, failure)
+                return reader_state
+
+            # The transaction failed while the card was still listed: it is either
+            # leaving the field or already gone and pcscd has not polled yet.
+            log.debug("card.read_retry", device=self.name, attempt=attempt, detail=failure.detail)
+            current = [(reader, reader_state & ~scard.SCARD_STATE_CHANGED)]
+            changes = await self._call(self._session.wait_for_change, current, READ_RETRY_DELAY)
+            if changes is not None:
+                reader_state = changes[0][1]
+            if not reader_state & scard.SCARD_STATE_PRESENT:
+                self._log_skipped(reader, CardSkipped("card_removed", failure.detail))
+                return reader_state
+        return reader_state
+
+    async def _send_scan(self, card: CardRead, captured_at: datetime, sink: EventSink) -> None:
+        channel = self._channel(card.atr)
+        log.info("card.read", device=self.name, channel=channel, uid_length=len(card.uid))
+        value = format_uid(card.uid, self.settings.uid_byte_order)
+        await sink(Scan(device=self.name, channel=channel, value=value, captured_at=captured_at))
+
+    def _log_skipped(self, reader: str, skipped: CardSkipped) -> None:
+        log.warning(
+            "card.skipped",
+            device=self.name,
+            reader=reader,
+            reason=skipped.reason,
+            detail=skipped.detail,
+        )
+
+    def _channel(self, atr: bytes) -> Channel:
+        if self.settings.interface == "contactless":
+            return "RADIO"
+        if self.settings.interface == "contact":
+            return "CONTACT"
+        # NOTE: a contact card whose own ATR starts 3B 8n 80 01 is taken for a
+        # contactless one; set interface = "contact" for such a reader.
+        return "RADIO" if is_contactless_atr(atr) else "CONTACT"
+
+    def _feedback_mode(self, reader: str) -> Literal["acr122u", "off"]:
+        if self.settings.feedback == "auto":
+            return "acr122u" if fnmatch.fnmatchcase(reader, ACR122U_NAME_GLOB) else "off"
+        return self.settings.feedback
+
+    async def feedback(self, accepted: bool) -> None:
+        """Blink and beep for a verdict; a logged no-op on readers without a known command."""
+        reader = self._reader
+        if reader is None or self._feedback_mode(reader) == "off":
+            log.debug("pcsc.feedback_skipped", device=self.name, reader=reader)
+            return
+
+        if self._feedback_executor is None:
+            self._feedback_executor = ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix=f"pcsc-{self.name}-feedback"
+            )
+        apdu = ACR122U_ACCEPTED_APDU if accepted else ACR122U_REJECTED_APDU
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(self._feedback_executor, send_reader_command, reader, apdu)
+        except PcscError as error:
+            log.warning("pcsc.feedback_failed", device=self.name, reader=reader, error=str(error))
+
+
+def send_reader_command(reader: str, apdu: Sequence[int]) -> None:
+    """Send a reader pseudo-APDU on a context of its own, so the watcher's wait goes on.
+
+    With a card on the reader the command goes through SCardTransmit; without
+    one, through the CCID escape IOCTL on a direct connection. Raises PcscError.
+    """
+    hresult, context = scard.SCardEstablishContext(scard.SCARD_SCOPE_USER)
+    if hresult != scard.SCARD_S_SUCCESS:
+        raise PcscError(describe_result("SCardEstablishContext", hresult))
+    try:
+        _send_on_context(context, reader, apdu)
+    finally:
+        scard.SCardReleaseContext(context)
+
+
+def _send_on_context(context: Any, reader: str, apdu: Sequence[int]) -> None:
+    protocols = scard.SCARD_PROTOCOL_T0 | scard.SCARD_PROTOCOL_T1
+    hresult, card, protocol = scard.SCardConnect(
+        context, reader, scard.SCARD_SHARE_SHARED, protocols
+    )
+    if hresult == scard.SCARD_S_SUCCESS:
+        try:
+            hresult, response = scard.SCardTransmit(card, protocol, list(apdu))
+        finally:
+            scard.SCardDisconnect(card, scard.SCARD_LEAVE_CARD)
+        if hresult != scard.SCARD_S_SUCCESS:
+            raise PcscError(describe_result("SCardTransmit", hresult))
+        if len(response) < 2 or response[-2] != 0x90:
+            status = bytes(response[-2:]).hex().upper()
+            raise PcscError(f"reader rejected the LED/buzzer command with status {status}")
+        return
+
+    if hresult not in (scard.SCARD_E_NO_SMARTCARD, scard.SCARD_W_REMOVED_CARD):
+        raise PcscError(describe_result("SCardConnect", hresult))
+
+    # NOTE: the CCID driver passes escape commands only when its ifdDriverOptions
+    # allow it (0x0001 in Info.plist); otherwise this fails and is logged.
+    hresult, card, _protocol = scard.SCardConnect(context, reader, scard.SCARD_SHARE_DIRECT, 0)
+    if hresult != scard.SCARD_S_SUCCESS:
+        raise PcscError(describe_result("SCardConnect (direct)", hresult))
+    try:
+        escape = scard.SCARD_CTL_CODE(CCID_ESCAPE_FUNCTION)
+        hresult, _response = scard.SCardControl(card, escape, list(apdu))
+    finally:
+        scard.SCardDisconnect(card, scard.SCARD_LEAVE_CARD)
+    if hresult != scard.SCARD_S_SUCCESS:
+        raise PcscError(describe_result("SCardControl (CCID escape)", hresult))

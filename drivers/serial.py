@@ -1,0 +1,657 @@
+"""Serial barcode and QR scanners (RS-232 or USB CDC-ACM), read with pyserial.
+
+A frame on the wire has the layout
+
+    [prefix][AIM identifier][length digits][payload][suffix][terminator]
+
+where every part but the payload is optional and set in ``SerialSettings``.
+``FrameDecoder`` cuts the byte stream into frames, and ``SerialDriver`` owns
+the port: it opens it, reads it on the event loop, reconnects after a loss and
+writes good-read and bad-read feedback bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import os
+import threading
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from enum import Enum
+from typing import Annotated, Literal
+
+import msgspec
+import serial
+import structlog
+
+from drivers.base import (
+    DeviceSettings,
+    Duration,
+    EventSink,
+    HealthReporter,
+    LogThrottle,
+    Scan,
+    parse_duration,
+    sleep_backoff,
+    wait_readable,
+)
+
+log = structlog.get_logger(__name__)
+
+TERMINATORS: dict[str, bytes] = {
+    "CR": b"\r",
+    "LF": b"\n",
+    "CRLF": b"\r\n",
+    "TAB": b"\t",
+    "ETX": b"\x03",
+    "none": b"",
+}
+
+PARITIES: dict[str, str] = {
+    "none": serial.PARITY_NONE,
+    "even": serial.PARITY_EVEN,
+    "odd": serial.PARITY_ODD,
+    "mark": serial.PARITY_MARK,
+    "space": serial.PARITY_SPACE,
+}
+
+STOP_BITS = (1.0, 1.5, 2.0)
+
+# AIM symbology identifier: "]", a symbology code character, a modifier character.
+AIM_ID_LENGTH = 3
+AIM_FLAG = ord("]")
+
+# 2D symbologies whose payload may contain CR or LF: QR Code, Data Matrix,
+# Aztec, PDF417 and MaxiCode (AIM code characters Q, d, z, L, U).
+MULTILINE_SYMBOLOGIES = ["Q", "d", "z", "L", "U"]
+
+READ_CHUNK = 4096
+
+# A feedback write waits at most this long, in seconds, for hardware or
+# software flow control to let it through.
+FEEDBACK_WRITE_TIMEOUT = 1.0
+
+# Seconds between two warnings about dropped frames of the same reason.
+DROP_LOG_INTERVAL = 60.0
+
+
+class SerialSettings(DeviceSettings, tag="serial"):
+    """One ``[[devices]]`` table with ``kind = "serial"``."""
+
+    path: Annotated[str, msgspec.Meta(min_length=1)]
+    baudrate: Annotated[int, msgspec.Meta(gt=0)] = 9600
+    bytesize: Literal[5, 6, 7, 8] = 8
+    parity: Literal["none", "even", "odd", "mark", "space"] = "none"
+    stopbits: float = 1.0
+    rtscts: bool = False
+    xonxoff: bool = False
+    encoding: str = "utf-8"
+    terminator: Literal["CR", "LF", "CRLF", "TAB", "ETX", "none"] = "CR"
+    idle_gap: Duration = 0.1
+    partial_timeout: Duration = 1.0
+    prefix: str = ""
+    suffix: str = ""
+    aim_ids: bool = False
+    multiline_symbologies: list[str] = msgspec.field(
+        default_factory=lambda: list(MULTILINE_SYMBOLOGIES)
+    )
+    length_digits: Annotated[int, msgspec.Meta(ge=0, le=6)] = 0
+    max_frame_length: Annotated[int, msgspec.Meta(gt=0)] = 2048
+    silence_timeout: Duration | None = None
+    reconnect_delay: Duration = 0.5
+    reconnect_delay_max: Duration = 30.0
+    good_read_feedback: str | None = None
+    bad_read_feedback: str | None = None
+
+    def __post_init__(self) -> None:
+        for key in ("idle_gap", "partial_timeout", "reconnect_delay", "reconnect_delay_max"):
+            setattr(self, key, _parse_setting(key, getattr(self, key)))
+        if self.silence_timeout is not None:
+            self.silence_timeout = _parse_setting("silence_timeout", self.silence_timeout)
+
+        if float(self.stopbits) not in STOP_BITS:
+            raise ValueError(f"stopbits: invalid value {self.stopbits!r}, expected 1, 1.5 or 2")
+        try:
+            codecs.lookup(self.encoding)
+        except LookupError:
+            raise ValueError(f"encoding: unknown codec {self.encoding!r}") from None
+        for key in ("prefix", "suffix"):
+            try:
+                getattr(self, key).encode(self.encoding)
+            except UnicodeEncodeError:
+                raise ValueError(f"{key}: cannot be encoded as {self.encoding}") from None
+        for code in self.multiline_symbologies:
+            if len(code) != 1 or not code.isascii():
+                raise ValueError(
+                    f"multiline_symbologies: invalid AIM code character {code!r}, "
+                    "expected one ASCII character such as 'Q'"
+                )
+        for key in ("good_read_feedback", "bad_read_feedback"):
+            _parse_hex(key, getattr(self, key))
+
+        if parse_duration(self.partial_timeout) <= parse_duration(self.idle_gap):
+            raise ValueError("partial_timeout: must be longer than idle_gap")
+        if parse_duration(self.reconnect_delay_max) < parse_duration(self.reconnect_delay):
+            raise ValueError("reconnect_delay_max: must not be shorter than reconnect_delay")
+
+
+def _parse_setting(key: str, value: float | str) -> float:
+    try:
+        return parse_duration(value)
+    except ValueError as error:
+        raise ValueError(f"{key}: {error}") from None
+
+
+def _parse_hex(key: str, value: str | None) -> bytes:
+    if value is None:
+        return b""
+    try:
+        return bytes.fromhex(value)
+    except ValueError:
+        raise ValueError(
+            f"{key}: invalid hex string {value!r}, expected bytes like '07' or '1b 42 30'"
+        ) from None
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    """A complete frame with prefix, AIM identifier, length and suffix removed."""
+
+    value: str
+    ended_at: float  # loop time of the frame's last byte
+
+
+@dataclass(frozen=True, slots=True)
+class DroppedFrame:
+    """A frame thrown away; ``reason`` is too_long, malformed, undecodable or incomplete."""
+
+    reason: str
+    size: int  # bytes received for the frame, not counting its terminator
+
+
+FrameResult = Frame | DroppedFrame
+
+
+class _Framing(Enum):
+    TERMINATOR = "terminator"  # the frame ends at the first terminator
+    IDLE = "idle"  # the frame ends when the line falls silent for idle_gap
+    LENGTH = "length"  # the frame ends after the length its header declares
+
+
+class FrameDecoder:
+    """Cut a serial byte stream into frames.
+
+    Framing rules, in order:
+
+    - ``terminator = "none"``: a frame ends after ``idle_gap`` of silence.
+    - ``length_digits > 0``: after the prefix and the AIM identifier come that
+      many ASCII digits with the payload length in bytes, so the payload may
+      contain the terminator byte.
+    - ``aim_ids`` and a symbology in ``multiline_symbologies``: the frame ends
+      at a terminator followed by ``idle_gap`` of silence, so a QR payload may
+      contain CR.
+    - Otherwise the frame ends at the first terminator.
+
+    With CR or LF as terminator, a CRLF pair counts as one terminator. A
+    configured prefix, suffix, AIM identifier or length that is missing or
+    wrong makes the frame malformed. Bad frames are dropped, and decoding
+    resumes after the next terminator. Bytes without a terminator are dropped
+    after ``partial_timeout`` of silence, so line noise does not stick to the
+    front of the next scan.
+    """
+
+    def __init__(self, settings: SerialSettings) -> None:
+        self._terminator = TERMINATORS[settings.terminator]
+        self._encoding = settings.encoding
+        self._prefix = settings.prefix.encode(settings.encoding)
+        self._suffix = settings.suffix.encode(settings.encoding)
+        self._aim_ids = settings.aim_ids
+        self._multiline = {ord(code) for code in settings.multiline_symbologies}
+        self._length_digits = settings.length_digits
+        self._max_frame_length = settings.max_frame_length
+        self._idle_gap = parse_duration(settings.idle_gap)
+        self._partial_timeout = parse_duration(settings.partial_timeout)
+
+        self._buffer = bytearray()
+        self._last_data_at = 0.0
+        self._discarding = False  # dropping the rest of a bad frame up to the next terminator
+        self._skip_lf = False  # a CR terminator just ended a frame, so a leading LF is its pair
+
+    def reset(self) -> None:
+        """Forget buffered bytes, as after reopening the port."""
+        self._buffer.clear()
+        self._discarding = False
+        self._skip_lf = False
+
+    def feed(self, data: bytes, now: float) -> list[FrameResult]:
+        """Add bytes received at loop time ``now`` and return the frames they complete."""
+        if not data:
+            return []
+        self._last_data_at = now
+
+        if self._skip_lf:
+            self._skip_lf = False
+            if data.startswith(b"\n"):
+                data = data[1:]
+        self._buffer += data
+
+        return self._split(now)
+
+    def deadline(self) -> float | None:
+        """Return the loop time at which ``expire`` has work, or None while idle."""
+        if not self._buffer and not self._discarding:
+            return None
+        if self._terminator == b"":
+            return self._last_data_at + self._idle_gap
+        if (
+            not self._discarding
+            and self._framing(self._buffer)[0] is _Framing.IDLE
+            and self._ends_with_terminator(self._buffer)
+        ):
+            return self._last_data_at + self._idle_gap
+        return self._last_data_at + self._partial_timeout
+
+    def expire(self, now: float) -> list[FrameResult]:
+        """Close frames that silence ends, and drop stale partial frames."""
+        deadline = self.deadline()
+        if deadline is None or now < deadline:
+            return []
+
+        data = bytes(self._buffer)
+        self._buffer.clear()
+        if self._discarding:
+            self._discarding = False
+            return []
+
+        if self._terminator == b"":
+            return self._parsed(data, self._last_data_at)
+
+        if self._framing(data)[0] is _Framing.IDLE and self._ends_with_terminator(data):
+            return self._parsed(self._strip_terminator(data), self._last_data_at)
+
+        return [DroppedFrame("incomplete", len(data))]
+
+    def _split(self, now: float) -> list[FrameResult]:
+        results: list[FrameResult] = []
+        terminator = self._terminator
+
+        while self._buffer:
+            if self._discarding:
+                if not self._skip_to_terminator():
+                    break
+                continue
+
+            framing, frame_end = self._framing(self._buffer)
+            if framing is _Framing.IDLE:
+                if len(self._buffer) > self._max_frame_length + len(terminator):
+                    results.append(self._overflow())
+                break
+
+            if framing is _Framing.LENGTH:
+                total = frame_end + len(terminator)
+                if len(self._buffer) < total:
+                    break
+                frame = bytes(self._buffer[:frame_end])
+                found = bytes(self._buffer[frame_end:total])
+                del self._buffer[:total]
+                if found != terminator:
+                    results.append(DroppedFrame("malformed", len(frame)))
+                    self._buffer[:0] = found
+                    self._discarding = True
+                    continue
+                self._after_terminator()
+                results.extend(self._parsed(frame, now))
+                continue
+
+            end = self._buffer.find(terminator)
+            if end < 0:
+                if len(self._buffer) >= self._max_frame_length + len(terminator):
+                    results.append(self._overflow())
+                break
+            frame = bytes(self._buffer[:end])
+            del self._buffer[: end + len(terminator)]
+            if terminator == b"\n" and frame.endswith(b"\r"):
+                frame = frame[:-1]
+            self._after_terminator()
+            results.extend(self._parsed(frame, now))
+
+        return results
+
+    def _framing(self, data: bytes | bytearray) -> tuple[_Framing, int]:
+        """Pick the framing rule for a frame that starts at ``data[0]``.
+
+        Returns the rule and, for LENGTH, the offset just past the suffix. A
+        header that is still incomplete, or invalid, falls back to the
+        terminator rule. An invalid one then makes ``_parse`` report the frame
+        as malformed.
+        """
+        if self._terminator == b"":
+            return _Framing.IDLE, 0
+
+        position = 0
+        if self._prefix:
+            if not data.startswith(self._prefix):
+                return _Framing.TERMINATOR, 0
+            position = len(self._prefix)
+
+        symbology = None
+        if self._aim_ids:
+            if len(data) < position + AIM_ID_LENGTH or data[position] != AIM_FLAG:
+                return _Framing.TERMINATOR, 0
+            symbology = data[position + 1]
+            position += AIM_ID_LENGTH
+
+        if self._length_digits:
+            digits = bytes(data[position : position + self._length_digits])
+            if len(digits) < self._length_digits or not digits.isdigit():
+                return _Framing.TERMINATOR, 0
+            declared = int(digits)
+            if declared > self._max_frame_length:
+                return _Framing.TERMINATOR, 0
+            return _Framing.LENGTH, position + self._length_digits + declared + len(self._suffix)
+
+        if symbology in self._multiline:
+            # NOTE: a second scan that follows within idle_gap is glued to this
+            # frame, for example "]Q1A\r]C0B\r" sent in one burst.
+            return _Framing.IDLE, 0
+        return _Framing.TERMINATOR, 0
+
+    def _parse(self, frame: bytes, ended_at: float) -> FrameResult | None:
+        """Strip the configured parts of a frame and decode its payload."""
+        size = len(frame)
+        if size > self._max_frame_length:
+            return DroppedFrame("too_long", size)
+        if not frame:
+            return None
+
+        payload = frame
+        if self._prefix:
+            if not payload.startswith(self._prefix):
+                return DroppedFrame("malformed", size)
+            payload = payload[len(self._prefix) :]
+        if self._suffix:
+            if not payload.endswith(self._suffix):
+                return DroppedFrame("malformed", size)
+            payload = payload[: -len(self._suffix)]
+        if self._aim_ids:
+            if len(payload) < AIM_ID_LENGTH or payload[0] != AIM_FLAG:
+                return DroppedFrame("malformed", size)
+            payload = payload[AIM_ID_LENGTH:]
+        if self._length_digits:
+            digits = payload[: self._length_digits]
+            payload = payload[self._length_digits :]
+            if not digits.isdigit() or len(digits) < self._length_digits:
+                return DroppedFrame("malformed", size)
+            if int(digits) != len(payload):
+                return DroppedFrame("malformed", size)
+
+        try:
+            value = payload.decode(self._encoding)
+        except UnicodeDecodeError:
+            return DroppedFrame("undecodable", size)
+        if not value:
+            return None
+        return Frame(value, ended_at)
+
+    def _parsed(self, frame: bytes, ended_at: float) -> list[FrameResult]:
+        result = self._parse(frame, ended_at)
+        return [] if result is None else [result]
+
+    def _overflow(self) -> DroppedFrame:
+        """Drop a frame that grew past the maximum before its end arrived."""
+        dropped = DroppedFrame("too_long", len(self._buffer))
+        self._discarding = True
+
+        # Keep a trailing CR, which may be the first half of a CRLF terminator.
+        keep = len(self._terminator) - 1
+        if keep and self._buffer.endswith(self._terminator[:keep]):
+            del self._buffer[:-keep]
+        else:
+            self._buffer.clear()
+        return dropped
+
+    def _skip_to_terminator(self) -> bool:
+        """Drop bytes through the next terminator; return False when none has arrived."""
+        if self._terminator == b"":
+            self._buffer.clear()
+            return False
+
+        end = self._buffer.find(self._terminator)
+        if end < 0:
+            keep = len(self._terminator) - 1
+            if keep and self._buffer.endswith(self._terminator[:keep]):
+                del self._buffer[:-keep]
+            else:
+                self._buffer.clear()
+            return False
+
+        del self._buffer[: end + len(self._terminator)]
+        self._discarding = False
+        self._after_terminator()
+        return True
+
+    def _after_terminator(self) -> None:
+        if self._terminator != b"\r":
+            return
+        if self._buffer.startswith(b"\n"):
+            del self._buffer[0]
+        elif not self._buffer:
+            self._skip_lf = True
+
+    def _is_cr_lf(self) -> bool:
+        return self._terminator in (b"\r", b"\n")
+
+    def _ends_with_terminator(self, data: bytes | bytearray) -> bool:
+        if self._is_cr_lf() and data.endswith(b"\r\n"):
+            return True
+        return data.endswith(self._terminator)
+
+    def _strip_terminator(self, data: bytes) -> bytes:
+        """Remove the terminator at the end, with the other half of a CRLF pair."""
+        if self._is_cr_lf() and data.endswith(b"\r\n"):
+            return data[:-2]
+        return data[: -len(self._terminator)]
+
+
+@dataclass(slots=True)
+class SerialStats:
+    """Counters of one serial driver, for metrics and tests."""
+
+    opens: int = 0
+    failed_opens: int = 0
+    scans: int = 0
+    silence_reopens: int = 0
+    dropped: Counter[str] = field(default_factory=Counter)
+
+
+class _LinkEnd(Enum):
+    LOST = "lost"
+    SILENT = "silent"
+
+
+@dataclass(frozen=True, slots=True)
+class _Lost:
+    kind: _LinkEnd
+    error: str = ""
+
+
+class SerialDriver:
+    """Read scans from one serial scanner and keep its link up.
+
+    The port is opened with an exclusive lock, and the configured path is
+    resolved again on every reconnect, so a ``/dev/serial/by-id`` symlink
+    follows a device that came back under another tty name. Reads run on the
+    event loop with a non-blocking descriptor; opening, closing and feedback
+    writes run in worker threads.
+    """
+
+    def __init__(self, settings: SerialSettings) -> None:
+        self.name = settings.name
+        self.settings = settings
+        self.stats = SerialStats()
+
+        self._decoder = FrameDecoder(settings)
+        self._good_read = _parse_hex("good_read_feedback", settings.good_read_feedback)
+        self._bad_read = _parse_hex("bad_read_feedback", settings.bad_read_feedback)
+        self._reconnect_delay = parse_duration(settings.reconnect_delay)
+        self._reconnect_delay_max = parse_duration(settings.reconnect_delay_max)
+        self._silence_timeout = (
+            None if settings.silence_timeout is None else parse_duration(settings.silence_timeout)
+        )
+        self._drop_log = LogThrottle(DROP_LOG_INTERVAL)
+
+        # The lock keeps a feedback write in a worker thread from using a
+        # descriptor that the run loop has closed and the kernel has reused.
+        self._port_lock = threading.Lock()
+        self._port: serial.Serial | None = None
+
+    async def run(self, sink: EventSink) -> None:
+        """Open, read and reopen the port until cancelled."""
+        health = HealthReporter(self.name, sink)
+        attempt = 0
+
+        while True:
+            try:
+                port, resolved = await asyncio.to_thread(self._open_port)
+            except (serial.SerialException, OSError) as error:
+                self.stats.failed_opens += 1
+                await health.unavailable(str(error), path=self.settings.path)
+                await sleep_backoff(attempt, self._reconnect_delay, self._reconnect_delay_max)
+                attempt += 1
+                continue
+
+            attempt = 0
+            self.stats.opens += 1
+            await health.available(path=self.settings.path, resolved=resolved)
+
+            try:
+                end = await self._read_until_lost(port, sink)
+            finally:
+                await asyncio.to_thread(self._close_port)
+
+            if end.kind is _LinkEnd.SILENT:
+                # The link may have died without an error (a stale tty after a
+                # replug), so reopen at once and let the open decide.
+                self.stats.silence_reopens += 1
+                log.debug("serial.silence_reopen", device=self.name, path=self.settings.path)
+                continue
+
+            await health.unavailable(end.error, path=self.settings.path)
+            await sleep_backoff(attempt, self._reconnect_delay, self._reconnect_delay_max)
+            attempt += 1
+
+    async def feedback(self, accepted: bool) -> None:
+        """Write the good-read or bad-read bytes to the scanner, when configured."""
+        data = self._good_read if accepted else self._bad_read
+        if not data:
+            return
+
+        try:
+            written = await asyncio.to_thread(self._write_feedback, data)
+        except (serial.SerialException, OSError) as error:
+            log.warning(
+                "serial.feedback_failed", device=self.name, accepted=accepted, error=str(error)
+            )
+            return
+        if not written:
+            log.debug("serial.feedback_skipped", device=self.name, reason="port not open")
+
+    def _open_port(self) -> tuple[serial.Serial, str]:
+        resolved = os.path.realpath(self.settings.path)
+        port = serial.Serial(
+            resolved,
+            baudrate=self.settings.baudrate,
+            bytesize=self.settings.bytesize,
+            parity=PARITIES[self.settings.parity],
+            stopbits=float(self.settings.stopbits),
+            rtscts=self.settings.rtscts,
+            xonxoff=self.settings.xonxoff,
+            timeout=0,
+            write_timeout=FEEDBACK_WRITE_TIMEOUT,
+            exclusive=True,
+        )
+        with self._port_lock:
+            self._port = port
+        return port, resolved
+
+    def _close_port(self) -> None:
+        with self._port_lock:
+            port, self._port = self._port, None
+        if port is not None:
+            port.close()
+
+    def _write_feedback(self, data: bytes) -> bool:
+        with self._port_lock:
+            if self._port is None:
+                return False
+            self._port.write(data)
+            return True
+
+    async def _read_until_lost(self, port: serial.Serial, sink: EventSink) -> _Lost:
+        loop = asyncio.get_running_loop()
+        fd = port.fileno()
+        self._decoder.reset()
+        last_data_at = loop.time()
+
+        while True:
+            timeout = self._next_timeout(loop.time(), last_data_at)
+            readable = await wait_readable(fd, timeout)
+            now = loop.time()
+
+            if readable:
+                try:
+                    data = os.read(fd, READ_CHUNK)
+                except BlockingIOError:
+                    continue
+                except OSError as error:
+                    return _Lost(_LinkEnd.LOST, f"read failed: {error}")
+                if not data:
+                    return _Lost(_LinkEnd.LOST, "device disconnected: read returned no data")
+                last_data_at = now
+                results = self._decoder.feed(data, now)
+            else:
+                results = self._decoder.expire(now)
+                silent_for = now - last_data_at
+                if self._silence_timeout is not None and silent_for >= self._silence_timeout:
+                    await self._deliver(results, sink)
+                    return _Lost(_LinkEnd.SILENT)
+
+            await self._deliver(results, sink)
+
+    def _next_timeout(self, now: float, last_data_at: float) -> float | None:
+        deadlines = []
+        decoder_deadline = self._decoder.deadline()
+        if decoder_deadline is not None:
+            deadlines.append(decoder_deadline)
+        if self._silence_timeout is not None:
+            deadlines.append(last_data_at + self._silence_timeout)
+        if not deadlines:
+            return None
+        return max(0.0, min(deadlines) - now)
+
+    async def _deliver(self, results: list[FrameResult], sink: EventSink) -> None:
+        loop = asyncio.get_running_loop()
+        for result in results:
+            if isinstance(result, DroppedFrame):
+                self._report_drop(result, loop.time())
+                continue
+
+            self.stats.scans += 1
+            age = timedelta(seconds=max(0.0, loop.time() - result.ended_at))
+            scan = Scan(self.name, "OPTICAL", result.value, datetime.now(UTC) - age)
+            await sink(scan)
+
+    def _report_drop(self, dropped: DroppedFrame, now: float) -> None:
+        self.stats.dropped[dropped.reason] += 1
+        fields = {
+            "device": self.name,
+            "reason": dropped.reason,
+            "size": dropped.size,
+            "dropped_total": self.stats.dropped[dropped.reason],
+        }
+        if self._drop_log.allow(dropped.reason, now):
+            log.warning("serial.frame_dropped", **fields)
+        else:
+            log.debug("serial.frame_dropped", **fields)

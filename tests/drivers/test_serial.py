@@ -1,0 +1,737 @@
+"""Serial scanner driver: framing rules, and the driver on real pseudo-terminals."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+import pytest
+import serial
+import structlog
+
+from drivers.base import parse_duration
+from drivers.serial import DroppedFrame, Frame, FrameDecoder, SerialDriver, SerialSettings
+
+if TYPE_CHECKING:
+    from conftest import PtyScanner, Recorder
+
+    RunDriver = Callable[[SerialDriver], contextlib.AbstractAsyncContextManager[Recorder]]
+    PtyFactory = Callable[[], PtyScanner]
+
+# Short timing for tests; the defaults are sized for real scanners.
+FAST: dict[str, Any] = {
+    "idle_gap": 0.05,
+    "partial_timeout": 1.0,
+    "reconnect_delay": 0.02,
+    "reconnect_delay_max": 0.1,
+}
+
+
+def make_settings(path: str = "/dev/null", **overrides: Any) -> SerialSettings:
+    table = {"name": "test-scanner", "kind": "serial", "station": "station-1", "path": path}
+    table.update(FAST)
+    table.update(overrides)
+    return msgspec.convert(table, SerialSettings)
+
+
+def point_link(link: Path, target: str) -> None:
+    """Point the symlink ``link`` at ``target`` atomically, as udev replaces a by-id link."""
+    staging = link.with_name(link.name + ".new")
+    with contextlib.suppress(FileNotFoundError):
+        staging.unlink()
+    staging.symlink_to(target)
+    os.replace(staging, link)
+
+
+# --- Framing, fed byte chunks directly -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FramingCase:
+    name: str
+    settings: dict[str, Any]
+    chunks: list[tuple[float, bytes]]  # (loop time, bytes received)
+    expected: list[str]  # values, or "!reason" for a dropped frame
+    expire_at: float | None = None  # loop time of a final expiry check
+
+
+def decode(case: FramingCase) -> list[str]:
+    decoder = FrameDecoder(make_settings(**case.settings))
+    results: list[Frame | DroppedFrame] = []
+    for now, chunk in case.chunks:
+        results.extend(decoder.expire(now))
+        results.extend(decoder.feed(chunk, now))
+    if case.expire_at is not None:
+        results.extend(decoder.expire(case.expire_at))
+    return [r.value if isinstance(r, Frame) else f"!{r.reason}" for r in results]
+
+
+FRAMING_CASES = [
+    FramingCase("cr", {"terminator": "CR"}, [(0, b"ABC\rDEF\r")], ["ABC", "DEF"]),
+    FramingCase("lf", {"terminator": "LF"}, [(0, b"ABC\nDEF\n")], ["ABC", "DEF"]),
+    FramingCase("crlf", {"terminator": "CRLF"}, [(0, b"ABC\r\nDEF\r\n")], ["ABC", "DEF"]),
+    FramingCase("tab", {"terminator": "TAB"}, [(0, b"ABC\tDEF\t")], ["ABC", "DEF"]),
+    FramingCase("etx", {"terminator": "ETX"}, [(0, b"ABC\x03DEF\x03")], ["ABC", "DEF"]),
+    FramingCase(
+        "crlf_split_between_chunks",
+        {"terminator": "CRLF"},
+        [(0, b"ABC\r"), (0.01, b"\nDEF\r"), (0.02, b"\n")],
+        ["ABC", "DEF"],
+    ),
+    FramingCase(
+        "crlf_one_byte_per_chunk",
+        {"terminator": "CRLF"},
+        [(i * 0.001, bytes([byte])) for i, byte in enumerate(b"AB\r\nC\rD\r\n")],
+        ["AB", "C\rD"],
+    ),
+    FramingCase(
+        "frame_split_between_chunks",
+        {"terminator": "CR"},
+        [(0, b"12"), (0.01, b"34"), (0.02, b"56\r")],
+        ["123456"],
+    ),
+    FramingCase(
+        "crlf_counted_once_with_cr",
+        {"terminator": "CR"},
+        [(0, b"ABC\r\nDEF\r\n")],
+        ["ABC", "DEF"],
+    ),
+    FramingCase(
+        "crlf_counted_once_with_cr_split",
+        {"terminator": "CR"},
+        [(0, b"ABC\r"), (0.01, b"\nDEF\r"), (0.02, b"\n")],
+        ["ABC", "DEF"],
+    ),
+    FramingCase(
+        "crlf_counted_once_with_lf",
+        {"terminator": "LF"},
+        [(0, b"ABC\r\nDEF\r\n")],
+        ["ABC", "DEF"],
+    ),
+    FramingCase("empty_frames_ignored", {"terminator": "CR"}, [(0, b"\r\rABC\r")], ["ABC"]),
+    FramingCase(
+        "idle_gap_ends_frame",
+        {"terminator": "none", "idle_gap": 0.1},
+        [(0, b"ABC"), (0.05, b"DEF"), (0.3, b"GHI")],
+        ["ABCDEF", "GHI"],
+        expire_at=0.5,
+    ),
+    FramingCase(
+        "idle_gap_keeps_control_bytes",
+        {"terminator": "none", "idle_gap": 0.1},
+        [(0, b"01\x1d21\r")],
+        ["01\x1d21\r"],
+        expire_at=0.2,
+    ),
+    FramingCase(
+        "idle_gap_not_yet_passed",
+        {"terminator": "none", "idle_gap": 0.1},
+        [(0, b"ABC")],
+        [],
+        expire_at=0.05,
+    ),
+    FramingCase("aim_id_stripped", {"aim_ids": True}, [(0, b"]C0123456\r")], ["123456"]),
+    FramingCase(
+        "aim_qr_with_cr_framed_by_idle_gap",
+        {"aim_ids": True, "idle_gap": 0.1},
+        [(0, b"]Q1LINE1\rLINE2\r")],
+        ["LINE1\rLINE2"],
+        expire_at=0.2,
+    ),
+    FramingCase(
+        "aim_qr_with_cr_split_between_chunks",
+        {"aim_ids": True, "idle_gap": 0.1},
+        [(0, b"]Q1LINE1\r"), (0.02, b"LINE2\r")],
+        ["LINE1\rLINE2"],
+        expire_at=0.2,
+    ),
+    FramingCase(
+        "aim_qr_waits_for_idle_gap",
+        {"aim_ids": True, "idle_gap": 0.1},
+        [(0, b"]Q1LINE1\rLINE2\r")],
+        [],
+        expire_at=0.05,
+    ),
+    FramingCase(
+        "aim_qr_with_crlf_terminator",
+        {"aim_ids": True, "idle_gap": 0.1, "terminator": "CR"},
+        [(0, b"]Q1A\rB\r\n")],
+        ["A\rB"],
+        expire_at=0.2,
+    ),
+    FramingCase(
+        "aim_code128_ends_at_terminator",
+        {"aim_ids": True, "idle_gap": 0.1},
+        [(0, b"]C0AB\rCD\r")],
+        ["AB", "!malformed"],
+    ),
+    FramingCase(
+        "aim_qr_framed_by_length",
+        {"aim_ids": True, "length_digits": 3},
+        [(0, b"]Q1011LINE1\rLINE2\r]C0002OK\r")],
+        ["LINE1\rLINE2", "OK"],
+    ),
+    FramingCase(
+        "length_without_aim",
+        {"length_digits": 4},
+        [(0, b"0005AB\rCD\r"), (0.01, b"0002EF\r")],
+        ["AB\rCD", "EF"],
+    ),
+    FramingCase(
+        "length_split_between_chunks",
+        {"length_digits": 2, "terminator": "CRLF"},
+        [(0, b"05A"), (0.01, b"B\r\nC"), (0.02, b"\r\n")],
+        ["AB\r\nC"],
+    ),
+    FramingCase(
+        "length_mismatch_resynchronises",
+        {"length_digits": 3},
+        [(0, b"003ABCD\r002OK\r")],
+        ["!malformed", "OK"],
+    ),
+    FramingCase(
+        "length_digits_invalid",
+        {"length_digits": 3},
+        [(0, b"0x3ABC\r002OK\r")],
+        ["!malformed", "OK"],
+    ),
+    FramingCase(
+        "max_frame_length_kept",
+        {"max_frame_length": 8},
+        [(0, b"12345678\r")],
+        ["12345678"],
+    ),
+    FramingCase(
+        "frame_over_max_dropped",
+        {"max_frame_length": 8},
+        [(0, b"123456789\rOK\r")],
+        ["!too_long", "OK"],
+    ),
+    FramingCase(
+        "frame_over_max_across_chunks",
+        {"max_frame_length": 8},
+        [(0, b"1234567890"), (0.01, b"1234567890"), (0.02, b"12\rOK\r")],
+        ["!too_long", "OK"],
+    ),
+    FramingCase(
+        "frame_over_max_without_terminator",
+        {"max_frame_length": 8, "terminator": "none", "idle_gap": 0.1},
+        [(0, b"1234567890"), (0.3, b"OK")],
+        ["!too_long", "OK"],
+        expire_at=0.5,
+    ),
+    FramingCase(
+        "length_declared_over_max",
+        {"max_frame_length": 8, "length_digits": 2},
+        [(0, b"12ABCDEFGHIJKL\r02OK\r")],
+        ["!too_long", "OK"],
+    ),
+    FramingCase(
+        "undecodable_bytes_dropped",
+        {},
+        [(0, b"\xff\xfe\x80\rOK\r")],
+        ["!undecodable", "OK"],
+    ),
+    FramingCase(
+        "latin1_encoding",
+        {"encoding": "latin-1"},
+        [(0, b"M\xfcller\r")],
+        ["Müller"],
+    ),
+    FramingCase(
+        "partial_frame_dropped_after_silence",
+        {"partial_timeout": 0.5},
+        [(0, b"noise"), (1.0, b"OK\r")],
+        ["!incomplete", "OK"],
+    ),
+    FramingCase(
+        "prefix_and_suffix_stripped",
+        {"prefix": "\u0002", "suffix": "#E"},
+        [(0, b"\x02ABC#E\r")],
+        ["ABC"],
+    ),
+    FramingCase(
+        "prefix_then_aim_id",
+        {"prefix": "S:", "aim_ids": True},
+        [(0, b"S:]E0400638133393\r")],
+        ["400638133393"],
+    ),
+    FramingCase(
+        "garbage_before_prefix_resynchronises",
+        {"prefix": "\u0002"},
+        [(0, b"zz\x02ABC\r\x02DEF\r")],
+        ["!malformed", "DEF"],
+    ),
+    FramingCase("suffix_missing", {"suffix": "#E"}, [(0, b"ABC\rDEF#E\r")], ["!malformed", "DEF"]),
+    FramingCase(
+        "aim_id_missing", {"aim_ids": True}, [(0, b"ABC\r]C0DEF\r")], ["!malformed", "DEF"]
+    ),
+]
+
+
+@pytest.mark.parametrize("case", FRAMING_CASES, ids=lambda case: case.name)
+def test_frame_decoder_cases(case: FramingCase) -> None:
+    assert decode(case) == case.expected
+
+
+def test_frame_decoder_deadline_idle() -> None:
+    decoder = FrameDecoder(make_settings())
+    assert decoder.deadline() is None
+
+
+def test_frame_decoder_deadline_partial() -> None:
+    decoder = FrameDecoder(make_settings(partial_timeout=0.5))
+    decoder.feed(b"AB", 2.0)
+    assert decoder.deadline() == pytest.approx(2.5)
+
+
+def test_frame_decoder_deadline_idle_gap() -> None:
+    decoder = FrameDecoder(make_settings(terminator="none", idle_gap=0.1))
+    decoder.feed(b"AB", 2.0)
+    assert decoder.deadline() == pytest.approx(2.1)
+
+
+def test_frame_decoder_frame_end_time() -> None:
+    decoder = FrameDecoder(make_settings(terminator="none", idle_gap=0.1))
+    decoder.feed(b"AB", 2.0)
+    [frame] = decoder.expire(3.0)
+    assert frame == Frame("AB", 2.0)
+
+
+# --- Settings ------------------------------------------------------------------------------
+
+EXAMPLE_TOML = """
+[[devices]]
+name = "station-1-handheld"
+kind = "serial"
+station = "station-1"
+path = "/dev/serial/by-id/usb-Example_Scanner-if00"
+baudrate = 9600
+terminator = "CR"
+idle_gap = "200ms"
+silence_timeout = "10m"
+good_read_feedback = "07"
+"""
+
+
+def test_settings_decode_toml() -> None:
+    table = tomllib.loads(EXAMPLE_TOML)["devices"][0]
+    settings = msgspec.convert(table, SerialSettings)
+    assert (settings.name, settings.idle_gap, settings.silence_timeout) == (
+        "station-1-handheld",
+        0.2,
+        600.0,
+    )
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"baudrate": 0}, "baudrate"),
+        ({"parity": "sometimes"}, "parity"),
+        ({"bytesize": 9}, "bytesize"),
+        ({"stopbits": 3}, "stopbits"),
+        ({"terminator": "NUL"}, "terminator"),
+        ({"idle_gap": "fast"}, "idle_gap"),
+        ({"silence_timeout": "-1s"}, "silence_timeout"),
+        ({"encoding": "no-such-codec"}, "encoding"),
+        ({"good_read_feedback": "0g"}, "good_read_feedback"),
+        ({"multiline_symbologies": ["QR"]}, "multiline_symbologies"),
+        ({"partial_timeout": 0.01, "idle_gap": 0.1}, "partial_timeout"),
+        ({"length_digits": 7}, "length_digits"),
+        ({"exclusive": False}, "exclusive"),
+        ({"kind": "hid"}, "kind"),
+    ],
+    ids=lambda value: str(value),
+)
+def test_settings_reject_invalid(overrides: dict[str, Any], message: str) -> None:
+    with pytest.raises(msgspec.ValidationError, match=message):
+        make_settings(**overrides)
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [(0.25, 0.25), (2, 2.0), ("1.5s", 1.5), ("200ms", 0.2), ("5m", 300.0), ("1h30m", 5400.0)],
+)
+def test_parse_duration_valid(text: float | str, seconds: float) -> None:
+    assert parse_duration(text) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("text", ["", "5", "5 s", "1.5x", "s", "-1", -1.0, True])
+def test_parse_duration_invalid(text: Any) -> None:
+    with pytest.raises(ValueError, match="invalid duration"):
+        parse_duration(text)
+
+
+# --- The driver on pseudo-terminals --------------------------------------------------------
+
+
+@pytest.fixture
+def link(tmp_path: Path) -> Path:
+    """Path of a by-id style symlink that tests point at a pseudo-terminal."""
+    return tmp_path / "usb-Example_Scanner-if00"
+
+
+def test_driver_reads_scan(pty_factory: PtyFactory, run_driver: RunDriver, link: Path) -> None:
+    scanner = pty_factory()
+    point_link(link, scanner.path)
+    driver = SerialDriver(make_settings(str(link)))
+
+    async def scenario() -> None:
+        async with run_driver(driver) as recorder:
+            await recorder.wait_health(available=True)
+            before = datetime.now(UTC)
+            scanner.write(b"SHOPPER-0001\r")
+            [scan] = await recorder.wait_scans(1)
+
+        assert scan.value == "SHOPPER-0001"
+        assert scan.device == "test-scanner"
+        assert scan.channel == "OPTICAL"
+        assert before - timedelta(seconds=1) <= scan.captured_at <= datetime.now(UTC)
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(
+    ("terminator", "wire"),
+    [
+        ("CR", b"A1\rB2\r"),
+        ("LF", b"A1\nB2\n"),
+        ("CRLF", b"A1\r\nB2\r\n"),
+        ("TAB", b"A1\tB2\t"),
+        ("ETX", b"A1\x03B2\x03"),
+    ],
+)
+def test_driver_terminator_kinds(
+    pty_factory: PtyFactory, run_driver: RunDriver, terminator: str, wire: bytes
+) -> None:
+    scanner = pty_factory()
+    driver = SerialDriver(make_settings(scanner.path, terminator=terminator))
+
+    async def scenario() -> None:
+        async with run_driver(driver) as recorder:
+            await recorder.wait_health(available=True)
+            scanner.write(wire)
+            scans = await recorder.wait_scans(2)
+
+        assert [scan.value for scan in scans] == ["A1", "B2"]
+
+    asyncio.run(scenario())
+
+
+def test_driver_crlf_split_across_reads(pty_factory: PtyFactory, run_driver: RunDriver) -> None:
+    scanner = pty_factory()
+    driver = SerialDriver(make_settings(scanner.path, terminator="CRLF"))
+
+    async def scenario() -> None:
+        async with run_driver(driver) as recorder:
+            await recorder.wait_health(available=True)
+            for chunk in (b"ABC\r", b"\nDE", b"F\r", b"\n"):
+                scanner.write(chunk)
+                await asyncio.sleep(0.05)
+            scans = await recorder.wait_scans(2)
+
+        assert [scan.value for scan in scans] == ["ABC", "DEF"]
+
+    asyncio.run(scenario())
+
+
+def test_driver_crlf_counted_once(pty_factory: PtyFactory, run_driver: RunDriver) -> None:
+    scanner = pty_factory()
+    driver = SerialDriver(make_settings(scanner.path, terminator="CR"))
+
+    async def scenario() -> None:
+        async with run_driver(driver) as recorder:
+            await recorder.wait_health(available=True)
+            scanner.write(b"ABC\r")
+            await asyncio.sleep(0.05)
+            scanner.write(b"\nDEF\r\nEND\r")
+            scans = await recorder.wait_scans(3)
+
+        assert [scan.value for scan in scans] == ["ABC", "DEF", "END"]
+
+    asyncio.run(scenario())
+
+
+def test_driver_idle_gap_framing(pty_factory: PtyFactory, run_driver: RunDriver) -> None:
+    scanner = pty_factory()
+    driver = SerialDriver(make_settings(scanner.path, terminator="none", idle_gap=0.1))
+
+    async def scenario() -> None:
+        async with run_driver(driver) as recorder:
+            await recorder.wait_health(available=True)
+            scanner.write(b"]d2\x1d0104012345678901")
+            [scan] = await recorder.wait_scans(1)
+
+        assert scan.value == "]d2\x1d0104012345678901"
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(
+    ("overrides", "wire"),
+    [
+        ({"aim_ids": True}, b"]Q1WIFI:T:WPA;\rS:store;\r"),
+        ({"aim_ids": True, "length_digits": 4}, b"]Q10020WIFI:T:WPA;\rS:store;\r"),
+    ],
+    ids=["aim_idle_gap", "aim_length"],
+)
+def test_driver_qr_payload_with_cr(
+    pty_factory: PtyFactory, run_driver: RunDriver, overrides: dict[str, Any], wire: bytes
+) -> None:
+    scanner = pty_factory()
+    driver = SerialDriver(make_settings(scanner.path, **overrides))
+
+    async def scenario() -> None:
+        async with run_driver(driver) as recorder:
+            await recorder.wait_health(available=True)
+            scanner.write(wire)
+            [scan] = await recorder.wait_scans(1)
+
+        assert scan.value == "WIFI:T:WPA;\rS:store;"
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(
+    ("overrides", "bad", "reason"),
+    [
+        ({"max_frame_length": 16}, b"SECRET-" + b"9" * 20 + b"\r", "too_long"),
+        ({}, b"SECRET-\xff\xfe\r", "undecodable"),
+        ({"prefix": "\u0002"}, b"SECRET-1\r", "malformed"),
+    ],
+    ids=["too_long", "undecodable", "malformed"],
+)
+def test_driver_drops_bad_frame(
+    pty_factory: PtyFactory,
+    run_driver: RunDriver,
+    overrides: dict[str, Any],
+    bad: bytes,
+    reason: str,
+) -> None:
+    scanner = pty_factory()
+    driver = SerialDriver(make_settings(scanner.path, **overrides))
+    good = overrides.get("prefix", "").encode() + b"GOOD\r"
+
+    async def scenario() -> None:
+        async with run_driver(driver) as recorder:
+            await recorder.wait_health(available=True)
+            scanner.write(bad)
+            scanner.write(good)
+            await recorder.wait_scans(1)
+
+        assert [scan.value for scan in recorder.scans] == ["GOOD"]
+        assert driver.stats.dropped[reason] == 1
+
+    with structlog.testing.capture_logs() as logs:
+        asyncio.run(scenario())
+
+    [dropped] = [entry for entry in logs if entry["event"] == "serial.frame_dropped"]
+    assert dropped["reason"] == reason
+    assert "SECRET" not in repr(logs)
+
+
+def test_driver_strips_prefix_and_suffix(pty_factory: PtyFactory, run_driver: RunDriver) -> None:
+    scanner = pty_factory()
+    driver = SerialDriver(make_settings(scanner.path, prefix="\u0002", suffix="\u0003"))
+
+    async def scenario() -> None:
+        async with run_driver(driver) as recorder:
+            await recorder.wait_health(available=True)
+            scanner.write(b"\x02LOYALTY-42\x03\r")
+            [scan] = await recorder.wait_scans(1)
+
+        assert scan.value == "LOYALTY-42"
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(
+    ("accepted", "expected"),
+    [(True, b"\x07"), (False, b"\x1b\x42")],
+    ids=["good_read", "bad_read"],
+)
+def test_driver_feedback_written(
+    pty_factory: PtyFactory, run_driver: RunDriver, accepted: bool, expected: bytes
+) -> None:
+    scanner = pty_factory()
+    settings = make_settings(scanner.path, good_read_feedback="07", bad_read_feedback="1b 42")
+    driver = SerialDriver(settings)
+
+    async def scenario() -> None:
+        async with run_driver(driver) as recorder:
+            await recorder.wait_health(available=True)
+            await driver.feedback(accepted)
+            received = await scanner.read_exactly(len(expected))
+
+        assert received == expected
+
+    asyncio.run(scenario())
+
+
+def test_driver_feedback_while_closed(pty_factory: PtyFactory) -> None:
+    scanner = pty_factory()
+    driver = SerialDriver(make_settings(scanner.path, good_read_feedback="07"))
+
+    async def scenario() -> bytes:
+        await driver.feedback(True)
+        return await scanner.read_exactly(1, timeout=0.2)
+
+    assert asyncio.run(scenario()) == b""
+
+
+def test_driver_opens_exclusively(pty_factory: PtyFactory, run_driver: RunDriver) -> None:
+    scanner = pty_factory()
+    driver = SerialDriver(make_settings(scanner.path))
+
+    async def scenario() -> None:
+        async with run_driver(driver) as recorder:
+            await recorder.wait_health(available=True)
+            with pytest.raises(serial.SerialException, match="exclusively lock"):
+                serial.Serial(scanner.path, exclusive=True)
+
+    asyncio.run(scenario())
+
+
+def test_driver_missing_path_unavailable(
+    pty_factory: PtyFactory, run_driver: RunDriver, link: Path
+) -> None:
+    driver = SerialDriver(make_settings(str(link)))
+
+    async def scenario() -> None:
+        async with run_driver(driver) as recorder:
+            health = await recorder.wait_health(available=False)
+            assert health.error is not None
+            assert "No such file" in health.error
+
+            scanner = pty_factory()
+            point_link(link, scanner.path)
+            await recorder.wait_health(available=True)
+            scanner.write(b"LATE\r")
+            [scan] = await recorder.wait_scans(1)
+
+        assert scan.value == "LATE"
+
+    asyncio.run(scenario())
+
+
+def test_driver_unplug_and_replug(
+    pty_factory: PtyFactory, run_driver: RunDriver, link: Path
+) -> None:
+    first = pty_factory()
+    point_link(link, first.path)
+    driver = SerialDriver(make_settings(str(link)))
+
+    async def scenario() -> None:
+        async with run_driver(driver) as recorder:
+            await recorder.wait_health(available=True)
+            first.write(b"BEFORE\r")
+            await recorder.wait_scans(1)
+
+            first.unplug()
+            lost = await recorder.wait_health(available=False)
+            assert lost.error is not None
+            assert "disconnected" in lost.error or "read failed" in lost.error
+            await recorder.until(lambda: driver.stats.failed_opens >= 3)
+
+            second = pty_factory()
+            point_link(link, second.path)
+            await recorder.wait_health(available=True, count=2)
+            second.write(b"AFTER\r")
+            await recorder.wait_scans(2)
+
+        assert [scan.value for scan in recorder.scans] == ["BEFORE", "AFTER"]
+
+    with structlog.testing.capture_logs() as logs:
+        asyncio.run(scenario())
+
+    events = [entry["event"] for entry in logs if entry["log_level"] != "debug"]
+    assert events.count("device.unavailable") == 1
+    assert events.count("device.available") == 2
+
+
+def test_driver_health_events_on_unplug(
+    pty_factory: PtyFactory, run_driver: RunDriver, link: Path
+) -> None:
+    scanner = pty_factory()
+    point_link(link, scanner.path)
+    driver = SerialDriver(make_settings(str(link)))
+
+    async def scenario() -> None:
+        async with run_driver(driver) as recorder:
+            await recorder.wait_health(available=True)
+            scanner.unplug()
+            await recorder.wait_health(available=False)
+            await recorder.until(lambda: driver.stats.failed_opens >= 3)
+
+        availability = [event.available for event in recorder.health]
+        # The lost link and the first failed reopen carry different errors, so
+        # the sink gets two unavailable events. Further failures repeat the
+        # last error and send nothing.
+        assert availability[:2] == [True, False]
+        assert len(availability) <= 3
+
+    asyncio.run(scenario())
+
+
+def test_driver_silence_reopens_stale_link(
+    pty_factory: PtyFactory, run_driver: RunDriver, link: Path
+) -> None:
+    stale = pty_factory()
+    point_link(link, stale.path)
+    driver = SerialDriver(make_settings(str(link), silence_timeout=0.3))
+
+    async def scenario() -> None:
+        async with run_driver(driver) as recorder:
+            await recorder.wait_health(available=True)
+
+            # The device came back as another tty, but the old one never
+            # reported an error: only the silence check can notice.
+            fresh = pty_factory()
+            point_link(link, fresh.path)
+            await recorder.until(lambda: driver.stats.silence_reopens >= 1)
+            await recorder.until(lambda: driver.stats.opens >= 2)
+            fresh.write(b"FRESH\r")
+            [scan] = await recorder.wait_scans(1)
+
+        assert scan.value == "FRESH"
+        assert [event.available for event in recorder.health] == [True]
+
+    asyncio.run(scenario())
+
+
+def test_driver_silence_check_off_by_default(
+    pty_factory: PtyFactory, run_driver: RunDriver
+) -> None:
+    scanner = pty_factory()
+    driver = SerialDriver(make_settings(scanner.path))
+
+    async def scenario() -> None:
+        async with run_driver(driver) as recorder:
+            await recorder.wait_health(available=True)
+            await asyncio.sleep(0.5)
+
+        assert driver.stats.opens == 1
+
+    asyncio.run(scenario())
+
+
+def test_driver_cancel_closes_port(pty_factory: PtyFactory, run_driver: RunDriver) -> None:
+    scanner = pty_factory()
+    driver = SerialDriver(make_settings(scanner.path))
+
+    async def scenario() -> None:
+        async with run_driver(driver) as recorder:
+            await recorder.wait_health(available=True)
+
+    asyncio.run(scenario())
+    # The exclusive lock is gone once the driver has stopped.
+    serial.Serial(scanner.path, exclusive=True).close()
