@@ -1,0 +1,405 @@
+"""install.sh and uninstall.sh into a temporary DESTDIR, and the configuration template.
+
+The scripts run for real: a virtual environment is created and pip installs
+the project into it. To keep the run short, pip installs with --no-deps (the
+layout, not the dependencies, is under test) and the build runs on a copy
+of the checkout, so that setuptools' build/ and *.egg-info stay out of the
+work tree. The setuptools that pip's isolated build needs comes from the
+configured package index.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import stat
+import subprocess
+import sys
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+TEMPLATE = REPO / "systemd" / "config.toml"
+INSTALL_TIMEOUT = 100  # seconds, for venv creation and one pip build on a loaded machine
+HOST_COMMANDS = ("systemctl", "systemd-sysusers", "systemd-tmpfiles", "udevadm")
+
+
+@dataclass(frozen=True)
+class Installation:
+    root: Path
+    source: Path
+    output: str
+    host_command_log: Path
+
+
+@pytest.fixture(scope="module")
+def source_copy(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    source = tmp_path_factory.mktemp("source")
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info", "build")
+    for directory in ("daemon", "drivers", "sync", "systemd", "docs"):
+        if (REPO / directory).is_dir():
+            shutil.copytree(REPO / directory, source / directory, ignore=ignore)
+    for name in ("pyproject.toml", "README.md"):
+        if (REPO / name).is_file():
+            shutil.copy2(REPO / name, source / name)
+    return source
+
+
+@pytest.fixture(scope="module")
+def fake_host_tools(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """Return a bin directory whose systemctl, udevadm, ... only log their call, and the log."""
+    bin_dir = tmp_path_factory.mktemp("bin")
+    log = bin_dir / "calls.log"
+    for command in HOST_COMMANDS:
+        script = bin_dir / command
+        script.write_text(f'#!/bin/sh\necho "{command} $*" >> "{log}"\n')
+        script.chmod(0o755)
+    return bin_dir, log
+
+
+def run_script(
+    script: Path, root: Path, fake_host_tools: tuple[Path, Path], *arguments: str
+) -> subprocess.CompletedProcess[str]:
+    bin_dir, _ = fake_host_tools
+    environment = {
+        **os.environ,
+        "DESTDIR": str(root),
+        "PYTHON": sys.executable,
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        "PIP_DISABLE_PIP_VERSION_CHECK": "1",
+    }
+    return subprocess.run(
+        ["bash", str(script), *arguments],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=INSTALL_TIMEOUT,
+        check=False,
+    )
+
+
+@pytest.fixture(scope="module")
+def installation(
+    tmp_path_factory: pytest.TempPathFactory,
+    source_copy: Path,
+    fake_host_tools: tuple[Path, Path],
+) -> Installation:
+    root = tmp_path_factory.mktemp("root")
+
+    result = run_script(source_copy / "systemd" / "install.sh", root, fake_host_tools, "--no-deps")
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    return Installation(root, source_copy, result.stdout, fake_host_tools[1])
+
+
+@pytest.fixture
+def installed_copy(installation: Installation, tmp_path: Path) -> Path:
+    """Return a copy of the installed root that a test may change."""
+    root = tmp_path / "root"
+    shutil.copytree(installation.root, root, symlinks=True)
+    return root
+
+
+def file_mode(path: Path) -> int:
+    return stat.S_IMODE(path.lstat().st_mode)
+
+
+@pytest.mark.parametrize(
+    ("path", "mode"),
+    [
+        ("etc/identity-connector", 0o755),
+        ("etc/identity-connector/config.toml", 0o640),
+        ("etc/identity-connector/keys", 0o750),
+        ("etc/identity-connector/tls", 0o750),
+        ("etc/systemd/system/identity-connector.service", 0o644),
+        ("etc/sysusers.d/identity-connector.conf", 0o644),
+        ("etc/tmpfiles.d/identity-connector.conf", 0o644),
+        ("etc/udev/rules.d/99-identity-connector.rules", 0o644),
+        ("opt/identity-connector/config.toml.example", 0o644),
+        ("opt/identity-connector/uninstall.sh", 0o755),
+        ("opt/identity-connector/docs/operations.md", 0o644),
+    ],
+    ids=lambda value: f"{value:o}" if isinstance(value, int) else value,
+)
+def test_install_file_mode(installation: Installation, path: str, mode: int) -> None:
+    assert file_mode(installation.root / path) == mode
+
+
+@pytest.mark.parametrize(
+    ("installed", "shipped"),
+    [
+        ("etc/identity-connector/config.toml", "systemd/config.toml"),
+        ("opt/identity-connector/config.toml.example", "systemd/config.toml"),
+        ("etc/systemd/system/identity-connector.service", "systemd/identity-connector.service"),
+        ("etc/sysusers.d/identity-connector.conf", "systemd/sysusers.conf"),
+        ("etc/tmpfiles.d/identity-connector.conf", "systemd/tmpfiles.conf"),
+        ("etc/udev/rules.d/99-identity-connector.rules", "systemd/99-identity-connector.rules"),
+    ],
+)
+def test_install_copies_file(installation: Installation, installed: str, shipped: str) -> None:
+    assert (installation.root / installed).read_bytes() == (REPO / shipped).read_bytes()
+
+
+def test_install_creates_command(installation: Installation) -> None:
+    command = installation.root / "opt/identity-connector/venv/bin/identity-connector"
+
+    assert os.access(command, os.X_OK)
+    # The console script runs the venv's own interpreter.
+    first_line = command.read_text().splitlines()[0]
+    assert first_line == f"#!{installation.root}/opt/identity-connector/venv/bin/python"
+
+
+def test_install_puts_package_in_venv(installation: Installation) -> None:
+    venv_lib = installation.root / "opt/identity-connector/venv/lib"
+
+    assert list(venv_lib.glob("python3*/site-packages/daemon/sdnotify.py"))
+
+
+def test_install_with_destdir_runs_no_host_command(installation: Installation) -> None:
+    assert not installation.host_command_log.exists()
+
+
+@pytest.mark.parametrize(
+    "step",
+    [
+        "systemd-sysusers /etc/sysusers.d/identity-connector.conf",
+        "systemctl daemon-reload",
+        "systemctl enable --now identity-connector",
+        "/etc/identity-connector/keys/",
+        "journalctl -u identity-connector",
+    ],
+)
+def test_install_prints_next_step(installation: Installation, step: str) -> None:
+    assert step in installation.output
+
+
+def test_reinstall_keeps_edited_config(
+    installation: Installation, installed_copy: Path, fake_host_tools: tuple[Path, Path]
+) -> None:
+    config = installed_copy / "etc/identity-connector/config.toml"
+    edited = config.read_text().replace('ids = ["STORE-001"]', 'ids = ["STORE-042"]')
+    config.write_text(edited)
+    config.chmod(0o600)
+    example = installed_copy / "opt/identity-connector/config.toml.example"
+    example.write_text("outdated\n")
+
+    result = run_script(
+        installation.source / "systemd" / "install.sh", installed_copy, fake_host_tools, "--no-deps"
+    )
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert config.read_text() == edited
+    assert file_mode(config) == 0o600
+    assert example.read_bytes() == TEMPLATE.read_bytes()
+    assert "Keeping existing" in result.stdout
+    assert "systemctl restart identity-connector" in result.stdout
+
+
+def test_install_rejects_unknown_option(
+    installation: Installation, tmp_path: Path, fake_host_tools: tuple[Path, Path]
+) -> None:
+    result = run_script(
+        installation.source / "systemd" / "install.sh", tmp_path, fake_host_tools, "--bogus"
+    )
+
+    assert result.returncode == 2
+    assert "unknown option '--bogus'" in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_install_wheel_dir_reinstalls_same_version(
+    installation: Installation,
+    installed_copy: Path,
+    tmp_path: Path,
+    fake_host_tools: tuple[Path, Path],
+) -> None:
+    wheel_dir = tmp_path / "wheels"
+    build = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps",
+         "--wheel-dir", str(wheel_dir), str(installation.source)],
+        capture_output=True,
+        text=True,
+        timeout=INSTALL_TIMEOUT,
+        check=False,
+    )
+    assert build.returncode == 0, build.stderr
+    site_packages = next((installed_copy / "opt/identity-connector/venv/lib").glob("python3*"))
+    module = site_packages / "site-packages/daemon/sdnotify.py"
+    module.write_text("stale = True\n")
+
+    result = run_script(
+        installation.source / "systemd" / "install.sh",
+        installed_copy,
+        fake_host_tools,
+        "--no-deps",
+        "--wheel-dir",
+        str(wheel_dir),
+    )
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert module.read_bytes() == (REPO / "daemon/sdnotify.py").read_bytes()
+
+
+def test_install_wheel_dir_uses_no_index(
+    installation: Installation,
+    installed_copy: Path,
+    tmp_path: Path,
+    fake_host_tools: tuple[Path, Path],
+) -> None:
+    # An empty wheel directory must fail, because pip may not fall back to an
+    # index. The installed copy already has a venv, so none is created here.
+    wheel_dir = tmp_path / "wheels"
+    wheel_dir.mkdir()
+
+    result = run_script(
+        installation.source / "systemd" / "install.sh",
+        installed_copy,
+        fake_host_tools,
+        "--no-deps",
+        "--wheel-dir",
+        str(wheel_dir),
+    )
+
+    assert result.returncode != 0
+    assert "identity-connector" in result.stderr
+
+
+def test_uninstall_keeps_config_and_data(
+    installed_copy: Path, fake_host_tools: tuple[Path, Path]
+) -> None:
+    database = installed_copy / "var/lib/identity-connector/connector.sqlite3"
+    database.parent.mkdir(parents=True)
+    database.write_bytes(b"SQLite format 3\x00")
+    config = installed_copy / "etc/identity-connector/config.toml"
+    config_text = config.read_text()
+
+    result = run_script(
+        installed_copy / "opt/identity-connector/uninstall.sh", installed_copy, fake_host_tools
+    )
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    for removed in (
+        "opt/identity-connector",
+        "etc/systemd/system/identity-connector.service",
+        "etc/sysusers.d/identity-connector.conf",
+        "etc/tmpfiles.d/identity-connector.conf",
+        "etc/udev/rules.d/99-identity-connector.rules",
+    ):
+        assert not (installed_copy / removed).exists(), removed
+    assert config.read_text() == config_text
+    assert file_mode(config) == 0o640
+    assert database.read_bytes() == b"SQLite format 3\x00"
+    assert "--purge" in result.stdout
+
+
+def test_uninstall_purge_removes_config_and_data(
+    installed_copy: Path, fake_host_tools: tuple[Path, Path]
+) -> None:
+    state = installed_copy / "var/lib/identity-connector"
+    state.mkdir(parents=True)
+    (state / "connector.sqlite3").write_bytes(b"")
+    drop_in = installed_copy / "etc/systemd/system/identity-connector.service.d"
+    drop_in.mkdir()
+    (drop_in / "override.conf").write_text("[Service]\n")
+
+    result = run_script(
+        installed_copy / "opt/identity-connector/uninstall.sh",
+        installed_copy,
+        fake_host_tools,
+        "--purge",
+    )
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    for removed in ("etc/identity-connector", "var/lib/identity-connector", drop_in):
+        assert not (installed_copy / removed).exists(), removed
+    assert not (installed_copy / "opt/identity-connector").exists()
+
+
+def test_uninstall_with_destdir_runs_no_host_command(
+    installed_copy: Path, fake_host_tools: tuple[Path, Path]
+) -> None:
+    _, log = fake_host_tools
+
+    result = run_script(
+        installed_copy / "opt/identity-connector/uninstall.sh", installed_copy, fake_host_tools
+    )
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert not log.exists()
+
+
+# The configuration template. Settings are written "#key = value", and
+# removing the "#" from every such line yields the full example configuration.
+
+
+def uncomment_settings(text: str) -> str:
+    return "\n".join(re.sub(r"^#(?=[\[A-Za-z])", "", line) for line in text.splitlines())
+
+
+@pytest.fixture(scope="module")
+def config_module() -> Any:
+    # Imported here so that a broken daemon.config fails these tests only.
+    from daemon import config
+
+    return config
+
+
+def test_template_parses_as_shipped(config_module: Any) -> None:
+    config = config_module.parse_config(TEMPLATE.read_text(), source=str(TEMPLATE))
+
+    assert config.stores.ids == ["STORE-001"]
+    assert config.tls is None
+    assert config.auth is None
+    assert config.hq is None
+    assert config.devices == []
+
+
+def test_template_uncommented_parses(config_module: Any) -> None:
+    config = config_module.parse_config(uncomment_settings(TEMPLATE.read_text()))
+
+    assert config.tls is not None
+    assert config.auth is not None
+    assert config.hq is not None
+    assert [device["kind"] for device in config.devices] == ["serial", "pcsc", "hid"]
+
+
+@pytest.mark.parametrize("section", ["server", "database", "policy", "logging", "auth", "hq"])
+def test_template_shows_defaults(config_module: Any, section: str) -> None:
+    import msgspec
+
+    config = config_module.parse_config(uncomment_settings(TEMPLATE.read_text()))
+    section_value = getattr(config, section)
+    struct_type = type(section_value)
+    for field in msgspec.structs.fields(struct_type):
+        if field.default is msgspec.NODEFAULT and field.default_factory is msgspec.NODEFAULT:
+            continue  # required keys such as hq.url carry example values
+        if field.name in {"api_key_files", "token_file"}:
+            continue  # file paths are examples; their default is "none"
+        default = (
+            field.default if field.default is not msgspec.NODEFAULT else field.default_factory()
+        )
+        assert (field.name, getattr(section_value, field.name)) == (field.name, default)
+
+
+@pytest.mark.parametrize(
+    "section", ["server", "database", "policy", "logging", "tls", "auth", "hq"]
+)
+def test_template_lists_every_key(config_module: Any, section: str) -> None:
+    import msgspec
+
+    written = tomllib.loads(uncomment_settings(TEMPLATE.read_text()))[section]
+    struct_type = msgspec.inspect.type_info(config_module.Config).fields
+    field_type = next(field.type for field in struct_type if field.name == section)
+    # Optional sections are `X | None`, so take the struct out of the union.
+    if isinstance(field_type, msgspec.inspect.UnionType):
+        field_type = next(
+            member for member in field_type.types if isinstance(member, msgspec.inspect.StructType)
+        )
+
+    expected = {field.name for field in field_type.fields}
+    assert sorted(expected - set(written)) == []
