@@ -9,8 +9,11 @@ import msgspec
 import structlog
 from aiohttp import web
 
+from daemon import metrics as metrics_module
 from daemon.config import Config
-from daemon.resolver import IdempotencyConflict, Resolver
+from daemon.metrics import Metrics
+from daemon.resolver import IdempotencyConflict
+from daemon.runtime import Runtime
 from daemon.schema import (
     PROBLEM_MEDIA_TYPE,
     BodyInvalid,
@@ -27,8 +30,8 @@ log = structlog.get_logger(__name__)
 SCAN_PATH = "/v1/identity/scan"
 PROBLEM_TYPE_PREFIX = "urn:identity-connector:problem:"
 
-RESOLVER_KEY = web.AppKey("resolver", Resolver)
-CONFIG_KEY = web.AppKey("config", Config)
+RUNTIME_KEY = web.AppKey("runtime", Runtime)
+METRICS_KEY = web.AppKey("metrics", Metrics)
 OPENAPI_KEY = web.AppKey("openapi", bytes)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -65,23 +68,30 @@ _HTTP_PROBLEMS: dict[int, tuple[str, str]] = {
 async def problem_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Turn every error into problem details; an unexpected exception becomes a bare 500."""
     try:
-        return await handler(request)
+        response = await handler(request)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return _http_error_problem(request, exc)
+        response = _http_error_problem(request, exc)
     except Exception:
         log.exception("request.failed", method=request.method, path=request.path)
-        return problem_response(
+        response = problem_response(
             500,
             "internal-error",
             "Internal Server Error",
             "the connector failed to process the request; the cause is in its log",
         )
+    if response.status >= 400:
+        request.app[METRICS_KEY].http_errors.labels(str(response.status)).inc()
+    return response
+
+
+def _config(request: web.Request) -> Config:
+    return request.app[RUNTIME_KEY].config
 
 
 def _http_error_problem(request: web.Request, exc: web.HTTPException) -> web.Response:
-    config = request.app[CONFIG_KEY]
+    config = _config(request)
     slug, template = _HTTP_PROBLEMS.get(exc.status, ("http-error", exc.reason))
     allowed = ""
     headers = {}
@@ -105,7 +115,7 @@ def _is_json(content_type: str) -> bool:
 
 async def resolve_scan(request: web.Request) -> web.Response:
     started = time.perf_counter()
-    config = request.app[CONFIG_KEY]
+    config = _config(request)
 
     if not _is_json(request.content_type):
         sent = request.headers.get("Content-Type", "none")
@@ -139,7 +149,9 @@ async def resolve_scan(request: web.Request) -> web.Response:
         )
 
     try:
-        response_body, _replayed = await request.app[RESOLVER_KEY].resolve(scan_request, started)
+        response_body, _replayed = await request.app[RUNTIME_KEY].resolver.resolve(
+            scan_request, started
+        )
     except IdempotencyConflict:
         return problem_response(
             422,
@@ -167,7 +179,7 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    resolver = request.app[RESOLVER_KEY]
+    resolver = request.app[RUNTIME_KEY].resolver
     store = resolver.store
     try:
         store.reader.connection.execute("SELECT 1 FROM identities LIMIT 1").fetchall()
@@ -190,17 +202,23 @@ def openapi_bytes() -> bytes:
     return msgspec.json.format(msgspec.json.encode(openapi_document()), indent=2) + b"\n"
 
 
-def build_app(config: Config, resolver: Resolver) -> web.Application:
+async def metrics(request: web.Request) -> web.Response:
+    body = request.app[METRICS_KEY].render()
+    return web.Response(body=body, headers={"Content-Type": metrics_module.CONTENT_TYPE})
+
+
+def build_app(runtime: Runtime, metrics_registry: Metrics) -> web.Application:
     app = web.Application(
-        middlewares=[problem_middleware], client_max_size=config.server.max_body_size
+        middlewares=[problem_middleware], client_max_size=runtime.config.server.max_body_size
     )
-    app[CONFIG_KEY] = config
-    app[RESOLVER_KEY] = resolver
+    app[RUNTIME_KEY] = runtime
+    app[METRICS_KEY] = metrics_registry
     app[OPENAPI_KEY] = openapi_bytes()
     app.router.add_post(SCAN_PATH, resolve_scan)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/openapi.json", openapi)
+    app.router.add_get("/metrics", metrics)
     return app
 
 

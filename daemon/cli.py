@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "serve":
             from daemon.service import serve
 
-            asyncio.run(serve(config))
+            asyncio.run(serve(config, args.config))
             return 0
         if args.command == "import":
             return _import(config, args.file, args.format)

@@ -14,6 +14,7 @@ import msgspec
 import structlog
 
 from daemon.config import Config
+from daemon.metrics import Metrics
 from daemon.normalize import candidate_keys, strip_value
 from daemon.policy import Reason, ScanContext, Verdict, decide
 from daemon.schema import ResolveScanRequest, ResolveScanResponse, encode_response
@@ -43,9 +44,10 @@ class Evaluation:
 class Resolver:
     """Decides scans from the store's cache under the configured policy."""
 
-    def __init__(self, store: Store, config: Config) -> None:
+    def __init__(self, store: Store, config: Config, metrics: Metrics | None = None) -> None:
         self.store = store
         self.config = config
+        self.metrics = metrics
         # scanEvent.id -> [lock, waiter count]: concurrent calls for one id queue on the lock,
         # so the first decides and the rest replay its stored response.
         self._inflight: dict[str, list[Any]] = {}
@@ -137,6 +139,8 @@ class Resolver:
                 store_id=request.storeId,
             )
             raise IdempotencyConflict(request.scanEvent.id)
+        if self.metrics is not None:
+            self.metrics.replays.inc()
         log.info(
             "scan.replayed",
             request_id=request.requestId,
@@ -185,6 +189,11 @@ class Resolver:
                 connection, scan_id, request_hash, body, verdict, event, now
             )
         )
+        if self.metrics is not None:
+            self.metrics.decisions.labels(
+                verdict.action, verdict.reason.value, response.type, "gateway"
+            ).inc()
+            self.metrics.latency.observe(time.perf_counter() - started)
         log.info(
             "scan.decided",
             request_id=request.requestId,

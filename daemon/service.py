@@ -1,4 +1,9 @@
-"""The `serve` lifecycle: open the store, bind the listener, run until a signal, drain."""
+"""The `serve` lifecycle: open the store, bind the listener, notify systemd, run, drain.
+
+Signals: SIGTERM and SIGINT stop the daemon gracefully (stop accepting, finish in-flight
+requests, flush the writer); SIGHUP rereads the configuration and keeps the running one when
+the new file is invalid.
+"""
 
 from __future__ import annotations
 
@@ -12,15 +17,20 @@ from pathlib import Path
 import structlog
 from aiohttp import web
 
+from daemon import sdnotify
 from daemon.api import build_app
 from daemon.config import Config, ConfigError
+from daemon.metrics import Metrics
 from daemon.resolver import Resolver, prune_decisions
+from daemon.runtime import Runtime
 from daemon.store import Store
 
 log = structlog.get_logger(__name__)
 
 PRUNE_INTERVAL = 3600.0
-# In-flight requests get this long to finish after SIGTERM before their connections close.
+STATUS_INTERVAL = 30.0
+# In-flight requests get this long to finish after SIGTERM before their connections close;
+# the unit's TimeoutStopSec (30 s) leaves room for the writer flush after it.
 SHUTDOWN_TIMEOUT = 10.0
 
 
@@ -43,7 +53,7 @@ def check_listener_safety(config: Config) -> None:
         )
 
 
-async def serve(config: Config) -> None:
+async def serve(config: Config, config_path: Path | None = None) -> None:
     """Run the daemon until SIGTERM or SIGINT, then finish in-flight requests and stop."""
     check_listener_safety(config)
     log.warning(
@@ -55,15 +65,22 @@ async def serve(config: Config) -> None:
         Path(config.database.path), config.database.secret_path, config.database.busy_timeout
     )
     try:
-        await _serve_with_store(config, store)
+        await _serve_with_store(config, config_path, store)
     finally:
         store.close()
     log.info("server.stopped")
 
 
-async def _serve_with_store(config: Config, store: Store) -> None:
-    resolver = Resolver(store, config)
-    app = build_app(config, resolver)
+async def _serve_with_store(config: Config, config_path: Path | None, store: Store) -> None:
+    metrics = Metrics()
+    runtime = Runtime(
+        config=config,
+        store=store,
+        resolver=Resolver(store, config, metrics),
+        config_path=config_path,
+    )
+    metrics.attach(runtime)
+    app = build_app(runtime, metrics)
     runner = web.AppRunner(
         app, access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_TIMEOUT
     )
@@ -85,25 +102,102 @@ async def _serve_with_store(config: Config, store: Store) -> None:
         identities=store.reader.count("identities"),
         database=str(store.path),
     )
+    sdnotify.ready(status_line(runtime))
+
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    pruner = asyncio.create_task(_prune_periodically(config, store), name="prune-decisions")
+    loop.add_signal_handler(signal.SIGHUP, functools.partial(_reload, runtime))
+
+    # Strong references: the loop keeps only weak ones to running tasks.
+    tasks = [
+        asyncio.create_task(_prune_periodically(runtime), name="prune-decisions"),
+        asyncio.create_task(_report_status(runtime), name="systemd-status"),
+    ]
+    interval = sdnotify.watchdog_interval()
+    if interval is not None:
+        tasks.append(
+            asyncio.create_task(_watchdog(runtime, site, interval), name="systemd-watchdog")
+        )
     try:
         await stop.wait()
     finally:
         log.info("server.stopping")
-        pruner.cancel()
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        sdnotify.stopping()
+        for task in tasks:
+            task.cancel()
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(signum)
+        # Closes the listening socket first, then waits for in-flight handlers.
         await runner.cleanup()
 
 
-async def _prune_periodically(config: Config, store: Store) -> None:
-    retention = config.policy.idempotency_retention
+def _reload(runtime: Runtime) -> None:
+    sdnotify.reloading()
+    runtime.reload()
+    sdnotify.ready(status_line(runtime))
+
+
+def status_line(runtime: Runtime) -> str:
+    """The one-line state `systemctl status` shows."""
+    devices = runtime.devices
+    available = sum(1 for device in devices.values() if device.available)
+    cache = "stale" if runtime.resolver.cache_stale(time.time()) else "fresh"
+    return (
+        f"serving {runtime.config.server.host}:{runtime.config.server.port};"
+        f" cache {cache}; HQ {runtime.hq_state};"
+        f" devices {available}/{len(devices)} available"
+    )
+
+
+async def _report_status(runtime: Runtime) -> None:
     while True:
-        cutoff = time.time() - retention
+        await asyncio.sleep(STATUS_INTERVAL)
+        sdnotify.status(status_line(runtime))
+
+
+async def _watchdog(runtime: Runtime, site: web.TCPSite, interval: float) -> None:
+    """Ping systemd's watchdog only while the loop, the writer and the listener work.
+
+    The ping is sent from this task, so a blocked event loop stops the pings by itself; a
+    writer that cannot commit an empty job within the interval, or a closed listener, stops
+    them too, and systemd restarts the daemon.
+    """
+    unhealthy_reason: str | None = None
+    while True:
+        started = time.monotonic()
+        reason = await _health_problem(runtime, site, interval)
+        if reason is None:
+            sdnotify.watchdog()
+            if unhealthy_reason is not None:
+                log.info("watchdog.healthy")
+        elif reason != unhealthy_reason:
+            log.error("watchdog.unhealthy", reason=reason, detail="watchdog pings withheld")
+        unhealthy_reason = reason
+        await asyncio.sleep(max(0.0, interval - (time.monotonic() - started)))
+
+
+async def _health_problem(runtime: Runtime, site: web.TCPSite, timeout: float) -> str | None:
+    writer = runtime.store.writer
+    if not writer.alive:
+        return "database writer stopped"
+    try:
+        await asyncio.wait_for(writer.submit(lambda connection: None), timeout)
+    except TimeoutError:
+        return "database writer did not commit within the watchdog interval"
+    except Exception as exc:
+        return f"database writer failed: {exc}"
+    server = getattr(site, "_server", None)
+    if server is None or not server.is_serving():
+        return "listener closed"
+    return None
+
+
+async def _prune_periodically(runtime: Runtime) -> None:
+    store = runtime.store
+    while True:
+        cutoff = time.time() - runtime.config.policy.idempotency_retention
         try:
             removed = await store.writer.submit(
                 functools.partial(prune_decisions, older_than=cutoff)

@@ -1,0 +1,144 @@
+"""Prometheus metrics: decisions, latency, cache, outbox, devices, HQ state, database size."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from daemon.runtime import Runtime
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+HQ_STATES = ("not configured", "online", "degraded", "offline")
+# Counting a table of millions of rows takes tens of milliseconds; scrapes reuse the
+# last count for this long.
+COUNT_CACHE_SECONDS = 30.0
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+
+
+class Metrics:
+    """The daemon's metrics in a registry of its own."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.decisions = Counter(
+            "identity_connector_decisions",
+            "Decisions made, by action, internal reason and identity type.",
+            ["action", "reason", "type", "source"],
+            registry=self.registry,
+        )
+        self.replays = Counter(
+            "identity_connector_replays",
+            "Repeated scanEvent.id calls answered from the stored decision.",
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "identity_connector_decision_latency_seconds",
+            "Time from request received to decision recorded.",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.http_errors = Counter(
+            "identity_connector_http_errors",
+            "Error responses sent, by status code.",
+            ["status"],
+            registry=self.registry,
+        )
+
+    def attach(self, runtime: Runtime) -> None:
+        self.registry.register(_StateCollector(runtime))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _StateCollector(Collector):
+    """Reads gauges from the store and the runtime at scrape time."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self._identities = 0
+        self._counted_at = 0.0
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        runtime = self.runtime
+        reader = runtime.store.reader
+        now = time.time()
+
+        if now - self._counted_at > COUNT_CACHE_SECONDS:
+            try:
+                self._identities = reader.count("identities")
+                self._counted_at = now
+            except sqlite3.Error:
+                pass
+        yield GaugeMetricFamily(
+            "identity_connector_cache_identities",
+            "Identities in the local cache.",
+            value=self._identities,
+        )
+
+        try:
+            depth = reader.count("outbox")
+            oldest = reader.oldest_outbox_time()
+            last_pull = reader.meta("last_pull_at")
+        except sqlite3.Error:
+            depth, oldest, last_pull = 0, None, None
+        yield GaugeMetricFamily(
+            "identity_connector_outbox_depth",
+            "Audit events waiting for upload to HQ.",
+            value=depth,
+        )
+        yield GaugeMetricFamily(
+            "identity_connector_outbox_oldest_age_seconds",
+            "Age of the oldest audit event waiting for upload (0 when empty).",
+            value=now - oldest if oldest else 0.0,
+        )
+        yield GaugeMetricFamily(
+            "identity_connector_cursor_age_seconds",
+            "Seconds since the last successful pull from HQ (-1 when never or no HQ).",
+            value=now - float(last_pull) if last_pull else -1.0,
+        )
+        yield GaugeMetricFamily(
+            "identity_connector_cache_stale",
+            "1 when the stale-cache rule applies (only associates are accepted).",
+            value=1.0 if runtime.resolver.cache_stale(now) else 0.0,
+        )
+
+        hq = GaugeMetricFamily(
+            "identity_connector_hq_state",
+            "HQ connection state (1 for the current one).",
+            labels=["state"],
+        )
+        for state in HQ_STATES:
+            hq.add_metric([state], 1.0 if runtime.hq_state == state else 0.0)
+        yield hq
+
+        devices = GaugeMetricFamily(
+            "identity_connector_device_up",
+            "1 when a configured scanner is available.",
+            labels=["device"],
+        )
+        for name, device in sorted(runtime.devices.items()):
+            devices.add_metric([name], 1.0 if device.available else 0.0)
+        yield devices
+
+        sizes = runtime.store.file_sizes()
+        files = GaugeMetricFamily(
+            "identity_connector_database_bytes", "Size of the SQLite files.", labels=["file"]
+        )
+        files.add_metric(["database"], sizes["database"])
+        files.add_metric(["wal"], sizes["wal"])
+        yield files
+
+        yield GaugeMetricFamily(
+            "identity_connector_start_time_seconds",
+            "Unix time the daemon started.",
+            value=runtime.started_at,
+        )

@@ -1,0 +1,87 @@
+"""State shared by the running daemon's parts, and configuration reload on SIGHUP."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import msgspec
+import structlog
+
+from daemon.config import Config, ConfigError, load_config
+from daemon.resolver import Resolver
+from daemon.store import Store
+
+log = structlog.get_logger(__name__)
+
+# Sections bound at start: the listener and the database cannot move while running.
+RESTART_ONLY_SECTIONS = ("server", "database")
+
+ReloadHook = Callable[[Config], None]
+
+
+@dataclass
+class DeviceState:
+    available: bool
+    error: str | None = None
+    since: float = field(default_factory=time.time)
+
+
+@dataclass
+class Runtime:
+    """The running daemon: its configuration, store, resolver, and the state health reports."""
+
+    config: Config
+    store: Store
+    resolver: Resolver
+    config_path: Path | None = None
+    started_at: float = field(default_factory=time.time)
+    hq_state: str = "not configured"
+    devices: dict[str, DeviceState] = field(default_factory=dict)
+    reload_hooks: list[ReloadHook] = field(default_factory=list)
+    """Called with the new configuration after a reload; raising rejects the reload."""
+
+    def reload(self) -> bool:
+        """Reread the configuration file; keep the running one when the new one is invalid."""
+        if self.config_path is None:
+            log.warning("config.reload_skipped", detail="the daemon was started without a file")
+            return False
+        try:
+            new = load_config(self.config_path)
+        except ConfigError as exc:
+            log.error("config.reload_failed", error=str(exc), kept="the running configuration")
+            return False
+
+        restart_only = [
+            section
+            for section in RESTART_ONLY_SECTIONS
+            if getattr(new, section) != getattr(self.config, section)
+        ]
+        if restart_only:
+            log.warning(
+                "config.restart_required",
+                sections=restart_only,
+                detail="these sections keep their running values until the next restart",
+            )
+            new = msgspec.structs.replace(
+                new, **{section: getattr(self.config, section) for section in restart_only}
+            )
+
+        old = self.config
+        try:
+            for hook in self.reload_hooks:
+                hook(new)
+        except Exception as exc:
+            log.error("config.reload_failed", error=str(exc), kept="the running configuration")
+            for hook in self.reload_hooks:
+                try:
+                    hook(old)
+                except Exception:
+                    log.exception("config.restore_failed")
+            return False
+        self.config = new
+        self.resolver.config = new
+        log.info("config.reloaded", path=str(self.config_path))
+        return True
