@@ -11,6 +11,7 @@ from aiohttp import web
 
 from daemon import metrics as metrics_module
 from daemon.config import Config
+from daemon.local import add_local_routes
 from daemon.metrics import Metrics
 from daemon.resolver import IdempotencyConflict
 from daemon.runtime import Runtime
@@ -24,6 +25,7 @@ from daemon.schema import (
     encode_problem,
     openapi_document,
 )
+from daemon.security import ADMISSION_KEY, Admission, admission_middleware
 
 log = structlog.get_logger(__name__)
 
@@ -208,10 +210,13 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 def build_app(runtime: Runtime, metrics_registry: Metrics) -> web.Application:
+    # Admission runs inside problem_middleware, so its 401/403/429 answers are counted too.
     app = web.Application(
-        middlewares=[problem_middleware], client_max_size=runtime.config.server.max_body_size
+        middlewares=[problem_middleware, admission_middleware],
+        client_max_size=runtime.config.server.max_body_size,
     )
     app[RUNTIME_KEY] = runtime
+    app[ADMISSION_KEY] = Admission(runtime.config, problem_response)
     app[METRICS_KEY] = metrics_registry
     app[OPENAPI_KEY] = openapi_bytes()
     app.router.add_post(SCAN_PATH, resolve_scan)
@@ -219,6 +224,7 @@ def build_app(runtime: Runtime, metrics_registry: Metrics) -> web.Application:
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/openapi.json", openapi)
     app.router.add_get("/metrics", metrics)
+    add_local_routes(app, runtime)
     return app
 
 

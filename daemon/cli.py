@@ -1,4 +1,4 @@
-"""The `identity-connector` command: serve, import, lookup, status, check-config."""
+"""The `identity-connector` command: serve, import, lookup, status, sync, devices, check-config."""
 
 from __future__ import annotations
 
@@ -57,6 +57,22 @@ def build_parser() -> argparse.ArgumentParser:
     status = with_config(commands.add_parser("status", help="print cache, sync and outbox state"))
     status.add_argument("--json", action="store_true", help="print JSON instead of text")
 
+    sync = with_config(
+        commands.add_parser("sync", help="pull changes from HQ and upload events, once")
+    )
+    sync.add_argument(
+        "--now",
+        action="store_true",
+        required=True,
+        help="pull to HQ's latest cursor and upload the whole outbox in the foreground",
+    )
+
+    with_config(
+        commands.add_parser(
+            "devices", help="list the scanners this box sees and the configured ones' health"
+        )
+    )
+
     check = commands.add_parser("check-config", help="validate a configuration file")
     check.add_argument("file", type=Path)
     return parser
@@ -84,6 +100,19 @@ def main(argv: list[str] | None = None) -> int:
             return _import(config, args.file, args.format)
         if args.command == "lookup":
             return _lookup(config, args)
+        if args.command == "devices":
+            from daemon.devices import print_device_inventory
+
+            print_device_inventory(config)
+            return 0
+        if args.command == "sync":
+            from daemon.hq import sync_now
+
+            store = _open_store(config)
+            try:
+                return sync_now(config, store)
+            finally:
+                store.close()
         return _status(config, args.json)
     except (ConfigError, StoreError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -153,6 +182,9 @@ def _lookup(config: Config, args: argparse.Namespace) -> int:
 
 
 def _status(config: Config, as_json: bool) -> int:
+    # Imported here: daemon.hq pulls in the aiohttp client, which slows every other command.
+    from daemon.hq import hq_status, print_hq_status
+
     store = _open_store(config)
     try:
         reader = store.reader
@@ -169,6 +201,7 @@ def _status(config: Config, as_json: bool) -> int:
             "syncCursor": reader.meta("cursor"),
             "lastPull": _iso(float(last_pull)) if last_pull else None,
             "cacheStale": Resolver(store, config).cache_stale(now),
+            **hq_status(reader, config, now),
             "devicesConfigured": [device.get("name", "(unnamed)") for device in config.devices],
             **{f"{name}Bytes": size for name, size in store.file_sizes().items()},
         }
@@ -191,6 +224,7 @@ def _status(config: Config, as_json: bool) -> int:
         print(f"last pull:      {state['lastPull'] or 'never'}")
         cache = "STALE: only associates are accepted" if state["cacheStale"] else "fresh"
         print(f"cache:          {cache}")
+        print_hq_status(state)
     devices = state["devicesConfigured"]
     print(f"devices:        {', '.join(devices) if devices else 'none configured'}")
     return 0

@@ -55,6 +55,14 @@ class ServerConfig(_Section):
     port: int = 8080
     max_body_size: int = 16384
     """Largest ResolveScan body accepted, in bytes; larger bodies get 413."""
+    keepalive_timeout: Duration = Duration(75)
+    """How long an idle connection stays open, also before its first request is complete."""
+    client_timeout: Duration = Duration(10)
+    """Maximum wait for a request body after its headers; a slower client gets 408."""
+    max_line_size: int = 8190
+    """Maximum length of the request line and of each header line, in bytes; longer get 400."""
+    max_field_size: int = 8190
+    """Maximum length of a header value, in bytes; longer ones get 400."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -63,6 +71,14 @@ class ServerConfig(_Section):
             raise ValueError(
                 f"invalid max_body_size {self.max_body_size}: use 256 to 1048576 bytes"
             )
+        for name in ("keepalive_timeout", "client_timeout"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"invalid {name} {getattr(self, name)}: use a duration above 0")
+        for name in ("max_line_size", "max_field_size"):
+            if not 1024 <= getattr(self, name) <= 65536:
+                raise ValueError(
+                    f"invalid {name} {getattr(self, name)}: use 1024 to 65536 bytes"
+                )
 
 
 class StoresConfig(_Section):
@@ -108,23 +124,69 @@ class LoggingConfig(_Section):
 
 class TlsConfig(_Section):
     cert_file: str
+    """PEM certificate chain of the listener, server certificate first; reread on SIGHUP."""
     key_file: str
+    """Unencrypted PEM private key of cert_file; reread on SIGHUP."""
     client_ca_file: str = ""
+    """PEM CA bundle that signs gateway client certificates; set means a certificate is required."""
+    client_names: list[str] = []
+    """Accepted client certificate names (subject CN or a SAN value); empty accepts any."""
+    min_version: Literal["1.2", "1.3"] = "1.2"
+    """Oldest TLS version the listener accepts."""
+
+    def __post_init__(self) -> None:
+        if not self.cert_file or not self.key_file:
+            raise ValueError("cert_file and key_file must both name PEM files")
+        if self.client_names and not self.client_ca_file:
+            raise ValueError(
+                "client_names is set without client_ca_file: set client_ca_file to the CA"
+                " that signs the gateway's client certificates"
+            )
+
+
+_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 
 
 class AuthConfig(_Section):
     api_key_header: str = "x-api-key"
+    """Request header that carries the API key."""
     api_key_files: list[str] = []
+    """Files of one API key each; any listed key is accepted. Relative paths are read from
+    $CREDENTIALS_DIRECTORY (systemd LoadCredential=). Reread on SIGHUP."""
     allow_networks: list[str] = msgspec.field(default_factory=lambda: ["0.0.0.0/0", "::/0"])
+    """Client networks (CIDR) that may call the connector; others get 403."""
+    trusted_proxies: list[str] = []
+    """Proxy networks (CIDR) whose X-Forwarded-For header names the client."""
+    rate_limit: float = 200.0
+    """Requests per second each client address may send on average; 0 turns limiting off."""
+    rate_burst: int = 400
+    """Requests a client address may send at once before rate_limit applies."""
+    rate_limit_clients: int = 10000
+    """Client addresses whose rate is tracked at once; the longest idle ones are dropped."""
+    log_interval: Duration = Duration(60)
+    """Shortest time between two log lines about one client's rejected requests."""
 
     def __post_init__(self) -> None:
-        for network in self.allow_networks:
+        if not _HEADER_NAME.match(self.api_key_header):
+            raise ValueError(
+                f"invalid api_key_header {self.api_key_header!r}: use an HTTP header name"
+                ' such as "x-api-key"'
+            )
+        for network in [*self.allow_networks, *self.trusted_proxies]:
             try:
                 ipaddress.ip_network(network, strict=False)
             except ValueError:
                 raise ValueError(
                     f"invalid network {network!r}: use CIDR notation such as 10.0.0.0/8"
                 ) from None
+        if self.rate_limit < 0:
+            raise ValueError(f"invalid rate_limit {self.rate_limit}: use 0 (off) or more")
+        if self.rate_burst < 1:
+            raise ValueError(f"invalid rate_burst {self.rate_burst}: use 1 or more")
+        if self.rate_limit_clients < 1:
+            raise ValueError(
+                f"invalid rate_limit_clients {self.rate_limit_clients}: use 1 or more"
+            )
 
 
 class HqConfig(_Section):
@@ -132,10 +194,85 @@ class HqConfig(_Section):
     token_file: str = ""
     pull_interval: Duration = Duration(30)
     lookup_timeout: Duration = Duration(0.3)
+    store_id: str = ""
+    """Store whose feed is pulled; empty means the first of [stores] ids."""
+    client_cert_file: str = ""
+    client_key_file: str = ""
+    ca_file: str = ""
+    """CA bundle that signs HQ's certificate; empty means the system's trust store."""
+    request_timeout: Duration = Duration(10)
+    pull_batch_size: int = 1000
+    snapshot_batch_size: int = 2000
+    reconcile_interval: Duration = Duration(3600)
+    upload_interval: Duration = Duration(1)
+    upload_batch_size: int = 500
+    upload_max_bytes: int = 1_048_576
+    upload_max_delay: Duration = Duration(2)
+    gzip_uploads: bool = False
+    outbox_max_events: int = 1_000_000
+    outbox_max_age: Duration = Duration(30 * 86400)
+    outbox_overflow: Literal["drop_oldest", "drop_newest"] = "drop_oldest"
+    outbox_trim_interval: Duration = Duration(10)
+    backoff_initial: Duration = Duration(1)
+    backoff_max: Duration = Duration(60)
+    offline_after: int = 3
+    clock_offset_threshold: Duration = Duration(10)
 
     def __post_init__(self) -> None:
         if not self.url.startswith(("http://", "https://")):
             raise ValueError(f"invalid url {self.url!r}: use an http:// or https:// address")
+        for name in (
+            "pull_batch_size",
+            "snapshot_batch_size",
+            "upload_batch_size",
+            "outbox_max_events",
+            "offline_after",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"invalid {name} {getattr(self, name)}: use 1 or more")
+        if self.upload_max_bytes < 4096:
+            raise ValueError(
+                f"invalid upload_max_bytes {self.upload_max_bytes}: use 4096 bytes or more"
+            )
+        if self.backoff_initial <= 0 or self.backoff_max < self.backoff_initial:
+            raise ValueError(
+                "invalid backoff: backoff_initial must be above 0 and backoff_max at least as"
+                " long"
+            )
+        if self.client_key_file and not self.client_cert_file:
+            raise ValueError("client_key_file is set without client_cert_file: set both")
+
+
+class LocalConfig(_Section):
+    """Scans read by the box's own scanners at associate stations, and their event stream."""
+
+    store_id: str = ""
+    """Store that local scans are decided for; empty means the first of [stores] ids."""
+    session_timeout: Duration = Duration(300)
+    """An associate session closes this long after the station's last counted scan."""
+    debounce: Duration = Duration(1.5)
+    """The same value read again by the same device within this window counts once."""
+    allow_networks: list[str] = msgspec.field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
+    """Client networks allowed on /v1/local/events and /v1/local/devices."""
+    events_queue_size: int = 256
+    """Events buffered per stream client; a client that falls further behind is dropped."""
+    events_keepalive: Duration = Duration(15)
+    """Interval of SSE comment lines that keep idle streams open through proxies."""
+
+    def __post_init__(self) -> None:
+        if self.session_timeout <= 0:
+            raise ValueError('invalid session_timeout: use a duration above 0, such as "5m"')
+        if self.events_queue_size < 1:
+            raise ValueError(f"invalid events_queue_size {self.events_queue_size}: use 1 or more")
+        if self.events_keepalive <= 0:
+            raise ValueError('invalid events_keepalive: use a duration above 0, such as "15s"')
+        for network in self.allow_networks:
+            try:
+                ipaddress.ip_network(network, strict=False)
+            except ValueError:
+                raise ValueError(
+                    f"invalid network {network!r}: use CIDR notation such as 127.0.0.0/8"
+                ) from None
 
 
 class Config(_Section):
@@ -147,6 +284,7 @@ class Config(_Section):
     tls: TlsConfig | None = None
     auth: AuthConfig | None = None
     hq: HqConfig | None = None
+    local: LocalConfig = msgspec.field(default_factory=LocalConfig)
     devices: list[dict[str, Any]] = []
     """Scanner tables; each driver validates its own keys."""
 
@@ -182,11 +320,35 @@ def parse_config(text: str, source: str = "<config>") -> Config:
         raise ConfigError(_describe_validation_error(str(exc), text, source)) from None
 
     if not config.stores.ids:
+        line = find_key_line(text, "stores.ids")
+        location = f"line {line}, " if line else ""
         raise ConfigError(
-            f"{source}: missing key stores.ids: list the store ids this box serves,"
+            f"{source}: {location}missing key stores.ids: list the store ids this box serves,"
             ' for example [stores] ids = ["STORE-001"]'
         )
+    _check_devices(config, text, source)
     return config
+
+
+def _check_devices(config: Config, text: str, source: str) -> None:
+    """Validate each [[devices]] table against its driver's settings and [local] store_id."""
+    # Imported here because daemon.devices imports the drivers, which config loading
+    # should not pay for when no device is configured.
+    from daemon.devices import device_table_error
+
+    problem = device_table_error(config.devices)
+    if problem is None and config.local.store_id and config.local.store_id not in config.stores.ids:
+        problem = (
+            "local.store_id",
+            f"store {config.local.store_id!r} is not in [stores] ids; use one of"
+            f" {', '.join(config.stores.ids)} or leave it empty",
+        )
+    if problem is None:
+        return
+    key_path, detail = problem
+    line = find_key_line(text, key_path)
+    location = f"line {line}, " if line else ""
+    raise ConfigError(f"{source}: {location}key {key_path}: {detail}")
 
 
 def _describe_validation_error(message: str, text: str, source: str) -> str:

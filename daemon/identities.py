@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import csv
-import io
+import re
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -21,6 +21,7 @@ from daemon.store import KeyHasher
 Status = Literal["ACTIVE", "SUSPENDED", "REVOKED"]
 NonEmpty255 = Annotated[str, msgspec.Meta(min_length=1, max_length=255)]
 LIST_FIELDS = ("stores", "channels", "locations")
+_NOT_UTF8 = re.compile("[\udc80-\udcff]")
 # Rows per import transaction: large enough that commits and WAL checkpoints do not
 # dominate, small enough to hold the write lock for well under a second.
 BATCH_SIZE = 20000
@@ -61,7 +62,9 @@ def record_from_builtins(data: object) -> IdentityRecord:
     try:
         record = msgspec.convert(data, IdentityRecord, strict=False)
     except msgspec.ValidationError as exc:
-        message = str(exc).replace(" - at `$.", " at field ").rstrip("`").replace("`$`", "")
+        message = str(exc).replace(" - at `$.", " at field ").replace("`$`", "").replace("`", "")
+        # msgspec quotes the offending enum value, which may be a misplaced key.
+        message = re.sub(r"Invalid enum value '.*'", "Invalid enum value", message, flags=re.S)
         raise RecordInvalid(message) from None
     if not normalize_key(record.key, record.channels):
         raise RecordInvalid("key is empty after stripping whitespace and control characters")
@@ -217,8 +220,10 @@ def iter_csv(handle: IO[bytes]) -> Iterator[tuple[int, IdentityRecord | RecordIn
     List columns (stores, channels, locations) separate items with ';'. Empty cells count
     as absent.
     """
-    text = io.TextIOWrapper(handle, encoding="utf-8", errors="strict", newline="")
-    reader = csv.DictReader(text)
+    # Decode line by line, so one line that is not UTF-8 is rejected alone; surrogateescape
+    # keeps the bad bytes visible as lone surrogates for the check below.
+    lines = (line.decode("utf-8", "surrogateescape") for line in handle)
+    reader = csv.DictReader(lines)
     try:
         for row in reader:
             number = reader.line_num
@@ -229,6 +234,9 @@ def iter_csv(handle: IO[bytes]) -> Iterator[tuple[int, IdentityRecord | RecordIn
                     break
                 if cell is None or cell == "":
                     continue
+                if _NOT_UTF8.search(cell) or _NOT_UTF8.search(name):
+                    yield number, RecordInvalid("the line is not valid UTF-8")
+                    break
                 if name in LIST_FIELDS:
                     data[name] = [item.strip() for item in cell.split(";") if item.strip()]
                 else:
@@ -238,8 +246,6 @@ def iter_csv(handle: IO[bytes]) -> Iterator[tuple[int, IdentityRecord | RecordIn
                     yield number, record_from_builtins(data)
                 except RecordInvalid as exc:
                     yield number, exc
-    except UnicodeDecodeError:
-        yield reader.line_num + 1, RecordInvalid("the file is not valid UTF-8")
     except csv.Error as exc:
         yield reader.line_num, RecordInvalid(f"invalid CSV: {exc}")
 

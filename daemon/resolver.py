@@ -51,6 +51,9 @@ class Resolver:
         # scanEvent.id -> [lock, waiter count]: concurrent calls for one id queue on the lock,
         # so the first decides and the rest replay its stored response.
         self._inflight: dict[str, list[Any]] = {}
+        # The running HQ sync (daemon.hq.HqSync), set by `serve` when [hq] is configured:
+        # asked about cache misses, and the source of the clockUncertain flag.
+        self.hq: Any = None
 
     def cache_stale(self, now: float) -> bool:
         """Whether the stale-cache rule applies: HQ is configured and not pulled recently."""
@@ -162,6 +165,17 @@ class Resolver:
             scan.timestamp.timestamp(),
             now,
         )
+        if self.hq is not None and evaluation.identity is None:
+            evaluation = await self.hq.lookup_miss(
+                self,
+                evaluation,
+                scan.value,
+                request.storeId,
+                scan.location,
+                scan.channel,
+                scan.timestamp.timestamp(),
+                now,
+            )
         identity = evaluation.identity
         verdict = evaluation.verdict
         response = ResolveScanResponse(
@@ -171,6 +185,7 @@ class Resolver:
         )
         body = encode_response(response)
         latency_ms = round((time.perf_counter() - started) * 1000, 3)
+        clock_uncertain = self.hq is not None and self.hq.clock_uncertain
 
         event = audit_event(
             source="gateway",
@@ -183,6 +198,7 @@ class Resolver:
             evaluation=evaluation,
             latency_ms=latency_ms,
             now=now,
+            extra={"clockUncertain": True} if clock_uncertain else None,
         )
         await self.store.writer.submit(
             lambda connection: record_decision(

@@ -16,8 +16,9 @@ from daemon.store import Store
 
 log = structlog.get_logger(__name__)
 
-# Sections bound at start: the listener and the database cannot move while running.
-RESTART_ONLY_SECTIONS = ("server", "database")
+# Sections bound at start: the listener, the database and the HQ sync loops keep the values
+# they started with.
+RESTART_ONLY_SECTIONS = ("server", "database", "hq")
 
 ReloadHook = Callable[[Config], None]
 
@@ -40,6 +41,8 @@ class Runtime:
     started_at: float = field(default_factory=time.time)
     hq_state: str = "not configured"
     devices: dict[str, DeviceState] = field(default_factory=dict)
+    failure: str | None = None
+    """Why the daemon stopped itself; ``serve`` then exits non-zero."""
     reload_hooks: list[ReloadHook] = field(default_factory=list)
     """Called with the new configuration after a reload; raising rejects the reload."""
 

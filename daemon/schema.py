@@ -27,6 +27,7 @@ LOCATIONS: tuple[str, ...] = ("ENTRY", "EXIT", "MANUAL_IN_STORE")
 CHANNELS: tuple[str, ...] = ("OPTICAL", "RADIO", "CONTACT")
 IDENTITY_TYPES: tuple[str, ...] = ("SHOPPER", "ASSOCIATE", "CASH", "LOYALTY")
 
+
 class ScanEvent(msgspec.Struct, kw_only=True):
     id: Annotated[
         str,
@@ -138,6 +139,9 @@ def decode_request(body: bytes) -> ResolveScanRequest:
     # The fast decoder stops at the first error; walk the document again to report all.
     try:
         document = _ANY_DECODER.decode(body)
+    except msgspec.DecodeError as exc:
+        # The typed decoder can fail on the first value before it sees trailing garbage.
+        raise BodyInvalid(_describe_decode_error(body, exc)) from None
     except RecursionError:
         raise BodyInvalid("the JSON body is nested too deeply") from None
     if not isinstance(document, dict):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import ipaddress
 import signal
 import time
 from pathlib import Path
@@ -17,13 +16,15 @@ from pathlib import Path
 import structlog
 from aiohttp import web
 
-from daemon import sdnotify
+from daemon import sdnotify, security
 from daemon.api import build_app
 from daemon.config import Config, ConfigError
+from daemon.hq import start_sync
+from daemon.local import LOCAL_KEY
 from daemon.metrics import Metrics
 from daemon.resolver import Resolver, prune_decisions
 from daemon.runtime import Runtime
-from daemon.store import Store
+from daemon.store import Store, StoreError, check_integrity, check_marker
 
 log = structlog.get_logger(__name__)
 
@@ -35,32 +36,14 @@ SHUTDOWN_TIMEOUT = 10.0
 
 
 def check_listener_safety(config: Config) -> None:
-    """Reject settings this release cannot serve safely, naming the setting to change."""
-    if config.tls is not None or config.auth is not None:
-        raise ConfigError(
-            "[tls] and [auth] are not supported by this release yet: remove those tables and"
-            " keep [server] host on a loopback address, or put a TLS-terminating proxy with"
-            " authentication in front of the connector"
-        )
-    try:
-        loopback = ipaddress.ip_address(config.server.host).is_loopback
-    except ValueError:
-        loopback = config.server.host == "localhost"
-    if not loopback:
-        raise ConfigError(
-            f"[server] host = {config.server.host!r} would expose the connector without"
-            " authentication: set host to 127.0.0.1 or ::1"
-        )
+    """Reject a listener that would admit clients off this host without authentication."""
+    security.check_listener_safety(config)
 
 
 async def serve(config: Config, config_path: Path | None = None) -> None:
     """Run the daemon until SIGTERM or SIGINT, then finish in-flight requests and stop."""
     check_listener_safety(config)
-    log.warning(
-        "server.unauthenticated",
-        host=config.server.host,
-        detail="no [tls] or [auth] configured; serving plain HTTP on loopback only",
-    )
+    security.log_listener_warnings(config)
     store = Store.open(
         Path(config.database.path), config.database.secret_path, config.database.busy_timeout
     )
@@ -81,11 +64,23 @@ async def _serve_with_store(config: Config, config_path: Path | None, store: Sto
     )
     metrics.attach(runtime)
     app = build_app(runtime, metrics)
+    admission = app[security.ADMISSION_KEY]
+    runtime.reload_hooks.append(admission.apply)
     runner = web.AppRunner(
-        app, access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_TIMEOUT
+        app,
+        access_log=None,
+        handle_signals=False,
+        shutdown_timeout=SHUTDOWN_TIMEOUT,
+        **security.handler_options(config.server),
     )
     await runner.setup()
-    site = web.TCPSite(runner, config.server.host, config.server.port, reuse_address=True)
+    site = web.TCPSite(
+        runner,
+        config.server.host,
+        config.server.port,
+        reuse_address=True,
+        ssl_context=admission.ssl_context,
+    )
     try:
         await site.start()
     except OSError as exc:
@@ -99,9 +94,10 @@ async def _serve_with_store(config: Config, config_path: Path | None, store: Sto
         "server.started",
         host=config.server.host,
         port=config.server.port,
-        identities=store.reader.count("identities"),
         database=str(store.path),
     )
+    local = app[LOCAL_KEY]
+    await local.start()
     sdnotify.ready(status_line(runtime))
 
     stop = asyncio.Event()
@@ -115,12 +111,21 @@ async def _serve_with_store(config: Config, config_path: Path | None, store: Sto
         asyncio.create_task(_prune_periodically(runtime), name="prune-decisions"),
         asyncio.create_task(_report_status(runtime), name="systemd-status"),
     ]
+    if store.check_deferred:
+        tasks.append(
+            asyncio.create_task(_check_in_background(runtime, stop), name="integrity-check")
+        )
     interval = sdnotify.watchdog_interval()
     if interval is not None:
         tasks.append(
             asyncio.create_task(_watchdog(runtime, site, interval), name="systemd-watchdog")
         )
+    hq = None
     try:
+        hq = await start_sync(
+            config, store, on_state=functools.partial(setattr, runtime, "hq_state")
+        )
+        runtime.resolver.hq = hq
         await stop.wait()
     finally:
         log.info("server.stopping")
@@ -129,8 +134,33 @@ async def _serve_with_store(config: Config, config_path: Path | None, store: Sto
             task.cancel()
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(signum)
+        # Drivers stop before the listener closes, so no scan is decided during the drain.
+        await local.stop()
         # Closes the listening socket first, then waits for in-flight handlers.
         await runner.cleanup()
+    if runtime.failure:
+        raise StoreError(runtime.failure)
+        if hq is not None:
+            await hq.stop()
+
+
+async def _check_in_background(runtime: Runtime, stop: asyncio.Event) -> None:
+    """Check a large database after start-up; on failure stop, so the next start repairs it."""
+    store = runtime.store
+    timeout = runtime.config.database.busy_timeout
+    started = time.monotonic()
+    healthy = await asyncio.to_thread(check_integrity, store.path, timeout, True)
+    if healthy:
+        log.info("store.integrity_ok", seconds=round(time.monotonic() - started, 1))
+        return
+    check_marker(store.path).touch()
+    runtime.failure = "database failed its integrity check"
+    log.error(
+        "store.integrity_failed_stopping",
+        path=str(store.path),
+        detail="stopping; the next start moves the file aside and starts with an empty cache",
+    )
+    stop.set()
 
 
 def _reload(runtime: Runtime) -> None:

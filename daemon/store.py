@@ -184,6 +184,14 @@ def _migrate_1(db: sqlite_utils.Database) -> None:
     db["meta"].create({"key": str, "value": str}, pk="key", not_null={"value"})
 
 
+def _newer_schema_message(path: Path, version: int) -> str:
+    return (
+        f"database {path} has schema version {version}, newer than the {SCHEMA_VERSION}"
+        " this build of identity-connector supports: install the newer release, or"
+        " restore a backup made by this one; the file was left untouched"
+    )
+
+
 MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {1: _migrate_1}
 
 
@@ -191,11 +199,7 @@ def migrate(connection: sqlite3.Connection, path: Path) -> int:
     """Bring the schema to SCHEMA_VERSION in one transaction; refuse a newer database."""
     version = connection.execute("PRAGMA user_version").fetchone()[0]
     if version > SCHEMA_VERSION:
-        raise StoreError(
-            f"database {path} has schema version {version}, newer than the {SCHEMA_VERSION}"
-            " this build of identity-connector supports: install the newer release, or"
-            " restore a backup made by this one; the file was left untouched"
-        )
+        raise StoreError(_newer_schema_message(path, version))
     if version == SCHEMA_VERSION:
         return version
 
@@ -213,12 +217,17 @@ def migrate(connection: sqlite3.Connection, path: Path) -> int:
     return SCHEMA_VERSION
 
 
-def check_integrity(path: Path, busy_timeout: float) -> bool:
-    """Return whether the file is a readable SQLite database that passes integrity_check."""
+def check_integrity(path: Path, busy_timeout: float, quick: bool = False) -> bool:
+    """Return whether the file is a readable SQLite database that passes the check.
+
+    ``quick`` runs quick_check, which verifies every page and record but does not compare
+    indexes with their tables, and is several times faster than integrity_check.
+    """
+    pragma = "quick_check" if quick else "integrity_check"
     try:
         connection = sqlite3.connect(path, timeout=busy_timeout)
         try:
-            rows = connection.execute("PRAGMA integrity_check").fetchall()
+            rows = connection.execute(f"PRAGMA {pragma}").fetchall()
         finally:
             connection.close()
     except sqlite3.DatabaseError as exc:
@@ -241,18 +250,52 @@ def move_aside(path: Path) -> Path:
     return target
 
 
-def open_database(path: Path, busy_timeout: float) -> sqlite3.Connection:
-    """Open the database, checking integrity and migrating; a corrupt file is moved aside."""
+# Files up to this size are checked before the daemon reports ready; the check reads the
+# whole file, which for a cache of millions of identities takes seconds.
+SYNC_CHECK_MAX_BYTES = 64 * 1024 * 1024
+
+
+def check_marker(path: Path) -> Path:
+    """The file whose presence makes the next start check the database before serving."""
+    return Path(str(path) + ".check-required")
+
+
+def open_database(path: Path, busy_timeout: float) -> tuple[sqlite3.Connection, bool]:
+    """Open the database, checking integrity and migrating; a corrupt file is moved aside.
+
+    Returns the connection and whether the integrity check was deferred: a file larger than
+    SYNC_CHECK_MAX_BYTES is checked after start-up by ``check_integrity`` in a thread, unless
+    an earlier background check failed and left the marker file.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    if path.exists() and path.stat().st_size > 0 and not check_integrity(path, busy_timeout):
-        moved = move_aside(path)
-        log.error(
-            "store.corrupt_moved_aside",
-            path=str(path),
-            moved_to=str(moved),
-            action="starting with an empty cache; import the identities again or let HQ sync"
-            " rebuild it",
-        )
+    marker = check_marker(path)
+    size = path.stat().st_size if path.exists() else 0
+    deferred = size > SYNC_CHECK_MAX_BYTES and not marker.exists()
+    if size > 0 and not deferred and not check_integrity(path, busy_timeout):
+        _move_corrupt_aside(path)
+    marker.unlink(missing_ok=True)
+
+    try:
+        connection = _connect_and_migrate(path, busy_timeout)
+    except sqlite3.DatabaseError as exc:
+        # A file that is not a database at all fails here even when its check was deferred.
+        log.error("store.unreadable", path=str(path), error=str(exc))
+        _move_corrupt_aside(path)
+        connection = _connect_and_migrate(path, busy_timeout)
+        deferred = False
+    return connection, deferred
+
+
+def _connect_and_migrate(path: Path, busy_timeout: float) -> sqlite3.Connection:
+    # Read the version before connect() switches the file to WAL, which rewrites its header:
+    # a database from a newer release must be left byte for byte as it was.
+    probe = sqlite3.connect(path, timeout=busy_timeout)
+    try:
+        version = probe.execute("PRAGMA user_version").fetchone()[0]
+    finally:
+        probe.close()
+    if version > SCHEMA_VERSION:
+        raise StoreError(_newer_schema_message(path, version))
     connection = connect(path, busy_timeout)
     try:
         migrate(connection, path)
@@ -260,6 +303,17 @@ def open_database(path: Path, busy_timeout: float) -> sqlite3.Connection:
         connection.close()
         raise
     return connection
+
+
+def _move_corrupt_aside(path: Path) -> None:
+    moved = move_aside(path)
+    log.error(
+        "store.corrupt_moved_aside",
+        path=str(path),
+        moved_to=str(moved),
+        action="starting with an empty cache; import the identities again or let HQ sync"
+        " rebuild it",
+    )
 
 
 def _row_to_identity(row: tuple) -> Identity:
@@ -432,13 +486,18 @@ class Store:
     hasher: KeyHasher
     reader: StoreReader
     writer: StoreWriter
+    check_deferred: bool = False
+    """The integrity check still has to run; see ``open_database``."""
 
     @classmethod
     def open(cls, path: Path, secret_path: Path, busy_timeout: float = 5.0) -> Store:
         existed = path.exists() and path.stat().st_size > 0
-        connection = open_database(path, busy_timeout)
-        database_has_rows = (
-            existed and connection.execute("SELECT count(*) FROM identities").fetchone()[0] > 0
+        connection, deferred = open_database(path, busy_timeout)
+        # Decisions and outbox rows hold HMACs too: idempotent replays and audit fingerprints
+        # depend on the secret as much as the identities do.
+        database_has_rows = existed and any(
+            connection.execute(f"SELECT 1 FROM {table} LIMIT 1").fetchone() is not None
+            for table in ("identities", "decisions", "outbox")
         )
         try:
             secret = load_or_create_secret(secret_path, database_has_rows)
@@ -450,6 +509,7 @@ class Store:
             hasher=KeyHasher(secret),
             reader=StoreReader(connection),
             writer=StoreWriter(path, busy_timeout),
+            check_deferred=deferred,
         )
 
     def close(self) -> None:

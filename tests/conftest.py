@@ -144,21 +144,25 @@ class Daemon:
     config: Path
     log_path: Path
     process: subprocess.Popen | None = None
-    connections: list[http.client.HTTPConnection] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    """Extra environment variables for the daemon process, e.g. NOTIFY_SOCKET."""
 
     @property
     def database(self) -> Path:
         return self.directory / "connector.sqlite3"
 
-    def start(self) -> None:
+    def start(self, wait: bool = True) -> None:
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "daemon", "serve", "--config", str(self.config)],
             stdout=log,
             stderr=subprocess.STDOUT,
             cwd=REPO,
+            env={**os.environ, **self.env},
         )
         log.close()
+        if not wait:
+            return
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

@@ -368,7 +368,9 @@ def test_template_uncommented_parses(config_module: Any) -> None:
     assert [device["kind"] for device in config.devices] == ["serial", "pcsc", "hid"]
 
 
-@pytest.mark.parametrize("section", ["server", "database", "policy", "logging", "auth", "hq"])
+@pytest.mark.parametrize(
+    "section", ["server", "database", "policy", "logging", "auth", "hq", "local"]
+)
 def test_template_shows_defaults(config_module: Any, section: str) -> None:
     import msgspec
 
@@ -387,7 +389,7 @@ def test_template_shows_defaults(config_module: Any, section: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "section", ["server", "database", "policy", "logging", "tls", "auth", "hq"]
+    "section", ["server", "database", "policy", "logging", "tls", "auth", "hq", "local"]
 )
 def test_template_lists_every_key(config_module: Any, section: str) -> None:
     import msgspec

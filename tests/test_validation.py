@@ -245,3 +245,10 @@ def test_body_limit_configurable(tmp_path) -> None:  # type: ignore[no-untyped-d
         assert instance.scan("KEY-SHOPPER-5f1c2b").status == 200
     finally:
         instance.stop()
+
+
+def test_trailing_value_after_number_is_400(shared_daemon: Daemon) -> None:
+    reply = shared_daemon.request(
+        "POST", "/v1/identity/scan", b"1 2", {"Content-Type": "application/json"}
+    )
+    assert reply.status == 400

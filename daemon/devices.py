@@ -1,0 +1,398 @@
+"""Configured scanners: decoding [[devices]] tables, running their drivers, and health.
+
+Driver modules are imported only for the kinds that are configured, because
+the PC/SC and HID drivers need optional packages (pyscard, python-evdev).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import http.client
+import importlib
+import json
+import os
+import re
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+import structlog
+
+from drivers.base import Driver, Event, Health, Scan, sleep_backoff
+
+if TYPE_CHECKING:
+    from daemon.config import Config
+
+log = structlog.get_logger(__name__)
+
+# kind -> (module, settings class, driver class)
+KINDS: dict[str, tuple[str, str, str]] = {
+    "serial": ("drivers.serial", "SerialSettings", "SerialDriver"),
+    "pcsc": ("drivers.pcsc", "PcscSettings", "PcscDriver"),
+    "hid": ("drivers.hid", "HidSettings", "HidDriver"),
+}
+
+# The package each optional kind needs, for error messages.
+OPTIONAL_PACKAGES = {
+    "pcsc": "pyscard (install identity-connector[pcsc])",
+    "hid": "python-evdev (install identity-connector[hid])",
+}
+
+# A driver that raises out of ``run`` is restarted after this backoff, in seconds.
+RESTART_DELAY = 1.0
+RESTART_DELAY_MAX = 60.0
+
+NOT_STARTED = "not opened yet"
+
+
+class DriverUnavailable(Exception):
+    """A configured device whose driver cannot run on this box, such as a missing package."""
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceConfig:
+    """The keys every device has, read from a table that may not decode fully."""
+
+    name: str
+    kind: str
+    station: str
+    table: dict[str, Any]
+
+
+def _settings_class(kind: str) -> type:
+    module_name, settings_name, _ = KINDS[kind]
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise DriverUnavailable(
+            f"kind {kind!r} needs {OPTIONAL_PACKAGES.get(kind, error.name)}, which is not"
+            f" installed: {error}"
+        ) from None
+    return getattr(module, settings_name)
+
+
+def decode_settings(table: dict[str, Any]) -> Any:
+    """Decode one table into its driver's settings; raise DriverUnavailable or ValidationError."""
+    return msgspec.convert(table, _settings_class(table["kind"]))
+
+
+def make_driver(table: dict[str, Any]) -> Driver:
+    """Build the driver of one validated table; raise DriverUnavailable when it cannot run."""
+    kind = table["kind"]
+    settings = decode_settings(table)
+    module = importlib.import_module(KINDS[kind][0])
+    try:
+        return getattr(module, KINDS[kind][2])(settings)
+    except RuntimeError as error:  # PcscDriver without pyscard
+        raise DriverUnavailable(str(error)) from None
+
+
+def device_table_error(tables: list[dict[str, Any]]) -> tuple[str, str] | None:
+    """Return the dotted key and the problem of the first invalid device table, or None."""
+    names: dict[str, int] = {}
+    for index, table in enumerate(tables):
+        prefix = f"devices.{index}"
+        kind = table.get("kind")
+        if kind is None:
+            return f"{prefix}.kind", f"missing key: set kind to one of {', '.join(KINDS)}"
+        if kind not in KINDS:
+            return f"{prefix}.kind", f"invalid kind {kind!r}: use one of {', '.join(KINDS)}"
+
+        try:
+            decode_settings(table)
+        except DriverUnavailable:
+            # NOTE: without the optional package only name and station are checked here; the
+            # device then reports itself unavailable, and the gateway keeps being served.
+            problem = _common_key_error(table)
+            if problem is not None:
+                return f"{prefix}.{problem[0]}", problem[1]
+        except msgspec.ValidationError as error:
+            key, detail = _describe(str(error), table)
+            return (f"{prefix}.{key}" if key else prefix), detail
+
+        name = table["name"]
+        if name in names:
+            return (
+                f"{prefix}.name",
+                f"duplicate device name {name!r}: [[devices]] table {names[name] + 1} has it"
+                " too; give each device a unique name",
+            )
+        names[name] = index
+    return None
+
+
+def _common_key_error(table: dict[str, Any]) -> tuple[str, str] | None:
+    for key in ("name", "station"):
+        value = table.get(key)
+        if not isinstance(value, str) or not value:
+            return key, "missing or empty: set it to a non-empty string"
+    return None
+
+
+_AT_KEY = re.compile(r"^(.*) - at `\$\.([A-Za-z0-9_]+)")
+_NAMED_FIELD = re.compile(r"(?:unknown|missing required) field `([A-Za-z0-9_]+)`")
+_KEY_PREFIX = re.compile(r"^([A-Za-z0-9_]+): ")
+
+
+def _describe(message: str, table: dict[str, Any]) -> tuple[str | None, str]:
+    """Find the key a driver's settings error is about; None when the message names none."""
+    match = _AT_KEY.match(message)
+    if match:
+        return match.group(2), match.group(1)
+    match = _NAMED_FIELD.search(message)
+    if match:
+        if message.startswith("Object contains unknown field"):
+            return match.group(1), "unknown key; check its spelling against docs/devices.md"
+        return match.group(1), "missing key; see docs/devices.md for the keys of each kind"
+    match = _KEY_PREFIX.match(message)
+    if match and match.group(1) in table:
+        return match.group(1), message[match.end() :]
+    # Messages such as "invalid duration 'x': ..." name the value rather than the key.
+    for key, value in table.items():
+        if re.search(rf"\b{re.escape(key)}\b", message) or (
+            isinstance(value, str) and repr(value) in message
+        ):
+            return key, message
+    return None, message
+
+
+def device_configs(tables: list[dict[str, Any]]) -> list[DeviceConfig]:
+    """Return the common keys of validated device tables."""
+    return [DeviceConfig(table["name"], table["kind"], table["station"], table) for table in tables]
+
+
+ScanHandler = Callable[[DeviceConfig, Driver, Scan], Awaitable[None]]
+HealthHandler = Callable[[DeviceConfig, Health], None]
+
+
+@dataclass
+class _Running:
+    device: DeviceConfig
+    task: asyncio.Task[None] | None
+
+
+class DeviceManager:
+    """Start, restart and stop one driver task per configured device."""
+
+    def __init__(self, on_scan: ScanHandler, on_health: HealthHandler) -> None:
+        self._on_scan = on_scan
+        self._on_health = on_health
+        self._running: dict[str, _Running] = {}
+        self._lock = asyncio.Lock()
+
+    async def apply(self, devices: list[DeviceConfig]) -> None:
+        """Run exactly ``devices``: stop removed or changed ones, start new or changed ones."""
+        async with self._lock:
+            configured = {device.name: device for device in devices}
+            for name, running in list(self._running.items()):
+                if configured.get(name) != running.device:
+                    await self._stop_one(name)
+            for name, device in configured.items():
+                if name not in self._running:
+                    self._start_one(device)
+
+    async def stop(self) -> None:
+        async with self._lock:
+            for name in list(self._running):
+                await self._stop_one(name)
+
+    def _start_one(self, device: DeviceConfig) -> None:
+        self._on_health(device, Health(device.name, available=False, error=NOT_STARTED))
+        try:
+            driver = make_driver(device.table)
+        except DriverUnavailable as error:
+            log.error(
+                "device.driver_unavailable", device=device.name, kind=device.kind, error=str(error)
+            )
+            self._on_health(device, Health(device.name, available=False, error=str(error)))
+            self._running[device.name] = _Running(device, None)
+            return
+
+        # Strong reference in _running: the loop keeps only weak ones to tasks.
+        task = asyncio.create_task(self._supervise(device, driver), name=f"device-{device.name}")
+        self._running[device.name] = _Running(device, task)
+        log.info("device.started", device=device.name, kind=device.kind, station=device.station)
+
+    async def _stop_one(self, name: str) -> None:
+        running = self._running.pop(name)
+        if running.task is not None:
+            running.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await running.task
+        log.info("device.stopped", device=name)
+
+    async def _supervise(self, device: DeviceConfig, driver: Driver) -> None:
+        """Run the driver, restarting it with a backoff if it raises."""
+
+        async def sink(event: Event) -> None:
+            if isinstance(event, Health):
+                self._on_health(device, event)
+                return
+            try:
+                await self._on_scan(device, driver, event)
+            except Exception:
+                # One scan that fails to process must not stop the device.
+                log.exception("scan.failed", device=device.name, station=device.station)
+
+        attempt = 0
+        while True:
+            try:
+                await driver.run(sink)
+                error = "driver stopped without an error"
+            except Exception as exc:
+                error = f"driver failed: {exc!r}"
+                log.exception("device.driver_failed", device=device.name, attempt=attempt)
+            self._on_health(device, Health(device.name, available=False, error=error))
+            await sleep_backoff(attempt, RESTART_DELAY, RESTART_DELAY_MAX)
+            attempt += 1
+
+
+# --- The `devices` command -----------------------------------------------------------------
+
+SERIAL_BY_ID = "/dev/serial/by-id"
+SERIAL_BY_PATH = "/dev/serial/by-path"
+# The command reads the running daemon's health with this timeout, in seconds.
+HEALTH_TIMEOUT = 3.0
+
+
+def _links_by_target(folder: str) -> dict[str, str]:
+    """Map each device a udev symlink folder points at to its link."""
+    links: dict[str, str] = {}
+    directory = Path(folder)
+    if not directory.is_dir():
+        return links
+    for link in sorted(directory.iterdir()):
+        links.setdefault(os.path.realpath(link), str(link))
+    return links
+
+
+def serial_port_lines() -> list[str]:
+    """Describe the serial ports pyserial finds, with their stable udev names."""
+    from serial.tools import list_ports
+
+    by_id = _links_by_target(SERIAL_BY_ID)
+    by_path = _links_by_target(SERIAL_BY_PATH)
+    lines = []
+    for port in sorted(list_ports.comports(), key=lambda port: port.device):
+        lines.append(f"  {port.device}  {port.description}  [{port.hwid}]")
+        for label, links in (("by-id", by_id), ("by-path", by_path)):
+            link = links.get(os.path.realpath(port.device))
+            if link is not None:
+                lines.append(f"      {label}: {link}")
+    return lines or ["  none found"]
+
+
+def pcsc_reader_lines() -> list[str]:
+    """List the PC/SC readers pcscd reports, or the reason they cannot be listed."""
+    try:
+        from smartcard import scard
+    except ImportError:
+        return [f"  not listed: the PC/SC driver needs {OPTIONAL_PACKAGES['pcsc']}"]
+
+    hresult, context = scard.SCardEstablishContext(scard.SCARD_SCOPE_USER)
+    if hresult != scard.SCARD_S_SUCCESS:
+        message = scard.SCardGetErrorMessage(hresult).rstrip(".")
+        return [f"  not listed: cannot reach pcscd ({message}); is pcscd installed and running?"]
+    try:
+        hresult, readers = scard.SCardListReaders(context, [])
+    finally:
+        scard.SCardReleaseContext(context)
+    if hresult == scard.SCARD_E_NO_READERS_AVAILABLE or (
+        hresult == scard.SCARD_S_SUCCESS and not readers
+    ):
+        return ["  none found"]
+    if hresult != scard.SCARD_S_SUCCESS:
+        return [f"  not listed: {scard.SCardGetErrorMessage(hresult).rstrip('.')}"]
+    return [f"  {reader}" for reader in sorted(readers)]
+
+
+def input_device_lines() -> list[str]:
+    """List the Linux input devices python-evdev can open, with their names for ``match``."""
+    try:
+        import evdev
+    except ImportError:
+        return [f"  not listed: the HID driver needs {OPTIONAL_PACKAGES['hid']}"]
+
+    lines = []
+    unreadable = 0
+    for path in sorted(evdev.list_devices()):
+        try:
+            device = evdev.InputDevice(path)
+        except OSError:
+            unreadable += 1
+            continue
+        lines.append(f"  {path}  {device.name!r}  [{device.phys or 'no phys'}]")
+        device.close()
+    if unreadable:
+        lines.append(f"  ({unreadable} more that this user cannot open; try as root)")
+    return lines or ["  none found"]
+
+
+def daemon_device_health(config: Config) -> tuple[dict[str, dict[str, Any]] | None, str]:
+    """Read device health from the running daemon; return it by name, or None and why not."""
+    host = config.server.host
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1" if host != "::" else "::1"
+    if config.tls is not None:
+        # NOTE: the command speaks plain HTTP only, so with [tls] it cannot read the health.
+        return None, "not read: the daemon serves HTTPS; query /v1/local/devices with curl"
+    headers = {}
+    if config.auth is not None and config.auth.api_key_files:
+        try:
+            key = Path(config.auth.api_key_files[0]).read_text(encoding="utf-8").strip()
+        except OSError as error:
+            return None, f"not read: cannot read API key file: {error}"
+        headers[config.auth.api_key_header] = key
+
+    connection = http.client.HTTPConnection(host, config.server.port, timeout=HEALTH_TIMEOUT)
+    try:
+        connection.request("GET", "/v1/local/devices", headers=headers)
+        response = connection.getresponse()
+        body = response.read()
+    except ConnectionRefusedError:
+        return None, f"daemon not running (nothing listens on {host}:{config.server.port})"
+    except (OSError, http.client.HTTPException) as error:
+        return None, f"daemon not reachable at {host}:{config.server.port}: {error}"
+    finally:
+        connection.close()
+    if response.status != 200:
+        return None, f"not read: {host}:{config.server.port} returned HTTP {response.status}"
+    devices = json.loads(body)["devices"]
+    return {device["device"]: device for device in devices}, "from the running daemon"
+
+
+def configured_device_lines(config: Config) -> list[str]:
+    """Describe the configured devices, with their health when the daemon runs."""
+    devices = device_configs(config.devices)
+    if not devices:
+        return ["  none configured"]
+    health, source = daemon_device_health(config)
+    lines = [f"  health: {source}"]
+    for device in devices:
+        line = f"  {device.name}  kind={device.kind}  station={device.station}"
+        state = None if health is None else health.get(device.name)
+        if state is not None and state["available"]:
+            line += f"  available since {state['since']}"
+        elif state is not None:
+            line += f"  UNAVAILABLE since {state['since']}: {state['error']}"
+        lines.append(line)
+    return lines
+
+
+def print_device_inventory(config: Config) -> None:
+    """Print the scanners this box can see and the configured ones with their health."""
+    sections = [
+        ("Serial ports", serial_port_lines),
+        ("PC/SC readers", pcsc_reader_lines),
+        ("Input devices", input_device_lines),
+    ]
+    for title, describe in sections:
+        print(f"{title}:")
+        for line in describe():
+            print(line)
+    print("Configured devices:")
+    for line in configured_device_lines(config):
+        print(line)

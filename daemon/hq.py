@@ -1,0 +1,653 @@
+"""The daemon's side of the HQ sync: the store adapter, start-up, `sync --now` and status.
+
+The ``sync`` package never imports the daemon. This module gives it a ``StoreAdapter``
+built on ``daemon.identities`` and the store's single writer, and hooks online lookups of
+cache misses into the resolver.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import re
+import sqlite3
+import sys
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from daemon.config import Config, ConfigError, HqConfig
+from daemon.identities import (
+    IdentityRecord,
+    RecordInvalid,
+    identity_row,
+    record_from_builtins,
+    remove_credentials,
+    upsert_rows,
+)
+from daemon.normalize import candidate_keys
+from daemon.policy import Reason, ScanContext, decide
+from daemon.resolver import LAST_PULL_META_KEY, Evaluation, Resolver
+from daemon.store import Identity, KeyHasher, Store, StoreReader, connect
+from sync.digest import compute_digest
+from sync.errors import HqError
+from sync.service import (
+    CLOCK_OFFSET_META_KEY,
+    HQ_STATE_META_KEY,
+    HQ_STATE_SINCE_META_KEY,
+    LAST_RECONCILE_META_KEY,
+    SyncService,
+)
+from sync.settings import OutboxOverflow, SyncSettings
+from sync.store import ApplyCounts, Change, OutboxEvent, OutboxStats
+from sync.upload import LAST_UPLOAD_META_KEY
+
+log = structlog.get_logger(__name__)
+
+CURSOR_META_KEY = "cursor"
+CURSOR_CHANGED_META_KEY = "cursor_changed_at"
+LAST_REBUILD_META_KEY = "last_rebuild_at"
+OUTBOX_DROPPED_META_KEY = "outbox_dropped_total"
+STAGING_TABLE = "identities_staging"
+RETIRED_TABLE = "identities_retired"
+# The unique key-hash index moves with the table at each swap, so the staging table takes
+# whichever of these two names the live table does not hold.
+KEY_HASH_INDEX_NAMES = ("identities_key_hash", "identities_staging_key_hash")
+
+
+def settings_from_config(config: Config, hq: HqConfig) -> SyncSettings:
+    """Build the sync settings, reading the bearer token; raise ConfigError when unusable."""
+    store_id = hq.store_id or config.stores.ids[0]
+    if store_id not in config.stores.ids:
+        raise ConfigError(
+            f"[hq] store_id {store_id!r} is not one of [stores] ids: add it there or fix it"
+        )
+    for name in ("client_cert_file", "client_key_file", "ca_file"):
+        path = getattr(hq, name)
+        if path and not Path(path).is_file():
+            raise ConfigError(f"[hq] {name} {path} not found: fix the path or remove the key")
+    return SyncSettings(
+        url=hq.url,
+        store_id=store_id,
+        token=read_token(hq.token_file),
+        client_cert_file=hq.client_cert_file or None,
+        client_key_file=hq.client_key_file or None,
+        ca_file=hq.ca_file or None,
+        pull_interval=hq.pull_interval,
+        pull_batch_size=hq.pull_batch_size,
+        snapshot_batch_size=hq.snapshot_batch_size,
+        reconcile_interval=hq.reconcile_interval,
+        request_timeout=hq.request_timeout,
+        lookup_timeout=hq.lookup_timeout,
+        upload_interval=hq.upload_interval,
+        upload_batch_size=hq.upload_batch_size,
+        upload_max_bytes=hq.upload_max_bytes,
+        upload_max_delay=hq.upload_max_delay,
+        gzip_uploads=hq.gzip_uploads,
+        outbox_max_events=hq.outbox_max_events,
+        outbox_max_age=hq.outbox_max_age,
+        outbox_overflow=hq.outbox_overflow,
+        outbox_trim_interval=hq.outbox_trim_interval,
+        backoff_initial=hq.backoff_initial,
+        backoff_max=hq.backoff_max,
+        offline_after=hq.offline_after,
+        clock_offset_threshold=hq.clock_offset_threshold,
+    )
+
+
+def read_token(token_file: str) -> str | None:
+    """Read the HQ bearer token; None when no token file is configured."""
+    if not token_file:
+        log.warning("hq.no_token", detail="[hq] token_file is not set; HQ calls carry no token")
+        return None
+    path = Path(token_file)
+    try:
+        token = path.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        raise ConfigError(
+            f"[hq] token_file {path} not found: create it with the token HQ issued"
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read [hq] token_file {path}: {exc}") from None
+    if not token:
+        raise ConfigError(f"[hq] token_file {path} is empty: write the token HQ issued into it")
+    return token
+
+
+def _set_meta(connection: sqlite3.Connection, values: dict[str, str]) -> None:
+    connection.executemany(
+        "INSERT INTO meta (key, value) VALUES (?, ?)"
+        " ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+        list(values.items()),
+    )
+
+
+def _meta(connection: sqlite3.Connection, key: str) -> str | None:
+    row = connection.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+    return row[0] if row else None
+
+
+def _credential_id_of(record: dict[str, Any] | None) -> str | None:
+    value = record.get("credentialId") if isinstance(record, dict) else None
+    return value[:255] if isinstance(value, str) else None
+
+
+def loggable_reason(error: RecordInvalid) -> str:
+    """Return a validation message with quoted values masked.
+
+    msgspec quotes an invalid value, which could be a key sent in the wrong field.
+    """
+    return re.sub(r"'[^']*'", "'…'", str(error))
+
+
+def _valid_record(data: dict[str, Any] | None, counts: ApplyCounts) -> IdentityRecord | None:
+    try:
+        return record_from_builtins(data)
+    except RecordInvalid as exc:
+        counts.rejected += 1
+        log.warning(
+            "sync.record_rejected",
+            credential_id=_credential_id_of(data),
+            reason=loggable_reason(exc),
+        )
+        return None
+
+
+def apply_changes(
+    connection: sqlite3.Connection,
+    hasher: KeyHasher,
+    changes: list[Change],
+    cursor: str,
+    pulled_at: float,
+) -> ApplyCounts:
+    """Apply a page of changes in order with its cursor, inside the writer's transaction."""
+    counts = ApplyCounts()
+    now = time.time()
+    rows: list[dict] = []
+    removals: list[str] = []
+
+    # Consecutive PUTs go in one upsert and consecutive REMOVEs in one delete; the order
+    # between the two kinds is kept, so PUT, REMOVE, PUT of one credential ends with a PUT.
+    for change in changes:
+        if change.op == "PUT":
+            if removals:
+                counts.removed += remove_credentials(connection, removals)
+                removals = []
+            record = _valid_record(change.record, counts)
+            if record is not None:
+                rows.append(identity_row(record, hasher, now))
+        else:
+            if rows:
+                counts.put += len(rows)
+                upsert_rows(connection, rows)
+                rows = []
+            if change.credential_id:
+                removals.append(change.credential_id)
+    if removals:
+        counts.removed += remove_credentials(connection, removals)
+    if rows:
+        counts.put += len(rows)
+        upsert_rows(connection, rows)
+
+    values = {CURSOR_META_KEY: cursor, LAST_PULL_META_KEY: repr(pulled_at)}
+    if _meta(connection, CURSOR_META_KEY) != cursor:
+        values[CURSOR_CHANGED_META_KEY] = repr(pulled_at)
+    _set_meta(connection, values)
+    return counts
+
+
+def _table_exists(connection: sqlite3.Connection, name: str) -> bool:
+    row = connection.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)
+    ).fetchone()
+    return row is not None
+
+
+def begin_rebuild(connection: sqlite3.Connection) -> None:
+    """Create an empty staging table shaped like ``identities``, with its unique index."""
+    connection.execute(f"DROP TABLE IF EXISTS {STAGING_TABLE}")
+    connection.execute(f"DROP TABLE IF EXISTS {RETIRED_TABLE}")
+    (table_sql,) = connection.execute(
+        "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'identities'"
+    ).fetchone()
+    # Copying the live CREATE statement keeps the staging table in step with migrations.
+    staging_sql, replaced = re.subn(
+        r"^CREATE TABLE\s+(\"identities\"|\[identities\]|`identities`|identities)",
+        f"CREATE TABLE {STAGING_TABLE}",
+        table_sql,
+    )
+    if replaced != 1:
+        raise RuntimeError(f"unexpected identities table definition: {table_sql[:80]}")
+    connection.execute(staging_sql)
+
+    used = {
+        row[0]
+        for row in connection.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'identities'"
+        )
+    }
+    # NOTE: only the key-hash index is carried over; an index a later migration adds to
+    # identities must be added here too, or a rebuild drops it.
+    index_name = next(name for name in KEY_HASH_INDEX_NAMES if name not in used)
+    connection.execute(f"CREATE UNIQUE INDEX {index_name} ON {STAGING_TABLE} (key_hash)")
+
+
+def stage_records(
+    connection: sqlite3.Connection, hasher: KeyHasher, records: list[dict[str, Any]]
+) -> ApplyCounts:
+    """Insert snapshot records into the staging table; a later record takes over a key."""
+    counts = ApplyCounts()
+    now = time.time()
+    rows = []
+    for data in records:
+        record = _valid_record(data, counts)
+        if record is not None:
+            rows.append(identity_row(record, hasher, now))
+    if not rows:
+        return counts
+    by_credential = {row["credential_id"]: row for row in rows}
+    unique_rows = list(by_credential.values())
+    columns = list(unique_rows[0])
+    connection.executemany(
+        f"DELETE FROM {STAGING_TABLE} WHERE key_hash = ? AND credential_id != ?",
+        [(row["key_hash"], row["credential_id"]) for row in unique_rows],
+    )
+    connection.executemany(
+        f"INSERT OR REPLACE INTO {STAGING_TABLE} ({', '.join(columns)})"
+        f" VALUES ({', '.join('?' * len(columns))})",
+        [tuple(row[c] for c in columns) for row in unique_rows],
+    )
+    counts.put = len(unique_rows)
+    return counts
+
+
+def finish_rebuild(connection: sqlite3.Connection, cursor: str, pulled_at: float) -> int:
+    """Swap the staging table in as ``identities`` and store the cursor, in one transaction.
+
+    Readers keep seeing the old table until this commits. The old table is renamed, not
+    dropped, so the swap costs no time proportional to the cache size.
+    """
+    if not _table_exists(connection, STAGING_TABLE):
+        raise RuntimeError("no staging table to swap in; the rebuild must start again")
+    connection.execute(f"ALTER TABLE identities RENAME TO {RETIRED_TABLE}")
+    connection.execute(f"ALTER TABLE {STAGING_TABLE} RENAME TO identities")
+    _set_meta(
+        connection,
+        {
+            CURSOR_META_KEY: cursor,
+            CURSOR_CHANGED_META_KEY: repr(pulled_at),
+            LAST_PULL_META_KEY: repr(pulled_at),
+            LAST_REBUILD_META_KEY: repr(pulled_at),
+        },
+    )
+    return connection.execute("SELECT count(*) FROM identities").fetchone()[0]
+
+
+def drop_table(connection: sqlite3.Connection, name: str) -> None:
+    assert name in (STAGING_TABLE, RETIRED_TABLE)
+    connection.execute(f"DROP TABLE IF EXISTS {name}")
+
+
+def delete_events(connection: sqlite3.Connection, event_ids: list[str]) -> int:
+    before = connection.total_changes
+    connection.executemany("DELETE FROM outbox WHERE event_id = ?", [(e,) for e in event_ids])
+    return connection.total_changes - before
+
+
+def trim_outbox(
+    connection: sqlite3.Connection,
+    max_events: int,
+    max_age: float,
+    overflow: OutboxOverflow,
+    now: float,
+) -> int:
+    """Drop events older than ``max_age`` and beyond ``max_events``; count them in meta."""
+    before = connection.total_changes
+    connection.execute("DELETE FROM outbox WHERE created_at < ?", (now - max_age,))
+    depth = connection.execute("SELECT count(*) FROM outbox").fetchone()[0]
+    excess = depth - max_events
+    if excess > 0:
+        order = "ASC" if overflow == "drop_oldest" else "DESC"
+        connection.execute(
+            f"DELETE FROM outbox WHERE seq IN"
+            f" (SELECT seq FROM outbox ORDER BY seq {order} LIMIT ?)",
+            (excess,),
+        )
+    dropped = connection.total_changes - before
+    if dropped:
+        total = int(_meta(connection, OUTBOX_DROPPED_META_KEY) or 0) + dropped
+        _set_meta(connection, {OUTBOX_DROPPED_META_KEY: str(total)})
+    return dropped
+
+
+def cache_record(connection: sqlite3.Connection, hasher: KeyHasher, data: dict[str, Any]) -> bool:
+    counts = ApplyCounts()
+    record = _valid_record(data, counts)
+    if record is None:
+        return False
+    upsert_rows(connection, [identity_row(record, hasher, time.time())])
+    return True
+
+
+class StoreAdapter:
+    """Implements ``sync.store.SyncStore`` on the daemon's store.
+
+    Writes go through the store's one writer. Reads that may scan many rows (digest,
+    outbox) run on a connection of their own in one worker thread, off the event loop.
+    """
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hq-reader")
+        self._connection: sqlite3.Connection | None = None
+
+    def close(self) -> None:
+        def close_connection() -> None:
+            if self._connection is not None:
+                self._connection.close()
+                self._connection = None
+
+        self._executor.submit(close_connection).result()
+        self._executor.shutdown(wait=True)
+
+    def cursor(self) -> str | None:
+        return self.store.reader.meta(CURSOR_META_KEY)
+
+    async def _read(self, query: Any) -> Any:
+        def run() -> Any:
+            if self._connection is None:
+                self._connection = connect(self.store.path, 5.0)
+            return query(self._connection)
+
+        return await asyncio.get_running_loop().run_in_executor(self._executor, run)
+
+    async def apply_changes(
+        self, changes: list[Change], cursor: str, pulled_at: float
+    ) -> ApplyCounts:
+        return await self.store.writer.submit(
+            functools.partial(
+                apply_changes,
+                hasher=self.store.hasher,
+                changes=changes,
+                cursor=cursor,
+                pulled_at=pulled_at,
+            )
+        )
+
+    async def begin_rebuild(self) -> None:
+        await self.store.writer.submit(begin_rebuild)
+
+    async def stage_records(self, records: list[dict[str, Any]]) -> ApplyCounts:
+        return await self.store.writer.submit(
+            functools.partial(stage_records, hasher=self.store.hasher, records=records)
+        )
+
+    async def finish_rebuild(self, cursor: str, pulled_at: float) -> int:
+        count = await self.store.writer.submit(
+            functools.partial(finish_rebuild, cursor=cursor, pulled_at=pulled_at)
+        )
+        # Dropping the old table frees its pages; as a job of its own it does not lengthen
+        # the swap, and a crash before it leaves a table the next rebuild drops.
+        await self.store.writer.submit(functools.partial(drop_table, name=RETIRED_TABLE))
+        return count
+
+    async def abandon_rebuild(self) -> None:
+        await self.store.writer.submit(functools.partial(drop_table, name=STAGING_TABLE))
+
+    async def local_digest(self) -> tuple[int, str]:
+        def query(connection: sqlite3.Connection) -> tuple[int, str]:
+            rows = connection.execute(
+                "SELECT credential_id, version FROM identities ORDER BY credential_id"
+            )
+            return compute_digest(rows)
+
+        return await self._read(query)
+
+    async def cache_record(self, record: dict[str, Any]) -> bool:
+        return await self.store.writer.submit(
+            functools.partial(cache_record, hasher=self.store.hasher, data=record)
+        )
+
+    async def outbox_batch(self, limit: int) -> list[OutboxEvent]:
+        def query(connection: sqlite3.Connection) -> list[OutboxEvent]:
+            rows = connection.execute(
+                "SELECT seq, event_id, created_at, body FROM outbox ORDER BY seq LIMIT ?",
+                (limit,),
+            )
+            return [OutboxEvent(seq=r[0], event_id=r[1], created_at=r[2], body=r[3]) for r in rows]
+
+        return await self._read(query)
+
+    async def delete_events(self, event_ids: list[str]) -> int:
+        return await self.store.writer.submit(functools.partial(delete_events, event_ids=event_ids))
+
+    async def trim_outbox(
+        self, max_events: int, max_age: float, overflow: OutboxOverflow, now: float
+    ) -> int:
+        return await self.store.writer.submit(
+            functools.partial(
+                trim_outbox, max_events=max_events, max_age=max_age, overflow=overflow, now=now
+            )
+        )
+
+    async def outbox_stats(self) -> OutboxStats:
+        def query(connection: sqlite3.Connection) -> OutboxStats:
+            depth, oldest = connection.execute(
+                "SELECT count(*), min(created_at) FROM outbox"
+            ).fetchone()
+            return OutboxStats(depth=depth, oldest_created_at=oldest)
+
+        return await self._read(query)
+
+    async def set_meta(self, values: dict[str, str]) -> None:
+        await self.store.writer.submit(functools.partial(_set_meta, values=values))
+
+
+class HqSync:
+    """The running sync of a daemon: what `serve` stops and the resolver asks on a miss."""
+
+    def __init__(self, config: Config, store: Store, service: SyncService, adapter: StoreAdapter):
+        self.config = config
+        self.store = store
+        self.service = service
+        self.adapter = adapter
+
+    @property
+    def clock_uncertain(self) -> bool:
+        return self.service.clock_uncertain
+
+    async def stop(self) -> None:
+        await self.service.stop()
+        self.adapter.close()
+
+    async def lookup_miss(
+        self,
+        resolver: Resolver,
+        evaluation: Evaluation,
+        value: str,
+        store_id: str,
+        location: str,
+        channel: str,
+        scanned_at: float,
+        now: float,
+    ) -> Evaluation:
+        """Ask HQ about a key the cache does not hold, within ``lookup_timeout``.
+
+        Returns the evaluation of HQ's record, or ``evaluation`` unchanged when HQ does not
+        know the key or cannot answer in time, so the offline policy decides.
+        """
+        if evaluation.identity is not None or evaluation.verdict.reason is not Reason.UNKNOWN_KEY:
+            return evaluation
+        policy = self.config.policy
+        candidates = candidate_keys(value, channel, policy.value_encoding)
+        if not candidates:
+            return evaluation
+        # NOTE: only the first candidate form is sent; a base64-encoded QR value whose key
+        # HQ holds only in decoded form is found by the next pull, not by this lookup.
+        data = await self.service.lookup(candidates[0])
+        if data is None:
+            return evaluation
+
+        try:
+            record = record_from_builtins(data)
+        except RecordInvalid as exc:
+            log.warning("hq.lookup_record_invalid", reason=loggable_reason(exc))
+            return evaluation
+        row = identity_row(record, self.store.hasher, now)
+        if row["key_hash"] not in {self.store.hasher.hash(c) for c in candidates}:
+            log.warning(
+                "hq.lookup_key_mismatch",
+                credential_id=record.credentialId,
+                detail="HQ returned a record whose key does not match the scanned value",
+            )
+            return evaluation
+
+        identity = _identity_from_row(row)
+        context = ScanContext(
+            store_id=store_id,
+            location=location,
+            channel=channel,
+            scanned_at=scanned_at,
+            now=now,
+            cache_stale=resolver.cache_stale(now),
+        )
+        log.info(
+            "hq.lookup_found",
+            credential_id=identity.credential_id,
+            key_fingerprint=KeyHasher.fingerprint(row["key_hash"]),
+        )
+        return Evaluation(identity, row["key_hash"], decide(identity, context, policy))
+
+
+def _identity_from_row(row: dict[str, Any]) -> Identity:
+    def as_tuple(text: str | None) -> tuple[str, ...] | None:
+        return tuple(json.loads(text)) if text is not None else None
+
+    return Identity(
+        credential_id=row["credential_id"],
+        key_hash=row["key_hash"],
+        id=row["identity_id"],
+        type=row["type"],
+        status=row["status"],
+        valid_from=row["valid_from"],
+        valid_until=row["valid_until"],
+        stores=as_tuple(row["stores"]) or (),
+        channels=as_tuple(row["channels"]),
+        locations=as_tuple(row["locations"]),
+        version=row["version"],
+    )
+
+
+async def start_sync(
+    config: Config, store: Store, on_state: Callable[[str], None] | None = None
+) -> HqSync | None:
+    """Start the HQ sync when [hq] is configured; return its handle, or None without [hq].
+
+    ``on_state`` is called with the new state name ("online", "degraded", "offline") at
+    each change, for health reports.
+    """
+    if config.hq is None:
+        return None
+    settings = settings_from_config(config, config.hq)
+    adapter = StoreAdapter(store)
+    # A rebuild cut short by a crash left tables behind; they are dropped before syncing.
+    await store.writer.submit(functools.partial(drop_table, name=RETIRED_TABLE))
+    service = SyncService(settings, adapter)
+    if on_state is not None:
+        on_state(service.state.value)
+        service.state_listeners.append(on_state)
+    await service.start()
+    return HqSync(config, store, service, adapter)
+
+
+def sync_now(config: Config, store: Store) -> int:
+    """Run `identity-connector sync --now`: pull and upload once, printing progress."""
+    if config.hq is None:
+        print(
+            "error: no [hq] table in the configuration; there is nothing to sync with",
+            file=sys.stderr,
+        )
+        return 2
+    settings = settings_from_config(config, config.hq)
+
+    def progress(message: str) -> None:
+        print(message, flush=True)
+
+    async def run() -> int:
+        adapter = StoreAdapter(store)
+        service = SyncService(settings, adapter, progress=progress)
+        try:
+            progress(f"syncing store {settings.store_id} with {settings.base_url}")
+            report = await service.run_once()
+        except HqError as exc:
+            print(f"error: sync failed: {exc}", file=sys.stderr)
+            return 1
+        finally:
+            adapter.close()
+        stats_line = (
+            f"done: {report.pull.put} put, {report.pull.removed} removed,"
+            f" {report.pull.rejected} rejected; {report.upload.accepted} of"
+            f" {report.upload.sent} events accepted"
+        )
+        progress(stats_line)
+        return 1 if report.pull.rejected else 0
+
+    return asyncio.run(run())
+
+
+def hq_status(reader: StoreReader, config: Config, now: float) -> dict[str, Any]:
+    """Return the HQ fields of `status`: state, cursor age, uploads, drops and the clock."""
+    if config.hq is None:
+        return {}
+
+    def number(key: str) -> float | None:
+        text = reader.meta(key)
+        try:
+            return float(text) if text is not None else None
+        except ValueError:
+            return None
+
+    def age(key: str) -> float | None:
+        moment = number(key)
+        return round(now - moment, 1) if moment is not None else None
+
+    offset = number(CLOCK_OFFSET_META_KEY)
+    return {
+        "hqState": reader.meta(HQ_STATE_META_KEY),
+        "hqStateSince": number(HQ_STATE_SINCE_META_KEY),
+        "cursorAgeSeconds": age(CURSOR_CHANGED_META_KEY),
+        "lastPullAgeSeconds": age(LAST_PULL_META_KEY),
+        "lastUploadAgeSeconds": age(LAST_UPLOAD_META_KEY),
+        "lastReconcileAgeSeconds": age(LAST_RECONCILE_META_KEY),
+        "lastRebuildAgeSeconds": age(LAST_REBUILD_META_KEY),
+        "outboxDropped": int(number(OUTBOX_DROPPED_META_KEY) or 0),
+        "outboxMaxEvents": config.hq.outbox_max_events,
+        "clockOffsetSeconds": offset,
+        "clockUncertain": offset is not None and abs(offset) > config.hq.clock_offset_threshold,
+    }
+
+
+def print_hq_status(state: dict[str, Any]) -> None:
+    """Print the HQ lines of `status` from the fields ``hq_status`` returned."""
+
+    def ago(seconds: float | None) -> str:
+        return "never" if seconds is None else f"{seconds:.0f} s ago"
+
+    print(f"hq state:       {state.get('hqState') or 'unknown (the daemon has not synced yet)'}")
+    print(f"cursor changed: {ago(state.get('cursorAgeSeconds'))}")
+    print(f"last upload:    {ago(state.get('lastUploadAgeSeconds'))}")
+    print(f"last reconcile: {ago(state.get('lastReconcileAgeSeconds'))}")
+    if state.get("outboxDropped"):
+        print(
+            f"outbox dropped: {state['outboxDropped']} events (bound:"
+            f" {state['outboxMaxEvents']} events)"
+        )
+    offset = state.get("clockOffsetSeconds")
+    if offset is not None:
+        warning = "  WARNING: clock differs from HQ's; events are flagged clockUncertain"
+        print(f"clock offset:   {offset:+.1f} s{warning if state['clockUncertain'] else ''}")

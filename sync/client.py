@@ -1,0 +1,348 @@
+"""HTTP client for the HQ sync contract: changes, snapshot, digest, lookup and events."""
+
+from __future__ import annotations
+
+import gzip
+import ssl
+import time
+from collections.abc import AsyncIterator, Awaitable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, TypeVar
+from urllib.parse import quote
+
+import aiohttp
+import msgspec
+import structlog
+from aiohttp.http_exceptions import HttpProcessingError
+
+from sync.clock import ClockEstimator
+from sync.errors import (
+    CursorExpired,
+    HqAuthFailed,
+    HqError,
+    HqResponseInvalid,
+    HqStatusError,
+    HqUnreachable,
+)
+from sync.settings import SyncSettings
+from sync.state import HqHealth
+from sync.store import Change
+
+log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
+
+CURSOR_HEADER = "Identity-Cursor"
+COUNT_HEADER = "Identity-Count"
+USER_AGENT = "identity-connector"
+# A valid record is a few KiB at most (its key is at most 1000 characters).
+MAX_SNAPSHOT_LINE_BYTES = 65536
+# Statuses a gateway or load balancer in front of HQ returns when HQ itself is down; they
+# count towards the offline state like a refused connection.
+UNAVAILABLE_STATUSES = frozenset({502, 503, 504})
+
+
+class _Put(msgspec.Struct, tag_field="op", tag="PUT"):
+    record: dict[str, Any]
+
+
+class _Remove(msgspec.Struct, tag_field="op", tag="REMOVE"):
+    credentialId: str
+
+
+class _ChangesPage(msgspec.Struct):
+    cursor: str
+    hasMore: bool
+    changes: list[_Put | _Remove]
+
+
+class Digest(msgspec.Struct, frozen=True):
+    """HQ's reconciliation digest at ``cursor``."""
+
+    cursor: str
+    count: int
+    digest: str
+
+
+class _LookupAnswer(msgspec.Struct):
+    record: dict[str, Any]
+
+
+class _EventsAnswer(msgspec.Struct):
+    accepted: list[str]
+
+
+@dataclass(frozen=True, slots=True)
+class ChangesPage:
+    cursor: str
+    has_more: bool
+    changes: list[Change]
+
+
+class SnapshotStream:
+    """An open snapshot response: its cursor and its records, read line by line."""
+
+    def __init__(
+        self,
+        response: aiohttp.ClientResponse,
+        cursor: str,
+        expected_count: int | None,
+    ) -> None:
+        self.cursor = cursor
+        self.expected_count = expected_count
+        self.received = 0
+        self._response = response
+
+    async def records(self) -> AsyncIterator[dict[str, Any]]:
+        """Yield each record of the stream; raise HqError when it is cut or invalid.
+
+        Only one line is held at a time, so memory stays constant whatever the size.
+        """
+        decoder = msgspec.json.Decoder()
+        number = 0
+        try:
+            async for line in self._response.content:
+                number += 1
+                if len(line) > MAX_SNAPSHOT_LINE_BYTES:
+                    raise HqResponseInvalid(
+                        f"snapshot line {number} is longer than {MAX_SNAPSHOT_LINE_BYTES} bytes"
+                    )
+                if not line.endswith(b"\n"):
+                    raise HqResponseInvalid(
+                        f"snapshot truncated: line {number} ends without a newline"
+                    )
+                if not line.strip():
+                    continue
+                try:
+                    data = decoder.decode(line)
+                except msgspec.DecodeError:
+                    raise HqResponseInvalid(f"snapshot line {number} is not valid JSON") from None
+                if not isinstance(data, dict):
+                    raise HqResponseInvalid(f"snapshot line {number} is not a JSON object")
+                self.received += 1
+                yield data
+        except TimeoutError:
+            raise HqUnreachable(f"snapshot stream stalled after line {number}") from None
+        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
+            raise HqResponseInvalid(f"snapshot stream cut after line {number}: {exc}") from None
+        except (ValueError, HttpProcessingError) as exc:
+            # aiohttp raises LineTooLong (an HttpProcessingError) for a line longer than
+            # its read buffer, before the length check above can see it.
+            raise HqResponseInvalid(f"snapshot line {number + 1} is too long: {exc}") from None
+
+        if self.expected_count is not None and self.received != self.expected_count:
+            raise HqResponseInvalid(
+                f"snapshot truncated: {self.received} records received,"
+                f" {COUNT_HEADER} announced {self.expected_count}"
+            )
+
+
+class HqClient:
+    """One aiohttp session to HQ; every call reports its outcome to ``health``.
+
+    A call counts as a success only once its whole response was read and validated, so an
+    HQ that answers 200 with a broken body shows as degraded, not online.
+    """
+
+    def __init__(self, settings: SyncSettings, health: HqHealth, clock: ClockEstimator) -> None:
+        self.settings = settings
+        self.health = health
+        self.clock = clock
+        self._session: aiohttp.ClientSession | None = None
+        self._prefix = f"{settings.base_url}/v1/stores/{quote(settings.store_id, safe='')}"
+
+    async def open(self) -> None:
+        if self._session is not None:
+            return
+        headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "gzip"}
+        if self.settings.token:
+            headers["Authorization"] = f"Bearer {self.settings.token}"
+        timeout = aiohttp.ClientTimeout(
+            total=None,
+            connect=self.settings.request_timeout,
+            sock_read=self.settings.request_timeout,
+        )
+        connector = aiohttp.TCPConnector(ssl=self._ssl_context(), limit=8)
+        # trust_env=False: HQ is reached directly, whatever proxy variables the unit has.
+        self._session = aiohttp.ClientSession(
+            headers=headers, timeout=timeout, connector=connector, trust_env=False
+        )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def _ssl_context(self) -> ssl.SSLContext | bool:
+        settings = self.settings
+        if not settings.base_url.startswith("https://"):
+            return True
+        context = ssl.create_default_context(cafile=settings.ca_file or None)
+        if settings.client_cert_file:
+            context.load_cert_chain(settings.client_cert_file, settings.client_key_file or None)
+        return context
+
+    async def changes(self, cursor: str | None, limit: int) -> ChangesPage:
+        """Return the next page of the changes feed; raise CursorExpired on 410."""
+        params = {"limit": str(limit)}
+        if cursor is not None:
+            params["cursor"] = cursor
+
+        async def call() -> ChangesPage:
+            async with self._request("changes", "GET", "/identities/changes", params=params) as (
+                response
+            ):
+                if response.status == 410:
+                    raise CursorExpired("HQ expired the feed cursor (410 Gone)")
+                self._expect(response, "changes", 200)
+                page = await self._decode(response, "changes", _ChangesPage)
+            return ChangesPage(
+                cursor=page.cursor,
+                has_more=page.hasMore,
+                changes=[_to_change(change) for change in page.changes],
+            )
+
+        return await self._observed(call())
+
+    @asynccontextmanager
+    async def snapshot(self) -> AsyncIterator[SnapshotStream]:
+        """Open the snapshot stream; the caller reads its records inside the block.
+
+        An HqError raised inside the block (by the stream or the caller) is reported to
+        ``health`` once on its way out.
+        """
+        try:
+            async with self._request("snapshot", "GET", "/identities/snapshot") as response:
+                self._expect(response, "snapshot", 200)
+                cursor = response.headers.get(CURSOR_HEADER)
+                if not cursor:
+                    raise HqResponseInvalid(f"snapshot response has no {CURSOR_HEADER} header")
+                expected = _optional_int(response.headers.get(COUNT_HEADER), COUNT_HEADER)
+                stream = SnapshotStream(response, cursor, expected)
+                yield stream
+        except HqError as exc:
+            raise self._failed(exc) from None
+        self.health.succeeded()
+
+    async def digest(self) -> Digest:
+        async def call() -> Digest:
+            async with self._request("digest", "GET", "/identities/digest") as response:
+                self._expect(response, "digest", 200)
+                return await self._decode(response, "digest", Digest)
+
+        return await self._observed(call())
+
+    async def lookup(self, key: str) -> dict[str, Any] | None:
+        """Return HQ's record for a scanned key, or None when HQ responds 404."""
+        body = msgspec.json.encode({"key": key})
+
+        async def call() -> dict[str, Any] | None:
+            async with self._request(
+                "lookup",
+                "POST",
+                "/identities/lookup",
+                data=body,
+                headers={"Content-Type": "application/json"},
+            ) as response:
+                if response.status == 404:
+                    return None
+                self._expect(response, "lookup", 200)
+                answer = await self._decode(response, "lookup", _LookupAnswer)
+            return answer.record
+
+        return await self._observed(call())
+
+    async def post_events(self, body: bytes) -> list[str]:
+        """POST a ``{"events": [...]}`` body; return the event ids HQ accepted."""
+        headers = {"Content-Type": "application/json"}
+        if self.settings.gzip_uploads:
+            body = gzip.compress(body, compresslevel=5)
+            headers["Content-Encoding"] = "gzip"
+
+        async def call() -> list[str]:
+            async with self._request(
+                "events", "POST", "/events", data=body, headers=headers
+            ) as response:
+                self._expect(response, "events", 200)
+                answer = await self._decode(response, "events", _EventsAnswer)
+            return answer.accepted
+
+        return await self._observed(call())
+
+    async def _observed(self, call: Awaitable[T]) -> T:
+        try:
+            result = await call
+        except CursorExpired:
+            # 410 is a valid response of a healthy HQ.
+            self.health.succeeded()
+            raise
+        except HqError as exc:
+            raise self._failed(exc) from None
+        self.health.succeeded()
+        return result
+
+    def _failed(self, error: HqError) -> HqError:
+        self.health.failed(error)
+        return error
+
+    @asynccontextmanager
+    async def _request(
+        self, call: str, method: str, path: str, **kwargs: Any
+    ) -> AsyncIterator[aiohttp.ClientResponse]:
+        if self._session is None:
+            raise RuntimeError("HqClient.open() was not called")
+        url = self._prefix + path
+        sent_at = time.time()
+        try:
+            response = await self._session.request(method, url, **kwargs)
+        except TimeoutError:
+            raise HqUnreachable(
+                f"HQ {call} timed out after {self.settings.request_timeout:g} s"
+            ) from None
+        except aiohttp.ClientError as exc:
+            raise HqUnreachable(f"HQ {call} failed: {exc}") from None
+
+        try:
+            self.clock.observe(response.headers.get("Date"), sent_at, time.time())
+            if response.status in (401, 403):
+                raise HqAuthFailed(call, response.status)
+            yield response
+        finally:
+            response.release()
+
+    @staticmethod
+    def _expect(response: aiohttp.ClientResponse, call: str, status: int) -> None:
+        if response.status == status:
+            return
+        error = HqStatusError(call, response.status)
+        error.reachable = response.status not in UNAVAILABLE_STATUSES
+        raise error
+
+    @staticmethod
+    async def _decode(response: aiohttp.ClientResponse, call: str, kind: type[T]) -> T:
+        try:
+            body = await response.read()
+        except TimeoutError:
+            raise HqUnreachable(f"HQ {call} response stalled") from None
+        except aiohttp.ClientError as exc:
+            raise HqResponseInvalid(f"HQ {call} response was cut: {exc}") from None
+        try:
+            return msgspec.json.decode(body, type=kind)
+        except msgspec.DecodeError as exc:
+            raise HqResponseInvalid(f"HQ {call} response is invalid: {exc}") from None
+
+
+def _to_change(change: _Put | _Remove) -> Change:
+    if isinstance(change, _Put):
+        return Change(op="PUT", record=change.record)
+    return Change(op="REMOVE", credential_id=change.credentialId)
+
+
+def _optional_int(text: str | None, header: str) -> int | None:
+    if text is None:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise HqResponseInvalid(f"header {header} is not an integer: {text[:40]!r}") from None

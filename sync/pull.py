@@ -1,0 +1,197 @@
+"""Pull side of the sync: the changes feed, snapshot rebuilds and digest reconciliation."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+
+from sync.client import HqClient
+from sync.errors import CursorExpired, HqError, HqResponseInvalid
+from sync.settings import SyncSettings
+from sync.store import ApplyCounts, SyncStore
+
+log = structlog.get_logger(__name__)
+
+Progress = Callable[[str], None]
+# `sync --now` prints one progress line per this many staged snapshot batches.
+PROGRESS_EVERY_BATCHES = 10
+
+
+@dataclass(slots=True)
+class PullReport:
+    pages: int = 0
+    put: int = 0
+    removed: int = 0
+    rejected: int = 0
+    rebuilt: bool = False
+    identities: int | None = None
+    """Size of the cache after a rebuild."""
+
+
+class Puller:
+    """Brings the local cache to HQ's latest cursor.
+
+    Each page of changes commits together with its cursor, so a crash between pages
+    resumes from the last committed one. A rebuild fills a staging table while the old
+    cache keeps serving, and swaps it in with the snapshot's cursor in one transaction.
+    """
+
+    def __init__(
+        self,
+        settings: SyncSettings,
+        client: HqClient,
+        store: SyncStore,
+        progress: Progress | None = None,
+    ) -> None:
+        self.settings = settings
+        self.client = client
+        self.store = store
+        self.progress = progress
+        self.last_reconcile_at: float | None = None
+
+    async def pull(self) -> PullReport:
+        """Pull every change up to HQ's latest cursor, rebuilding when there is no cursor yet
+        or HQ expired it."""
+        report = PullReport()
+        cursor = self.store.cursor()
+        if cursor is None:
+            await self.rebuild("no cursor yet", report)
+            return report
+        try:
+            await self._follow_feed(cursor, report)
+        except CursorExpired:
+            log.warning("sync.cursor_expired", cursor=cursor)
+            await self.rebuild("cursor expired", report)
+        return report
+
+    async def _follow_feed(self, cursor: str, report: PullReport) -> None:
+        while True:
+            page = await self.client.changes(cursor, self.settings.pull_batch_size)
+            if page.has_more and not page.changes and page.cursor == cursor:
+                raise HqResponseInvalid(
+                    "HQ changes page has hasMore true but no changes and the same cursor"
+                )
+            counts = await self.store.apply_changes(page.changes, page.cursor, time.time())
+            report.pages += 1
+            _add(report, counts)
+            if page.changes:
+                log.info(
+                    "sync.batch_applied",
+                    changes=len(page.changes),
+                    put=counts.put,
+                    removed=counts.removed,
+                    rejected=counts.rejected,
+                    cursor=page.cursor,
+                    has_more=page.has_more,
+                )
+                self._say(
+                    f"pulled {len(page.changes)} changes"
+                    f" ({counts.put} put, {counts.removed} removed, {counts.rejected} rejected)"
+                )
+            cursor = page.cursor
+            if not page.has_more:
+                return
+
+    async def rebuild(self, reason: str, report: PullReport | None = None) -> int:
+        """Rebuild the cache from HQ's snapshot; return the new number of identities."""
+        report = report if report is not None else PullReport()
+        started = time.monotonic()
+        log.info("sync.rebuild_started", reason=reason)
+        self._say(f"rebuilding the cache from HQ's snapshot ({reason})")
+
+        await self.store.begin_rebuild()
+        try:
+            cursor = await self._stage_snapshot(report)
+            count = await self.store.finish_rebuild(cursor, time.time())
+        except Exception:
+            # The old cache stays in use; a crash here instead leaves the staging table,
+            # which the next rebuild drops.
+            await self.store.abandon_rebuild()
+            raise
+        report.rebuilt = True
+        report.identities = count
+        log.info(
+            "sync.rebuilt",
+            reason=reason,
+            identities=count,
+            rejected=report.rejected,
+            cursor=cursor,
+            seconds=round(time.monotonic() - started, 2),
+        )
+        self._say(f"rebuilt the cache: {count} identities")
+
+        try:
+            await self.reconcile(rebuild_on_mismatch=False)
+        except HqError as exc:
+            log.warning("sync.reconcile_failed", error=str(exc), after="rebuild")
+        return count
+
+    async def _stage_snapshot(self, report: PullReport) -> str:
+        batch: list[dict[str, Any]] = []
+        staged = 0
+        async with self.client.snapshot() as stream:
+            async for record in stream.records():
+                batch.append(record)
+                if len(batch) >= self.settings.snapshot_batch_size:
+                    staged += await self._stage(batch, report)
+                    batch = []
+            staged += await self._stage(batch, report)
+            return stream.cursor
+
+    async def _stage(self, batch: list[dict[str, Any]], report: PullReport) -> int:
+        if not batch:
+            return 0
+        counts = await self.store.stage_records(batch)
+        _add(report, counts)
+        report.pages += 1
+        if report.pages % PROGRESS_EVERY_BATCHES == 0:
+            self._say(f"staged {report.put} snapshot records")
+        return counts.put
+
+    async def reconcile(self, rebuild_on_mismatch: bool = True) -> bool:
+        """Compare the local digest with HQ's at the same cursor; rebuild on a mismatch.
+
+        Returns whether the digests matched (True also when HQ's cursor kept moving and no
+        comparison was possible this time).
+        """
+        remote = await self.client.digest()
+        if remote.cursor != self.store.cursor():
+            await self.pull()
+            remote = await self.client.digest()
+            if remote.cursor != self.store.cursor():
+                log.info("sync.reconcile_skipped", reason="HQ's cursor moved during the check")
+                return True
+
+        count, digest = await self.store.local_digest()
+        self.last_reconcile_at = time.time()
+        if digest == remote.digest:
+            log.info("sync.reconciled", identities=count, cursor=remote.cursor)
+            return True
+
+        log.warning(
+            "sync.digest_mismatch",
+            local_count=count,
+            hq_count=remote.count,
+            cursor=remote.cursor,
+            action="rebuilding from the snapshot"
+            if rebuild_on_mismatch
+            else "none until the next reconciliation",
+        )
+        self._say(f"digest mismatch: {count} identities here, {remote.count} at HQ")
+        if rebuild_on_mismatch:
+            await self.rebuild("digest mismatch")
+        return False
+
+    def _say(self, message: str) -> None:
+        if self.progress is not None:
+            self.progress(message)
+
+
+def _add(report: PullReport, counts: ApplyCounts) -> None:
+    report.put += counts.put
+    report.removed += counts.removed
+    report.rejected += counts.rejected

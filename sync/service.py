@@ -1,0 +1,250 @@
+"""The sync service: pull and upload loops, online lookups and one-shot runs."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+
+from sync.client import HqClient
+from sync.clock import ClockEstimator
+from sync.errors import HqError, HqUnreachable
+from sync.pull import Puller, PullReport
+from sync.settings import SyncSettings
+from sync.state import Backoff, HqHealth, HqState
+from sync.store import SyncStore
+from sync.upload import Uploader, UploadReport
+
+log = structlog.get_logger(__name__)
+
+HQ_STATE_META_KEY = "hq_state"
+HQ_STATE_SINCE_META_KEY = "hq_state_since"
+CLOCK_OFFSET_META_KEY = "hq_clock_offset"
+LAST_RECONCILE_META_KEY = "last_reconcile_at"
+# The clock offset is stored for `status` when it moved by more than this, in seconds.
+CLOCK_PERSIST_STEP = 0.5
+
+
+@dataclass(slots=True)
+class RunReport:
+    pull: PullReport
+    upload: UploadReport
+
+
+class _FailureLog:
+    """Logs the first failure of a streak, and a changed error, at warning; repeats at debug."""
+
+    def __init__(self, event: str) -> None:
+        self.event = event
+        self._last: str | None = None
+
+    def failed(self, error: BaseException, retry_in: float) -> None:
+        text = str(error)
+        level = log.debug if text == self._last else log.warning
+        level(self.event, error=text, retry_in_seconds=round(retry_in, 2))
+        self._last = text
+
+    def succeeded(self) -> None:
+        self._last = None
+
+
+class SyncService:
+    """Runs the HQ sync for one store against a ``SyncStore`` the daemon provides."""
+
+    def __init__(
+        self,
+        settings: SyncSettings,
+        store: SyncStore,
+        progress: Callable[[str], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.clock = ClockEstimator(settings.clock_offset_threshold)
+        self.health = HqHealth(settings.offline_after, on_change=self._state_changed)
+        self.client = HqClient(settings, self.health, self.clock)
+        self.puller = Puller(settings, self.client, store, progress)
+        self.uploader = Uploader(settings, self.client, store, progress)
+        # Strong references: the event loop keeps only weak ones to running tasks.
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._wake_pull = asyncio.Event()
+        self._persisted_offset: float | None = None
+        self.state_listeners: list[Callable[[str], None]] = []
+        """Called with the new state name at each change of the HQ state."""
+
+    @property
+    def state(self) -> HqState:
+        return self.health.state
+
+    @property
+    def clock_uncertain(self) -> bool:
+        return self.clock.uncertain
+
+    async def start(self) -> None:
+        """Open the HTTP session and start the pull and upload loops."""
+        await self.client.open()
+        self._spawn(self._pull_loop(), "hq-pull")
+        self._spawn(self._upload_loop(), "hq-upload")
+        log.info(
+            "sync.started",
+            url=self.settings.base_url,
+            store_id=self.settings.store_id,
+            pull_interval=self.settings.pull_interval,
+        )
+
+    async def stop(self) -> None:
+        """Cancel the loops and pending cache writes, then close the HTTP session."""
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self.client.close()
+        log.info("sync.stopped")
+
+    async def run_once(self) -> RunReport:
+        """Pull to the latest cursor, reconcile, and upload the whole outbox, in the foreground.
+
+        Raises HqError when a step fails.
+        """
+        await self.client.open()
+        try:
+            pulled = await self.puller.pull()
+            if not pulled.rebuilt:
+                await self.puller.reconcile()
+            uploaded = await self.uploader.drain()
+            await self._persist_state()
+        finally:
+            await self.client.close()
+        return RunReport(pull=pulled, upload=uploaded)
+
+    async def lookup(self, key: str) -> dict[str, Any] | None:
+        """Ask HQ for a key within ``lookup_timeout``; return the record or None.
+
+        None covers "not found" as well as an HQ that is offline, slow or failing, so the
+        caller decides by its offline policy. A record found is also cached in the store.
+        """
+        if not self.health.reachable:
+            return None
+        try:
+            async with asyncio.timeout(self.settings.lookup_timeout):
+                record = await self.client.lookup(key)
+        except TimeoutError:
+            self.health.failed(
+                HqUnreachable(f"HQ lookup timed out after {self.settings.lookup_timeout:g} s")
+            )
+            log.info("hq.lookup_timed_out", timeout_seconds=self.settings.lookup_timeout)
+            return None
+        except HqError as exc:
+            log.info("hq.lookup_failed", error=str(exc))
+            return None
+        if record is not None:
+            self._spawn(self._cache(record), "hq-cache-record")
+        return record
+
+    async def _cache(self, record: dict[str, Any]) -> None:
+        try:
+            cached = await self.store.cache_record(record)
+        except Exception as exc:
+            log.error("sync.lookup_cache_failed", error=str(exc))
+            return
+        if not cached:
+            log.warning(
+                "sync.lookup_record_rejected", credential_id=str(record.get("credentialId"))
+            )
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, Any], name: str) -> None:
+        task = asyncio.create_task(coroutine, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _pull_loop(self) -> None:
+        backoff = Backoff(self.settings.backoff_initial, self.settings.backoff_max)
+        failures = _FailureLog("sync.pull_failed")
+        next_reconcile = 0.0
+        while True:
+            try:
+                report = await self.puller.pull()
+                if report.rebuilt:
+                    next_reconcile = time.monotonic() + self.settings.reconcile_interval
+                elif time.monotonic() >= next_reconcile:
+                    await self.puller.reconcile()
+                    next_reconcile = time.monotonic() + self.settings.reconcile_interval
+            except HqError as exc:
+                delay = backoff.next_delay()
+                failures.failed(exc, delay)
+            except Exception as exc:
+                # A store failure (disk full, writer stopped) must not end the loop silently.
+                delay = backoff.next_delay()
+                log.exception("sync.pull_crashed", error=str(exc), retry_in_seconds=delay)
+            else:
+                backoff.reset()
+                failures.succeeded()
+                delay = self.settings.pull_interval
+            await self._persist_state()
+            await self._sleep(delay)
+
+    async def _sleep(self, delay: float) -> None:
+        try:
+            async with asyncio.timeout(delay):
+                await self._wake_pull.wait()
+        except TimeoutError:
+            pass
+        self._wake_pull.clear()
+
+    async def _upload_loop(self) -> None:
+        backoff = Backoff(self.settings.backoff_initial, self.settings.backoff_max)
+        failures = _FailureLog("sync.upload_failed")
+        next_trim = 0.0
+        while True:
+            delay = self.settings.upload_interval
+            try:
+                if time.monotonic() >= next_trim:
+                    await self.uploader.trim()
+                    next_trim = time.monotonic() + self.settings.outbox_trim_interval
+                if self.health.reachable:
+                    report = await self.uploader.upload_once()
+                    # A full batch means more may be waiting: send the next one at once.
+                    if report is not None and report.sent >= self.settings.upload_batch_size:
+                        delay = 0.0
+                backoff.reset()
+                failures.succeeded()
+            except HqError as exc:
+                delay = backoff.next_delay()
+                failures.failed(exc, delay)
+            except Exception as exc:
+                delay = backoff.next_delay()
+                log.exception("sync.upload_crashed", error=str(exc), retry_in_seconds=delay)
+            await asyncio.sleep(delay)
+
+    def _state_changed(self, previous: HqState, current: HqState) -> None:
+        # The pull loop wakes at once when HQ returns, so the cache catches up without
+        # waiting out a long backoff.
+        if current is HqState.ONLINE:
+            self._wake_pull.set()
+        for listener in self.state_listeners:
+            listener(current.value)
+        # Only a started service persists from here; `sync --now` saves once at its end.
+        if self._tasks:
+            self._spawn(self._persist_state(), "hq-persist-state")
+
+    async def _persist_state(self) -> None:
+        values = {
+            HQ_STATE_META_KEY: self.health.state.value,
+            HQ_STATE_SINCE_META_KEY: repr(self.health.since),
+        }
+        offset = self.clock.offset
+        if offset is not None and (
+            self._persisted_offset is None
+            or abs(offset - self._persisted_offset) > CLOCK_PERSIST_STEP
+        ):
+            values[CLOCK_OFFSET_META_KEY] = repr(round(offset, 3))
+            self._persisted_offset = offset
+        if self.puller.last_reconcile_at is not None:
+            values[LAST_RECONCILE_META_KEY] = repr(self.puller.last_reconcile_at)
+        try:
+            await self.store.set_meta(values)
+        except Exception as exc:
+            log.error("sync.state_not_saved", error=str(exc))

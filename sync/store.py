@@ -1,0 +1,106 @@
+"""What the sync needs from the daemon's store, as a protocol the daemon implements.
+
+The sync package never imports the daemon: the daemon hands an object of this shape to
+``SyncService`` at start-up. Every write method runs in one transaction of the daemon's
+single writer, off the event loop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from sync.settings import OutboxOverflow
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One entry of the changes feed: a PUT carries a record, a REMOVE a credential id."""
+
+    op: str
+    record: dict[str, Any] | None = None
+    credential_id: str | None = None
+
+
+@dataclass(slots=True)
+class ApplyCounts:
+    put: int = 0
+    removed: int = 0
+    rejected: int = 0
+    """Records that failed validation; they are skipped and logged by credential id."""
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxEvent:
+    seq: int
+    event_id: str
+    created_at: float
+    body: bytes
+    """The event as JSON, exactly as it will be sent."""
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxStats:
+    depth: int
+    oldest_created_at: float | None
+
+
+class SyncStore(Protocol):
+    def cursor(self) -> str | None:
+        """Return the stored feed cursor, or None before the first snapshot."""
+        ...
+
+    async def apply_changes(
+        self, changes: list[Change], cursor: str, pulled_at: float
+    ) -> ApplyCounts:
+        """Apply changes in order, store ``cursor`` and ``last_pull_at``, in one transaction."""
+        ...
+
+    async def begin_rebuild(self) -> None:
+        """Create an empty staging table, dropping what an interrupted rebuild left."""
+        ...
+
+    async def stage_records(self, records: list[dict[str, Any]]) -> ApplyCounts:
+        """Add snapshot records to the staging table in one transaction."""
+        ...
+
+    async def finish_rebuild(self, cursor: str, pulled_at: float) -> int:
+        """Swap the staging table in as the cache with the new cursor, atomically.
+
+        Returns the number of identities in the new cache.
+        """
+        ...
+
+    async def abandon_rebuild(self) -> None:
+        """Drop the staging table; the old cache stays in use."""
+        ...
+
+    async def local_digest(self) -> tuple[int, str]:
+        """Return the record count and digest of the cache, computed off the event loop."""
+        ...
+
+    async def cache_record(self, record: dict[str, Any]) -> bool:
+        """Upsert one record that an online lookup returned; False when it is invalid."""
+        ...
+
+    async def outbox_batch(self, limit: int) -> list[OutboxEvent]:
+        """Return the oldest outbox events, in order."""
+        ...
+
+    async def delete_events(self, event_ids: list[str]) -> int:
+        """Delete acknowledged events by id; return how many were deleted."""
+        ...
+
+    async def trim_outbox(
+        self, max_events: int, max_age: float, overflow: OutboxOverflow, now: float
+    ) -> int:
+        """Drop events beyond the bounds, count them in the store; return how many."""
+        ...
+
+    async def outbox_stats(self) -> OutboxStats:
+        """Return the outbox depth and the creation time of its oldest event."""
+        ...
+
+    async def set_meta(self, values: dict[str, str]) -> None:
+        """Store sync state (last upload, HQ state, clock offset) for `status`."""
+        ...

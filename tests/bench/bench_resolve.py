@@ -1,0 +1,142 @@
+"""Benchmark ResolveScan end to end at the socket with a large cache.
+
+Generates N identities, imports them (reporting the import rate), starts the daemon, and drives
+it with wrk: one connection in a loop, then 16 concurrent connections. Every request carries a
+new scanEvent.id, so each one is a full decision with its commit. Prints a Markdown table.
+
+    .venv/bin/python tests/bench/bench_resolve.py --identities 1000000 --duration 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent.parent
+sys.path.insert(0, str(REPO))
+
+from tests.conftest import free_port  # noqa: E402
+
+
+def generate_records(path: Path, count: int) -> None:
+    if path.exists():
+        return
+    partial = path.with_suffix(".partial")
+    with partial.open("w", encoding="utf-8") as handle:
+        for index in range(count):
+            record = {
+                "credentialId": f"bench-{index:08d}",
+                "key": f"BENCH-KEY-{index:08d}",
+                "id": f"person-{index // 2:08d}",
+                "type": "ASSOCIATE" if index % 50 == 0 else "SHOPPER",
+                "status": "ACTIVE" if index % 20 else "SUSPENDED",
+                "stores": ["STORE-001"],
+                "version": 1,
+            }
+            handle.write(json.dumps(record, separators=(",", ":")) + "\n")
+    partial.rename(path)
+
+
+def run_wrk(port: int, threads: int, connections: int, duration: int, identities: int) -> dict:
+    command = [
+        "wrk", f"-t{threads}", f"-c{connections}", f"-d{duration}s", "--timeout", "5s",
+        "-s", str(HERE / "resolve.lua"), f"http://127.0.0.1:{port}",
+    ]
+    env = {**os.environ, "BENCH_IDENTITIES": str(identities)}
+    output = subprocess.run(command, capture_output=True, text=True, env=env, check=True).stdout
+    match = re.search(r"BENCH (.*)", output)
+    if match is None:
+        raise RuntimeError(f"wrk printed no BENCH line:\n{output}")
+    fields = dict(item.split("=") for item in match.group(1).split())
+    non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
+    return {
+        "command": " ".join(command),
+        "p50_ms": int(fields["p50_us"]) / 1000,
+        "p99_ms": int(fields["p99_us"]) / 1000,
+        "p999_ms": int(fields["p999_us"]) / 1000,
+        "rps": int(fields["requests"]) / float(fields["seconds"]),
+        "errors": int(fields["errors"]) + (int(non_2xx.group(1)) if non_2xx else 0),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--identities", type=int, default=1_000_000)
+    parser.add_argument("--duration", type=int, default=20, help="seconds per wrk run")
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/identity-connector-bench"))
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        print("error: wrk not found: apt-get install wrk", file=sys.stderr)
+        return 2
+
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    records = args.workdir / f"identities-{args.identities}.jsonl"
+    generate_records(records, args.identities)
+    run_dir = args.workdir / "run"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir()
+    port = free_port()
+    config = run_dir / "config.toml"
+    config.write_text(
+        f'[server]\nport = {port}\n[stores]\nids = ["STORE-001"]\n'
+        f'[database]\npath = "{run_dir / "connector.sqlite3"}"\n[logging]\nformat = "json"\n',
+        encoding="utf-8",
+    )
+    cli = [sys.executable, "-m", "daemon"]
+    started = time.monotonic()
+    imported = subprocess.run(
+        [*cli, "import", "--config", str(config), str(records)],
+        capture_output=True, text=True, cwd=REPO, check=True,
+    )
+    import_seconds = time.monotonic() - started
+    print(imported.stdout.strip())
+
+    log = (run_dir / "daemon.log").open("wb")
+    daemon = subprocess.Popen([*cli, "serve", "--config", str(config)], stdout=log, stderr=log,
+                              cwd=REPO)
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            probe = subprocess.run(["curl", "-sf", f"http://127.0.0.1:{port}/healthz"],
+                                   capture_output=True)
+            if probe.returncode == 0:
+                break
+            time.sleep(0.1)
+        # A short warm-up fills SQLite's page cache the way a running store box has it.
+        run_wrk(port, 1, 4, 3, args.identities)
+        single = run_wrk(port, 1, 1, args.duration, args.identities)
+        concurrent = run_wrk(port, 2, 16, args.duration, args.identities)
+    finally:
+        daemon.terminate()
+        daemon.wait(timeout=30)
+        log.close()
+
+    cpu = next((line.split(":", 1)[1].strip() for line in
+                Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")),
+               platform.processor())
+    print()
+    print(f"Machine: {os.cpu_count()} cores, {cpu}, Python {platform.python_version()}")
+    print(f"Identities: {args.identities:,}; import wall time {import_seconds:.1f} s "
+          f"({args.identities / import_seconds:,.0f} records/s)")
+    print()
+    print("| Clients | p50 (ms) | p99 (ms) | p99.9 (ms) | decisions/s | errors |")
+    print("|---|---|---|---|---|---|")
+    for label, result in (("1 (loop)", single), ("16 concurrent", concurrent)):
+        print(f"| {label} | {result['p50_ms']:.2f} | {result['p99_ms']:.2f} | "
+              f"{result['p999_ms']:.2f} | {result['rps']:,.0f} | {result['errors']} |")
+    print()
+    print(f"wrk commands: `{single['command']}`; `{concurrent['command']}`")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,573 @@
+"""The `identity-connector` commands as an operator runs them: import, lookup, status, check-config.
+
+Each command runs as a real subprocess against real SQLite files in a temporary folder.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import (
+    REPO,
+    SAMPLE_RECORDS,
+    Daemon,
+    free_port,
+    make_daemon,
+    run_cli,
+    write_config,
+)
+from tests.helpers_store import count_rows, query_all
+
+CSV_COLUMNS = [
+    "credentialId", "key", "id", "type", "status", "stores",
+    "channels", "locations", "validFrom", "validUntil", "version",
+]  # fmt: skip
+
+
+def good_record(number: int, **changes: Any) -> dict[str, Any]:
+    record = {
+        "credentialId": f"c-good-{number}",
+        "key": f"KEY-CLI-GOOD-{number}",
+        "id": f"person-{number}",
+        "type": "SHOPPER",
+        "status": "ACTIVE",
+        "stores": ["STORE-001"],
+        "version": 1,
+    }
+    record.update(changes)
+    return record
+
+
+def jsonl_line(record: dict[str, Any]) -> bytes:
+    return json.dumps(record, ensure_ascii=False).encode() + b"\n"
+
+
+def csv_line(record: dict[str, Any]) -> bytes:
+    cells = []
+    for column in CSV_COLUMNS:
+        value = record.get(column, "")
+        cells.append(";".join(value) if isinstance(value, list) else str(value))
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\n").writerow(cells)
+    return buffer.getvalue().encode()
+
+
+CSV_HEADER = ",".join(CSV_COLUMNS).encode() + b"\n"
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Path:
+    return write_config(tmp_path, free_port())
+
+
+def database_of(config: Path) -> Path:
+    return config.parent / "connector.sqlite3"
+
+
+def import_file(config: Path, path: Path) -> Any:
+    return run_cli("import", "--config", str(config), str(path))
+
+
+# --- import: rejected lines ----------------------------------------------------------------
+
+# (case, bad line, fragment of the reason, key that must not be printed)
+JSONL_BAD_LINES: list[tuple[str, bytes, str, str | None]] = [
+    (
+        "invalid JSON",
+        b'{"credentialId": "c-bad", "key": "KEY-CLI-REJECT-json", "id": \n',
+        "invalid JSON",
+        "KEY-CLI-REJECT-json",
+    ),
+    (
+        "not an object",
+        b'["c-bad", "KEY-CLI-REJECT-array"]\n',
+        "not a JSON object",
+        "KEY-CLI-REJECT-array",
+    ),
+    (
+        "wrong type of version",
+        jsonl_line(good_record(9, key="KEY-CLI-REJECT-version", version="seven")),
+        "version",
+        "KEY-CLI-REJECT-version",
+    ),
+    (
+        "wrong type of stores",
+        jsonl_line(good_record(9, key="KEY-CLI-REJECT-stores", stores="STORE-001")),
+        "stores",
+        "KEY-CLI-REJECT-stores",
+    ),
+    (
+        "wrong type of key",
+        jsonl_line(good_record(9, key=["KEY-CLI-REJECT-keylist"])),
+        "key",
+        "KEY-CLI-REJECT-keylist",
+    ),
+    (
+        "missing id",
+        jsonl_line(
+            {k: v for k, v in good_record(9, key="KEY-CLI-REJECT-noid").items() if k != "id"}
+        ),
+        "id",
+        "KEY-CLI-REJECT-noid",
+    ),
+    (
+        "bad status enum",
+        jsonl_line(good_record(9, key="KEY-CLI-REJECT-status", status="PAUSED")),
+        "status",
+        "KEY-CLI-REJECT-status",
+    ),
+    (
+        "bad channel enum",
+        jsonl_line(good_record(9, key="KEY-CLI-REJECT-channel", channels=["LASER"])),
+        "channels",
+        "KEY-CLI-REJECT-channel",
+    ),
+    (
+        "validFrom after validUntil",
+        jsonl_line(
+            good_record(
+                9,
+                key="KEY-CLI-REJECT-window",
+                validFrom="2030-01-01T00:00:00Z",
+                validUntil="2020-01-01T00:00:00Z",
+            )
+        ),
+        "validFrom is later than validUntil",
+        "KEY-CLI-REJECT-window",
+    ),
+    (
+        "timestamp without offset",
+        jsonl_line(good_record(9, key="KEY-CLI-REJECT-offset", validUntil="2030-01-01T00:00:00")),
+        "validUntil",
+        "KEY-CLI-REJECT-offset",
+    ),
+    (
+        "key only whitespace",
+        jsonl_line(good_record(9, key=" \t \r\n ")),
+        "key is empty",
+        None,
+    ),
+    (
+        "not UTF-8",
+        jsonl_line(good_record(9, key="KEY-CLI-REJECT-latin1", id="personne-é")).replace(
+            "é".encode(), "é".encode("latin-1")
+        ),
+        "UTF-8",
+        "KEY-CLI-REJECT-latin1",
+    ),
+]
+
+CSV_BAD_LINES: list[tuple[str, bytes, str, str | None]] = [
+    (
+        "extra cells",
+        csv_line(good_record(9, key="KEY-CLI-REJECT-extra")).rstrip(b"\n") + b",surplus\n",
+        "more cells than the header",
+        "KEY-CLI-REJECT-extra",
+    ),
+    (
+        "wrong type of version",
+        csv_line(good_record(9, key="KEY-CLI-REJECT-version", version="seven")),
+        "version",
+        "KEY-CLI-REJECT-version",
+    ),
+    (
+        "missing id",
+        csv_line(good_record(9, key="KEY-CLI-REJECT-noid", id="")),
+        "id",
+        "KEY-CLI-REJECT-noid",
+    ),
+    (
+        "bad status enum",
+        csv_line(good_record(9, key="KEY-CLI-REJECT-status", status="PAUSED")),
+        "status",
+        "KEY-CLI-REJECT-status",
+    ),
+    (
+        "bad item in a list field",
+        csv_line(good_record(9, key="KEY-CLI-REJECT-channel", channels=["OPTICAL", "LASER"])),
+        "channels",
+        "KEY-CLI-REJECT-channel",
+    ),
+    (
+        "validFrom after validUntil",
+        csv_line(
+            good_record(
+                9,
+                key="KEY-CLI-REJECT-window",
+                validFrom="2030-01-01T00:00:00Z",
+                validUntil="2020-01-01T00:00:00Z",
+            )
+        ),
+        "validFrom is later than validUntil",
+        "KEY-CLI-REJECT-window",
+    ),
+    (
+        "key only whitespace",
+        csv_line(good_record(9, key="   ")),
+        "key is empty",
+        None,
+    ),
+    (
+        # An operator's column mix-up puts the credential where the type belongs.
+        "key and type cells swapped",
+        csv_line(good_record(9, key="SHOPPER", type="KEY-CLI-REJECT-swapped")),
+        "type",
+        "KEY-CLI-REJECT-swapped",
+    ),
+    (
+        "not UTF-8",
+        csv_line(good_record(9, key="KEY-CLI-REJECT-latin1", id="personne-é")).replace(
+            "é".encode(), "é".encode("latin-1")
+        ),
+        "UTF-8",
+        "KEY-CLI-REJECT-latin1",
+    ),
+]
+
+
+def bad_line_cases() -> Iterator[Any]:
+    for case, line, reason, key in JSONL_BAD_LINES:
+        yield pytest.param("jsonl", line, reason, key, id=f"jsonl-{case}")
+    for case, line, reason, key in CSV_BAD_LINES:
+        yield pytest.param("csv", line, reason, key, id=f"csv-{case}")
+
+
+@pytest.mark.parametrize(("file_format", "bad_line", "reason", "key"), list(bad_line_cases()))
+def test_import_rejects_bad_line(
+    config: Path, file_format: str, bad_line: bytes, reason: str, key: str | None
+) -> None:
+    encode = csv_line if file_format == "csv" else jsonl_line
+    header = CSV_HEADER if file_format == "csv" else b""
+    source = config.parent / f"records.{file_format}"
+    source.write_bytes(header + encode(good_record(1)) + bad_line + encode(good_record(2)))
+    bad_line_number = 3 if file_format == "csv" else 2
+
+    result = import_file(config, source)
+
+    assert result.returncode == 1
+    rejections = [line for line in result.stderr.splitlines() if ": rejected: " in line]
+    assert len(rejections) == 1, result.stderr
+    assert rejections[0].startswith(f"{source}:{bad_line_number}: rejected: "), rejections[0]
+    assert reason in rejections[0]
+    assert "2 inserted, 0 updated, 1 rejected" in result.stdout
+    assert count_rows(database_of(config), "identities") == 2
+    if key is not None:
+        assert key not in result.stdout + result.stderr, "the rejected line's key was printed"
+
+
+def test_import_reports_every_bad_line(config: Path) -> None:
+    source = config.parent / "records.jsonl"
+    lines = [jsonl_line(good_record(1))]
+    lines += [line for _case, line, _reason, _key in JSONL_BAD_LINES]
+    lines.append(jsonl_line(good_record(2)))
+    source.write_bytes(b"".join(lines))
+
+    result = import_file(config, source)
+
+    pattern = re.compile(rf"^{re.escape(str(source))}:(\d+): rejected: ", re.MULTILINE)
+    numbers = [int(match.group(1)) for match in pattern.finditer(result.stderr)]
+    assert numbers == list(range(2, 2 + len(JSONL_BAD_LINES)))
+    assert f"2 inserted, 0 updated, {len(JSONL_BAD_LINES)} rejected" in result.stdout
+
+
+# --- import: counts and list fields ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("file_format", ["jsonl", "csv"])
+def test_second_import_counts_updates(config: Path, file_format: str) -> None:
+    encode = csv_line if file_format == "csv" else jsonl_line
+    header = CSV_HEADER if file_format == "csv" else b""
+    first = config.parent / f"first.{file_format}"
+    first.write_bytes(header + b"".join(encode(good_record(n)) for n in (1, 2, 3)))
+    second = config.parent / f"second.{file_format}"
+    changed = [good_record(2, status="SUSPENDED", version=2), good_record(3, version=2)]
+    second.write_bytes(header + b"".join(encode(r) for r in [*changed, good_record(4)]))
+
+    initial = import_file(config, first)
+    again = import_file(config, second)
+
+    assert initial.returncode == 0, initial.stderr
+    assert "3 inserted, 0 updated, 0 rejected" in initial.stdout
+    assert again.returncode == 0, again.stderr
+    assert "1 inserted, 2 updated, 0 rejected" in again.stdout
+    versions = dict(query_all(database_of(config), "SELECT credential_id, version FROM identities"))
+    assert versions == {"c-good-1": 1, "c-good-2": 2, "c-good-3": 2, "c-good-4": 1}
+
+
+def lookup(config: Path, value: str, *options: str, stdin: str | None = None) -> dict[str, str]:
+    """Run `lookup` and parse its `name: value` lines."""
+    result = run_cli("lookup", "--config", str(config), value, *options, stdin=stdin)
+    assert result.returncode == 0, result.stderr
+    fields = {}
+    for line in result.stdout.splitlines():
+        name, _, text = line.partition(":")
+        fields[name.strip()] = text.strip()
+    return fields
+
+
+# (store, location, channel, expected action, expected reason)
+CSV_LIST_CASES = [
+    ("STORE-002", "ENTRY", "OPTICAL", "ACCEPT", "ACCEPTED"),
+    ("STORE-001", "EXIT", "RADIO", "ACCEPT", "ACCEPTED"),
+    ("STORE-003", "ENTRY", "OPTICAL", "REJECT", "STORE_NOT_ALLOWED"),
+    ("STORE-001", "ENTRY", "CONTACT", "REJECT", "CHANNEL_NOT_ALLOWED"),
+    ("STORE-001", "MANUAL_IN_STORE", "OPTICAL", "REJECT", "LOCATION_NOT_ALLOWED"),
+]
+
+
+@pytest.fixture(scope="module")
+def csv_lists_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A database with one CSV record whose list fields contain several ';'-separated items."""
+    directory = tmp_path_factory.mktemp("csv-lists")
+    config = write_config(directory, free_port())
+    source = directory / "lists.csv"
+    record = good_record(
+        1,
+        key="KEY-CSV-LISTS",
+        stores=["STORE-001", " STORE-002"],
+        channels=["OPTICAL", "RADIO"],
+        locations=["ENTRY", "EXIT"],
+    )
+    source.write_bytes(CSV_HEADER + csv_line(record))
+    result = import_file(config, source)
+    assert result.returncode == 0, result.stderr
+    return config
+
+
+@pytest.mark.parametrize(("store", "location", "channel", "action", "reason"), CSV_LIST_CASES)
+def test_csv_list_fields_split(
+    csv_lists_config: Path, store: str, location: str, channel: str, action: str, reason: str
+) -> None:
+    options = ["--store", store, "--location", location, "--channel", channel]
+
+    fields = lookup(csv_lists_config, "KEY-CSV-LISTS", *options)
+
+    assert (fields["action"], fields["reason"]) == (action, reason)
+
+
+# --- lookup and status -----------------------------------------------------------------------
+
+DECIDED_BEFORE = 2
+
+
+@pytest.fixture(scope="module")
+def used_daemon(tmp_path_factory: pytest.TempPathFactory) -> Daemon:
+    """A stopped daemon's folder: the sample records and a few recorded decisions."""
+    daemon = make_daemon(tmp_path_factory.mktemp("used"))
+    try:
+        daemon.start()
+        for number in range(DECIDED_BEFORE):
+            assert daemon.scan(f"UNKNOWN-BEFORE-LOOKUP-{number}").status == 200
+    finally:
+        if daemon.process is not None:
+            daemon.stop()
+    return daemon
+
+
+def key_of(credential_id: str) -> str:
+    return next(r["key"] for r in SAMPLE_RECORDS if r["credentialId"] == credential_id)
+
+
+# (case, value, location, expected action, expected reason, expected id)
+LOOKUP_CASES = [
+    ("known", key_of("c-shopper"), "ENTRY", "ACCEPT", "ACCEPTED", "shopper-1"),
+    ("unknown", "KEY-NEVER-IMPORTED-9f9f", "ENTRY", "REJECT", "UNKNOWN_KEY", "(unknown key)"),
+    ("suspended", key_of("c-suspended"), "ENTRY", "REJECT", "SUSPENDED", "shopper-suspended"),
+    (
+        "suspended at exit",
+        key_of("c-suspended"),
+        "EXIT",
+        "ACCEPT",
+        "EXIT_OVERRIDE",
+        "shopper-suspended",
+    ),
+    ("revoked", key_of("c-revoked"), "ENTRY", "REJECT", "REVOKED", "shopper-revoked"),
+]
+
+
+@pytest.mark.parametrize(
+    ("value", "location", "action", "reason", "identity_id"),
+    [pytest.param(*case[1:], id=case[0]) for case in LOOKUP_CASES],
+)
+def test_lookup_prints_decision(
+    used_daemon: Daemon, value: str, location: str, action: str, reason: str, identity_id: str
+) -> None:
+    fields = lookup(used_daemon.config, value, "--location", location)
+
+    assert fields["action"] == action
+    assert fields["reason"] == reason
+    assert fields["id"] == identity_id
+
+
+def test_lookup_reads_stdin(used_daemon: Daemon) -> None:
+    fields = lookup(used_daemon.config, "-", stdin=key_of("c-shopper") + "\n")
+
+    assert fields["action"] == "ACCEPT"
+    assert fields["id"] == "shopper-1"
+
+
+def recorded_rows(database: Path) -> tuple[list[Any], list[Any]]:
+    return (
+        query_all(database, "SELECT * FROM decisions ORDER BY scan_event_id"),
+        query_all(database, "SELECT * FROM outbox ORDER BY seq"),
+    )
+
+
+def test_lookup_records_nothing(used_daemon: Daemon) -> None:
+    decisions, outbox = recorded_rows(used_daemon.database)
+
+    for value in (key_of("c-shopper"), "KEY-NEVER-IMPORTED-9f9f"):
+        lookup(used_daemon.config, value)
+
+    decisions_after, outbox_after = recorded_rows(used_daemon.database)
+    assert len(decisions) == DECIDED_BEFORE
+    assert decisions_after == decisions
+    assert outbox_after == outbox
+
+
+# (text line pattern, JSON field, expected number)
+STATUS_COUNTS = [
+    (r"^identities:\s+(\d+)$", "identities", len(SAMPLE_RECORDS)),
+    (r"^decisions kept:\s+(\d+)", "decisionsRetained", DECIDED_BEFORE),
+    (r"^outbox:\s+(\d+) events", "outboxDepth", DECIDED_BEFORE),
+]
+
+
+@pytest.fixture(scope="module")
+def status_outputs(used_daemon: Daemon) -> tuple[Any, Any]:
+    """The text and the JSON output of `status`, run once for every count checked."""
+    text = run_cli("status", "--config", str(used_daemon.config))
+    as_json = run_cli("status", "--config", str(used_daemon.config), "--json")
+    return text, as_json
+
+
+@pytest.mark.parametrize(
+    ("pattern", "field", "expected"), STATUS_COUNTS, ids=[case[1] for case in STATUS_COUNTS]
+)
+def test_status_prints_counts(
+    status_outputs: tuple[Any, Any], pattern: str, field: str, expected: int
+) -> None:
+    text, as_json = status_outputs
+
+    assert text.returncode == 0, text.stderr
+    match = re.search(pattern, text.stdout, re.MULTILINE)
+    assert match is not None, text.stdout
+    assert int(match.group(1)) == expected
+    assert as_json.returncode == 0, as_json.stderr
+    assert json.loads(as_json.stdout)[field] == expected
+
+
+# --- check-config ----------------------------------------------------------------------------
+
+VALID_BASE = """\
+[server]
+host = "127.0.0.1"
+port = 8080
+
+[stores]
+ids = ["STORE-001"]
+
+[policy]
+value_encoding = "auto"
+max_scan_age = "5m"
+"""
+
+
+def replace_line(text: str, old: str, new: str) -> str:
+    assert old in text
+    return text.replace(old, new)
+
+
+# (case, configuration text, key the message names or None, text of the line it must name)
+INVALID_CONFIGS: list[tuple[str, str, str | None, str]] = [
+    (
+        "unknown key",
+        replace_line(VALID_BASE, "port = 8080", "prot = 8080"),
+        "server.prot",
+        "prot = 8080",
+    ),
+    (
+        "wrong type",
+        replace_line(VALID_BASE, "port = 8080", 'port = "8080"'),
+        "server.port",
+        'port = "8080"',
+    ),
+    (
+        "bad duration",
+        replace_line(VALID_BASE, 'max_scan_age = "5m"', 'max_scan_age = "5 minutes"'),
+        "policy.max_scan_age",
+        "max_scan_age",
+    ),
+    (
+        "duration not a string",
+        replace_line(VALID_BASE, 'max_scan_age = "5m"', "max_scan_age = 300"),
+        "policy.max_scan_age",
+        "max_scan_age",
+    ),
+    (
+        "bad enum",
+        replace_line(VALID_BASE, 'value_encoding = "auto"', 'value_encoding = "hex"'),
+        "policy.value_encoding",
+        "value_encoding",
+    ),
+    (
+        "missing stores.ids",
+        replace_line(VALID_BASE, 'ids = ["STORE-001"]\n', ""),
+        "stores.ids",
+        "[stores]",
+    ),
+    (
+        # tomllib reports where parsing failed, which need not name a key.
+        "invalid TOML",
+        replace_line(VALID_BASE, "port = 8080", "port = = 8080"),
+        None,
+        "port = = 8080",
+    ),
+]
+
+
+def line_number(text: str, fragment: str) -> int:
+    return next(n for n, line in enumerate(text.splitlines(), start=1) if fragment in line)
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "fragment"),
+    [pytest.param(*case[1:], id=case[0]) for case in INVALID_CONFIGS],
+)
+def test_check_config_rejects(tmp_path: Path, text: str, key: str | None, fragment: str) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text(text, encoding="utf-8")
+
+    result = run_cli("check-config", str(path))
+
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr, result.stderr
+    if key is not None:
+        assert key in result.stderr, result.stderr
+    assert re.search(rf"\bline {line_number(text, fragment)}\b", result.stderr), result.stderr
+
+
+def written_config(directory: Path) -> Path:
+    return write_config(directory, free_port())
+
+
+def example_config(directory: Path) -> Path:
+    return REPO / "docs" / "examples" / "config.toml"
+
+
+@pytest.mark.parametrize("make_config", [written_config, example_config], ids=["tests", "example"])
+def test_check_config_accepts_valid(tmp_path: Path, make_config: Callable[[Path], Path]) -> None:
+    path = make_config(tmp_path)
+
+    result = run_cli("check-config", str(path))
+
+    assert result.returncode == 0, result.stderr
+    assert "configuration is valid" in result.stdout

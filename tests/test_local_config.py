@@ -1,0 +1,164 @@
+"""[[devices]] and [local] validation: errors name the key and its line."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from daemon.config import ConfigError, parse_config
+from tests.conftest import run_cli
+
+BASE = """\
+[stores]
+ids = ["STORE-001"]
+
+[[devices]]
+name = "scanner-1"
+kind = "serial"
+station = "station-1"
+path = "/dev/ttyACM0"
+"""
+# Lines of the text that each case appends to BASE start at line 10.
+
+
+@dataclass(frozen=True)
+class BadConfig:
+    name: str
+    extra: str
+    key: str
+    line: int
+    message: str
+
+
+CASES = [
+    BadConfig(
+        "unknown-key",
+        '\n[[devices]]\nname = "s2"\nkind = "serial"\nstation = "x"\npath = "/p"\nbaud = 9600\n',
+        "devices.1.baud",
+        15,
+        "unknown key",
+    ),
+    BadConfig(
+        "wrong-type",
+        '\n[[devices]]\nname = "s2"\nkind = "serial"\nstation = "x"\npath = "/p"\n'
+        'baudrate = "fast"\n',
+        "devices.1.baudrate",
+        15,
+        "Expected `int`",
+    ),
+    BadConfig(
+        "missing-kind",
+        '\n[[devices]]\nname = "s2"\nstation = "x"\n',
+        "devices.1.kind",
+        10,
+        "missing key",
+    ),
+    BadConfig(
+        "unknown-kind",
+        '\n[[devices]]\nname = "s2"\nkind = "usb"\nstation = "x"\n',
+        "devices.1.kind",
+        12,
+        "invalid kind 'usb'",
+    ),
+    BadConfig(
+        "missing-path",
+        '\n[[devices]]\nname = "s2"\nkind = "serial"\nstation = "x"\n',
+        "devices.1.path",
+        10,
+        "missing key",
+    ),
+    BadConfig(
+        "bad-serial-duration",
+        '\n[[devices]]\nname = "s2"\nkind = "serial"\nstation = "x"\npath = "/p"\n'
+        'idle_gap = "soon"\n',
+        "devices.1.idle_gap",
+        15,
+        "invalid duration",
+    ),
+    BadConfig(
+        "bad-pcsc-duration",
+        '\n[[devices]]\nname = "r1"\nkind = "pcsc"\nstation = "x"\nreader = "ACS*"\n'
+        'poll_interval = "fast"\n',
+        "devices.1.poll_interval",
+        15,
+        "invalid duration",
+    ),
+    BadConfig(
+        "bad-stopbits",
+        '\n[[devices]]\nname = "s2"\nkind = "serial"\nstation = "x"\npath = "/p"\nstopbits = 3\n',
+        "devices.1.stopbits",
+        15,
+        "invalid value",
+    ),
+    BadConfig(
+        "empty-station",
+        '\n[[devices]]\nname = "s2"\nkind = "serial"\nstation = ""\npath = "/p"\n',
+        "devices.1.station",
+        13,
+        "length >= 1",
+    ),
+    BadConfig(
+        "duplicate-name",
+        '\n[[devices]]\nname = "scanner-1"\nkind = "serial"\nstation = "x"\npath = "/p"\n',
+        "devices.1.name",
+        11,
+        "duplicate device name 'scanner-1'",
+    ),
+    BadConfig(
+        "local-unknown-key",
+        '\n[local]\nsession_time = "5m"\n',
+        "local.session_time",
+        11,
+        "unknown key",
+    ),
+    BadConfig(
+        "local-bad-network",
+        '\n[local]\nallow_networks = ["loopback"]\n',
+        "local",
+        10,
+        "invalid network 'loopback'",
+    ),
+    BadConfig(
+        "local-store-not-served",
+        '\n[local]\nstore_id = "STORE-999"\n',
+        "local.store_id",
+        11,
+        "not in [stores] ids",
+    ),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda case: case.name)
+def test_bad_table_rejected(case: BadConfig) -> None:
+    with pytest.raises(ConfigError) as raised:
+        parse_config(BASE + case.extra, source="config.toml")
+
+    message = str(raised.value)
+    assert f"key {case.key}:" in message
+    assert f"line {case.line}," in message
+    assert case.message in message
+
+
+def test_valid_tables_accepted() -> None:
+    extra = (
+        '\n[[devices]]\nname = "r1"\nkind = "pcsc"\nstation = "station-1"\nreader = "ACS*"\n'
+        '\n[local]\nsession_timeout = "2m"\ndebounce = "0ms"\n'
+    )
+
+    config = parse_config(BASE + extra)
+
+    assert [device["name"] for device in config.devices] == ["scanner-1", "r1"]
+    assert config.local.session_timeout == 120.0
+    assert config.local.debounce == 0.0
+
+
+def test_check_config_names_key_and_line(tmp_path: Path) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text(BASE + CASES[0].extra, encoding="utf-8")
+
+    result = run_cli("check-config", str(path))
+
+    assert result.returncode == 2
+    assert f"{path}: line 15, key devices.1.baud: unknown key" in result.stderr

@@ -1,0 +1,342 @@
+"""The SQLite store as operators meet it: migration, rejection, corruption, secret, stored values.
+
+Every test works on real database files in a temporary folder, through the real CLI or a real
+daemon subprocess, and inspects the files afterwards with the test's own SQLite connection.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import sqlite3
+import stat
+import subprocess
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from daemon.store import SCHEMA_VERSION
+from tests.conftest import SAMPLE_RECORDS, Daemon, free_port, make_daemon, run_cli, write_config
+from tests.helpers_store import count_rows, query_all, query_one, run_serve_until_exit
+
+EXPECTED_TABLES = {"identities", "decisions", "outbox", "meta"}
+PAGE_SIZE = 4096
+
+
+def secret_path(database: Path) -> Path:
+    return database.with_name(database.name + ".key")
+
+
+def write_records(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(record) + "\n" for record in records), encoding="utf-8")
+    return path
+
+
+def new_daemon(directory: Path) -> Daemon:
+    """A daemon with a configuration but no database yet (make_daemon imports first)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    config = write_config(directory, port)
+    return Daemon(directory, port, config, directory / "daemon.log")
+
+
+# --- migration ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("initial", ["no file", "empty file"])
+def test_migration_sets_user_version(tmp_path: Path, initial: str) -> None:
+    config = write_config(tmp_path, free_port())
+    database = tmp_path / "connector.sqlite3"
+    if initial == "empty file":
+        database.write_bytes(b"")
+    records = write_records(tmp_path / "records.jsonl", SAMPLE_RECORDS[:1])
+
+    result = run_cli("import", "--config", str(config), str(records))
+
+    assert result.returncode == 0, result.stderr
+    assert query_one(database, "PRAGMA user_version") == SCHEMA_VERSION
+    tables = {row[0] for row in query_all(database, "SELECT name FROM sqlite_master")}
+    assert tables >= EXPECTED_TABLES
+
+
+def make_newer_database(directory: Path, journal_mode: str) -> Daemon:
+    """A populated database whose user_version is one past what this build supports."""
+    daemon = make_daemon(directory)
+    connection = sqlite3.connect(daemon.database, isolation_level=None)
+    try:
+        connection.execute(f"PRAGMA journal_mode = {journal_mode}")
+        connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    finally:
+        connection.close()
+    return daemon
+
+
+Outcome = subprocess.CompletedProcess[str]
+
+
+def run_serve(daemon: Daemon) -> Outcome:
+    return run_serve_until_exit(daemon.config)
+
+
+def run_import(daemon: Daemon) -> Outcome:
+    records = daemon.directory / "records.jsonl"
+    return run_cli("import", "--config", str(daemon.config), str(records))
+
+
+def run_status(daemon: Daemon) -> Outcome:
+    return run_cli("status", "--config", str(daemon.config))
+
+
+COMMANDS: dict[str, Callable[[Daemon], Outcome]] = {
+    "serve": run_serve,
+    "import": run_import,
+    "status": run_status,
+}
+
+
+@pytest.mark.parametrize("journal_mode", ["wal", "delete"])
+@pytest.mark.parametrize("command", ["serve", "import"])
+def test_newer_database_rejected_untouched(tmp_path: Path, command: str, journal_mode: str) -> None:
+    daemon = make_newer_database(tmp_path / "newer", journal_mode)
+    before = daemon.database.read_bytes()
+    files_before = sorted(p.name for p in daemon.directory.iterdir())
+
+    result = COMMANDS[command](daemon)
+
+    assert result.returncode == 2, result.stderr
+    assert f"schema version {SCHEMA_VERSION + 1}" in result.stderr
+    assert str(daemon.database) in result.stderr
+    assert daemon.database.read_bytes() == before, "the refused database file was modified"
+    assert sorted(p.name for p in daemon.directory.iterdir()) == files_before
+
+
+# --- integrity check at start ------------------------------------------------------------
+
+
+def corrupt_with_garbage(database: Path) -> None:
+    """Replace the whole file with bytes that are not SQLite at all."""
+    size = database.stat().st_size
+    database.write_bytes(bytes((index * 131 + 7) % 256 for index in range(size)))
+
+
+def corrupt_table_page(database: Path) -> None:
+    """Overwrite the identities table's root page, keeping a valid SQLite header."""
+    root = query_one(database, "SELECT rootpage FROM sqlite_master WHERE name = 'identities'")
+    data = bytearray(database.read_bytes())
+    start = (root - 1) * PAGE_SIZE
+    data[start : start + PAGE_SIZE] = b"\xa5" * PAGE_SIZE
+    database.write_bytes(bytes(data))
+
+
+def corrupt_index_entry(database: Path) -> None:
+    """Flip one byte of a key hash in the table row, so the row and its index entry disagree.
+
+    The file stays readable, and only PRAGMA integrity_check notices the damage (a row missing
+    from the identities_key_hash index).
+    """
+    root = query_one(database, "SELECT rootpage FROM sqlite_master WHERE name = 'identities'")
+    key_hash = query_one(database, "SELECT key_hash FROM identities LIMIT 1")
+    data = bytearray(database.read_bytes())
+    start = (root - 1) * PAGE_SIZE
+    offset = data.find(key_hash, start, start + PAGE_SIZE)
+    assert offset >= 0, "the key hash is not on the table's root page"
+    data[offset] ^= 0xFF
+    database.write_bytes(bytes(data))
+
+
+CORRUPTIONS: dict[str, Callable[[Path], None]] = {
+    "not a database": corrupt_with_garbage,
+    "malformed table page": corrupt_table_page,
+    "index disagrees with table": corrupt_index_entry,
+}
+
+
+@pytest.mark.parametrize("kind", list(CORRUPTIONS))
+def test_corrupt_database_moved_aside(tmp_path: Path, kind: str) -> None:
+    daemon = make_daemon(tmp_path / "corrupt")
+    CORRUPTIONS[kind](daemon.database)
+    corrupted = daemon.database.read_bytes()
+
+    try:
+        daemon.start()
+        scan = daemon.scan("KEY-UNKNOWN-after-corruption")
+        ready = daemon.request("GET", "/readyz")
+    finally:
+        if daemon.process is not None:
+            daemon.stop()
+
+    moved = [
+        path
+        for path in daemon.directory.glob("connector.sqlite3.corrupt-*")
+        if not path.name.endswith(("-wal", "-shm"))
+    ]
+    assert len(moved) == 1, f"expected one moved-aside file, found {moved}"
+    assert moved[0].read_bytes() == corrupted, "the moved-aside file is not the corrupt one"
+    events = [line for line in daemon.log_lines() if line["event"] == "store.corrupt_moved_aside"]
+    assert len(events) == 1, "no store.corrupt_moved_aside log line"
+    assert events[0].get("moved_to") == str(moved[0])
+    assert scan.status == 200
+    assert ready.status == 200
+    assert query_one(daemon.database, "PRAGMA integrity_check") == "ok"
+    assert query_one(daemon.database, "PRAGMA user_version") == SCHEMA_VERSION
+
+
+# --- pragmas -----------------------------------------------------------------------------
+
+
+def test_journal_mode_is_wal(daemon: Daemon) -> None:
+    assert query_one(daemon.database, "PRAGMA journal_mode") == "wal"
+
+
+# --- the HMAC secret ---------------------------------------------------------------------
+
+
+def create_by_import(daemon: Daemon) -> None:
+    records = write_records(daemon.directory / "records.jsonl", SAMPLE_RECORDS)
+    result = run_cli("import", "--config", str(daemon.config), str(records))
+    assert result.returncode == 0, result.stderr
+
+
+def create_by_serve(daemon: Daemon) -> None:
+    try:
+        daemon.start()
+    finally:
+        if daemon.process is not None:
+            daemon.stop()
+
+
+@pytest.mark.parametrize("creator", [create_by_import, create_by_serve], ids=["import", "serve"])
+def test_secret_created_mode_0600(tmp_path: Path, creator: Callable[[Daemon], None]) -> None:
+    daemon = new_daemon(tmp_path / "fresh")
+
+    creator(daemon)
+
+    secret = secret_path(daemon.database)
+    assert secret.is_file(), f"{secret} was not created beside the database"
+    assert stat.S_IMODE(secret.stat().st_mode) == 0o600
+
+
+def populate_identities(directory: Path) -> Daemon:
+    return make_daemon(directory)
+
+
+def populate_decisions_only(directory: Path) -> Daemon:
+    """A database with decisions and outbox events (hashed with the secret) but no identities."""
+    daemon = make_daemon(directory, records=[])
+    try:
+        daemon.start()
+        for number in range(3):
+            assert daemon.scan(f"UNKNOWN-DECIDED-{number}").status == 200
+    finally:
+        if daemon.process is not None:
+            daemon.stop()
+    return daemon
+
+
+@pytest.mark.parametrize("command", ["serve", "import"])
+@pytest.mark.parametrize(
+    "populate", [populate_identities, populate_decisions_only], ids=["identities", "decisions"]
+)
+def test_missing_secret_rejected(
+    tmp_path: Path, populate: Callable[[Path], Daemon], command: str
+) -> None:
+    daemon = populate(tmp_path / "populated")
+    secret = secret_path(daemon.database)
+    secret.unlink()
+
+    result = COMMANDS[command](daemon)
+
+    assert result.returncode == 2, result.stderr
+    assert str(secret) in result.stderr
+    assert not secret.exists(), "a new secret was made for a database hashed with the old one"
+
+
+def secret_forms(database: Path) -> list[str]:
+    text = secret_path(database).read_text(encoding="ascii").strip()
+    raw = bytes.fromhex(text)
+    return [text.lower(), text.upper(), base64.b64encode(raw).decode(), raw.hex()[:32]]
+
+
+def test_secret_never_logged(daemon: Daemon) -> None:
+    for record in SAMPLE_RECORDS[:4]:
+        assert daemon.scan(record["key"]).status == 200
+    assert daemon.scan("KEY-NEVER-IMPORTED-1a2b3c").status == 200
+    config = str(daemon.config)
+    outputs = {
+        "import": run_cli("import", "--config", config, str(daemon.directory / "records.jsonl")),
+        "lookup": run_cli("lookup", "--config", config, SAMPLE_RECORDS[0]["key"]),
+        "status": run_cli("status", "--config", config, "--json"),
+    }
+    daemon.stop()
+
+    texts = {"daemon log": daemon.log_path.read_text(encoding="utf-8")}
+    for name, result in outputs.items():
+        texts[f"{name} output"] = result.stdout + result.stderr
+    for form in secret_forms(daemon.database):
+        for name, text in texts.items():
+            assert form not in text, f"the HMAC secret appears in the {name}"
+
+
+# --- no raw scanned value at rest or in logs -----------------------------------------------
+
+
+def scanned_values() -> list[tuple[str, str, list[str]]]:
+    """(value as sent, channel, the strings that must not be found) for each scan.
+
+    Every value is distinct, so a hit points at one scan. Known keys are sent raw, with a
+    scanner's CR/LF suffix, base64-encoded, and as a card UID in another spelling.
+    """
+    tag = uuid.uuid4().hex[:12]
+    shopper = SAMPLE_RECORDS[0]["key"]
+    associate = SAMPLE_RECORDS[1]["key"]
+    cash = SAMPLE_RECORDS[2]["key"]
+    encoded = base64.b64encode(cash.encode()).decode()
+    return [
+        (f"UNKNOWN-RAW-{tag}-1", "OPTICAL", [f"UNKNOWN-RAW-{tag}-1"]),
+        (f"  UNKNOWN-RAW-{tag}-2\r\n", "OPTICAL", [f"UNKNOWN-RAW-{tag}-2"]),
+        (f"unknown raw {tag} with spaces", "OPTICAL", [f"unknown raw {tag} with spaces"]),
+        (f"UNKNOWN-ÜNICODE-{tag}-ß", "OPTICAL", [f"UNKNOWN-ÜNICODE-{tag}-ß"]),
+        (shopper, "OPTICAL", [shopper]),
+        (associate + "\r\n", "OPTICAL", [associate]),
+        (encoded, "OPTICAL", [encoded, cash]),
+        ("04A23B1C5D6E80", "RADIO", ["04A23B1C5D6E80", "04:a2:3b:1c:5d:6e:80"]),
+    ]
+
+
+def find_values(data: bytes, needles: list[str]) -> list[str]:
+    return [needle for needle in needles if needle.encode("utf-8") in data]
+
+
+def database_files(database: Path) -> dict[str, bytes]:
+    files = {}
+    for suffix in ("", "-wal", "-shm"):
+        path = Path(str(database) + suffix)
+        if path.exists():
+            files[path.name] = path.read_bytes()
+    return files
+
+
+def test_no_raw_value_stored_or_logged(daemon: Daemon) -> None:
+    scans = scanned_values()
+    needles = [needle for _value, _channel, forms in scans for needle in forms]
+    for value, channel, _forms in scans:
+        assert daemon.scan(value, channel=channel).status == 200
+    too_long = f"TOO-LONG-{uuid.uuid4().hex}-" + "x" * 1000
+    assert daemon.scan(too_long).status == 400
+    needles.append(too_long[:40])
+    lookup = run_cli("lookup", "--config", str(daemon.config), f"UNKNOWN-LOOKUP-{uuid.uuid4()}")
+
+    running = database_files(daemon.database)
+    daemon.stop()
+    stopped = database_files(daemon.database)
+
+    assert f"{daemon.database.name}-wal" in running, "no WAL file to inspect while running"
+    for phase, files in (("running", running), ("stopped", stopped)):
+        for name, data in files.items():
+            assert find_values(data, needles) == [], f"raw values in {name} while {phase}"
+    log = daemon.log_path.read_bytes()
+    assert find_values(log, needles) == [], "raw values in the daemon log"
+    assert count_rows(daemon.database, "decisions") == len(scans)
+    assert "UNKNOWN-LOOKUP-" not in lookup.stderr, "raw value in the log of `lookup`"

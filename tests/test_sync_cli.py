@@ -1,0 +1,90 @@
+"""`sync --now`, the HQ lines of `status`, and clock offset detection."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import SAMPLE_RECORDS, make_daemon, run_cli
+from tests.fakehq import FakeHq, hq_config, local_versions, meta, outbox_ids, wait_until
+
+
+@pytest.fixture
+def hq() -> Iterator[FakeHq]:
+    server = FakeHq().start()
+    server.put(*SAMPLE_RECORDS)
+    yield server
+    server.close()
+
+
+def test_sync_now_pulls_and_uploads(tmp_path: Path, hq: FakeHq) -> None:
+    directory = tmp_path / "daemon"
+    daemon = make_daemon(directory, hq_config(hq, directory), records=[])
+    daemon.start()
+    wait_until(lambda: meta(daemon.database, "cursor") == hq.cursor(), what="snapshot")
+    hq.down()
+    for _ in range(3):
+        assert daemon.scan("KEY-ASSOCIATE-8e2d11").status == 200
+    daemon.stop()
+    hq.up()
+    hq.remove("c-cash")
+
+    result = run_cli("sync", "--now", "--config", str(daemon.config))
+
+    assert result.returncode == 0, result.stderr
+    assert "pulled 1 changes" in result.stdout
+    assert "3 of 3 events accepted" in result.stdout
+    assert outbox_ids(daemon.database) == []
+    assert "c-cash" not in local_versions(daemon.database)
+
+
+def test_sync_now_reports_unreachable_hq(tmp_path: Path, hq: FakeHq) -> None:
+    directory = tmp_path / "daemon"
+    daemon = make_daemon(directory, hq_config(hq, directory), records=[])
+    hq.down()
+
+    result = run_cli("sync", "--now", "--config", str(daemon.config))
+
+    assert result.returncode == 1
+    assert "error: sync failed" in result.stderr
+
+
+def test_status_shows_hq_state(tmp_path: Path, hq: FakeHq) -> None:
+    directory = tmp_path / "daemon"
+    daemon = make_daemon(directory, hq_config(hq, directory), records=[])
+    assert run_cli("sync", "--now", "--config", str(daemon.config)).returncode == 0
+
+    result = run_cli("status", "--json", "--config", str(daemon.config))
+    state = json.loads(result.stdout)
+
+    assert state["hqState"] == "online"
+    assert state["syncCursor"] == hq.cursor()
+    assert state["cursorAgeSeconds"] is not None
+    assert state["clockUncertain"] is False
+    assert state["outboxDropped"] == 0
+
+
+def test_clock_offset_flags_events(tmp_path: Path, hq: FakeHq) -> None:
+    hq.control.clock_offset = 120.0
+    directory = tmp_path / "daemon"
+    daemon = make_daemon(
+        directory, hq_config(hq, directory, 'clock_offset_threshold = "5s"'), records=[]
+    )
+    daemon.start()
+    try:
+        wait_until(lambda: meta(daemon.database, "cursor") == hq.cursor(), what="snapshot")
+        assert daemon.scan("KEY-SHOPPER-5f1c2b").status == 200
+        wait_until(lambda: hq.received.events, what="the event at HQ")
+        (event,) = hq.received.events.values()
+        assert event["clockUncertain"] is True
+
+        wait_until(lambda: meta(daemon.database, "hq_clock_offset"), what="stored offset")
+        text = run_cli("status", "--config", str(daemon.config)).stdout
+        assert "WARNING: clock differs from HQ's" in text
+        warnings = [line for line in daemon.log_lines() if line["event"] == "hq.clock_offset"]
+        assert len(warnings) == 1
+    finally:
+        daemon.stop()

@@ -1,0 +1,87 @@
+"""kill -9 in the middle of a batch apply or a snapshot rebuild: cursor and data agree."""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import SAMPLE_RECORDS, Daemon, make_daemon
+from tests.fakehq import (
+    FakeHq,
+    hq_config,
+    local_versions,
+    make_records,
+    meta,
+    query,
+    versions_of,
+    wait_until,
+)
+
+BULK = 30000
+
+
+@pytest.fixture
+def hq() -> Iterator[FakeHq]:
+    server = FakeHq().start()
+    yield server
+    server.close()
+
+
+def new_daemon(tmp_path: Path, hq: FakeHq, extra: str, records: list) -> Daemon:
+    directory = tmp_path / "daemon"
+    return make_daemon(directory, hq_config(hq, directory, extra), records=records)
+
+
+def leftover_tables(daemon: Daemon) -> list[tuple]:
+    return query(
+        daemon.database,
+        "SELECT name FROM sqlite_master WHERE name IN ('identities_staging', 'identities_retired')",
+    )
+
+
+def test_kill_during_batch_apply(tmp_path: Path, hq: FakeHq) -> None:
+    daemon = new_daemon(tmp_path, hq, "pull_batch_size = 1000", records=[])
+    daemon.start()
+    wait_until(lambda: meta(daemon.database, "cursor") == hq.cursor(), what="empty snapshot")
+
+    hq.put(*make_records(BULK))
+    wait_until(lambda: hq.received.requests["changes"] >= 8, what="several pages pulled")
+    daemon.stop(signal.SIGKILL)
+
+    cursor = meta(daemon.database, "cursor")
+    assert cursor is not None
+    assert cursor != hq.cursor(), "the kill came after the last page; raise BULK"
+    assert local_versions(daemon.database) == versions_of(hq.state_at(cursor))
+
+    daemon.start()
+    try:
+        wait_until(lambda: meta(daemon.database, "cursor") == hq.cursor(), what="catch-up")
+        assert local_versions(daemon.database) == versions_of(hq.records)
+    finally:
+        daemon.stop()
+
+
+def test_kill_during_snapshot_rebuild(tmp_path: Path, hq: FakeHq) -> None:
+    hq.put(*make_records(BULK))
+    hq.control.snapshot_line_delay = 0.05
+    daemon = new_daemon(tmp_path, hq, "snapshot_batch_size = 1000", records=SAMPLE_RECORDS)
+    daemon.start()
+    wait_until(lambda: hq.received.snapshot_lines_sent >= 8000, what="part of the snapshot")
+    daemon.stop(signal.SIGKILL)
+
+    assert meta(daemon.database, "cursor") is None
+    assert local_versions(daemon.database) == versions_of(
+        {r["credentialId"]: r for r in SAMPLE_RECORDS}
+    )
+
+    hq.control.snapshot_line_delay = 0.0
+    daemon.start()
+    try:
+        wait_until(lambda: meta(daemon.database, "cursor") == hq.cursor(), what="the rebuild")
+        assert local_versions(daemon.database) == versions_of(hq.records)
+        assert leftover_tables(daemon) == []
+    finally:
+        daemon.stop()

@@ -1,0 +1,99 @@
+"""Online lookup of cache misses: inside and past its time budget, and while HQ is away."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import SAMPLE_RECORDS, Daemon, make_daemon
+from tests.fakehq import FakeHq, hq_config, local_versions, meta, wait_until
+
+LATE_RECORD = {
+    "credentialId": "c-late",
+    "key": "KEY-LATE-0a0b0c",
+    "id": "shopper-late",
+    "type": "SHOPPER",
+    "status": "ACTIVE",
+    "stores": ["STORE-001"],
+    "version": 1,
+}
+# lookup_timeout is 300 ms; the bound leaves room for a loaded machine, and stays far
+# below the slow HQ's 5 s delay.
+REPLY_BOUND = 2.0
+
+
+@pytest.fixture
+def hq() -> Iterator[FakeHq]:
+    server = FakeHq().start()
+    server.put(*SAMPLE_RECORDS)
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def daemon(tmp_path: Path, hq: FakeHq) -> Iterator[Daemon]:
+    directory = tmp_path / "daemon"
+    instance = make_daemon(
+        directory, hq_config(hq, directory, 'reconcile_interval = "1h"'), records=[]
+    )
+    instance.start()
+    wait_until(lambda: meta(instance.database, "cursor") == hq.cursor(), what="snapshot")
+    wait_until(lambda: meta(instance.database, "hq_state") == "online", what="online")
+    # Known to HQ's lookup but not yet in its feed, so only a lookup can find it.
+    hq.change_silently(LATE_RECORD)
+    yield instance
+    instance.stop()
+
+
+def timed_scan(daemon: Daemon, key: str) -> tuple[str, float]:
+    started = time.monotonic()
+    reply = daemon.scan(key)
+    elapsed = time.monotonic() - started
+    assert reply.status == 200, reply.body
+    return reply.json()["action"], elapsed
+
+
+def test_lookup_inside_budget_accepts_and_caches(daemon: Daemon, hq: FakeHq) -> None:
+    action, elapsed = timed_scan(daemon, "KEY-LATE-0a0b0c")
+
+    assert action == "ACCEPT"
+    assert elapsed < REPLY_BOUND
+    assert hq.received.lookups == ["KEY-LATE-0a0b0c"]
+    wait_until(lambda: "c-late" in local_versions(daemon.database), what="the cached record")
+
+
+def test_lookup_past_budget_follows_offline_policy(daemon: Daemon, hq: FakeHq) -> None:
+    hq.control.lookup_delay = 5.0
+    action, elapsed = timed_scan(daemon, "KEY-LATE-0a0b0c")
+
+    assert action == "REJECT"
+    assert elapsed < REPLY_BOUND
+    decided = [line for line in daemon.log_lines() if line["event"] == "scan.decided"]
+    assert decided[-1]["reason"] == "UNKNOWN_KEY"
+
+
+def test_lookup_of_unknown_key_rejects(daemon: Daemon, hq: FakeHq) -> None:
+    action, _elapsed = timed_scan(daemon, "KEY-NOBODY-123")
+
+    assert action == "REJECT"
+    assert hq.received.lookups == ["KEY-NOBODY-123"]
+
+
+def test_lookup_skipped_while_hq_offline(daemon: Daemon, hq: FakeHq) -> None:
+    hq.down()
+    wait_until(lambda: meta(daemon.database, "hq_state") == "offline", what="offline")
+    action, elapsed = timed_scan(daemon, "KEY-LATE-0a0b0c")
+
+    assert action == "REJECT"
+    assert elapsed < REPLY_BOUND
+    assert hq.received.lookups == []
+
+
+def test_cached_key_needs_no_lookup(daemon: Daemon, hq: FakeHq) -> None:
+    action, _elapsed = timed_scan(daemon, "KEY-SHOPPER-5f1c2b")
+
+    assert action == "ACCEPT"
+    assert hq.received.lookups == []

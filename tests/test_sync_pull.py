@@ -1,0 +1,273 @@
+"""Pull side of the HQ sync against a real daemon and the fake HQ on loopback."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import SAMPLE_RECORDS, Daemon, make_daemon
+from tests.fakehq import (
+    FakeHq,
+    hq_config,
+    local_versions,
+    meta,
+    query,
+    versions_of,
+    wait_until,
+)
+
+
+@pytest.fixture
+def hq() -> Iterator[FakeHq]:
+    server = FakeHq().start()
+    server.put(*SAMPLE_RECORDS)
+    yield server
+    server.close()
+
+
+def start_daemon(
+    tmp_path: Path, hq: FakeHq, extra: str = "", policy: str = "", records: list | None = None
+) -> Daemon:
+    directory = tmp_path / "daemon"
+    daemon = make_daemon(
+        directory,
+        hq_config(hq, directory, extra, policy),
+        records=[] if records is None else records,
+    )
+    daemon.start()
+    return daemon
+
+
+def caught_up(daemon: Daemon, hq: FakeHq) -> bool:
+    return meta(daemon.database, "cursor") == hq.cursor()
+
+
+def decided(daemon: Daemon, key: str, **kwargs: str) -> str:
+    reply = daemon.scan(key, **kwargs)
+    assert reply.status == 200, reply.body
+    return reply.json()["action"]
+
+
+def reasons(daemon: Daemon) -> list[str]:
+    return [line["reason"] for line in daemon.log_lines() if line["event"] == "scan.decided"]
+
+
+@pytest.fixture
+def synced(tmp_path: Path, hq: FakeHq) -> Iterator[Daemon]:
+    daemon = start_daemon(tmp_path, hq)
+    wait_until(lambda: caught_up(daemon, hq), what="the initial snapshot")
+    yield daemon
+    if daemon.process is not None:
+        daemon.stop()
+
+
+def test_initial_snapshot_fills_cache(synced: Daemon, hq: FakeHq) -> None:
+    assert local_versions(synced.database) == versions_of(hq.records)
+    assert hq.received.requests["snapshot"] == 1
+    assert meta(synced.database, "last_pull_at") is not None
+    assert decided(synced, "KEY-SHOPPER-5f1c2b") == "ACCEPT"
+
+
+def test_snapshot_request_carries_bearer_token(synced: Daemon, hq: FakeHq) -> None:
+    assert hq.received.authorization == {"Bearer fake-hq-token-3c9d"}
+    logged = synced.log_path.read_text(encoding="utf-8")
+    assert "fake-hq-token-3c9d" not in logged
+
+
+def test_incremental_put_adds_identity(synced: Daemon, hq: FakeHq) -> None:
+    hq.put(
+        {
+            "credentialId": "c-new",
+            "key": "KEY-NEW-77e1",
+            "id": "shopper-new",
+            "type": "SHOPPER",
+            "status": "ACTIVE",
+            "stores": ["STORE-001"],
+            "version": 1,
+        }
+    )
+    wait_until(lambda: caught_up(synced, hq), what="the PUT")
+
+    assert local_versions(synced.database)["c-new"] == 1
+    assert hq.received.requests["snapshot"] == 1
+
+
+def test_revocation_reaches_decision_within_one_pull(synced: Daemon, hq: FakeHq) -> None:
+    assert decided(synced, "KEY-SHOPPER-5f1c2b") == "ACCEPT"
+    revoked = {**SAMPLE_RECORDS[0], "status": "REVOKED", "version": 7}
+    changed_at = time.monotonic()
+    hq.put(revoked)
+
+    wait_until(lambda: caught_up(synced, hq), timeout=10, what="the revocation")
+    elapsed = time.monotonic() - changed_at
+
+    assert decided(synced, "KEY-SHOPPER-5f1c2b") == "REJECT"
+    assert reasons(synced)[-1] == "REVOKED"
+    # pull_interval is 200 ms; a loaded machine gets generous slack.
+    assert elapsed < 5.0
+
+
+def test_remove_makes_key_unknown(synced: Daemon, hq: FakeHq) -> None:
+    hq.remove("c-cash")
+    wait_until(lambda: caught_up(synced, hq), what="the REMOVE")
+
+    assert "c-cash" not in local_versions(synced.database)
+    assert decided(synced, "KEY-CASH-33aa90") == "REJECT"
+    assert reasons(synced)[-1] == "UNKNOWN_KEY"
+
+
+def test_put_remove_put_in_one_page_keeps_last(synced: Daemon, hq: FakeHq) -> None:
+    hq.put({**SAMPLE_RECORDS[2], "version": 2})
+    hq.remove("c-cash")
+    hq.put({**SAMPLE_RECORDS[2], "version": 3})
+    wait_until(lambda: caught_up(synced, hq), what="the three changes")
+
+    assert local_versions(synced.database)["c-cash"] == 3
+
+
+def test_invalid_record_in_feed_is_skipped(synced: Daemon, hq: FakeHq) -> None:
+    hq.put({"credentialId": "c-bad", "key": "KEY-BAD-1", "type": "NOBODY"})
+    hq.put({**SAMPLE_RECORDS[3], "version": 4})
+    wait_until(lambda: caught_up(synced, hq), what="the page with an invalid record")
+
+    versions = local_versions(synced.database)
+    assert "c-bad" not in versions
+    assert versions["c-loyalty"] == 4
+    rejected = [line for line in synced.log_lines() if line["event"] == "sync.record_rejected"]
+    assert rejected[0]["credential_id"] == "c-bad"
+
+
+def test_cursor_expiry_mid_run_rebuilds(synced: Daemon, hq: FakeHq) -> None:
+    hq.put({**SAMPLE_RECORDS[1], "version": 9})
+    hq.expire_cursors()
+    wait_until(lambda: caught_up(synced, hq), what="the rebuild after 410")
+
+    events = [line["event"] for line in synced.log_lines()]
+    assert "sync.cursor_expired" in events
+    assert hq.received.requests["snapshot"] == 2
+    assert local_versions(synced.database) == versions_of(hq.records)
+
+
+def test_digest_mismatch_triggers_rebuild(tmp_path: Path, hq: FakeHq) -> None:
+    daemon = start_daemon(tmp_path, hq, extra='reconcile_interval = "300ms"')
+    try:
+        wait_until(lambda: caught_up(daemon, hq), what="the initial snapshot")
+        hq.change_silently({**SAMPLE_RECORDS[0], "status": "REVOKED", "version": 11})
+
+        wait_until(
+            lambda: local_versions(daemon.database).get("c-shopper") == 11,
+            what="the rebuild after the digest mismatch",
+        )
+        mismatches = [
+            line for line in daemon.log_lines() if line["event"] == "sync.digest_mismatch"
+        ]
+        assert mismatches[0]["local_count"] == len(SAMPLE_RECORDS)
+        assert mismatches[0]["hq_count"] == len(SAMPLE_RECORDS)
+        assert hq.received.requests["snapshot"] == 2
+    finally:
+        daemon.stop()
+
+
+def test_initial_snapshot_removes_imported_extras(tmp_path: Path, hq: FakeHq) -> None:
+    extra_record = {
+        "credentialId": "c-local-only",
+        "key": "KEY-LOCAL-ONLY-55",
+        "id": "local",
+        "type": "SHOPPER",
+        "status": "ACTIVE",
+        "stores": ["STORE-001"],
+        "version": 1,
+    }
+    daemon = start_daemon(tmp_path, hq, records=[extra_record])
+    try:
+        wait_until(lambda: caught_up(daemon, hq), what="the initial snapshot")
+        assert local_versions(daemon.database) == versions_of(hq.records)
+    finally:
+        daemon.stop()
+
+
+@pytest.mark.parametrize(
+    ("mode", "logged"),
+    [("cut", "snapshot stream cut"), ("invalid", "is not valid JSON")],
+)
+def test_broken_snapshot_keeps_old_cache(
+    tmp_path: Path, hq: FakeHq, mode: str, logged: str
+) -> None:
+    hq.control.snapshot_mode = mode  # type: ignore[assignment]
+    daemon = start_daemon(tmp_path, hq, records=SAMPLE_RECORDS[:3])
+    try:
+        wait_until(lambda: hq.received.requests["snapshot"] >= 2, what="a retried snapshot")
+        failures = [line for line in daemon.log_lines() if line["event"] == "sync.pull_failed"]
+        assert logged in failures[0]["error"]
+        assert meta(daemon.database, "cursor") is None
+        assert sorted(local_versions(daemon.database)) == ["c-associate", "c-cash", "c-shopper"]
+        staging = query(daemon.database, "SELECT name FROM sqlite_master WHERE name LIKE '%stag%'")
+        assert staging == []
+
+        hq.control.snapshot_mode = "ok"
+        wait_until(lambda: caught_up(daemon, hq), what="the repaired snapshot")
+        assert local_versions(daemon.database) == versions_of(hq.records)
+    finally:
+        daemon.stop()
+
+
+def test_stale_cache_policy_follows_pulls(tmp_path: Path, hq: FakeHq) -> None:
+    daemon = start_daemon(tmp_path, hq, policy='max_cache_age = "2s"')
+    try:
+        wait_until(lambda: caught_up(daemon, hq), what="the initial snapshot")
+        assert decided(daemon, "KEY-SHOPPER-5f1c2b") == "ACCEPT"
+
+        hq.down()
+        wait_until(
+            lambda: decided(daemon, "KEY-SHOPPER-5f1c2b") == "REJECT",
+            timeout=15,
+            what="the stale-cache rule",
+        )
+        assert reasons(daemon)[-1] == "CACHE_STALE"
+        assert decided(daemon, "KEY-ASSOCIATE-8e2d11") == "ACCEPT"
+
+        hq.up()
+        wait_until(
+            lambda: decided(daemon, "KEY-SHOPPER-5f1c2b") == "ACCEPT",
+            timeout=15,
+            what="the next successful pull",
+        )
+    finally:
+        daemon.stop()
+
+
+def test_outage_logs_once_each_way(tmp_path: Path, hq: FakeHq) -> None:
+    daemon = start_daemon(tmp_path, hq)
+    try:
+        wait_until(lambda: caught_up(daemon, hq), what="the initial snapshot")
+        hq.down()
+        wait_until(lambda: meta(daemon.database, "hq_state") == "offline", what="offline")
+        time.sleep(1.0)
+        hq.up()
+        wait_until(lambda: meta(daemon.database, "hq_state") == "online", what="online")
+
+        events = [line["event"] for line in daemon.log_lines()]
+        assert events.count("hq.unavailable") == 1
+        assert events.count("hq.available") == 2  # at start-up and after the outage
+    finally:
+        daemon.stop()
+
+
+def test_server_errors_degrade_then_recover(tmp_path: Path, hq: FakeHq) -> None:
+    daemon = start_daemon(tmp_path, hq)
+    try:
+        wait_until(lambda: caught_up(daemon, hq), what="the initial snapshot")
+        hq.control.fail_status = 500
+        wait_until(lambda: meta(daemon.database, "hq_state") == "degraded", what="degraded")
+        hq.control.fail_status = None
+        hq.put({**SAMPLE_RECORDS[0], "version": 3})
+        wait_until(lambda: caught_up(daemon, hq), what="recovery")
+
+        events = [line["event"] for line in daemon.log_lines()]
+        assert events.count("hq.degraded") == 1
+        assert "hq.unavailable" not in events
+    finally:
+        daemon.stop()

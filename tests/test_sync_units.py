@@ -1,0 +1,125 @@
+"""Units of the sync package that need no server: backoff, HQ state, digest and clock."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from email.utils import formatdate
+
+import pytest
+from structlog.testing import capture_logs
+
+from sync.clock import ClockEstimator
+from sync.digest import compute_digest
+from sync.errors import HqResponseInvalid, HqStatusError, HqUnreachable
+from sync.state import Backoff, HqHealth, HqState
+
+
+def test_backoff_doubles_within_jitter_and_caps() -> None:
+    backoff = Backoff(initial=1.0, maximum=8.0, rng=random.Random(7))
+    ceilings = [1.0, 2.0, 4.0, 8.0, 8.0, 8.0]
+    for ceiling in ceilings:
+        delay = backoff.next_delay()
+        assert ceiling / 2 <= delay <= ceiling
+
+
+def test_backoff_reset_starts_over() -> None:
+    backoff = Backoff(initial=1.0, maximum=60.0, rng=random.Random(7))
+    for _ in range(5):
+        backoff.next_delay()
+    backoff.reset()
+    assert backoff.next_delay() <= 1.0
+
+
+def test_health_logs_outage_once_and_return_once() -> None:
+    health = HqHealth(offline_after=2)
+    with capture_logs() as logs:
+        health.succeeded()
+        for _ in range(6):
+            health.failed(HqUnreachable("connection refused"))
+        health.succeeded()
+    events = [entry["event"] for entry in logs if entry["log_level"] != "debug"]
+
+    assert events == ["hq.available", "hq.unavailable", "hq.available"]
+
+
+@pytest.mark.parametrize(
+    ("errors", "state"),
+    [
+        ([HqUnreachable("refused")], HqState.DEGRADED),
+        ([HqUnreachable("refused")] * 3, HqState.OFFLINE),
+        ([HqStatusError("changes", 500)] * 5, HqState.DEGRADED),
+        ([HqResponseInvalid("broken")] * 5, HqState.DEGRADED),
+        ([HqUnreachable("refused")] * 3 + [HqStatusError("changes", 500)], HqState.DEGRADED),
+    ],
+)
+def test_health_state_after_failures(errors: list, state: HqState) -> None:
+    health = HqHealth(offline_after=3)
+    health.succeeded()
+    for error in errors:
+        health.failed(error)
+    assert health.state is state
+
+
+def test_gateway_unavailable_statuses_count_as_unreachable() -> None:
+    health = HqHealth(offline_after=2)
+    for _ in range(2):
+        error = HqStatusError("changes", 503)
+        error.reachable = False
+        health.failed(error)
+    assert health.state is HqState.OFFLINE
+
+
+def test_digest_matches_contract_lines() -> None:
+    pairs = [("a-1", 3), ("b", 1), ("é", 2)]
+    expected = hashlib.sha256(b"a-1:3\nb:1\n\xc3\xa9:2\n").hexdigest()
+    assert compute_digest(pairs) == (3, expected)
+
+
+def test_digest_of_nothing() -> None:
+    assert compute_digest([]) == (0, hashlib.sha256(b"").hexdigest())
+
+
+@pytest.mark.parametrize(
+    ("hq_ahead", "uncertain"), [(0.0, False), (4.0, False), (30.0, True), (-30.0, True)]
+)
+def test_clock_offset_threshold(hq_ahead: float, uncertain: bool) -> None:
+    clock = ClockEstimator(threshold=10.0)
+    now = 1_700_000_000.0
+    clock.observe(formatdate(now + hq_ahead, usegmt=True), now - 0.05, now + 0.05)
+    assert clock.uncertain is uncertain
+
+
+def test_clock_ignores_invalid_date() -> None:
+    clock = ClockEstimator(threshold=10.0)
+    clock.observe("not a date", 0.0, 1.0)
+    clock.observe(None, 0.0, 1.0)
+    assert clock.offset is None
+
+
+def test_clock_median_resists_one_outlier() -> None:
+    clock = ClockEstimator(threshold=10.0)
+    now = 1_700_000_000.0
+    for ahead in (0.0, 0.0, 3600.0, 0.0, 0.0):
+        clock.observe(formatdate(now + ahead, usegmt=True), now, now)
+    assert clock.uncertain is False
+
+
+def test_health_logs_hq_down_at_start() -> None:
+    health = HqHealth(offline_after=2)
+    with capture_logs() as logs:
+        for _ in range(4):
+            health.failed(HqUnreachable("connection refused"))
+    events = [entry["event"] for entry in logs if entry["log_level"] != "debug"]
+
+    assert events == ["hq.unavailable"]
+    assert health.state is HqState.OFFLINE
+
+
+def test_health_blip_logs_nothing() -> None:
+    health = HqHealth(offline_after=3)
+    health.succeeded()
+    with capture_logs() as logs:
+        health.failed(HqUnreachable("connection reset"))
+        health.succeeded()
+    assert [entry for entry in logs if entry["log_level"] != "debug"] == []
