@@ -76,9 +76,7 @@ class ServerConfig(_Section):
                 raise ValueError(f"invalid {name} {getattr(self, name)}: use a duration above 0")
         for name in ("max_line_size", "max_field_size"):
             if not 1024 <= getattr(self, name) <= 65536:
-                raise ValueError(
-                    f"invalid {name} {getattr(self, name)}: use 1024 to 65536 bytes"
-                )
+                raise ValueError(f"invalid {name} {getattr(self, name)}: use 1024 to 65536 bytes")
 
 
 class StoresConfig(_Section):
@@ -184,9 +182,7 @@ class AuthConfig(_Section):
         if self.rate_burst < 1:
             raise ValueError(f"invalid rate_burst {self.rate_burst}: use 1 or more")
         if self.rate_limit_clients < 1:
-            raise ValueError(
-                f"invalid rate_limit_clients {self.rate_limit_clients}: use 1 or more"
-            )
+            raise ValueError(f"invalid rate_limit_clients {self.rate_limit_clients}: use 1 or more")
 
 
 class HqConfig(_Section):
@@ -236,8 +232,7 @@ class HqConfig(_Section):
             )
         if self.backoff_initial <= 0 or self.backoff_max < self.backoff_initial:
             raise ValueError(
-                "invalid backoff: backoff_initial must be above 0 and backoff_max at least as"
-                " long"
+                "invalid backoff: backoff_initial must be above 0 and backoff_max at least as long"
             )
         if self.client_key_file and not self.client_cert_file:
             raise ValueError("client_key_file is set without client_cert_file: set both")

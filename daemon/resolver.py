@@ -56,7 +56,7 @@ class Resolver:
         self.hq: Any = None
 
     def cache_stale(self, now: float) -> bool:
-        """Whether the stale-cache rule applies: HQ is configured and not pulled recently."""
+        """Return whether the stale-cache rule applies: HQ is configured but not pulled recently."""
         if self.config.hq is None:
             return False
         last_pull = self.store.reader.meta(LAST_PULL_META_KEY)
@@ -242,7 +242,7 @@ def audit_event(
     now: float,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Build the audit event HQ receives for a decision; it never holds the scanned value."""
+    """Build the audit event HQ receives for a decision; it never contains the scanned value."""
     identity = evaluation.identity
     verdict = evaluation.verdict
     event: dict[str, Any] = {

@@ -42,7 +42,7 @@ class Runtime:
     hq_state: str = "not configured"
     devices: dict[str, DeviceState] = field(default_factory=dict)
     failure: str | None = None
-    """Why the daemon stopped itself; ``serve`` then exits non-zero."""
+    """Reason the daemon stopped itself; ``serve`` then exits non-zero."""
     reload_hooks: list[ReloadHook] = field(default_factory=list)
     """Called with the new configuration after a reload; raising rejects the reload."""
 

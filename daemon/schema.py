@@ -118,7 +118,7 @@ _FIELD_RULES: dict[str, str] = {
 
 
 class BodyInvalid(Exception):
-    """A body that is not a JSON object at all; the message says why."""
+    """A body that is not a JSON object at all; the message gives the cause."""
 
 
 def decode_request(body: bytes) -> ResolveScanRequest:
@@ -140,7 +140,7 @@ def decode_request(body: bytes) -> ResolveScanRequest:
     try:
         document = _ANY_DECODER.decode(body)
     except msgspec.DecodeError as exc:
-        # The typed decoder can fail on the first value before it sees trailing garbage.
+        # The typed decoder can fail on the first value before it reaches trailing garbage.
         raise BodyInvalid(_describe_decode_error(body, exc)) from None
     except RecursionError:
         raise BodyInvalid("the JSON body is nested too deeply") from None

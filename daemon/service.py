@@ -170,7 +170,7 @@ def _reload(runtime: Runtime) -> None:
 
 
 def status_line(runtime: Runtime) -> str:
-    """The one-line state `systemctl status` shows."""
+    """Build the one-line state that `systemctl status` shows."""
     devices = runtime.devices
     available = sum(1 for device in devices.values() if device.available)
     cache = "stale" if runtime.resolver.cache_stale(time.time()) else "fresh"

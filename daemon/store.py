@@ -39,7 +39,7 @@ T = TypeVar("T")
 
 
 class StoreError(Exception):
-    """The database cannot be used as it is; the message says why and what to do."""
+    """The database cannot be used as it is; the message gives the cause and the fix."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -261,7 +261,7 @@ SYNC_CHECK_MAX_BYTES = 64 * 1024 * 1024
 
 
 def check_marker(path: Path) -> Path:
-    """The file whose presence makes the next start check the database before serving."""
+    """Return the marker file that makes the next start check the database before serving."""
     return Path(str(path) + ".check-required")
 
 

@@ -41,6 +41,16 @@ request = function()
    return wrk.format("POST", "/v1/identity/scan", {["Content-Type"] = "application/json"}, body)
 end
 
+-- With BENCH_RATE set, each connection waits between requests so that all
+-- BENCH_CONNECTIONS together send about BENCH_RATE requests per second.
+local rate = tonumber(os.getenv("BENCH_RATE") or "0")
+local connections = tonumber(os.getenv("BENCH_CONNECTIONS") or "1")
+if rate > 0 then
+   delay = function()
+      return 1000 * connections / rate
+   end
+end
+
 -- One machine-readable line for bench_resolve.py: percentiles in microseconds.
 done = function(summary, latency, requests)
    io.write(string.format(

@@ -1,0 +1,67 @@
+"""Measure cold start to READY=1 with a large cache already imported.
+
+Uses the database that bench_resolve.py leaves in its work folder (run that first), starts
+`serve` with NOTIFY_SOCKET pointing at a datagram socket, and times process start to the
+READY=1 notification, which the daemon sends after the port is bound.
+
+    .venv/bin/python tests/bench/bench_startup.py --runs 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent.parent
+
+
+def start_once(config: Path) -> float:
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "notify.sock"
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        sock.bind(str(path))
+        sock.settimeout(30)
+        started = time.perf_counter()
+        process = subprocess.Popen(
+            [sys.executable, "-m", "daemon", "serve", "--config", str(config)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            cwd=REPO,
+            env={**os.environ, "NOTIFY_SOCKET": str(path)},
+        )
+        try:
+            while b"READY=1" not in sock.recv(4096):
+                pass
+            elapsed = time.perf_counter() - started
+        finally:
+            process.terminate()
+            process.wait(timeout=30)
+            sock.close()
+    return elapsed
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/identity-connector-bench"))
+    parser.add_argument("--runs", type=int, default=5)
+    args = parser.parse_args()
+    config = args.workdir / "run" / "config.toml"
+    if not config.exists():
+        print(f"error: {config} not found: run tests/bench/bench_resolve.py first", file=sys.stderr)
+        return 2
+    times = [start_once(config) for _ in range(args.runs)]
+    size = (args.workdir / "run" / "connector.sqlite3").stat().st_size
+    print(f"database {size / 1e6:.0f} MB; cold start to READY over {args.runs} runs:")
+    print(f"median {statistics.median(times):.3f} s, max {max(times):.3f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
