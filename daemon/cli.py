@@ -90,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
             config.logging.level,
             config.logging.format,
             stream=sys.stdout if args.command == "serve" else sys.stderr,
+            journal_socket=config.logging.journal_socket,
         )
         if args.command == "serve":
             from daemon.service import serve

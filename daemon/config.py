@@ -117,7 +117,11 @@ class PolicyConfig(_Section):
 
 class LoggingConfig(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
-    format: Literal["auto", "json", "console"] = "auto"
+    format: Literal["auto", "json", "console", "journal"] = "auto"
+    """auto: journald fields when systemd connects stdout to the journal, text on a
+    terminal, JSON lines otherwise."""
+    journal_socket: str = "/run/systemd/journal/socket"
+    """journald's native socket, used by format "journal" (and "auto" under systemd)."""
 
 
 class TlsConfig(_Section):

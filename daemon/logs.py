@@ -1,4 +1,4 @@
-"""structlog set-up: JSON lines for machines, readable lines on a terminal."""
+"""structlog set-up: journald fields under systemd, JSON lines for machines, text on a terminal."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ from typing import Any, TextIO
 
 import msgspec
 import structlog
+
+from daemon.journal import JOURNAL_SOCKET, JournalLoggerFactory, journal_renderer, stdout_is_journal
 
 _LEVELS = {
     "debug": logging.DEBUG,
@@ -22,19 +24,36 @@ def _serialize(event: dict[str, Any], **_kwargs: Any) -> str:
     return _JSON.encode(event).decode()
 
 
-def configure_logging(level: str = "info", fmt: str = "auto", stream: TextIO | None = None) -> None:
-    """Send structured events to ``stream`` (stdout by default).
+def configure_logging(
+    level: str = "info",
+    fmt: str = "auto",
+    stream: TextIO | None = None,
+    journal_socket: str = JOURNAL_SOCKET,
+) -> None:
+    """Send structured events to ``stream`` (stdout by default) or to journald.
 
-    ``fmt`` "auto" writes JSON lines unless the stream is a terminal. Exceptions logged with
-    ``log.exception`` carry their traceback in the ``exception`` field of the same line.
+    ``fmt`` "auto" sends events to journald with their fields when systemd connected the
+    stream to the journal, writes readable lines on a terminal, and JSON lines otherwise.
+    Exceptions logged with ``log.exception`` carry their traceback in the ``exception`` field
+    of the same event.
     """
     stream = stream or sys.stdout
+    use_journal = fmt == "journal" or (fmt == "auto" and stdout_is_journal(stream))
     use_json = fmt == "json" or (fmt == "auto" and not stream.isatty())
     processors: list[Any] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
+    if use_journal:
+        processors += [structlog.processors.format_exc_info, journal_renderer]
+        structlog.configure(
+            processors=processors,
+            wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
+            logger_factory=JournalLoggerFactory(journal_socket, stream),
+            cache_logger_on_first_use=False,
+        )
+        return
     if use_json:
         processors += [
             structlog.processors.format_exc_info,
