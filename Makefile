@@ -40,6 +40,16 @@ test: $(VENV)/.installed-test
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 
+# Benchmarks: minutes, not part of `make test`. Results go in docs/benchmarks.md by hand.
+BENCH_IDENTITIES ?= 1000000
+BENCH_SECONDS ?= 20
+
+bench: $(VENV)/.installed-test
+	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
+	$(BIN)/python tests/bench/bench_resolve.py --identities $(BENCH_IDENTITIES) --duration $(BENCH_SECONDS)
+	$(BIN)/python tests/bench/bench_startup.py --runs 5
+	$(BIN)/python tests/bench/bench_local_feedback.py --scans 2000
+
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .

@@ -1,8 +1,10 @@
 """Benchmark ResolveScan end to end at the socket with a large cache.
 
 Generates N identities, imports them (reporting the import rate), starts the daemon, and drives
-it with wrk: one connection in a loop, then 16 concurrent connections. Every request carries a
-new scanEvent.id, so each one is a full decision with its commit. Prints a Markdown table.
+it with wrk: one connection in a loop, 16 connections paced to a fixed total rate, and 16
+connections back to back. Every request carries a new scanEvent.id, so each one is a full
+decision with its commit. The same runs against tests/bench/floor_app.py, a minimal aiohttp app,
+give the framework floor measured on the same machine in the same run. Prints Markdown.
 
     .venv/bin/python tests/bench/bench_resolve.py --identities 1000000 --duration 20
 """
@@ -44,6 +46,18 @@ def generate_records(path: Path, count: int) -> None:
             }
             handle.write(json.dumps(record, separators=(",", ":")) + "\n")
     partial.rename(path)
+
+
+def wait_healthy(port: int) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        probe = subprocess.run(
+            ["curl", "-sf", f"http://127.0.0.1:{port}/healthz"], capture_output=True
+        )
+        if probe.returncode == 0:
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"nothing healthy on port {port} after 30 s")
 
 
 def run_wrk(
@@ -125,14 +139,7 @@ def main() -> int:
         [*cli, "serve", "--config", str(config)], stdout=log, stderr=log, cwd=REPO
     )
     try:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            probe = subprocess.run(
-                ["curl", "-sf", f"http://127.0.0.1:{port}/healthz"], capture_output=True
-            )
-            if probe.returncode == 0:
-                break
-            time.sleep(0.1)
+        wait_healthy(port)
         # A short warm-up fills SQLite's page cache the way a running store box has it.
         run_wrk(port, 1, 4, 3, args.identities)
         single = run_wrk(port, 1, 1, args.duration, args.identities)
@@ -142,6 +149,22 @@ def main() -> int:
         daemon.terminate()
         daemon.wait(timeout=30)
         log.close()
+
+    floor_port = free_port()
+    floor = subprocess.Popen(
+        [sys.executable, str(HERE / "floor_app.py"), str(floor_port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_healthy(floor_port)
+        run_wrk(floor_port, 1, 4, 3, args.identities)
+        floor_single = run_wrk(floor_port, 1, 1, args.duration, args.identities)
+        floor_paced = run_wrk(floor_port, 2, 16, args.duration, args.identities, rate=args.rate)
+        floor_concurrent = run_wrk(floor_port, 2, 16, args.duration, args.identities)
+    finally:
+        floor.terminate()
+        floor.wait(timeout=30)
 
     cpu = next(
         (
@@ -158,20 +181,28 @@ def main() -> int:
         f"({args.identities / import_seconds:,.0f} records/s)"
     )
     print()
-    print("| Clients | p50 (ms) | p99 (ms) | p99.9 (ms) | decisions/s | errors |")
-    print("|---|---|---|---|---|---|")
     rows = (
-        ("1, back to back", single),
-        (f"16, paced to {args.rate}/s in total", paced),
-        ("16, back to back (saturation)", concurrent),
+        ("1, back to back", single, floor_single),
+        (f"16, paced to {args.rate}/s in total", paced, floor_paced),
+        ("16, back to back (saturation)", concurrent, floor_concurrent),
     )
-    for label, result in rows:
+    print("| Clients | target | p50 (ms) | p99 (ms) | p99.9 (ms) | requests/s | errors |")
+    print("|---|---|---|---|---|---|---|")
+    for label, result, floor_result in rows:
+        for target, figures in (("daemon", result), ("aiohttp floor", floor_result)):
+            print(
+                f"| {label} | {target} | {figures['p50_ms']:.2f} | {figures['p99_ms']:.2f} | "
+                f"{figures['p999_ms']:.2f} | {figures['rps']:,.0f} | {figures['errors']} |"
+            )
+    print()
+    print("Daemon-to-floor ratios:")
+    for label, result, floor_result in rows:
         print(
-            f"| {label} | {result['p50_ms']:.2f} | {result['p99_ms']:.2f} | "
-            f"{result['p999_ms']:.2f} | {result['rps']:,.0f} | {result['errors']} |"
+            f"- {label}: p50 {result['p50_ms'] / floor_result['p50_ms']:.2f}x,"
+            f" p99 {result['p99_ms'] / floor_result['p99_ms']:.2f}x"
         )
     print()
-    print(f"wrk commands: `{single['command']}`; `{concurrent['command']}`; the paced run sets")
+    print(f"wrk commands: `{single['command']}`; `{concurrent['command']}`; the paced runs set")
     print(f"BENCH_RATE={args.rate} BENCH_CONNECTIONS=16 in the environment of the same command.")
     return 0
 
