@@ -16,9 +16,9 @@ from daemon.store import Store
 
 log = structlog.get_logger(__name__)
 
-# Sections bound at start: the listener, the database and the HQ sync loops keep the values
-# they started with.
-RESTART_ONLY_SECTIONS = ("server", "database", "hq")
+# Sections bound at start: the listener, the database, the HQ sync loops and the log
+# output keep the values they started with.
+RESTART_ONLY_SECTIONS = ("server", "database", "hq", "logging")
 
 ReloadHook = Callable[[Config], None]
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import signal
+import sqlite3
 import time
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from aiohttp import web
 
 from daemon import sdnotify, security
 from daemon.api import build_app
-from daemon.config import Config, ConfigError
+from daemon.config import Config, ConfigError, HqConfig
 from daemon.hq import start_sync
 from daemon.local import LOCAL_KEY
 from daemon.metrics import Metrics
@@ -138,10 +139,10 @@ async def _serve_with_store(config: Config, config_path: Path | None, store: Sto
         await local.stop()
         # Closes the listening socket first, then waits for in-flight handlers.
         await runner.cleanup()
-    if runtime.failure:
-        raise StoreError(runtime.failure)
         if hq is not None:
             await hq.stop()
+    if runtime.failure:
+        raise StoreError(runtime.failure)
 
 
 async def _check_in_background(runtime: Runtime, stop: asyncio.Event) -> None:
@@ -227,14 +228,33 @@ async def _health_problem(runtime: Runtime, site: web.TCPSite, timeout: float) -
 async def _prune_periodically(runtime: Runtime) -> None:
     store = runtime.store
     while True:
-        cutoff = time.time() - runtime.config.policy.idempotency_retention
+        now = time.time()
+        cutoff = now - runtime.config.policy.idempotency_retention
         try:
             removed = await store.writer.submit(
                 functools.partial(prune_decisions, older_than=cutoff)
             )
+            dropped = 0
+            if runtime.config.hq is None:
+                dropped = await store.writer.submit(
+                    functools.partial(_bound_outbox_without_hq, now=now)
+                )
         except Exception as exc:
             log.error("store.prune_failed", error=str(exc))
         else:
             if removed:
                 log.info("store.decisions_pruned", removed=removed)
+            if dropped:
+                log.warning("outbox.trimmed_without_hq", dropped=dropped)
         await asyncio.sleep(PRUNE_INTERVAL)
+
+
+def _bound_outbox_without_hq(connection: sqlite3.Connection, now: float) -> int:
+    """Keep the outbox within the [hq] defaults when no HQ drains it, dropping the oldest."""
+    # Imported here: daemon.hq brings in the HQ client, which a box without [hq] never uses.
+    from daemon.hq import trim_outbox
+
+    limits = HqConfig(url="http://127.0.0.1")
+    return trim_outbox(
+        connection, limits.outbox_max_events, limits.outbox_max_age, "drop_oldest", now
+    )

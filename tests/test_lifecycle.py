@@ -247,3 +247,22 @@ def test_metrics_parse(daemon: Daemon) -> None:
     histogram = families["identity_connector_decision_latency_seconds"]
     count = next(s.value for s in histogram.samples if s.name.endswith("_count"))
     assert count == 2
+
+
+def test_outbox_bounded_without_hq(tmp_path: Path) -> None:
+    instance = make_daemon(tmp_path / "d")
+    # Events older than the 30-day limit, as if the box had run for months without HQ.
+    connection = sqlite3.connect(instance.database)
+    old = time.time() - 31 * 86400
+    connection.executemany(
+        "INSERT INTO outbox (event_id, created_at, body) VALUES (?, ?, ?)",
+        [(f"old-{index}", old, b"{}") for index in range(50)],
+    )
+    connection.commit()
+    connection.close()
+    instance.start()
+    try:
+        line = _wait_for_log(instance, "outbox.trimmed_without_hq", 0)
+    finally:
+        instance.stop()
+    assert line["dropped"] == 50
