@@ -51,8 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     lookup.add_argument("value", help="scanned value; '-' reads it from standard input")
     lookup.add_argument("--store", help="store id (default: the first configured store)")
-    lookup.add_argument("--location", choices=LOCATIONS, default="ENTRY")
-    lookup.add_argument("--channel", choices=CHANNELS, default="OPTICAL")
+    lookup.add_argument("--location", choices=LOCATIONS, default="ENTRY", help="default: ENTRY")
+    lookup.add_argument("--channel", choices=CHANNELS, default="OPTICAL", help="default: OPTICAL")
 
     status = with_config(commands.add_parser("status", help="print cache, sync and outbox state"))
     status.add_argument("--json", action="store_true", help="print JSON instead of text")
@@ -122,7 +122,15 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def _open_store(config: Config) -> Store:
+def _open_store(config: Config, must_exist: bool = False) -> Store:
+    """Open the configured database; read-only commands pass ``must_exist``."""
+    path = Path(config.database.path)
+    if must_exist and not path.exists():
+        # Creating an empty cache here would make lookup answer UNKNOWN_KEY for everything.
+        raise StoreError(
+            f"database {path.resolve()} not found: import identities first, or check"
+            " [database] path (a relative path is resolved against the working directory)"
+        )
     return Store.open(
         Path(config.database.path), config.database.secret_path, config.database.busy_timeout
     )
@@ -162,7 +170,7 @@ def _import(config: Config, path: Path, file_format: str | None) -> int:
 def _lookup(config: Config, args: argparse.Namespace) -> int:
     value = sys.stdin.readline() if args.value == "-" else args.value
     store_id = args.store or config.stores.ids[0]
-    store = _open_store(config)
+    store = _open_store(config, must_exist=True)
     try:
         resolver = Resolver(store, config)
         now = time.time()
@@ -186,7 +194,7 @@ def _status(config: Config, as_json: bool) -> int:
     # Imported here: daemon.hq pulls in the aiohttp client, which slows every other command.
     from daemon.hq import hq_status, print_hq_status
 
-    store = _open_store(config)
+    store = _open_store(config, must_exist=True)
     try:
         reader = store.reader
         now = time.time()

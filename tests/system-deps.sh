@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Install the Debian packages the test suite needs: the PC/SC stack with a
-# virtual reader, the compilers pyscard and evdev build with, and
+# virtual reader, the compiler and headers pyscard and evdev build with, and
 # systemd-analyze for the unit checks. Installs only what is missing, so a
 # second run costs a few dpkg queries.
 set -euo pipefail
 
 PACKAGES=(
+    build-essential
+    python3-dev
     pcscd
     vsmartcard-vpcd
     libpcsclite-dev

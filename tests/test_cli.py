@@ -571,3 +571,12 @@ def test_check_config_accepts_valid(tmp_path: Path, make_config: Callable[[Path]
 
     assert result.returncode == 0, result.stderr
     assert "configuration is valid" in result.stdout
+
+
+@pytest.mark.parametrize("command", [["status"], ["lookup", "ANY-VALUE"]])
+def test_read_command_without_database(tmp_path: Path, command: list[str]) -> None:
+    config = write_config(tmp_path, free_port())
+    result = run_cli(command[0], "--config", str(config), *command[1:])
+    assert result.returncode == 2
+    assert "not found: import identities first" in result.stderr
+    assert not (tmp_path / "connector.sqlite3").exists()
