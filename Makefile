@@ -49,6 +49,8 @@ bench: $(VENV)/.installed-test
 	$(BIN)/python tests/bench/bench_resolve.py --identities $(BENCH_IDENTITIES) --duration $(BENCH_SECONDS)
 	$(BIN)/python tests/bench/bench_startup.py --runs 5
 	$(BIN)/python tests/bench/bench_local_feedback.py --scans 2000
+	$(BIN)/python tests/bench/bench_tls.py --identities 100000 --duration 15
+	$(BIN)/python tests/bench/bench_sync.py --identities 1000000 --events 100000
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check .
