@@ -42,12 +42,13 @@ request = function()
 end
 
 -- With BENCH_RATE set, each connection waits between requests so that all
--- BENCH_CONNECTIONS together send about BENCH_RATE requests per second.
+-- BENCH_CONNECTIONS together send about BENCH_RATE requests per second. The waits are
+-- exponentially distributed, like independent gates, so the connections do not fire in step.
 local rate = tonumber(os.getenv("BENCH_RATE") or "0")
 local connections = tonumber(os.getenv("BENCH_CONNECTIONS") or "1")
 if rate > 0 then
    delay = function()
-      return 1000 * connections / rate
+      return -math.log(1 - math.random()) * 1000 * connections / rate
    end
 end
 
