@@ -41,6 +41,8 @@ class Runtime:
     started_at: float = field(default_factory=time.time)
     hq_state: str = "not configured"
     devices: dict[str, DeviceState] = field(default_factory=dict)
+    identity_count: int | None = None
+    """Identities in the cache at the last count; None until the first count finishes."""
     failure: str | None = None
     """Reason the daemon stopped itself; ``serve`` then exits non-zero."""
     reload_hooks: list[ReloadHook] = field(default_factory=list)

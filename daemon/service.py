@@ -175,17 +175,34 @@ def status_line(runtime: Runtime) -> str:
     devices = runtime.devices
     available = sum(1 for device in devices.values() if device.available)
     cache = "stale" if runtime.resolver.cache_stale(time.time()) else "fresh"
+    count = runtime.identity_count
+    size = f"{count:,} identities" if count is not None else "identities being counted"
     return (
         f"serving {runtime.config.server.host}:{runtime.config.server.port};"
-        f" cache {cache}; HQ {runtime.hq_state};"
+        f" cache {cache}, {size}; HQ {runtime.hq_state};"
         f" devices {available}/{len(devices)} available"
     )
 
 
 async def _report_status(runtime: Runtime) -> None:
+    store = runtime.store
+    timeout = runtime.config.database.busy_timeout
     while True:
-        await asyncio.sleep(STATUS_INTERVAL)
+        # Counting millions of rows takes longer than a decision may wait, so a thread does it.
+        try:
+            runtime.identity_count = await asyncio.to_thread(_count_identities, store.path, timeout)
+        except sqlite3.Error as exc:
+            log.warning("store.count_failed", error=str(exc))
         sdnotify.status(status_line(runtime))
+        await asyncio.sleep(STATUS_INTERVAL)
+
+
+def _count_identities(path: Path, busy_timeout: float) -> int:
+    connection = sqlite3.connect(path, timeout=busy_timeout)
+    try:
+        return connection.execute("SELECT count(*) FROM identities").fetchone()[0]
+    finally:
+        connection.close()
 
 
 async def _watchdog(runtime: Runtime, site: web.TCPSite, interval: float) -> None:

@@ -85,6 +85,8 @@ def test_ready_only_after_port_accepts(
     with socket.create_connection(("127.0.0.1", notified_daemon.port), timeout=1):
         pass
     assert "STATUS=serving 127.0.0.1" in message
+    counted = notify_socket.receive_until(lambda m: "13 identities" in m)
+    assert "devices 0/0 available" in counted
 
 
 def test_watchdog_cadence(notified_daemon: Daemon, notify_socket: NotifySocket) -> None:
