@@ -31,7 +31,7 @@ from daemon.identities import (
     upsert_rows,
 )
 from daemon.normalize import candidate_keys
-from daemon.policy import Reason, ScanContext, decide
+from daemon.policy import Reason, decide
 from daemon.resolver import LAST_PULL_META_KEY, Evaluation, Resolver
 from daemon.store import Identity, KeyHasher, Store, StoreReader, connect
 from sync.digest import compute_digest
@@ -508,14 +508,7 @@ class HqSync:
             return evaluation
 
         identity = _identity_from_row(row)
-        context = ScanContext(
-            store_id=store_id,
-            location=location,
-            channel=channel,
-            scanned_at=scanned_at,
-            now=now,
-            cache_stale=resolver.cache_stale(now),
-        )
+        context = resolver.scan_context(store_id, location, channel, scanned_at, now)
         log.info(
             "hq.lookup_found",
             credential_id=identity.credential_id,

@@ -64,6 +64,19 @@ class Resolver:
             return True
         return now - float(last_pull) > self.config.policy.max_cache_age
 
+    def scan_context(
+        self, store_id: str, location: str, channel: str, scanned_at: float, now: float
+    ) -> ScanContext:
+        """Describe a scan for the policy, with the stale-cache state at ``now``."""
+        return ScanContext(
+            store_id=store_id,
+            location=location,
+            channel=channel,
+            scanned_at=scanned_at,
+            now=now,
+            cache_stale=self.cache_stale(now),
+        )
+
     def evaluate(
         self,
         value: str,
@@ -78,14 +91,7 @@ class Resolver:
         hasher = self.store.hasher
         policy = self.config.policy
         candidates = candidate_keys(value, channel, policy.value_encoding)
-        context = ScanContext(
-            store_id=store_id,
-            location=location,
-            channel=channel,
-            scanned_at=scanned_at,
-            now=now,
-            cache_stale=self.cache_stale(now),
-        )
+        context = self.scan_context(store_id, location, channel, scanned_at, now)
 
         if not candidates:
             key_hash = hasher.hash(strip_value(value))
