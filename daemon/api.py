@@ -210,7 +210,7 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 def build_app(runtime: Runtime, metrics_registry: Metrics) -> web.Application:
-    # Admission runs inside problem_middleware, so its 401/403/429 answers are counted too.
+    # Admission runs inside problem_middleware, so its 401/403/429 responses are counted too.
     app = web.Application(
         middlewares=[problem_middleware, admission_middleware],
         client_max_size=runtime.config.server.max_body_size,

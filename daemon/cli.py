@@ -126,7 +126,7 @@ def _open_store(config: Config, must_exist: bool = False) -> Store:
     """Open the configured database; read-only commands pass ``must_exist``."""
     path = Path(config.database.path)
     if must_exist and not path.exists():
-        # Creating an empty cache here would make lookup answer UNKNOWN_KEY for everything.
+        # Creating an empty cache here would make lookup return UNKNOWN_KEY for every value.
         raise StoreError(
             f"database {path.resolve()} not found: import identities first, or check"
             " [database] path (a relative path is resolved against the working directory)"

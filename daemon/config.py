@@ -15,7 +15,6 @@ DEFAULT_CONFIG_PATH = Path("/etc/identity-connector/config.toml")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
-Action = Literal["ACCEPT", "REJECT"]
 OverridableReason = Literal["SUSPENDED", "EXPIRED", "NOT_YET_VALID", "CACHE_STALE", "REVOKED"]
 
 
@@ -394,8 +393,3 @@ def find_key_line(text: str, key_path: str) -> int | None:
         if table == parts[: len(table)] and header_line is None and table:
             header_line = number
     return header_line
-
-
-def dump_defaults() -> dict[str, Any]:
-    """Return the default configuration as plain data, for documentation and tests."""
-    return msgspec.to_builtins(Config(stores=StoresConfig(ids=["STORE-001"])))

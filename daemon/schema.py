@@ -25,7 +25,6 @@ Action = Literal["ACCEPT", "REJECT"]
 
 LOCATIONS: tuple[str, ...] = ("ENTRY", "EXIT", "MANUAL_IN_STORE")
 CHANNELS: tuple[str, ...] = ("OPTICAL", "RADIO", "CONTACT")
-IDENTITY_TYPES: tuple[str, ...] = ("SHOPPER", "ASSOCIATE", "CASH", "LOYALTY")
 
 
 class ScanEvent(msgspec.Struct, kw_only=True):

@@ -31,8 +31,8 @@ log = structlog.get_logger(__name__)
 
 PRUNE_INTERVAL = 3600.0
 STATUS_INTERVAL = 30.0
-# In-flight requests get this long to finish after SIGTERM before their connections close;
-# the unit's TimeoutStopSec (30 s) leaves room for the writer flush after it.
+# In-flight requests get this long to finish after SIGTERM before their connections close.
+# The unit's TimeoutStopSec (30 s) leaves room for the writer flush after it.
 SHUTDOWN_TIMEOUT = 10.0
 
 

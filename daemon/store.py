@@ -135,7 +135,7 @@ def connect(path: Path, busy_timeout: float) -> sqlite3.Connection:
     )
     connection.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
     connection.execute("PRAGMA journal_mode = WAL")
-    # NORMAL in WAL mode loses no committed transaction when the process dies; only a power
+    # NORMAL in WAL mode loses no committed transaction when the process dies. Only a power
     # loss can roll back the last commits, and the gateway then retries with the same id.
     connection.execute("PRAGMA synchronous = NORMAL")
     connection.execute("PRAGMA foreign_keys = ON")
@@ -255,8 +255,8 @@ def move_aside(path: Path) -> Path:
     return target
 
 
-# Files up to this size are checked before the daemon reports ready; the check reads the
-# whole file, which for a cache of millions of identities takes seconds.
+# Files up to this size are checked before the daemon reports ready. The check reads the
+# whole file, which takes seconds for a cache of millions of identities.
 SYNC_CHECK_MAX_BYTES = 64 * 1024 * 1024
 
 
@@ -395,8 +395,6 @@ class StoreWriter:
         )
         self._thread = threading.Thread(target=self._run, name="store-writer", daemon=True)
         self._thread.start()
-        self.last_commit_at = time.monotonic()
-        self.failed: BaseException | None = None
 
     async def submit(self, job: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``job`` in the writer thread and return its result once committed."""
@@ -417,7 +415,7 @@ class StoreWriter:
 
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive() and self.failed is None
+        return self._thread.is_alive()
 
     def close(self) -> None:
         """Finish the queued jobs, then stop the thread and close the connection."""
@@ -471,7 +469,6 @@ class StoreWriter:
                 connection.execute("ROLLBACK")
                 raise _JobFailed from exc
         connection.execute("COMMIT")
-        self.last_commit_at = time.monotonic()
         return results
 
     def _run_alone(self, job: Callable[[sqlite3.Connection], Any]) -> tuple[bool, Any]:
@@ -484,7 +481,6 @@ class StoreWriter:
             if connection.in_transaction:
                 connection.execute("ROLLBACK")
             return False, exc
-        self.last_commit_at = time.monotonic()
         return True, result
 
 
