@@ -24,6 +24,10 @@ def _serialize(event: dict[str, Any], **_kwargs: Any) -> str:
     return _JSON.encode(event).decode()
 
 
+def _render_json_bytes(_logger: Any, _name: str, event: dict[str, Any]) -> bytes:
+    return _JSON.encode(event)
+
+
 def configure_logging(
     level: str = "info",
     fmt: str = "auto",
@@ -41,7 +45,6 @@ def configure_logging(
     use_journal = fmt == "journal" or (fmt == "auto" and stdout_is_journal(stream))
     use_json = fmt == "json" or (fmt == "auto" and not stream.isatty())
     processors: list[Any] = [
-        structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
@@ -51,19 +54,26 @@ def configure_logging(
             processors=processors,
             wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
             logger_factory=JournalLoggerFactory(journal_socket, stream),
-            cache_logger_on_first_use=False,
+            cache_logger_on_first_use=True,
         )
         return
-    if use_json:
+    binary = getattr(stream, "buffer", None)
+    if use_json and binary is not None:
+        # Bytes straight from msgspec to the binary stream: no str round trip per event.
+        processors += [structlog.processors.format_exc_info, _render_json_bytes]
+        factory: Any = structlog.BytesLoggerFactory(file=binary)
+    elif use_json:
         processors += [
             structlog.processors.format_exc_info,
             structlog.processors.JSONRenderer(serializer=_serialize),
         ]
+        factory = structlog.WriteLoggerFactory(file=stream)
     else:
         processors.append(structlog.dev.ConsoleRenderer(colors=False))
+        factory = structlog.WriteLoggerFactory(file=stream)
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
-        logger_factory=structlog.WriteLoggerFactory(file=stream),
-        cache_logger_on_first_use=False,
+        logger_factory=factory,
+        cache_logger_on_first_use=True,
     )

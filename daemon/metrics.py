@@ -5,7 +5,7 @@ from __future__ import annotations
 import sqlite3
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
@@ -51,6 +51,17 @@ class Metrics:
             ["status"],
             registry=self.registry,
         )
+
+        # Labelled children by label values: labels() takes a lock and builds a key each call.
+        self._decision_children: dict[tuple[str, str, str, str], Any] = {}
+
+    def count_decision(self, action: str, reason: str, type_: str, source: str = "gateway") -> None:
+        """Count one decision under its labels."""
+        key = (action, reason, type_, source)
+        child = self._decision_children.get(key)
+        if child is None:
+            child = self._decision_children[key] = self.decisions.labels(*key)
+        child.inc()
 
     def attach(self, runtime: Runtime) -> None:
         self.registry.register(_StateCollector(runtime))

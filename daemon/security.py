@@ -756,7 +756,12 @@ class Admission:
         this deadline covers a client that sends its body too slowly. The body is cached by
         aiohttp, so the handler's own read returns at once.
         """
-        if request.body_exists and request.method in ("POST", "PUT", "PATCH"):
+        # A body that arrived with its headers, as a ResolveScan body does, needs no timer.
+        if (
+            request.body_exists
+            and request.method in ("POST", "PUT", "PATCH")
+            and not request.content.is_eof()
+        ):
             timeout = float(state.config.server.client_timeout)
             try:
                 async with asyncio.timeout(timeout):

@@ -9,6 +9,8 @@ outside the database.
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import hashlib
 import hmac
 import json
@@ -33,7 +35,16 @@ SECRET_BYTES = 32
 # Decisions queued while a commit runs join the next one; this bounds one transaction.
 MAX_GROUP_COMMIT = 256
 CHECKPOINT_INTERVAL = 1.0
+# About 64 MiB of 4 KiB pages: past this the writer lets the WAL start over.
+WAL_RESTART_FRAMES = 16384
+RESTART_TAIL_FRAMES = 512
+RESTART_CATCH_UP_INTERVAL = 0.02
+RESTART_CATCH_UP_ROUNDS = 10
 CACHE_KIB = 64 * 1024
+# SQLite empties a reader's page cache whenever another connection has committed, which the
+# writer does after nearly every decision; emptying a large cache costs more than the pages
+# it saved, so the reader keeps a small one.
+READER_CACHE_KIB = 1024
 
 T = TypeVar("T")
 
@@ -67,14 +78,18 @@ class KeyHasher:
     """HMAC-SHA-256 of scanned values under the store's secret."""
 
     def __init__(self, secret: bytes) -> None:
-        self._secret = secret
+        # Copying a keyed HMAC skips the key set-up and OpenSSL's digest lookup, which cost
+        # more than hashing a short value.
+        self._keyed = hmac.new(secret, digestmod=hashlib.sha256)
 
     def hash(self, value: str) -> bytes:
-        return hmac.digest(self._secret, value.encode("utf-8"), "sha256")
+        mac = self._keyed.copy()
+        mac.update(value.encode("utf-8"))
+        return mac.digest()
 
     def hash_parts(self, *parts: str) -> bytes:
         """Hash several fields unambiguously (each is length-prefixed)."""
-        mac = hmac.new(self._secret, digestmod=hashlib.sha256)
+        mac = self._keyed.copy()
         for part in parts:
             data = part.encode("utf-8")
             mac.update(len(data).to_bytes(4, "big"))
@@ -375,12 +390,31 @@ class StoreReader:
         return row[0]
 
 
+@dataclass(frozen=True, slots=True)
+class Rows:
+    """A job that only inserts rows: ``statements`` are (SQL, parameters) pairs.
+
+    The writer runs the Rows jobs of one group commit with one ``executemany`` per
+    statement, which costs far less than a Python call per job.
+    """
+
+    statements: tuple[tuple[str, tuple[Any, ...]], ...]
+
+    def __call__(self, connection: sqlite3.Connection) -> None:
+        for sql, parameters in self.statements:
+            connection.execute(sql, parameters)
+
+
 class StoreWriter:
     """The one writer: a thread that runs queued jobs in shared transactions.
 
     A job is a function of a connection. Jobs queued together commit together (group
     commit). When one of them raises, the batch is rolled back and each job runs again in a
     transaction of its own, so only the failing job's caller gets the exception.
+
+    Bulk jobs (``submit(job, bulk=True)``, such as a slice of a snapshot rebuild) run one
+    per transaction and only while no other job waits, so a long rebuild delays a decision
+    by one bulk job at most.
     """
 
     def __init__(self, path: Path, busy_timeout: float) -> None:
@@ -389,25 +423,36 @@ class StoreWriter:
         # commit that crosses the threshold and fsyncs the database file, which held that
         # decision's response back by 10-20 ms on the benchmark machine.
         self._connection.execute("PRAGMA wal_autocheckpoint = 0")
+        # When the WAL starts over, the file is cut back to this size.
+        self._connection.execute(f"PRAGMA journal_size_limit = {WAL_RESTART_FRAMES * 4096}")
         self._checkpointer = Checkpointer(path, busy_timeout)
-        self._jobs: queue.SimpleQueue[tuple[Callable[[sqlite3.Connection], Any], Any] | None] = (
-            queue.SimpleQueue()
-        )
+        # Each item is a list of (job, waiter, bulk) or _STOP.
+        self._jobs: queue.SimpleQueue[list[tuple[Any, Any, bool]]] = queue.SimpleQueue()
+        self._outgoing: dict[asyncio.AbstractEventLoop, list[tuple[Any, Any, bool]]] = {}
         self._thread = threading.Thread(target=self._run, name="store-writer", daemon=True)
         self._thread.start()
 
-    async def submit(self, job: Callable[[sqlite3.Connection], T]) -> T:
+    async def submit(self, job: Callable[[sqlite3.Connection], T], bulk: bool = False) -> T:
         """Run ``job`` in the writer thread and return its result once committed."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
-        self._jobs.put((job, (loop, future)))
+        # Jobs submitted in one pass of the event loop reach the writer together: waking the
+        # thread costs more than the job itself when the machine is busy.
+        outgoing = self._outgoing.get(loop)
+        if outgoing is None:
+            outgoing = self._outgoing[loop] = []
+            loop.call_soon(self._hand_over, loop)
+        outgoing.append((job, (loop, future), bulk))
         return await future
+
+    def _hand_over(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._jobs.put(self._outgoing.pop(loop))
 
     def submit_and_wait(self, job: Callable[[sqlite3.Connection], T]) -> T:
         """Blocking form of ``submit`` for code outside the event loop."""
         done = threading.Event()
         box: dict[str, Any] = {}
-        self._jobs.put((job, (done, box)))
+        self._jobs.put([(job, (done, box), False)])
         done.wait()
         if "error" in box:
             raise box["error"]
@@ -419,28 +464,51 @@ class StoreWriter:
 
     def close(self) -> None:
         """Finish the queued jobs, then stop the thread and close the connection."""
-        self._jobs.put(None)
+        self._jobs.put(_STOP)
         self._thread.join()
         self._checkpointer.close()
         self._connection.close()
 
     def _run(self) -> None:
+        regular: collections.deque = collections.deque()
+        bulk: collections.deque = collections.deque()
         stopping = False
-        while not stopping:
-            first = self._jobs.get()
-            if first is None:
-                break
-            batch = [first]
-            while len(batch) < MAX_GROUP_COMMIT:
+        while True:
+            if not regular and not bulk:
+                if stopping:
+                    return
+                items = self._jobs.get()
+                if items is _STOP:
+                    stopping = True
+                    continue
+                _sort_jobs(items, regular, bulk)
+            # Take whatever else is queued, so the batch and the priority see all of it.
+            while True:
                 try:
-                    item = self._jobs.get_nowait()
+                    items = self._jobs.get_nowait()
                 except queue.Empty:
                     break
-                if item is None:
+                if items is _STOP:
                     stopping = True
                     break
-                batch.append(item)
-            self._commit_batch(batch)
+                _sort_jobs(items, regular, bulk)
+            if regular:
+                count = min(len(regular), MAX_GROUP_COMMIT)
+                self._commit_batch([regular.popleft() for _ in range(count)])
+            else:
+                self._commit_batch([bulk.popleft()])
+            if self._checkpointer.restart_wanted:
+                self._checkpointer.restart_wanted = False
+                self._checkpoint_between_batches()
+
+    def _checkpoint_between_batches(self) -> None:
+        # No frame can arrive while this runs, so the copy completes unless a reader still
+        # reads an older snapshot; the frames left are few, as the checkpoint thread copied
+        # the rest.
+        try:
+            self._connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        except sqlite3.Error as exc:
+            log.warning("store.checkpoint_failed", error=str(exc))
 
     def _commit_batch(self, batch: list) -> None:
         connection = self._connection
@@ -455,19 +523,26 @@ class StoreWriter:
                 connection.execute("ROLLBACK")
             log.error("store.commit_failed", jobs=len(batch), error=str(exc))
             outcomes = [(False, exc)] * len(batch)
-        for (_job, waiter), (ok, value) in zip(batch, outcomes, strict=True):
-            _deliver(waiter, ok, value)
+        _deliver_all(batch, outcomes)
 
     def _run_in_one_transaction(self, batch: list) -> list[tuple[bool, Any]]:
         connection = self._connection
         connection.execute("BEGIN IMMEDIATE")
-        results = []
-        for job, _waiter in batch:
-            try:
+        results: list[tuple[bool, Any]] = []
+        pending: dict[str, list[tuple[Any, ...]]] = {}
+        try:
+            for job, _waiter in batch:
+                if type(job) is Rows:
+                    for sql, parameters in job.statements:
+                        pending.setdefault(sql, []).append(parameters)
+                    results.append((True, None))
+                    continue
+                _insert_pending(connection, pending)
                 results.append((True, job(connection)))
-            except Exception as exc:
-                connection.execute("ROLLBACK")
-                raise _JobFailed from exc
+            _insert_pending(connection, pending)
+        except Exception as exc:
+            connection.execute("ROLLBACK")
+            raise _JobFailed from exc
         connection.execute("COMMIT")
         return results
 
@@ -484,6 +559,21 @@ class StoreWriter:
         return True, result
 
 
+_STOP: Any = object()
+
+
+def _sort_jobs(items: list, regular: collections.deque, bulk: collections.deque) -> None:
+    for job, waiter, is_bulk in items:
+        (bulk if is_bulk else regular).append((job, waiter))
+
+
+def _insert_pending(connection: sqlite3.Connection, pending: dict[str, list]) -> None:
+    # Statements run in the order the jobs first used them, rows in job order.
+    for sql, rows in pending.items():
+        connection.executemany(sql, rows)
+    pending.clear()
+
+
 class _JobFailed(Exception):
     """A job of a shared transaction raised; the transaction was rolled back."""
 
@@ -492,20 +582,42 @@ class Checkpointer:
     """Copies the WAL back into the database file every CHECKPOINT_INTERVAL seconds.
 
     PASSIVE checkpoints never block the writer or readers; pages still in use by a reader
-    are copied by a later round.
+    are copied by a later round. Under steady writes the WAL never starts over on its own,
+    since new frames arrive while each checkpoint runs; when it grows past
+    WAL_RESTART_FRAMES the writer copies the last frames itself between two batches, and
+    its next transaction writes from the start of the file again.
     """
 
     def __init__(self, path: Path, busy_timeout: float) -> None:
         self._connection = connect(path, busy_timeout)
         self._stop = threading.Event()
+        self.restart_wanted = False
+        """The WAL has grown past WAL_RESTART_FRAMES; the writer should let it start over."""
         self._thread = threading.Thread(target=self._run, name="store-checkpoint", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         failing = False
-        while not self._stop.wait(CHECKPOINT_INTERVAL):
+        wait = CHECKPOINT_INTERVAL
+        catch_up_rounds = 0
+        while not self._stop.wait(wait):
+            wait = CHECKPOINT_INTERVAL
             try:
-                self._connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                _busy, frames, copied = self._connection.execute(
+                    "PRAGMA wal_checkpoint(PASSIVE)"
+                ).fetchone()
+                if frames >= WAL_RESTART_FRAMES:
+                    # Copy again soon, so the frames the writer copies itself are few; give
+                    # up waiting for a short tail after a few rounds.
+                    catch_up_rounds += 1
+                    if (
+                        frames - copied <= RESTART_TAIL_FRAMES
+                        or catch_up_rounds >= RESTART_CATCH_UP_ROUNDS
+                    ):
+                        self.restart_wanted = True
+                        catch_up_rounds = 0
+                    else:
+                        wait = RESTART_CATCH_UP_INTERVAL
             except sqlite3.Error as exc:
                 if not failing:
                     log.error("store.checkpoint_failed", error=str(exc))
@@ -526,22 +638,29 @@ class Checkpointer:
         self._connection.close()
 
 
-def _deliver(waiter: Any, ok: bool, value: Any) -> None:
-    first, second = waiter
-    if isinstance(first, asyncio.AbstractEventLoop):
-        first.call_soon_threadsafe(_set_future, second, ok, value)
-    else:
-        second["result" if ok else "error"] = value
-        first.set()
+def _deliver_all(batch: list, outcomes: list[tuple[bool, Any]]) -> None:
+    # One wake-up of the event loop for the whole batch, not one per job.
+    by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+    for (_job, (first, second)), (ok, value) in zip(batch, outcomes, strict=True):
+        if isinstance(first, asyncio.AbstractEventLoop):
+            by_loop.setdefault(first, []).append((second, ok, value))
+        else:
+            second["result" if ok else "error"] = value
+            first.set()
+    for loop, results in by_loop.items():
+        # A loop that closed while the jobs ran has nobody waiting for their results.
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(_set_futures, results)
 
 
-def _set_future(future: asyncio.Future, ok: bool, value: Any) -> None:
-    if future.done():
-        return
-    if ok:
-        future.set_result(value)
-    else:
-        future.set_exception(value)
+def _set_futures(results: list[tuple[asyncio.Future, bool, Any]]) -> None:
+    for future, ok, value in results:
+        if future.done():
+            continue
+        if ok:
+            future.set_result(value)
+        else:
+            future.set_exception(value)
 
 
 @dataclass
@@ -570,6 +689,7 @@ class Store:
         except BaseException:
             connection.close()
             raise
+        connection.execute(f"PRAGMA cache_size = {-READER_CACHE_KIB}")
         return cls(
             path=path,
             hasher=KeyHasher(secret),

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import sqlite3
 import time
 from pathlib import Path
 
 import pytest
 
-from daemon.store import CHECKPOINT_INTERVAL, Store
+from daemon import store as store_module
+from daemon.store import CHECKPOINT_INTERVAL, Rows, Store
 
 
 @pytest.fixture
@@ -79,3 +81,82 @@ def test_wal_checkpointed_in_background(store: Store, tmp_path: Path) -> None:
     finally:
         probe.close()
     assert count == 200
+
+
+def test_wal_starts_over_under_steady_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Under writes that never pause, a checkpoint never catches up on its own and the WAL
+    # grows without end; the writer must let it start over once it passes the limit.
+    monkeypatch.setattr(store_module, "WAL_RESTART_FRAMES", 256)
+    monkeypatch.setattr(store_module, "CHECKPOINT_INTERVAL", 0.1)
+    monkeypatch.setattr(store_module, "RESTART_CATCH_UP_ROUNDS", 2)
+    store = Store.open(tmp_path / "db.sqlite3", tmp_path / "db.sqlite3.key")
+    wal = Path(str(store.path) + "-wal")
+    blob = b"x" * 16384
+    sizes: list[int] = []
+    index = 0
+    try:
+        deadline = time.monotonic() + 4.0
+        while time.monotonic() < deadline:
+            store.writer.submit_and_wait(_insert_blob(f"blob{index}", blob))
+            store.reader.meta(f"blob{index}")
+            index += 1
+            if index % 20 == 0:
+                sizes.append(wal.stat().st_size)
+    finally:
+        store.close()
+    assert index * len(blob) > 32 * 1024 * 1024
+    # Each start-over cuts the file back (journal_size_limit); without them it only grows.
+    cuts = sum(1 for before, after in itertools.pairwise(sizes) if after < before)
+    assert cuts >= 3
+
+
+def _insert_blob(key: str, blob: bytes):  # type: ignore[no-untyped-def]
+    def job(connection: sqlite3.Connection) -> None:
+        connection.execute("INSERT INTO meta (key, value) VALUES (?, ?)", (key, blob))
+
+    return job
+
+
+def test_rows_jobs_share_a_commit_and_fail_alone(store: Store) -> None:
+    insert = "INSERT INTO meta (key, value) VALUES (?, ?)"
+
+    async def scenario() -> list:
+        return await asyncio.gather(
+            store.writer.submit(Rows(((insert, ("r1", "a")),))),
+            store.writer.submit(Rows(((insert, ("r1", "duplicate")),))),
+            store.writer.submit(Rows(((insert, ("r2", "b")),))),
+            return_exceptions=True,
+        )
+
+    results = asyncio.run(scenario())
+    rows = dict(store.reader.connection.execute("SELECT key, value FROM meta"))
+    assert results[0] is None
+    assert isinstance(results[1], sqlite3.IntegrityError)
+    assert rows == {"r1": "a", "r2": "b"}
+
+
+def test_bulk_jobs_wait_for_regular_jobs(store: Store) -> None:
+    order: list[str] = []
+
+    def job(name: str, pause: float = 0.0):  # type: ignore[no-untyped-def]
+        def run(connection: sqlite3.Connection) -> None:
+            time.sleep(pause)
+            order.append(name)
+
+        return run
+
+    async def scenario() -> None:
+        # The first bulk job keeps the writer busy while the rest queue up behind it.
+        first = asyncio.ensure_future(store.writer.submit(job("bulk-1", 0.3), bulk=True))
+        await asyncio.sleep(0.1)
+        await asyncio.gather(
+            first,
+            store.writer.submit(job("bulk-2"), bulk=True),
+            store.writer.submit(job("bulk-3"), bulk=True),
+            store.writer.submit(job("decision")),
+        )
+
+    asyncio.run(scenario())
+    assert order == ["bulk-1", "decision", "bulk-2", "bulk-3"]

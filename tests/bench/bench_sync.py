@@ -10,7 +10,7 @@ identities. The script starts `serve` with an empty database and [hq] pointed at
    snapshot, and runs the same wrk while that rebuild applies;
 3. optionally records a py-spy profile of a third, unloaded rebuild;
 4. stops the daemon and HQ, fills the outbox with M events through daemon.resolver's
-   record_decision, restarts the daemon, brings HQ up and times the drain until the outbox
+   decision_rows, restarts the daemon, brings HQ up and times the drain until the outbox
    is empty.
 
 Prints Markdown.
@@ -40,7 +40,7 @@ REPO = HERE.parent.parent
 sys.path.insert(0, str(REPO))
 
 from daemon.policy import Reason, Verdict  # noqa: E402
-from daemon.resolver import Evaluation, audit_event, record_decision  # noqa: E402
+from daemon.resolver import Evaluation, audit_event, decision_rows  # noqa: E402
 from daemon.store import Identity, KeyHasher  # noqa: E402
 from tests.bench.bench_resolve import wait_healthy  # noqa: E402
 from tests.bench.streaming_hq import StreamingHq  # noqa: E402
@@ -241,8 +241,8 @@ def fill_outbox(database: Path, count: int) -> None:
                 response = json.dumps(
                     {"id": identity.id, "type": identity.type, "action": "ACCEPT"}
                 ).encode()
-                record_decision(
-                    connection, scan_id, hasher.hash(scan_id), response, verdict, event, now
+                decision_rows(scan_id, hasher.hash(scan_id), response, verdict, event, now)(
+                    connection
                 )
             connection.execute("COMMIT")
     finally:
