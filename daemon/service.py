@@ -133,8 +133,10 @@ async def _serve_with_store(config: Config, config_path: Path | None, store: Sto
         sdnotify.stopping()
         for task in tasks:
             task.cancel()
+        # A second signal during the drain must not end it half way (the default action of
+        # SIGTERM, SIGINT and SIGHUP ends the process); it is noted and otherwise ignored.
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            loop.remove_signal_handler(signum)
+            loop.add_signal_handler(signum, _signal_while_stopping, signum)
         # Drivers stop before the listener closes, so no scan is decided during the drain.
         await local.stop()
         # Closes the listening socket first, then waits for in-flight handlers.
@@ -162,6 +164,10 @@ async def _check_in_background(runtime: Runtime, stop: asyncio.Event) -> None:
         detail="stopping; the next start moves the file aside and starts with an empty cache",
     )
     stop.set()
+
+
+def _signal_while_stopping(signum: int) -> None:
+    log.info("server.signal_ignored", signal=signal.Signals(signum).name, reason="stopping")
 
 
 def _reload(runtime: Runtime) -> None:
