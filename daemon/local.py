@@ -148,7 +148,7 @@ class LocalScanning:
     # --- Scans ---------------------------------------------------------------------------
 
     async def handle_scan(self, device: DeviceConfig, driver: Driver, scan: Scan) -> None:
-        """Decide one scan from a device, give feedback, record and publish it."""
+        """Decide one scan from a device, record it, give feedback and publish it."""
         started = time.perf_counter()
         config = self.config
         local = config.local
@@ -188,13 +188,14 @@ class LocalScanning:
             associate = session.associate if session is not None else UNATTENDED
         session_change = session_events[-1].change.value if session_events else None
 
-        await self._feedback(device, driver, accepted)
-
         latency_ms = round((time.perf_counter() - started) * 1000, 3)
         event = self._audit_event(
             device, scan, evaluation, associate, session_change, now, latency_ms
         )
+        # The decision is committed before the associate sees or hears it, so a crash right
+        # after the beep cannot lose its audit event.
         await self._record(device, event, now)
+        await self._feedback(device, driver, accepted)
         self._count(evaluation)
         log.info(
             "scan.decided",
@@ -311,7 +312,7 @@ class LocalScanning:
         verdict = evaluation.verdict
         # Unknown keys count as SHOPPER, the type the gateway returns for them.
         kind = identity.type if identity else "SHOPPER"
-        metrics.decisions.labels(verdict.action, verdict.reason.value, kind, "device").inc()
+        metrics.count_decision(verdict.action, verdict.reason.value, kind, "device")
 
     @staticmethod
     def _decision_data(event: dict[str, Any]) -> dict[str, Any]:

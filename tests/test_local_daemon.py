@@ -541,3 +541,45 @@ def test_reload_starts_added_device(tmp_path: Path) -> None:
 
     assert health.data["station"] == "station-added"
     assert decision.data["id"] == "shopper-1"
+
+
+def test_scan_with_feedback_survives_kill(tmp_path: Path) -> None:
+    # The beep tells the associate the scan counted: its audit event must already be on disk
+    # when the feedback byte leaves, so a kill right after it loses nothing.
+    scanner = PtyScanner(tmp_path / "tty-kill")
+    daemon = make_daemon(tmp_path / "daemon", device_table("kill", scanner.link), RECORDS)
+    daemon.start()
+    try:
+        _wait_until_device_available(daemon.port, "dev-kill")
+        counts = []
+        for _ in range(5):
+            scanner.scan(SHOPPER)
+            assert scanner.read_feedback(1) == GOOD_READ
+            daemon.kill()
+            counts.append(_outbox_rows(daemon.database))
+            # A new process starts with no debounce memory, so the same value counts again.
+            daemon.start()
+            _wait_until_device_available(daemon.port, "dev-kill")
+    finally:
+        if daemon.process is not None:
+            daemon.stop()
+        scanner.unplug()
+    assert counts == [1, 2, 3, 4, 5]
+
+
+def _wait_until_device_available(port: int, device: str) -> None:
+    stream = EventStream(port)
+    try:
+        stream.wait_for(
+            "device.health", lambda data: data["device"] == device and data["available"]
+        )
+    finally:
+        stream.close()
+
+
+def _outbox_rows(database: Path) -> int:
+    connection = sqlite3.connect(f"file:{database}?mode=ro", uri=True)
+    try:
+        return connection.execute("SELECT count(*) FROM outbox").fetchone()[0]
+    finally:
+        connection.close()
