@@ -26,7 +26,7 @@ from daemon.local import LOCAL_KEY
 from daemon.metrics import Metrics
 from daemon.resolver import Resolver, prune_decisions
 from daemon.runtime import Runtime
-from daemon.store import Store, StoreError, check_integrity, check_marker
+from daemon.store import CheckInterrupted, Store, StoreError, check_integrity, check_marker
 
 log = structlog.get_logger(__name__)
 
@@ -156,7 +156,19 @@ async def _check_in_background(runtime: Runtime, stop: asyncio.Event) -> None:
     store = runtime.store
     timeout = runtime.config.database.busy_timeout
     started = time.monotonic()
-    healthy = await asyncio.to_thread(check_integrity, store.path, timeout, True)
+    connections: list[sqlite3.Connection] = []
+    try:
+        healthy = await asyncio.to_thread(
+            check_integrity, store.path, timeout, True, connections.append
+        )
+    except asyncio.CancelledError:
+        # A stop during the check interrupts it: the check of millions of identities takes
+        # longer than a service manager waits for a stop. The next start checks again.
+        for connection in connections:
+            connection.interrupt()
+        raise
+    except CheckInterrupted:
+        return
     if healthy:
         log.info("store.integrity_ok", seconds=round(time.monotonic() - started, 1))
         return

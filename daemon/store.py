@@ -237,19 +237,37 @@ def migrate(connection: sqlite3.Connection, path: Path) -> int:
     return SCHEMA_VERSION
 
 
-def check_integrity(path: Path, busy_timeout: float, quick: bool = False) -> bool:
+class CheckInterrupted(Exception):
+    """An integrity check was stopped before it finished; it says nothing about the file."""
+
+
+def check_integrity(
+    path: Path,
+    busy_timeout: float,
+    quick: bool = False,
+    opened: Callable[[sqlite3.Connection], None] | None = None,
+) -> bool:
     """Return whether the file is a readable SQLite database that passes the check.
 
     ``quick`` runs quick_check, which verifies every page and record but does not compare
-    indexes with their tables, and is several times faster than integrity_check.
+    indexes with their tables, and is several times faster than integrity_check. ``opened``
+    receives the check's connection, so another thread can stop a long check with
+    ``interrupt()``, which raises CheckInterrupted here.
     """
     pragma = "quick_check" if quick else "integrity_check"
     try:
-        connection = sqlite3.connect(path, timeout=busy_timeout)
+        connection = sqlite3.connect(path, timeout=busy_timeout, check_same_thread=False)
         try:
+            if opened is not None:
+                opened(connection)
             rows = connection.execute(f"PRAGMA {pragma}").fetchall()
         finally:
             connection.close()
+    except sqlite3.OperationalError as exc:
+        if "interrupt" in str(exc):
+            raise CheckInterrupted(str(path)) from None
+        log.error("store.unreadable", path=str(path), error=str(exc))
+        return False
     except sqlite3.DatabaseError as exc:
         log.error("store.unreadable", path=str(path), error=str(exc))
         return False

@@ -11,13 +11,14 @@ import json
 import sqlite3
 import stat
 import subprocess
+import threading
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from daemon.store import SCHEMA_VERSION
+from daemon.store import SCHEMA_VERSION, CheckInterrupted, check_integrity
 from tests.conftest import SAMPLE_RECORDS, Daemon, free_port, make_daemon, run_cli, write_config
 from tests.helpers_store import count_rows, query_all, query_one, run_serve_until_exit
 
@@ -181,6 +182,46 @@ def test_corrupt_database_moved_aside(tmp_path: Path, kind: str) -> None:
     assert ready.status == 200
     assert query_one(daemon.database, "PRAGMA integrity_check") == "ok"
     assert query_one(daemon.database, "PRAGMA user_version") == SCHEMA_VERSION
+
+
+def test_background_check_can_be_interrupted(tmp_path: Path) -> None:
+    # A stop must not wait for the check of a large cache: interrupting it raises
+    # CheckInterrupted, which says nothing about the file (not "corrupt").
+    path = tmp_path / "large.sqlite3"
+    connection = sqlite3.connect(path)
+    connection.execute("CREATE TABLE filler (id INTEGER PRIMARY KEY, data BLOB)")
+    connection.executemany(
+        "INSERT INTO filler (data) VALUES (randomblob(500))", ([] for _ in range(200_000))
+    )
+    connection.commit()
+    connection.close()
+    opened = threading.Event()
+    checks: list[sqlite3.Connection] = []
+
+    def remember(check: sqlite3.Connection) -> None:
+        checks.append(check)
+        opened.set()
+
+    def interrupt_soon() -> None:
+        opened.wait(10)
+        # Keep interrupting until the check ends: an interrupt before the statement starts
+        # is lost.
+        while thread.is_alive():
+            checks[0].interrupt()
+            thread.join(0.005)
+
+    outcome: list[object] = []
+
+    def run() -> None:
+        try:
+            outcome.append(check_integrity(path, 5.0, True, remember))
+        except CheckInterrupted as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    interrupt_soon()
+    assert isinstance(outcome[0], CheckInterrupted)
 
 
 # --- pragmas -----------------------------------------------------------------------------
