@@ -6,7 +6,7 @@ RUN_DIR := .run
 CONFIG := docs/examples/config.toml
 SAMPLE := docs/examples/identities.jsonl
 
-.PHONY: run test lint bench clean
+.PHONY: run test lint bench bench-extra soak clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -40,17 +40,31 @@ test: $(VENV)/.installed-test
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 
-# Benchmarks: minutes, not part of `make test`. Results go in docs/benchmarks.md by hand.
-BENCH_IDENTITIES ?= 1000000
+# Benchmarks: minutes, not part of `make test`. bench_all.py prints the results table (also in
+# <workdir>/results.md) and draws the latency plot into docs/benchmark-latency.png.
+BENCH_IDENTITIES ?= 1000000 10000000
 BENCH_SECONDS ?= 20
 
-bench: $(VENV)/.installed-test
+$(VENV)/.installed-bench: pyproject.toml $(VENV)/.installed-test
+	$(BIN)/python -m pip install --quiet -e '.[test,pcsc,hid,bench]'
+	touch $@
+
+bench: $(VENV)/.installed-bench
 	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
-	$(BIN)/python tests/bench/bench_resolve.py --identities $(BENCH_IDENTITIES) --duration $(BENCH_SECONDS)
-	$(BIN)/python tests/bench/bench_startup.py --runs 5
+	$(BIN)/python tests/bench/bench_all.py --identities $(BENCH_IDENTITIES) --duration $(BENCH_SECONDS)
+
+# The other benchmarks of docs/benchmarks.md: scanner feedback and TLS.
+bench-extra: $(VENV)/.installed-bench
+	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
 	$(BIN)/python tests/bench/bench_local_feedback.py --scans 2000
 	$(BIN)/python tests/bench/bench_tls.py --identities 100000 --duration 15
-	$(BIN)/python tests/bench/bench_sync.py --identities 1000000 --events 100000
+
+# The soak: minutes of load with HQ outages and SIGKILLs, then checks that nothing was lost.
+# Not part of `make test`; docs/soak.md describes it.
+SOAK_SECONDS ?= 300
+
+soak: $(VENV)/.installed-test
+	$(BIN)/python tests/soak/soak.py --duration $(SOAK_SECONDS)
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check .

@@ -10,6 +10,7 @@ READY=1 notification, which the daemon sends after the port is bound.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import socket
 import statistics
@@ -20,30 +21,50 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent.parent
+sys.path.insert(0, str(REPO))
+
+from tests.bench.bench_resolve import stop_process  # noqa: E402
+
+READY_TIMEOUT = 30.0
 
 
-def start_once(config: Path) -> float:
-    with tempfile.TemporaryDirectory() as folder:
+def start_once(config: Path, log_path: Path | None = None) -> float:
+    """Start `serve` with ``config``, return the seconds until READY=1, and stop it.
+
+    The daemon's output is appended to ``log_path``, or discarded without one.
+    """
+    with tempfile.TemporaryDirectory() as folder, contextlib.ExitStack() as stack:
         path = Path(folder) / "notify.sock"
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        sock = stack.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM))
         sock.bind(str(path))
-        sock.settimeout(30)
+        # Short waits, so a daemon that exits before READY is noticed at once.
+        sock.settimeout(0.5)
+        output = stack.enter_context(log_path.open("ab")) if log_path else subprocess.DEVNULL
         started = time.perf_counter()
         process = subprocess.Popen(
             [sys.executable, "-m", "daemon", "serve", "--config", str(config)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            stdout=output,
+            stderr=output,
             cwd=REPO,
             env={**os.environ, "NOTIFY_SOCKET": str(path)},
         )
         try:
-            while b"READY=1" not in sock.recv(4096):
-                pass
+            while True:
+                try:
+                    if b"READY=1" in sock.recv(4096):
+                        break
+                except TimeoutError:
+                    if process.poll() is not None:
+                        raise RuntimeError(
+                            f"serve exited with status {process.returncode} before READY=1"
+                        ) from None
+                    if time.perf_counter() - started > READY_TIMEOUT:
+                        raise RuntimeError(
+                            f"no READY=1 from serve after {READY_TIMEOUT:.0f} s"
+                        ) from None
             elapsed = time.perf_counter() - started
         finally:
-            process.terminate()
-            process.wait(timeout=30)
-            sock.close()
+            stop_process(process)
     return elapsed
 
 
