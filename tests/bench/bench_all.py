@@ -1,13 +1,14 @@
 """Run the ResolveScan benchmarks in one go and write a results table and a latency plot.
 
 One wrk (with resolve.lua) drives every target on this machine: the aiohttp floor
-(tests/bench/floor_app.py) and the daemon with each cache size. Each target gets a run of
-16 connections paced to --rate requests/s in total and a run of 16 connections back to back
-(saturation). For each cache size the script also times the import and reads the daemon's
-resident memory after the runs. Cold start to READY is measured on the largest database, and
-tests/bench/bench_sync.py runs as a subprocess for the snapshot apply figures. The Markdown
-goes to stdout and to <workdir>/results.md, the raw figures to <workdir>/results.json, and a
-PNG of the latency percentiles to --plot (needs matplotlib).
+(tests/bench/floor_app.py) and the daemon with each cache size. Each target gets a run of one
+connection back to back, a run of 16 connections paced to --rate requests/s in total and a
+run of 16 connections back to back (saturation). For each cache size the script also times
+the import and reads the daemon's resident memory after the runs. Cold start to READY is
+measured on the largest database, and tests/bench/bench_sync.py runs as a subprocess for the
+snapshot apply figures. The Markdown goes to stdout and to <workdir>/results.md, the raw
+figures to <workdir>/results.json, and a PNG of the latency percentiles to --plot (needs
+matplotlib).
 
     .venv/bin/python tests/bench/bench_all.py --identities 1000000 10000000 --duration 20
 """
@@ -80,6 +81,7 @@ class TargetRun:
     """wrk figures of one target (the floor, or the daemon with one cache size)."""
 
     name: str
+    single: dict[str, Any]
     paced: dict[str, Any]
     saturated: dict[str, Any]
     identities: int | None = None
@@ -213,12 +215,15 @@ def read_memory(pid: int) -> dict[str, int]:
     return memory
 
 
-def measure_wrk_pair(port: int, identities: int, args: argparse.Namespace) -> tuple[dict, dict]:
-    """Warm up, then run wrk paced to ``args.rate`` and at saturation."""
+def measure_wrk_runs(
+    port: int, identities: int, args: argparse.Namespace
+) -> tuple[dict, dict, dict]:
+    """Warm up, then run wrk with one connection, paced to ``args.rate``, and at saturation."""
     run_wrk(port, 1, WARM_UP_CONNECTIONS, WARM_UP_SECONDS, identities)
+    single = run_wrk(port, 1, 1, args.duration, identities)
     paced = run_wrk(port, WRK_THREADS, CONNECTIONS, args.duration, identities, rate=args.rate)
     saturated = run_wrk(port, WRK_THREADS, CONNECTIONS, args.duration, identities)
-    return paced, saturated
+    return single, paced, saturated
 
 
 def measure_floor(args: argparse.Namespace, commands: list[str]) -> TargetRun:
@@ -233,10 +238,10 @@ def measure_floor(args: argparse.Namespace, commands: list[str]) -> TargetRun:
     try:
         wait_healthy(port)
         # The floor ignores the key, so any identity count gives it the same bodies.
-        paced, saturated = measure_wrk_pair(port, max(args.identities), args)
+        single, paced, saturated = measure_wrk_runs(port, max(args.identities), args)
     finally:
         stop_process(floor)
-    return TargetRun(name="aiohttp floor", paced=paced, saturated=saturated)
+    return TargetRun(name="aiohttp floor", single=single, paced=paced, saturated=saturated)
 
 
 def measure_daemon(
@@ -275,7 +280,7 @@ def measure_daemon(
             progress(f"waiting for the integrity check of {database_bytes / 1e6:,.0f} MB")
             wait_for_log_event(log_path, "store.integrity_ok", daemon, INTEGRITY_TIMEOUT)
         progress(f"wrk against the daemon with {identities:,} identities")
-        paced, saturated = measure_wrk_pair(port, identities, args)
+        single, paced, saturated = measure_wrk_runs(port, identities, args)
         if daemon.poll() is not None:
             raise RuntimeError(
                 f"daemon exited with status {daemon.returncode} during the wrk runs; see {log_path}"
@@ -286,6 +291,7 @@ def measure_daemon(
 
     run = TargetRun(
         name=f"daemon, {identities:,} identities",
+        single=single,
         paced=paced,
         saturated=saturated,
         identities=identities,
@@ -438,6 +444,7 @@ def latency_table(floor: TargetRun, daemons: list[TargetRun], rate: int) -> list
     ]
     for run in (floor, *daemons):
         for load, figures, floor_figures in (
+            ("1 connection, back to back", run.single, floor.single),
             (f"{CONNECTIONS} connections paced to {rate}/s", run.paced, floor.paced),
             (f"{CONNECTIONS} connections, saturation", run.saturated, floor.saturated),
         ):
@@ -600,7 +607,12 @@ def render_markdown(
     lines += [f"- {phase}: {load}" for phase, load in loads.items()]
     lines += ["", "## Commands", "", "```sh", *commands]
     for run in (floor, *daemons):
-        lines += [f"# {run.name}", run.paced["command"], run.saturated["command"]]
+        lines += [
+            f"# {run.name}",
+            run.single["command"],
+            run.paced["command"],
+            run.saturated["command"],
+        ]
     lines += ["```", ""]
     lines.append(
         f"Cold start: `tests/bench/bench_startup.py`'s `start_once` {COLD_START_RUNS} times on"
@@ -627,6 +639,7 @@ def plot_latency(
 
     groups = []
     for run in (floor, *daemons):
+        groups.append((f"{run.name}\n1 connection", run.single))
         groups.append((f"{run.name}\npaced to {rate}/s", run.paced))
         groups.append((f"{run.name}\nsaturation", run.saturated))
 
@@ -695,7 +708,7 @@ def main(argv: list[str] | None = None) -> int:
         sync = run_sync_benchmark(args)
 
     title = (
-        f"ResolveScan latency, wrk with {CONNECTIONS} connections\n"
+        "ResolveScan latency by target and load (wrk)\n"
         f"{machine_short}, {started:%Y-%m-%d %H:%M} UTC"
     )
     try:
