@@ -23,10 +23,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-import sqlite_utils
 import structlog
+
+if TYPE_CHECKING:
+    import sqlite_utils
 
 log = structlog.get_logger(__name__)
 
@@ -222,6 +224,10 @@ def migrate(connection: sqlite3.Connection, path: Path) -> int:
         raise StoreError(_newer_schema_message(path, version))
     if version == SCHEMA_VERSION:
         return version
+
+    # Imported here: only a migration needs it, and with numpy installed beside it the import
+    # costs a quarter of a second of every start.
+    import sqlite_utils
 
     db = sqlite_utils.Database(connection)
     connection.execute("BEGIN IMMEDIATE")
