@@ -11,6 +11,7 @@ from pathlib import Path
 
 import uvloop
 
+from daemon import security
 from daemon.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
 from daemon.identities import import_file
 from daemon.logs import configure_logging
@@ -83,7 +84,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "check-config":
-            load_config(args.file)
+            checked = load_config(args.file)
+            # The checks `serve` makes before it opens anything: the listener's exposure and
+            # every key, certificate and CA file it would read.
+            security.check_listener_safety(checked)
+            security.load_state(checked)
             print(f"{args.file}: configuration is valid")
             return 0
         config = load_config(args.config)

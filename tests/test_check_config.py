@@ -1,0 +1,41 @@
+"""`check-config` runs the checks `serve` makes before it opens anything, not only parsing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import free_port, run_cli, write_config
+
+CASES = [
+    pytest.param(
+        "",
+        "would expose the connector without authentication",
+        id="open-listener-without-auth",
+    ),
+    pytest.param(
+        '[auth]\napi_key_files = ["{missing}"]\n',
+        "{missing}",
+        id="missing-api-key-file",
+    ),
+    pytest.param(
+        '[tls]\ncert_file = "{missing}"\nkey_file = "{missing}"\n',
+        "{missing}",
+        id="missing-certificate",
+    ),
+]
+
+
+@pytest.mark.parametrize(("extra", "message"), CASES)
+def test_check_config_runs_start_up_checks(tmp_path: Path, extra: str, message: str) -> None:
+    missing = tmp_path / "absent.pem"
+    config = write_config(tmp_path, free_port(), extra.format(missing=missing))
+    if not extra:
+        text = config.read_text(encoding="utf-8")
+        config.write_text(text.replace('host = "127.0.0.1"', 'host = "0.0.0.0"'), "utf-8")
+
+    result = run_cli("check-config", str(config))
+
+    assert result.returncode == 2, result.stdout
+    assert message.format(missing=missing) in result.stderr
