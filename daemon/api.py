@@ -25,7 +25,7 @@ from daemon.schema import (
     encode_problem,
     openapi_document,
 )
-from daemon.security import ADMISSION_KEY, Admission, admission_middleware
+from daemon.security import ADMISSION_KEY, Admission, LogThrottle, admission_middleware
 
 log = structlog.get_logger(__name__)
 
@@ -180,6 +180,9 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "up"})
 
 
+_HEALTH_LOG_THROTTLE = LogThrottle(60.0)
+
+
 async def readyz(request: web.Request) -> web.Response:
     resolver = request.app[RUNTIME_KEY].resolver
     store = resolver.store
@@ -187,7 +190,10 @@ async def readyz(request: web.Request) -> web.Response:
         store.reader.connection.execute("SELECT 1 FROM identities LIMIT 1").fetchall()
         database_ok = store.writer.alive
     except Exception as exc:  # the reason goes to the log, not to the caller
-        log.warning("health.database_failed", error=str(exc))
+        # A probe polls every few seconds; one line a minute says the same.
+        suppressed = _HEALTH_LOG_THROTTLE.admit("health.database_failed")
+        if suppressed is not None:
+            log.warning("health.database_failed", error=str(exc), suppressed=suppressed)
         database_ok = False
     if not database_ok:
         return web.json_response({"status": "not ready"}, status=503)

@@ -36,3 +36,15 @@ def test_readyz_reports_database_fault(daemon: Daemon) -> None:
     connection.commit()
     connection.close()
     assert daemon.request("GET", "/readyz").status == 503
+
+
+def test_database_fault_logged_once_per_minute(daemon: Daemon) -> None:
+    # A probe polling /readyz must not fill the journal with one line per call.
+    connection = sqlite3.connect(daemon.database)
+    connection.execute("DROP TABLE identities")
+    connection.commit()
+    connection.close()
+    statuses = [daemon.request("GET", "/readyz").status for _ in range(5)]
+    events = [line for line in daemon.log_lines() if line["event"] == "health.database_failed"]
+    assert statuses == [503] * 5
+    assert len(events) == 1
