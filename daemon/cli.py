@@ -14,6 +14,7 @@ import uvloop
 from daemon import security
 from daemon.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
 from daemon.identities import import_file
+from daemon.journal import stdout_is_journal
 from daemon.logs import configure_logging
 from daemon.resolver import LAST_PULL_META_KEY, Resolver
 from daemon.schema import CHANNELS, LOCATIONS
@@ -123,7 +124,9 @@ def main(argv: list[str] | None = None) -> int:
                 store.close()
         return _status(config, args.json)
     except (ConfigError, StoreError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        # Under systemd the "<3>" prefix files the line at priority err, not info.
+        prefix = "<3>" if stdout_is_journal(sys.stderr) else ""
+        print(f"{prefix}error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -6,6 +6,8 @@ import os
 import socket
 import sqlite3
 import struct
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -122,3 +124,27 @@ def test_auto_detects_journal_stream(tmp_path: Path, journal: JournalSocket) -> 
     finally:
         instance.stop()
     assert entry["PORT"] == str(instance.port)
+
+
+@pytest.mark.parametrize("under_systemd", [True, False], ids=["journal", "terminal"])
+def test_start_up_error_priority(tmp_path: Path, under_systemd: bool) -> None:
+    # journald files a stream line at priority info unless it starts with "<N>".
+    config = tmp_path / "config.toml"
+    config.write_text('[server]\nhost = "0.0.0.0"\n[stores]\nids = ["S-1"]\n', "utf-8")
+    stderr_path = tmp_path / "stderr.txt"
+    with stderr_path.open("wb") as stderr:
+        status = os.fstat(stderr.fileno())
+        env = dict(os.environ)
+        env.pop("JOURNAL_STREAM", None)
+        if under_systemd:
+            env["JOURNAL_STREAM"] = f"{status.st_dev}:{status.st_ino}"
+        code = subprocess.run(
+            [sys.executable, "-m", "daemon", "serve", "--config", str(config)],
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            env=env,
+            timeout=60,
+        ).returncode
+    line = stderr_path.read_text(encoding="utf-8").splitlines()[-1]
+    assert code == 2
+    assert line.startswith("<3>error: ") == under_systemd
