@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,6 +20,9 @@ log = structlog.get_logger(__name__)
 Progress = Callable[[str], None]
 # `sync --now` prints one progress line per this many staged snapshot batches.
 PROGRESS_EVERY_BATCHES = 10
+# Snapshot records read before the event loop serves other tasks. The stream yields to the
+# loop only when its buffer is empty, and a fast HQ keeps about a thousand records there.
+YIELD_EVERY_RECORDS = 50
 
 
 @dataclass(slots=True)
@@ -131,26 +135,48 @@ class Puller:
         return count
 
     async def _stage_snapshot(self, report: PullReport) -> str:
-        batch: list[dict[str, Any]] = []
-        staged = 0
-        async with self.client.snapshot() as stream:
-            async for record in stream.records():
-                batch.append(record)
-                if len(batch) >= self.settings.snapshot_batch_size:
-                    staged += await self._stage(batch, report)
-                    batch = []
-            staged += await self._stage(batch, report)
-            return stream.cursor
+        # The writer stages one batch while this task reads and prepares the next, so at
+        # most two batches are held in memory.
+        writing: asyncio.Task[None] | None = None
+        failure: BaseException | None = None
+        try:
+            async with self.client.snapshot() as stream:
+                batch: list[dict[str, Any]] = []
+                async for record in stream.records():
+                    batch.append(record)
+                    if len(batch) >= self.settings.snapshot_batch_size:
+                        writing = await self._stage(batch, writing, report)
+                        batch = []
+                    elif len(batch) % YIELD_EVERY_RECORDS == 0:
+                        await asyncio.sleep(0)
+                writing = await self._stage(batch, writing, report)
+                cursor = stream.cursor
+        finally:
+            # A staging write still queued must finish before the caller drops the table.
+            if writing is not None:
+                await asyncio.wait([writing])
+                failure = writing.exception()
+        if failure is not None:
+            raise failure
+        return cursor
 
-    async def _stage(self, batch: list[dict[str, Any]], report: PullReport) -> int:
+    async def _stage(
+        self,
+        batch: list[dict[str, Any]],
+        previous: asyncio.Task[None] | None,
+        report: PullReport,
+    ) -> asyncio.Task[None] | None:
+        """Prepare ``batch``, wait for the previous write, and start writing this one."""
         if not batch:
-            return 0
-        counts = await self.store.stage_records(batch)
-        _add(report, counts)
+            return previous
+        prepared = await self.store.prepare_records(batch)
+        if previous is not None:
+            await previous
+        _add(report, prepared.counts)
         report.pages += 1
         if report.pages % PROGRESS_EVERY_BATCHES == 0:
             self._say(f"staged {report.put} snapshot records")
-        return counts.put
+        return asyncio.create_task(self.store.stage_records(prepared), name="sync-stage")
 
     async def reconcile(self, rebuild_on_mismatch: bool = True) -> bool:
         """Compare the local digest with HQ's at the same cursor; rebuild on a mismatch.

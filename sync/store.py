@@ -30,6 +30,16 @@ class ApplyCounts:
     """Records that failed validation; they are skipped and logged by credential id."""
 
 
+@dataclass(slots=True)
+class PreparedRecords:
+    """Snapshot records validated and hashed, ready for ``SyncStore.stage_records``."""
+
+    counts: ApplyCounts
+    """``put`` counts the valid records, ``rejected`` the invalid ones."""
+    rows: Any
+    """The valid records in the store's own form; the sync package only passes it on."""
+
+
 @dataclass(frozen=True, slots=True)
 class OutboxEvent:
     seq: int
@@ -60,12 +70,25 @@ class SyncStore(Protocol):
         """Create an empty staging table, dropping what an interrupted rebuild left."""
         ...
 
-    async def stage_records(self, records: list[dict[str, Any]]) -> ApplyCounts:
-        """Add snapshot records to the staging table in one transaction."""
+    async def prepare_records(self, records: list[dict[str, Any]]) -> PreparedRecords:
+        """Validate and hash snapshot records without the writer, logging invalid ones.
+
+        Runs on the event loop in slices short enough for decisions to go on between them.
+        """
+        ...
+
+    async def stage_records(self, prepared: PreparedRecords) -> None:
+        """Add prepared records to the staging table, in short transactions of their own.
+
+        The writer runs them only while no other write waits. Records staged later take
+        over the credential id and the key of records staged earlier.
+        """
         ...
 
     async def finish_rebuild(self, cursor: str, pulled_at: float) -> int:
-        """Swap the staging table in as the cache with the new cursor, atomically.
+        """Index the staging table, then swap it in as the cache with the new cursor.
+
+        The swap and the cursor commit in one transaction.
 
         Returns the number of identities in the new cache.
         """

@@ -302,6 +302,45 @@ def test_second_import_counts_updates(config: Path, file_format: str) -> None:
     assert versions == {"c-good-1": 1, "c-good-2": 2, "c-good-3": 2, "c-good-4": 1}
 
 
+# (second import, expected counts, credentials that gave up their key, rows afterwards),
+# each after a first import of records 1 and 2
+KEY_TAKEOVER_CASES = [
+    ([good_record(3, key="KEY-CLI-GOOD-1")], "1 inserted, 0 updated, 0 rejected", 1, 2),
+    ([good_record(2, key="KEY-CLI-GOOD-1")], "0 inserted, 1 updated, 0 rejected", 1, 1),
+    (
+        [good_record(1, key="KEY-CLI-GOOD-2"), good_record(2, key="KEY-CLI-GOOD-1")],
+        "0 inserted, 2 updated, 0 rejected",
+        0,
+        2,
+    ),
+    (
+        [good_record(3, key="KEY-CLI-GOOD-1"), good_record(4, key="KEY-CLI-GOOD-1")],
+        "2 inserted, 0 updated, 0 rejected",
+        2,
+        2,
+    ),
+]
+
+
+@pytest.mark.parametrize(("records", "counts", "replaced", "rows"), KEY_TAKEOVER_CASES)
+def test_import_counts_key_takeovers(
+    config: Path, records: list[dict[str, Any]], counts: str, replaced: int, rows: int
+) -> None:
+    first = config.parent / "first.jsonl"
+    first.write_bytes(b"".join(jsonl_line(good_record(n)) for n in (1, 2)))
+    second = config.parent / "second.jsonl"
+    second.write_bytes(b"".join(jsonl_line(r) for r in records))
+    import_file(config, first)
+
+    result = import_file(config, second)
+
+    assert result.returncode == 0, result.stderr
+    assert counts in result.stdout
+    takeover = re.search(r"(\d+) older credentials gave up their key", result.stdout)
+    assert (int(takeover.group(1)) if takeover else 0) == replaced
+    assert count_rows(database_of(config), "identities") == rows
+
+
 def lookup(config: Path, value: str, *options: str, stdin: str | None = None) -> dict[str, str]:
     """Run `lookup` and parse its `name: value` lines."""
     result = run_cli("lookup", "--config", str(config), value, *options, stdin=stdin)

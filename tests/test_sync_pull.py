@@ -171,6 +171,34 @@ def test_digest_mismatch_triggers_rebuild(tmp_path: Path, hq: FakeHq) -> None:
         daemon.stop()
 
 
+def test_snapshot_shared_key_goes_to_later_record(tmp_path: Path, hq: FakeHq) -> None:
+    # The snapshot is sorted by credential id, so "c-takeover" follows "c-shopper".
+    hq.put({**SAMPLE_RECORDS[0], "credentialId": "c-takeover", "id": "shopper-takeover"})
+    daemon = start_daemon(tmp_path, hq)
+    try:
+        wait_until(lambda: caught_up(daemon, hq), what="the initial snapshot")
+
+        versions = local_versions(daemon.database)
+        assert "c-shopper" not in versions
+        assert versions["c-takeover"] == 1
+        reply = daemon.scan("KEY-SHOPPER-5f1c2b")
+        assert reply.json()["id"] == "shopper-takeover"
+        indexed = [line for line in daemon.log_lines() if line["event"] == "sync.staging_indexed"]
+        assert indexed[0]["duplicate_keys"] == 1
+    finally:
+        daemon.stop()
+
+
+def test_feed_put_takes_over_key(synced: Daemon, hq: FakeHq) -> None:
+    hq.put({**SAMPLE_RECORDS[2], "credentialId": "c-cash-reissued", "id": "cash-2"})
+    wait_until(lambda: caught_up(synced, hq), what="the PUT with a known key")
+
+    versions = local_versions(synced.database)
+    assert "c-cash" not in versions
+    assert versions["c-cash-reissued"] == 1
+    assert synced.scan("KEY-CASH-33aa90").json()["id"] == "cash-2"
+
+
 def test_initial_snapshot_removes_imported_extras(tmp_path: Path, hq: FakeHq) -> None:
     extra_record = {
         "credentialId": "c-local-only",
