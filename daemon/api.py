@@ -190,7 +190,7 @@ async def readyz(request: web.Request) -> web.Response:
         store.reader.connection.execute("SELECT 1 FROM identities LIMIT 1").fetchall()
         database_ok = store.writer.alive
     except Exception as exc:  # the reason goes to the log, not to the caller
-        # A probe polls every few seconds; one line a minute says the same.
+        # A probe polls every few seconds, so one line a minute is enough.
         suppressed = _HEALTH_LOG_THROTTLE.admit("health.database_failed")
         if suppressed is not None:
             log.warning("health.database_failed", error=str(exc), suppressed=suppressed)

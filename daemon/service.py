@@ -100,8 +100,8 @@ async def _serve_with_store(config: Config, config_path: Path | None, store: Sto
     )
     local = app[LOCAL_KEY]
     await local.start()
-    # The objects made during start-up live as long as the process; taking them out of the
-    # collector's view keeps its full passes, which stop every request, short.
+    # The objects made during start-up live as long as the process. Freezing them keeps them
+    # out of the collector's full passes, which pause every request, so the passes stay short.
     gc.freeze()
     sdnotify.ready(status_line(runtime))
 
@@ -137,8 +137,8 @@ async def _serve_with_store(config: Config, config_path: Path | None, store: Sto
         sdnotify.stopping()
         for task in tasks:
             task.cancel()
-        # A second signal during the drain must not end it half way (the default action of
-        # SIGTERM, SIGINT and SIGHUP ends the process); it is noted and otherwise ignored.
+        # The default action of SIGTERM, SIGINT and SIGHUP ends the process, so a second
+        # signal would cut the drain short. During the drain such a signal is only logged.
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.add_signal_handler(signum, _signal_while_stopping, signum)
         # Drivers stop before the listener closes, so no scan is decided during the drain.

@@ -43,8 +43,8 @@ RESTART_TAIL_FRAMES = 512
 RESTART_CATCH_UP_INTERVAL = 0.02
 RESTART_CATCH_UP_ROUNDS = 10
 CACHE_KIB = 64 * 1024
-# SQLite empties a reader's page cache whenever another connection has committed, which the
-# writer does after nearly every decision; emptying a large cache costs more than the pages
+# SQLite empties a reader's page cache whenever another connection has committed. The writer
+# commits after nearly every decision, and emptying a large cache costs more than the pages
 # it saved, so the reader keeps a small one.
 READER_CACHE_KIB = 1024
 
@@ -244,7 +244,7 @@ def migrate(connection: sqlite3.Connection, path: Path) -> int:
 
 
 class CheckInterrupted(Exception):
-    """An integrity check was stopped before it finished; it says nothing about the file."""
+    """An integrity check stopped before it finished, so it shows nothing about the file."""
 
 
 def check_integrity(
@@ -527,7 +527,7 @@ class StoreWriter:
 
     def _checkpoint_between_batches(self) -> None:
         # No frame can arrive while this runs, so the copy completes unless a reader still
-        # reads an older snapshot; the frames left are few, as the checkpoint thread copied
+        # reads an older snapshot. Few frames are left, because the checkpoint thread copied
         # the rest.
         try:
             self._connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
@@ -607,16 +607,16 @@ class Checkpointer:
 
     PASSIVE checkpoints never block the writer or readers; pages still in use by a reader
     are copied by a later round. Under steady writes the WAL never starts over on its own,
-    since new frames arrive while each checkpoint runs; when it grows past
-    WAL_RESTART_FRAMES the writer copies the last frames itself between two batches, and
-    its next transaction writes from the start of the file again.
+    because new frames arrive while each checkpoint runs. When it grows past
+    WAL_RESTART_FRAMES, the writer copies the last frames itself between two batches. Its
+    next transaction then writes from the start of the file again.
     """
 
     def __init__(self, path: Path, busy_timeout: float) -> None:
         self._connection = connect(path, busy_timeout)
         self._stop = threading.Event()
         self.restart_wanted = False
-        """The WAL has grown past WAL_RESTART_FRAMES; the writer should let it start over."""
+        """Flag set when the WAL has grown past WAL_RESTART_FRAMES, for the writer to reset it."""
         self._thread = threading.Thread(target=self._run, name="store-checkpoint", daemon=True)
         self._thread.start()
 
@@ -631,8 +631,8 @@ class Checkpointer:
                     "PRAGMA wal_checkpoint(PASSIVE)"
                 ).fetchone()
                 if frames >= WAL_RESTART_FRAMES:
-                    # Copy again soon, so the frames the writer copies itself are few; give
-                    # up waiting for a short tail after a few rounds.
+                    # Copy again soon, so the writer has few frames left to copy itself. After
+                    # a few rounds without a short tail, the writer copies what is left.
                     catch_up_rounds += 1
                     if (
                         frames - copied <= RESTART_TAIL_FRAMES
@@ -672,7 +672,7 @@ def _deliver_all(batch: list, outcomes: list[tuple[bool, Any]]) -> None:
             second["result" if ok else "error"] = value
             first.set()
     for loop, results in by_loop.items():
-        # A loop that closed while the jobs ran has nobody waiting for their results.
+        # When a loop closed while the jobs ran, no caller waits for their results.
         with contextlib.suppress(RuntimeError):
             loop.call_soon_threadsafe(_set_futures, results)
 

@@ -544,8 +544,8 @@ def test_reload_starts_added_device(tmp_path: Path) -> None:
 
 
 def test_scan_with_feedback_survives_kill(tmp_path: Path) -> None:
-    # The beep tells the associate the scan counted: its audit event must already be on disk
-    # when the feedback byte leaves, so a kill right after it loses nothing.
+    # The beep means the scan counted, so its audit event must be on disk before the feedback
+    # byte leaves. A kill right after the beep then loses nothing.
     scanner = PtyScanner(tmp_path / "tty-kill")
     daemon = make_daemon(tmp_path / "daemon", device_table("kill", scanner.link), RECORDS)
     daemon.start()

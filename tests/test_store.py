@@ -185,8 +185,8 @@ def test_corrupt_database_moved_aside(tmp_path: Path, kind: str) -> None:
 
 
 def test_background_check_can_be_interrupted(tmp_path: Path) -> None:
-    # A stop must not wait for the check of a large cache: interrupting it raises
-    # CheckInterrupted, which says nothing about the file (not "corrupt").
+    # A stop must not wait for the check of a large cache. Interrupting it raises
+    # CheckInterrupted, which marks the file neither healthy nor corrupt.
     path = tmp_path / "large.sqlite3"
     connection = sqlite3.connect(path)
     connection.execute("CREATE TABLE filler (id INTEGER PRIMARY KEY, data BLOB)")

@@ -86,8 +86,8 @@ def test_wal_checkpointed_in_background(store: Store, tmp_path: Path) -> None:
 def test_wal_starts_over_under_steady_writes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Under writes that never pause, a checkpoint never catches up on its own and the WAL
-    # grows without end; the writer must let it start over once it passes the limit.
+    # Under writes that never pause, a checkpoint never catches up on its own, so the WAL
+    # grows without end unless the writer resets it once it passes the limit.
     monkeypatch.setattr(store_module, "WAL_RESTART_FRAMES", 256)
     monkeypatch.setattr(store_module, "CHECKPOINT_INTERVAL", 0.1)
     monkeypatch.setattr(store_module, "RESTART_CATCH_UP_ROUNDS", 2)
