@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import shutil
 import sqlite3
 import subprocess
@@ -42,6 +41,7 @@ sys.path.insert(0, str(REPO))
 from daemon.policy import Reason, Verdict  # noqa: E402
 from daemon.resolver import Evaluation, audit_event, decision_rows  # noqa: E402
 from daemon.store import Identity, KeyHasher  # noqa: E402
+from tests.bench.bench_resolve import run_wrk as run_resolve_wrk  # noqa: E402
 from tests.bench.bench_resolve import wait_healthy  # noqa: E402
 from tests.bench.streaming_hq import StreamingHq  # noqa: E402
 from tests.conftest import free_port  # noqa: E402
@@ -121,42 +121,13 @@ def rebuild_figures(log_path: Path, number: int) -> dict[str, Any]:
 
 
 def run_wrk(port: int, duration: int, rate: int, connections: int, identities: int) -> dict:
-    """Run wrk with resolve.lua, paced to ``rate`` requests/s over ``connections``."""
-    command = [
-        "wrk",
-        "-t2",
-        f"-c{connections}",
-        f"-d{duration}s",
-        "--timeout",
-        "5s",
-        "-s",
-        str(HERE / "resolve.lua"),
-        f"http://127.0.0.1:{port}",
-    ]
-    env = {
-        **os.environ,
-        "BENCH_IDENTITIES": str(identities),
-        "BENCH_RATE": str(rate),
-        "BENCH_CONNECTIONS": str(connections),
-    }
+    """Run wrk with resolve.lua, paced to ``rate`` requests/s over ``connections``.
+
+    The result is bench_resolve's, with the wall-clock start and end of the run added.
+    """
     started = time.time()
-    output = subprocess.run(command, capture_output=True, text=True, env=env, check=True).stdout
-    finished = time.time()
-    match = re.search(r"BENCH (.*)", output)
-    if match is None:
-        raise RuntimeError(f"wrk printed no BENCH line:\n{output}")
-    fields = dict(item.split("=") for item in match.group(1).split())
-    return {
-        "command": f"BENCH_RATE={rate} BENCH_CONNECTIONS={connections} " + " ".join(command),
-        "started_at": started,
-        "finished_at": finished,
-        "p50_ms": int(fields["p50_us"]) / 1000,
-        "p99_ms": int(fields["p99_us"]) / 1000,
-        "p999_ms": int(fields["p999_us"]) / 1000,
-        "rps": int(fields["requests"]) / float(fields["seconds"]),
-        # resolve.lua's errors include the responses wrk prints as "Non-2xx or 3xx".
-        "errors": int(fields["errors"]),
-    }
+    result = run_resolve_wrk(port, 2, connections, duration, identities, rate=rate)
+    return {**result, "started_at": started, "finished_at": time.time()}
 
 
 def write_config(run_dir: Path, port: int, hq: StreamingHq, snapshot_batch_size: int) -> Path:
