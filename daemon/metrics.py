@@ -16,9 +16,6 @@ if TYPE_CHECKING:
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 HQ_STATES = ("not configured", "online", "degraded", "offline")
-# Counting a table of millions of rows takes tens of milliseconds; scrapes reuse the
-# last count for this long.
-COUNT_CACHE_SECONDS = 30.0
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 
@@ -75,25 +72,21 @@ class _StateCollector(Collector):
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
-        self._identities = 0
-        self._counted_at = 0.0
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         runtime = self.runtime
         reader = runtime.store.reader
         now = time.time()
 
-        if now - self._counted_at > COUNT_CACHE_SECONDS:
-            try:
-                self._identities = reader.count("identities")
-                self._counted_at = now
-            except sqlite3.Error:
-                pass
-        yield GaugeMetricFamily(
-            "identity_connector_cache_identities",
-            "Identities in the local cache.",
-            value=self._identities,
+        # Counting ten million rows takes seconds, so the scrape (and the registration, which
+        # collects once) reads the count the status task makes in a thread; no sample until
+        # its first count.
+        identities = GaugeMetricFamily(
+            "identity_connector_cache_identities", "Identities in the local cache."
         )
+        if runtime.identity_count is not None:
+            identities.add_metric([], runtime.identity_count)
+        yield identities
 
         try:
             depth = reader.count("outbox")
