@@ -62,9 +62,10 @@ bench-extra: $(VENV)/.installed-bench
 # The soak: minutes of load with HQ outages and SIGKILLs, then checks that nothing was lost.
 # Not part of `make test`; docs/soak.md describes it.
 SOAK_SECONDS ?= 300
+SOAK_KILL_SECONDS ?= 120
 
 soak: $(VENV)/.installed-test
-	$(BIN)/python tests/soak/soak.py --duration $(SOAK_SECONDS)
+	$(BIN)/python tests/soak/soak.py --duration $(SOAK_SECONDS) --kill-period $(SOAK_KILL_SECONDS)
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check .
