@@ -192,8 +192,8 @@ class LocalScanning:
         event = self._audit_event(
             device, scan, evaluation, associate, session_change, now, latency_ms
         )
-        # The decision is committed before the associate sees or hears it, so a crash right
-        # after the beep cannot lose its audit event.
+        # The decision is committed before the scanner gives its feedback, so a crash right
+        # after the beep cannot lose the audit event.
         await self._record(device, event, now)
         await self._feedback(device, driver, accepted)
         self._count(evaluation)

@@ -78,9 +78,9 @@ class _StateCollector(Collector):
         reader = runtime.store.reader
         now = time.time()
 
-        # Counting ten million rows takes seconds, so the scrape (and the registration, which
-        # collects once) reads the count the status task makes in a thread; no sample until
-        # its first count.
+        # Counting ten million rows takes seconds, so scrapes and the registration (which
+        # collects once) read the count that the status task makes in a thread. Until that
+        # first count the gauge has no sample.
         identities = GaugeMetricFamily(
             "identity_connector_cache_identities", "Identities in the local cache."
         )

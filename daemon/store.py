@@ -37,7 +37,7 @@ SECRET_BYTES = 32
 # Decisions queued while a commit runs join the next one; this bounds one transaction.
 MAX_GROUP_COMMIT = 256
 # Short rounds keep each checkpoint small. With 1 s rounds one decision in a hundred took over
-# 10 ms on the benchmark machine, and 2.6 ms with 0.25 s rounds; commits most likely wait
+# 10 ms on the benchmark machine, against 2.6 ms with 0.25 s rounds. Commits most likely wait
 # while a large checkpoint flushes the database file.
 CHECKPOINT_INTERVAL = 0.25
 # About 64 MiB of 4 KiB pages: past this the writer lets the WAL start over.
@@ -524,8 +524,8 @@ class StoreWriter:
                 self._commit_batch([regular.popleft() for _ in range(count)])
             else:
                 self._commit_batch([bulk.popleft()])
-            if self._checkpointer.restart_wanted:
-                self._checkpointer.restart_wanted = False
+            if self._checkpointer.restart_due:
+                self._checkpointer.restart_due = False
                 self._checkpoint_between_batches()
 
     def _checkpoint_between_batches(self) -> None:
@@ -618,8 +618,8 @@ class Checkpointer:
     def __init__(self, path: Path, busy_timeout: float) -> None:
         self._connection = connect(path, busy_timeout)
         self._stop = threading.Event()
-        self.restart_wanted = False
-        """Flag set when the WAL has grown past WAL_RESTART_FRAMES, for the writer to reset it."""
+        self.restart_due = False
+        """Flag set when the WAL has grown past WAL_RESTART_FRAMES, so the writer resets it."""
         self._thread = threading.Thread(target=self._run, name="store-checkpoint", daemon=True)
         self._thread.start()
 
@@ -641,7 +641,7 @@ class Checkpointer:
                         frames - copied <= RESTART_TAIL_FRAMES
                         or catch_up_rounds >= RESTART_CATCH_UP_ROUNDS
                     ):
-                        self.restart_wanted = True
+                        self.restart_due = True
                         catch_up_rounds = 0
                     else:
                         wait = RESTART_CATCH_UP_INTERVAL

@@ -40,10 +40,12 @@ sys.path.insert(0, str(REPO))
 
 from daemon.store import SYNC_CHECK_MAX_BYTES  # noqa: E402
 from tests.bench.bench_resolve import (  # noqa: E402
+    CONNECTIONS,
+    WARM_UP_SECONDS,
     cpu_model,
     generate_records,
     import_records,
-    run_wrk,
+    measure_wrk_runs,
     start_daemon,
     stop_process,
     wait_healthy,
@@ -53,10 +55,6 @@ from tests.bench.bench_startup import start_once  # noqa: E402
 from tests.bench.bench_sync import machine_load  # noqa: E402
 from tests.conftest import free_port  # noqa: E402
 
-CONNECTIONS = 16
-WRK_THREADS = 2
-WARM_UP_SECONDS = 3
-WARM_UP_CONNECTIONS = 4
 COLD_START_RUNS = 5
 # An estimate with a wide margin: quick_check of a 218 MB database (1,000,000 identities)
 # took about 8 s on the 2-core machine of docs/benchmarks.md, so ten times that is minutes.
@@ -215,17 +213,6 @@ def read_memory(pid: int) -> dict[str, int]:
     return memory
 
 
-def measure_wrk_runs(
-    port: int, identities: int, args: argparse.Namespace
-) -> tuple[dict, dict, dict]:
-    """Warm up, then run wrk with one connection, paced to ``args.rate``, and at saturation."""
-    run_wrk(port, 1, WARM_UP_CONNECTIONS, WARM_UP_SECONDS, identities)
-    single = run_wrk(port, 1, 1, args.duration, identities)
-    paced = run_wrk(port, WRK_THREADS, CONNECTIONS, args.duration, identities, rate=args.rate)
-    saturated = run_wrk(port, WRK_THREADS, CONNECTIONS, args.duration, identities)
-    return single, paced, saturated
-
-
 def measure_floor(args: argparse.Namespace, commands: list[str]) -> TargetRun:
     port = free_port()
     script = HERE / "floor_app.py"
@@ -238,7 +225,9 @@ def measure_floor(args: argparse.Namespace, commands: list[str]) -> TargetRun:
     try:
         wait_healthy(port)
         # The floor ignores the key, so any identity count gives it the same bodies.
-        single, paced, saturated = measure_wrk_runs(port, max(args.identities), args)
+        single, paced, saturated = measure_wrk_runs(
+            port, max(args.identities), args.duration, args.rate
+        )
     finally:
         stop_process(floor)
     return TargetRun(name="aiohttp floor", single=single, paced=paced, saturated=saturated)
@@ -280,7 +269,7 @@ def measure_daemon(
             progress(f"waiting for the integrity check of {database_bytes / 1e6:,.0f} MB")
             wait_for_log_event(log_path, "store.integrity_ok", daemon, INTEGRITY_TIMEOUT)
         progress(f"wrk against the daemon with {identities:,} identities")
-        single, paced, saturated = measure_wrk_runs(port, identities, args)
+        single, paced, saturated = measure_wrk_runs(port, identities, args.duration, args.rate)
         if daemon.poll() is not None:
             raise RuntimeError(
                 f"daemon exited with status {daemon.returncode} during the wrk runs; see {log_path}"

@@ -176,6 +176,26 @@ def stop_process(process: subprocess.Popen, timeout: float = STOP_TIMEOUT) -> No
         process.wait()
 
 
+CONNECTIONS = 16
+WRK_THREADS = 2
+WARM_UP_SECONDS = 3
+WARM_UP_CONNECTIONS = 4
+
+
+def measure_wrk_runs(
+    port: int, identities: int, duration: int, rate: int
+) -> tuple[dict, dict, dict]:
+    """Warm up, then run wrk with one connection, paced to ``rate``, and at saturation.
+
+    The warm-up fills SQLite's page cache the way a running store box has it.
+    """
+    run_wrk(port, 1, WARM_UP_CONNECTIONS, WARM_UP_SECONDS, identities)
+    single = run_wrk(port, 1, 1, duration, identities)
+    paced = run_wrk(port, WRK_THREADS, CONNECTIONS, duration, identities, rate=rate)
+    saturated = run_wrk(port, WRK_THREADS, CONNECTIONS, duration, identities)
+    return single, paced, saturated
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--identities", type=int, default=1_000_000)
@@ -203,11 +223,9 @@ def main() -> int:
     daemon = start_daemon(config, run_dir / "daemon.log")
     try:
         wait_healthy(port)
-        # A short warm-up fills SQLite's page cache the way a running store box has it.
-        run_wrk(port, 1, 4, 3, args.identities)
-        single = run_wrk(port, 1, 1, args.duration, args.identities)
-        paced = run_wrk(port, 2, 16, args.duration, args.identities, rate=args.rate)
-        concurrent = run_wrk(port, 2, 16, args.duration, args.identities)
+        single, paced, concurrent = measure_wrk_runs(
+            port, args.identities, args.duration, args.rate
+        )
     finally:
         stop_process(daemon)
 
@@ -219,10 +237,9 @@ def main() -> int:
     )
     try:
         wait_healthy(floor_port)
-        run_wrk(floor_port, 1, 4, 3, args.identities)
-        floor_single = run_wrk(floor_port, 1, 1, args.duration, args.identities)
-        floor_paced = run_wrk(floor_port, 2, 16, args.duration, args.identities, rate=args.rate)
-        floor_concurrent = run_wrk(floor_port, 2, 16, args.duration, args.identities)
+        floor_single, floor_paced, floor_concurrent = measure_wrk_runs(
+            floor_port, args.identities, args.duration, args.rate
+        )
     finally:
         stop_process(floor)
 
