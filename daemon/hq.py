@@ -26,10 +26,10 @@ from daemon.identities import (
     IdentityRecord,
     RecordInvalid,
     RowBatch,
+    credential_id_of,
     identity_row,
-    join_batches,
     keyed_record_from_builtins,
-    pack_records,
+    loggable_reason,
     record_from_builtins,
     remove_credentials,
     upsert_rows,
@@ -38,9 +38,22 @@ from daemon.identities import (
 from daemon.normalize import candidate_keys
 from daemon.policy import Reason, decide
 from daemon.resolver import LAST_PULL_META_KEY, Evaluation, Resolver
-from daemon.store import Identity, KeyHasher, Store, StoreReader, connect
+from daemon.snapshot_worker import (
+    Block,
+    PreparedBlock,
+    SnapshotWorker,
+    merge_prepared,
+    prepare_block,
+)
+from daemon.store import (
+    Identity,
+    KeyHasher,
+    Store,
+    StoreReader,
+    connect,
+)
 from sync.digest import compute_digest
-from sync.errors import HqError
+from sync.errors import HqError, HqResponseInvalid
 from sync.service import (
     CLOCK_OFFSET_META_KEY,
     HQ_STATE_META_KEY,
@@ -69,7 +82,7 @@ PREPARE_SLICE_RECORDS = 50
 # Snapshot records per staging transaction, rounded up to whole PREPARE_SLICE_RECORDS
 # slices. A decision submitted while one runs waits for it. On the benchmark machine, 500
 # rows took the writer about 4.6 ms when the event loop left it the GIL.
-STAGE_SLICE_RECORDS = 400
+STAGE_SLICE_RECORDS = 200
 # While a rebuild runs, a thread waiting for the GIL gets it after at most 0.5 ms instead
 # of Python's default 5 ms. The event loop validates records while the writer thread
 # stages the previous batch. With the default, the writer took up to 5 ms to pick up a
@@ -149,19 +162,6 @@ def _meta(connection: sqlite3.Connection, key: str) -> str | None:
     return row[0] if row else None
 
 
-def _credential_id_of(record: dict[str, Any] | None) -> str | None:
-    value = record.get("credentialId") if isinstance(record, dict) else None
-    return value[:255] if isinstance(value, str) else None
-
-
-def loggable_reason(error: RecordInvalid) -> str:
-    """Return a validation message with quoted values masked.
-
-    msgspec quotes an invalid value, which could be a key sent in the wrong field.
-    """
-    return re.sub(r"'[^']*'", "'…'", str(error))
-
-
 def _valid_record(data: dict[str, Any] | None, counts: ApplyCounts) -> IdentityRecord | None:
     valid = _keyed_record(data, counts)
     return valid[0] if valid is not None else None
@@ -176,7 +176,7 @@ def _keyed_record(
         counts.rejected += 1
         log.warning(
             "sync.record_rejected",
-            credential_id=_credential_id_of(data),
+            credential_id=credential_id_of(data),
             reason=loggable_reason(exc),
         )
         return None
@@ -253,20 +253,6 @@ def begin_rebuild(connection: sqlite3.Connection) -> None:
     if replaced != 1:
         raise RuntimeError(f"unexpected identities table definition: {table_sql[:80]}")
     connection.execute(staging_sql)
-
-
-def prepare_records(
-    records: list[dict[str, Any]], hasher: KeyHasher, now: float
-) -> PreparedRecords:
-    """Validate and hash snapshot records, outside the writer; invalid ones are logged."""
-    counts = ApplyCounts()
-    valid = []
-    for data in records:
-        keyed = _keyed_record(data, counts)
-        if keyed is not None:
-            valid.append(keyed)
-    counts.put = len(valid)
-    return PreparedRecords(counts=counts, rows=pack_records(valid, hasher, now))
 
 
 def stage_rows(connection: sqlite3.Connection, batch: RowBatch) -> None:
@@ -386,6 +372,8 @@ class StoreAdapter:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hq-reader")
         self._connection: sqlite3.Connection | None = None
         self._saved_switch_interval: float | None = None
+        self._worker: SnapshotWorker | None = None
+        self._worker_started = False
 
     def close(self) -> None:
         def close_connection() -> None:
@@ -395,6 +383,8 @@ class StoreAdapter:
 
         self._executor.submit(close_connection).result()
         self._executor.shutdown(wait=True)
+        if self._worker is not None:
+            self._worker.kill()
 
     def cursor(self) -> str | None:
         return self.store.reader.meta(CURSOR_META_KEY)
@@ -425,28 +415,68 @@ class StoreAdapter:
         if self._saved_switch_interval is None:
             self._saved_switch_interval = sys.getswitchinterval()
             sys.setswitchinterval(REBUILD_SWITCH_INTERVAL)
+        await self._close_worker()
+        self._worker_started = False
 
-    async def prepare_records(self, records: list[dict[str, Any]]) -> PreparedRecords:
-        # Validation and hashing hold the GIL. In a thread, they would keep the event loop
-        # waiting for up to a switch interval at a time, so they run here in short slices.
-        now = time.time()
-        counts = ApplyCounts()
-        # One packed batch per staging transaction.
-        slices: list[RowBatch] = []
-        parts: list[RowBatch] = []
-        for start in range(0, len(records), PREPARE_SLICE_RECORDS):
-            await asyncio.sleep(0)
-            part = prepare_records(
-                records[start : start + PREPARE_SLICE_RECORDS], self.store.hasher, now
+    async def prepare_lines(self, first_line: int, lines: bytes) -> PreparedRecords:
+        block = Block(first_line=first_line, data=lines, updated_at=time.time())
+        if not self._worker_started:
+            # Started with the first block, not with the rebuild: while HQ is unreachable,
+            # every retried rebuild would start a process for nothing.
+            self._worker_started = True
+            try:
+                self._worker = await SnapshotWorker.start(
+                    self.store.hasher.secret, STAGE_SLICE_RECORDS
+                )
+            except OSError as exc:
+                log.warning(
+                    "sync.worker_unavailable",
+                    error=str(exc),
+                    action="validating snapshot records in the daemon process, which slows"
+                    " decisions during the rebuild",
+                )
+        if self._worker is not None:
+            prepared = await self._worker.prepare(block)
+        else:
+            prepared = await self._prepare_here(block)
+        for rejected in prepared.rejected:
+            log.warning(
+                "sync.record_rejected",
+                line=rejected.line,
+                credential_id=rejected.credential_id,
+                reason=rejected.reason,
             )
-            _add_counts(counts, part.counts)
-            parts.append(part.rows)
-            if sum(batch.size for batch in parts) >= STAGE_SLICE_RECORDS:
-                slices.append(join_batches(parts))
-                parts = []
-        if parts:
-            slices.append(join_batches(parts))
-        return PreparedRecords(counts=counts, rows=slices)
+        if prepared.error is not None:
+            raise HqResponseInvalid(prepared.error)
+        counts = ApplyCounts(
+            put=sum(size for _rows, _hashes, size in prepared.batches),
+            rejected=len(prepared.rejected),
+        )
+        return PreparedRecords(
+            counts=counts,
+            rows=prepared.row_batches(block.updated_at),
+            received=prepared.received,
+        )
+
+    async def _prepare_here(self, block: Block) -> PreparedBlock:
+        # Without a worker, validation and hashing hold the GIL here. In a thread, they
+        # would keep the event loop waiting for up to a switch interval at a time, so they
+        # run on the loop in short slices.
+        lines = block.data.split(b"\n")[:-1]
+        parts = []
+        for start in range(0, len(lines), PREPARE_SLICE_RECORDS):
+            await asyncio.sleep(0)
+            chunk = lines[start : start + PREPARE_SLICE_RECORDS]
+            parts.append(
+                prepare_block(
+                    Block(block.first_line + start, b"\n".join(chunk) + b"\n", block.updated_at),
+                    self.store.hasher,
+                    STAGE_SLICE_RECORDS,
+                )
+            )
+            if parts[-1].error is not None:
+                break
+        return merge_prepared(parts, STAGE_SLICE_RECORDS)
 
     async def stage_records(self, prepared: PreparedRecords) -> None:
         # Submitted together, the slices run back to back in order, each in a transaction
@@ -464,7 +494,7 @@ class StoreAdapter:
                 raise outcome
 
     async def finish_rebuild(self, cursor: str, pulled_at: float) -> int:
-        self._end_rebuild()
+        await self._end_rebuild()
         started = time.monotonic()
         count, duplicates = await self.store.writer.submit(index_staging, bulk=True)
         log.info(
@@ -482,13 +512,19 @@ class StoreAdapter:
         return count
 
     async def abandon_rebuild(self) -> None:
-        self._end_rebuild()
+        await self._end_rebuild()
         await self.store.writer.submit(functools.partial(drop_table, name=STAGING_TABLE))
 
-    def _end_rebuild(self) -> None:
+    async def _end_rebuild(self) -> None:
         if self._saved_switch_interval is not None:
             sys.setswitchinterval(self._saved_switch_interval)
             self._saved_switch_interval = None
+        await self._close_worker()
+
+    async def _close_worker(self) -> None:
+        worker, self._worker = self._worker, None
+        if worker is not None:
+            await worker.stop()
 
     async def local_digest(self) -> tuple[int, str]:
         def query(connection: sqlite3.Connection) -> tuple[int, str]:

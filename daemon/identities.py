@@ -57,6 +57,20 @@ class RecordInvalid(ValueError):
     """A record that cannot be imported; the message never contains the key."""
 
 
+def loggable_reason(error: RecordInvalid) -> str:
+    """Return a validation message with quoted values masked.
+
+    msgspec quotes an invalid value, which could be a key sent in the wrong field.
+    """
+    return re.sub(r"'[^']*'", "'…'", str(error))
+
+
+def credential_id_of(data: object) -> str | None:
+    """Return a record's credentialId for a log line, if it has a usable one."""
+    value = data.get("credentialId") if isinstance(data, dict) else None
+    return value[:255] if isinstance(value, str) else None
+
+
 def record_from_builtins(data: object) -> IdentityRecord:
     """Validate a decoded record, raising RecordInvalid with the field at fault."""
     return keyed_record_from_builtins(data)[0]

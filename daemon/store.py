@@ -83,6 +83,8 @@ class KeyHasher:
     """HMAC-SHA-256 of scanned values under the store's secret."""
 
     def __init__(self, secret: bytes) -> None:
+        self.secret = secret
+        """Kept for the snapshot worker process, which hashes with the same secret."""
         # Copying a keyed HMAC skips the key set-up and OpenSSL's digest lookup, which cost
         # more than hashing a short value.
         self._keyed = hmac.new(secret, digestmod=hashlib.sha256)

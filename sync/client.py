@@ -14,7 +14,6 @@ from urllib.parse import quote
 import aiohttp
 import msgspec
 import structlog
-from aiohttp.http_exceptions import HttpProcessingError
 
 from sync.clock import ClockEstimator
 from sync.errors import (
@@ -81,7 +80,7 @@ class ChangesPage:
 
 
 class SnapshotStream:
-    """An open snapshot response: its cursor and its records, read line by line."""
+    """An open snapshot response: its cursor and its records, read in blocks of lines."""
 
     def __init__(
         self,
@@ -94,46 +93,60 @@ class SnapshotStream:
         self.received = 0
         self._response = response
 
-    async def records(self) -> AsyncIterator[dict[str, Any]]:
-        """Yield each record of the stream; raise HqError when it is cut or invalid.
+    async def blocks(self, lines_per_block: int) -> AsyncIterator[tuple[int, bytes]]:
+        """Yield (number of the first line, complete lines) blocks of the stream.
 
-        Only one line is held at a time, so memory stays constant whatever the size.
+        Each block holds at least ``lines_per_block`` lines, the last one fewer, and every
+        line ends with its newline; the lines themselves are checked by whoever parses
+        them. Raise HqError when the stream is cut, stalls, or holds a line longer than
+        MAX_SNAPSHOT_LINE_BYTES. At most one block and one line are held, so memory stays
+        constant whatever the snapshot's size.
         """
-        decoder = msgspec.json.Decoder()
-        number = 0
+        parts: list[bytes] = []
+        tail = b""
+        first_line = 1
+        lines = 0
         try:
-            async for line in self._response.content:
-                number += 1
-                if len(line) > MAX_SNAPSHOT_LINE_BYTES:
+            async for chunk in self._response.content.iter_any():
+                end = chunk.rfind(b"\n") + 1
+                if end == 0:
+                    tail += chunk
+                else:
+                    parts.append(tail)
+                    parts.append(chunk[:end])
+                    lines += chunk.count(b"\n", 0, end)
+                    tail = chunk[end:]
+                if len(tail) > MAX_SNAPSHOT_LINE_BYTES:
                     raise HqResponseInvalid(
-                        f"snapshot line {number} is longer than {MAX_SNAPSHOT_LINE_BYTES} bytes"
+                        f"snapshot line {first_line + lines} is longer than"
+                        f" {MAX_SNAPSHOT_LINE_BYTES} bytes"
                     )
-                if not line.endswith(b"\n"):
-                    raise HqResponseInvalid(
-                        f"snapshot truncated: line {number} ends without a newline"
-                    )
-                if not line.strip():
-                    continue
-                try:
-                    data = decoder.decode(line)
-                except msgspec.DecodeError:
-                    raise HqResponseInvalid(f"snapshot line {number} is not valid JSON") from None
-                if not isinstance(data, dict):
-                    raise HqResponseInvalid(f"snapshot line {number} is not a JSON object")
-                self.received += 1
-                yield data
+                if lines >= lines_per_block:
+                    yield first_line, b"".join(parts)
+                    parts = []
+                    first_line += lines
+                    lines = 0
         except TimeoutError:
-            raise HqUnreachable(f"snapshot stream stalled after line {number}") from None
+            raise HqUnreachable(
+                f"snapshot stream stalled after line {first_line + lines - 1}"
+            ) from None
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
-            raise HqResponseInvalid(f"snapshot stream cut after line {number}: {exc}") from None
-        except (ValueError, HttpProcessingError) as exc:
-            # aiohttp raises LineTooLong (an HttpProcessingError) for a line longer than
-            # its read buffer, before the length check above can see it.
-            raise HqResponseInvalid(f"snapshot line {number + 1} is too long: {exc}") from None
-
-        if self.expected_count is not None and self.received != self.expected_count:
             raise HqResponseInvalid(
-                f"snapshot truncated: {self.received} records received,"
+                f"snapshot stream cut after line {first_line + lines - 1}: {exc}"
+            ) from None
+        if tail:
+            raise HqResponseInvalid(
+                f"snapshot truncated: line {first_line + lines} ends without a newline"
+            )
+        if lines:
+            yield first_line, b"".join(parts)
+
+    def check_count(self, received: int) -> None:
+        """Raise HqResponseInvalid when ``received`` records differ from the announced count."""
+        self.received = received
+        if self.expected_count is not None and received != self.expected_count:
+            raise HqResponseInvalid(
+                f"snapshot truncated: {received} records received,"
                 f" {COUNT_HEADER} announced {self.expected_count}"
             )
 

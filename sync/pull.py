@@ -6,23 +6,19 @@ import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import structlog
 
 from sync.client import HqClient
 from sync.errors import CursorExpired, HqError, HqResponseInvalid
 from sync.settings import SyncSettings
-from sync.store import ApplyCounts, SyncStore
+from sync.store import ApplyCounts, PreparedRecords, SyncStore
 
 log = structlog.get_logger(__name__)
 
 Progress = Callable[[str], None]
 # `sync --now` prints one progress line per this many staged snapshot batches.
 PROGRESS_EVERY_BATCHES = 10
-# Snapshot records read before the event loop serves other tasks. The stream yields to the
-# loop only when its buffer is empty, and a fast HQ keeps about a thousand records there.
-YIELD_EVERY_RECORDS = 50
 
 
 @dataclass(slots=True)
@@ -135,21 +131,18 @@ class Puller:
         return count
 
     async def _stage_snapshot(self, report: PullReport) -> str:
-        # The writer stages one batch while this task reads and prepares the next, so at
-        # most two batches are held in memory.
+        # The writer stages one block while the next is read and prepared, so at most two
+        # blocks are held in memory.
         writing: asyncio.Task[None] | None = None
         failure: BaseException | None = None
+        received = 0
         try:
             async with self.client.snapshot() as stream:
-                batch: list[dict[str, Any]] = []
-                async for record in stream.records():
-                    batch.append(record)
-                    if len(batch) >= self.settings.snapshot_batch_size:
-                        writing = await self._stage(batch, writing, report)
-                        batch = []
-                    elif len(batch) % YIELD_EVERY_RECORDS == 0:
-                        await asyncio.sleep(0)
-                writing = await self._stage(batch, writing, report)
+                async for first_line, lines in stream.blocks(self.settings.snapshot_batch_size):
+                    prepared = await self.store.prepare_lines(first_line, lines)
+                    received += prepared.received
+                    writing = await self._stage(prepared, writing, report)
+                stream.check_count(received)
                 cursor = stream.cursor
         finally:
             # A staging write still queued must finish before the caller drops the table.
@@ -162,14 +155,11 @@ class Puller:
 
     async def _stage(
         self,
-        batch: list[dict[str, Any]],
+        prepared: PreparedRecords,
         previous: asyncio.Task[None] | None,
         report: PullReport,
     ) -> asyncio.Task[None] | None:
-        """Prepare ``batch``, wait for the previous write, and start writing this one."""
-        if not batch:
-            return previous
-        prepared = await self.store.prepare_records(batch)
+        """Wait for the previous write, and start writing ``prepared``."""
         if previous is not None:
             await previous
         _add(report, prepared.counts)

@@ -38,6 +38,8 @@ class PreparedRecords:
     """``put`` counts the valid records, ``rejected`` the invalid ones."""
     rows: Any
     """The valid records in the store's own form; the sync package only passes it on."""
+    received: int = 0
+    """Records in the block, valid or not, for the check against HQ's announced count."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,10 +72,11 @@ class SyncStore(Protocol):
         """Create an empty staging table, dropping what an interrupted rebuild left."""
         ...
 
-    async def prepare_records(self, records: list[dict[str, Any]]) -> PreparedRecords:
-        """Validate and hash snapshot records without the writer, logging invalid ones.
+    async def prepare_lines(self, first_line: int, lines: bytes) -> PreparedRecords:
+        """Validate and hash a block of snapshot lines without the writer; log invalid records.
 
-        Runs on the event loop in slices short enough for decisions to go on between them.
+        ``first_line`` numbers the block's first line in the stream. Raise HqResponseInvalid
+        for a line that is not a JSON object or is too long.
         """
         ...
 

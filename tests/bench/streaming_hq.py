@@ -9,6 +9,7 @@ against them.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import time
 from collections.abc import Iterator
@@ -95,6 +96,10 @@ class StreamingHq(FakeHq):
                 await response.write(b"".join(chunk))
                 served.lines += len(chunk)
                 chunk = []
+                # write() returns at once while the transport has room, so without this the
+                # stream kept the loop for tens of ms and online lookups waited behind it;
+                # a real HQ answers them from other workers.
+                await asyncio.sleep(0)
         await response.write(b"".join(chunk))
         served.lines += len(chunk)
         await response.write_eof()

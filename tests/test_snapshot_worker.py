@@ -1,0 +1,257 @@
+"""Snapshot lines in blocks: framing of HQ's stream, the worker process, and its fallback."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import msgspec
+import pytest
+from aiohttp import web
+
+from daemon.hq import StoreAdapter
+from daemon.normalize import normalize_key
+from daemon.snapshot_worker import (
+    Block,
+    PreparedBlock,
+    SnapshotWorker,
+    WorkerFailed,
+    prepare_block,
+)
+from daemon.store import KeyHasher, Store
+from sync.client import MAX_SNAPSHOT_LINE_BYTES, SnapshotStream
+from sync.errors import HqResponseInvalid
+from tests.conftest import free_port
+
+SECRET = b"s" * 32
+KEY = "SECRET-KEY-0001"
+
+
+def record(number: int, **fields: Any) -> dict[str, Any]:
+    base = {
+        "credentialId": f"c-{number}",
+        "key": f"{KEY}-{number}",
+        "id": f"person-{number}",
+        "type": "SHOPPER",
+        "status": "ACTIVE",
+        "stores": ["STORE-001"],
+        "version": 1,
+    }
+    base.update(fields)
+    return base
+
+
+def line(data: object) -> bytes:
+    return json.dumps(data).encode() + b"\n"
+
+
+def prepare(*lines: bytes, first_line: int = 1) -> PreparedBlock:
+    return prepare_block(Block(first_line, b"".join(lines), 1.0), KeyHasher(SECRET), 2)
+
+
+def test_valid_records_are_packed_in_batches_with_their_key_hashes() -> None:
+    prepared = prepare(line(record(1)), line(record(2)), line(record(3)))
+    assert prepared.error is None
+    assert prepared.received == 3
+    assert [size for _rows, _hashes, size in prepared.batches] == [2, 1]
+    hashes = b"".join(key_hashes for _rows, key_hashes, _size in prepared.batches)
+    expected = b"".join(KeyHasher(SECRET).hash(f"{KEY}-{n}") for n in (1, 2, 3))
+    assert hashes == expected
+    rows = [row for rows, _hashes, _size in prepared.batches for row in json.loads(rows)]
+    assert [row[0] for row in rows] == ["c-1", "c-2", "c-3"]
+
+
+def test_blank_lines_are_skipped_and_not_counted() -> None:
+    prepared = prepare(b"\n", line(record(1)), b"   \n")
+    assert (prepared.received, prepared.error) == (1, None)
+
+
+def test_lax_values_are_accepted() -> None:
+    prepared = prepare(line(record(1, version="7")))
+    assert prepared.rejected == []
+    assert json.loads(prepared.batches[0][0])[0][-1] == 7
+
+
+@pytest.mark.parametrize(
+    ("data", "reason_part"),
+    [
+        (record(1, type="shopper"), "type"),
+        (record(1, stores=[]), "stores"),
+        (record(1, key=" \t "), "key is empty"),
+        (record(1, validFrom="2026-02-01T00:00:00Z", validUntil="2026-01-01T00:00:00Z"), "later"),
+        ({k: v for k, v in record(1).items() if k != "id"}, "id"),
+    ],
+)
+def test_invalid_record_is_rejected_with_its_line_and_credential(
+    data: dict[str, Any], reason_part: str
+) -> None:
+    prepared = prepare(line(record(0)), line(data), first_line=41)
+    assert prepared.error is None
+    assert prepared.received == 2
+    assert [(r.line, r.credential_id) for r in prepared.rejected] == [(42, "c-1")]
+    assert reason_part in prepared.rejected[0].reason
+    assert sum(size for _rows, _hashes, size in prepared.batches) == 1
+
+
+def test_rejection_reason_never_carries_the_key() -> None:
+    prepared = prepare(line(record(1, type=f"{KEY}-1")))
+    assert KEY not in prepared.rejected[0].reason
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        (b'{"credentialId": "broken", \n', "snapshot line 12 is not valid JSON"),
+        (b"[1, 2]\n", "snapshot line 12 is not a JSON object"),
+        (b"\xff\xfe\n", "snapshot line 12 is not valid JSON"),
+        (
+            b'{"pad": "' + b"x" * MAX_SNAPSHOT_LINE_BYTES + b'"}\n',
+            f"snapshot line 12 is longer than {MAX_SNAPSHOT_LINE_BYTES} bytes",
+        ),
+    ],
+)
+def test_a_broken_line_ends_the_block_with_an_error(bad: bytes, message: str) -> None:
+    prepared = prepare(line(record(1)), bad, line(record(2)), first_line=11)
+    assert prepared.error == message
+    assert prepared.received == 1
+
+
+def run(coroutine: Awaitable[Any]) -> Any:
+    return asyncio.run(coroutine)  # type: ignore[arg-type]
+
+
+def test_worker_process_answers_like_the_function() -> None:
+    lines = b"".join(line(record(n)) for n in range(5)) + b"not json\n"
+
+    async def scenario() -> PreparedBlock:
+        worker = await SnapshotWorker.start(SECRET, 2)
+        try:
+            return await worker.prepare(Block(100, lines, 5.0))
+        finally:
+            await worker.stop()
+
+    from_process = run(scenario())
+    in_process = prepare_block(Block(100, lines, 5.0), KeyHasher(SECRET), 2)
+    assert msgspec.msgpack.encode(from_process) == msgspec.msgpack.encode(in_process)
+    assert from_process.error == "snapshot line 105 is not valid JSON"
+
+
+def test_a_dead_worker_is_reported_not_waited_for() -> None:
+    async def scenario() -> str:
+        worker = await SnapshotWorker.start(SECRET, 2)
+        worker.kill()
+        try:
+            await worker.prepare(Block(1, line(record(1)), 1.0))
+        except WorkerFailed as exc:
+            return str(exc)
+        finally:
+            await worker.stop()
+        return "no error"
+
+    assert "snapshot worker stopped" in run(scenario())
+
+
+async def stream_blocks(
+    chunks: list[bytes], lines_per_block: int
+) -> tuple[list[tuple[int, bytes]], str | None]:
+    """Serve ``chunks`` as one streamed response on loopback and read it in blocks."""
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        await response.prepare(request)
+        for chunk in chunks:
+            await response.write(chunk)
+            await asyncio.sleep(0.005)  # one read per chunk, so lines straddle reads
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_get("/snapshot", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    blocks: list[tuple[int, bytes]] = []
+    error = None
+    try:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"http://127.0.0.1:{port}/snapshot") as response,
+        ):
+            stream = SnapshotStream(response, "1.0", None)
+            try:
+                async for block in stream.blocks(lines_per_block):
+                    blocks.append(block)
+            except HqResponseInvalid as exc:
+                error = str(exc)
+    finally:
+        await runner.cleanup()
+    return blocks, error
+
+
+def test_blocks_hold_whole_lines_numbered_across_reads() -> None:
+    data = b"".join(b"line %d\n" % n for n in range(1, 11))
+    chunks = [data[:13], data[13:14], data[14:40], data[40:]]
+    blocks, error = run(stream_blocks(chunks, 3))
+    assert error is None
+    assert b"".join(block for _first, block in blocks) == data
+    for first, block in blocks:
+        assert block.endswith(b"\n")
+        assert block.split(b"\n")[0] == b"line %d" % first
+
+
+@pytest.mark.parametrize(
+    ("chunks", "message"),
+    [
+        ([b"a\nb\nc"], "snapshot truncated: line 3 ends without a newline"),
+        (
+            [b"a\n", b"b" * (MAX_SNAPSHOT_LINE_BYTES + 1)],
+            f"snapshot line 2 is longer than {MAX_SNAPSHOT_LINE_BYTES} bytes",
+        ),
+    ],
+)
+def test_broken_stream_is_reported_with_its_line(chunks: list[bytes], message: str) -> None:
+    _blocks, error = run(stream_blocks(chunks, 1000))
+    assert error == message
+
+
+def test_count_check_names_both_counts() -> None:
+    stream = SnapshotStream(None, "1.0", 3)  # type: ignore[arg-type]
+    with pytest.raises(HqResponseInvalid, match="2 records received, Identity-Count announced 3"):
+        stream.check_count(2)
+    stream.check_count(3)
+
+
+def test_rebuild_without_worker_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A system that refuses to start processes still gets its cache rebuilt."""
+
+    async def refuse(*_args: object, **_kwargs: object) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(asyncio, "create_subprocess_exec", refuse)
+    store = Store.open(tmp_path / "cache.sqlite3", tmp_path / "cache.key")
+    adapter = StoreAdapter(store)
+    lines = b"".join(line(record(n)) for n in range(120)) + line(record(999, type="x"))
+
+    async def scenario() -> int:
+        await adapter.begin_rebuild()
+        prepared = await adapter.prepare_lines(1, lines)
+        await adapter.stage_records(prepared)
+        assert (prepared.counts.put, prepared.counts.rejected) == (120, 1)
+        return await adapter.finish_rebuild("1.0", 1.0)
+
+    try:
+        assert run(scenario()) == 120
+        key_hash = store.hasher.hash(normalize_key(f"{KEY}-7", None))
+        identity = store.reader.identity_by_hash(key_hash)
+        assert identity is not None and identity.credential_id == "c-7"
+    finally:
+        adapter.close()
+        store.close()
+    assert "sync.worker_unavailable" in capsys.readouterr().out
