@@ -352,9 +352,25 @@ def trim_outbox(
 
 
 def cache_record(connection: sqlite3.Connection, hasher: KeyHasher, data: dict[str, Any]) -> bool:
+    """Store a record from an online lookup; return whether it was stored.
+
+    A pull that committed while the lookup was on its way may have stored a newer version
+    of the credential, and that one stays.
+    """
     counts = ApplyCounts()
     record = _valid_record(data, counts)
     if record is None:
+        return False
+    stored = connection.execute(
+        "SELECT version FROM identities WHERE credential_id = ?", (record.credentialId,)
+    ).fetchone()
+    if stored is not None and stored[0] > record.version:
+        log.info(
+            "hq.lookup_record_outdated",
+            credential_id=record.credentialId,
+            version=record.version,
+            stored_version=stored[0],
+        )
         return False
     upsert_rows(connection, [identity_row(record, hasher, time.time())])
     return True
