@@ -46,6 +46,7 @@ from daemon.snapshot_worker import (
     prepare_block,
 )
 from daemon.store import (
+    OUTBOX_DROPPED_META_KEY,
     Identity,
     KeyHasher,
     Store,
@@ -70,7 +71,6 @@ log = structlog.get_logger(__name__)
 CURSOR_META_KEY = "cursor"
 CURSOR_CHANGED_META_KEY = "cursor_changed_at"
 LAST_REBUILD_META_KEY = "last_rebuild_at"
-OUTBOX_DROPPED_META_KEY = "outbox_dropped_total"
 STAGING_TABLE = "identities_staging"
 RETIRED_TABLE = "identities_retired"
 # The unique key-hash index moves with the table at each swap, so the staging table takes

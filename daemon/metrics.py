@@ -8,8 +8,10 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+from daemon.store import OUTBOX_DROPPED_META_KEY
 
 if TYPE_CHECKING:
     from daemon.runtime import Runtime
@@ -92,8 +94,9 @@ class _StateCollector(Collector):
             depth = reader.count("outbox")
             oldest = reader.oldest_outbox_time()
             last_pull = reader.meta("last_pull_at")
+            dropped = int(reader.meta(OUTBOX_DROPPED_META_KEY) or 0)
         except sqlite3.Error:
-            depth, oldest, last_pull = 0, None, None
+            depth, oldest, last_pull, dropped = 0, None, None, 0
         yield GaugeMetricFamily(
             "identity_connector_outbox_depth",
             "Audit events waiting for upload to HQ.",
@@ -103,6 +106,11 @@ class _StateCollector(Collector):
             "identity_connector_outbox_oldest_age_seconds",
             "Age of the oldest audit event waiting for upload (0 when empty).",
             value=now - oldest if oldest else 0.0,
+        )
+        yield CounterMetricFamily(
+            "identity_connector_outbox_dropped_events",
+            "Audit events deleted unsent because the outbox reached its bound.",
+            value=dropped,
         )
         yield GaugeMetricFamily(
             "identity_connector_cursor_age_seconds",

@@ -34,6 +34,8 @@ log = structlog.get_logger(__name__)
 
 SCHEMA_VERSION = 1
 SECRET_BYTES = 32
+# meta key: audit events deleted unsent by the outbox bound since the database was created.
+OUTBOX_DROPPED_META_KEY = "outbox_dropped_total"
 # Decisions queued while a commit runs join the next one; this bounds one transaction.
 MAX_GROUP_COMMIT = 256
 # Short rounds keep each checkpoint small. With 1 s rounds one decision in a hundred took over

@@ -147,6 +147,8 @@ def test_outbox_bound_drops_and_counts(
         assert outbox_ids(daemon.database) == queued[kept]
         dropped = [line for line in daemon.log_lines() if line["event"] == "outbox.events_dropped"]
         assert dropped[0]["policy"] == overflow
+        metrics = daemon.request("GET", "/metrics").body.decode()
+        assert "identity_connector_outbox_dropped_events_total 3.0" in metrics.splitlines()
     finally:
         daemon.stop()
 
