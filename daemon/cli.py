@@ -234,7 +234,10 @@ def _status(config: Config, as_json: bool) -> int:
     print(f"decisions kept: {state['decisionsRetained']} (for idempotent replies)")
     age = state["outboxOldestAgeSeconds"]
     oldest_text = f", oldest {age:.0f} s old" if age is not None else ""
-    print(f"outbox:         {state['outboxDepth']} events waiting for HQ{oldest_text}")
+    if config.hq is None:
+        print(f"outbox:         {state['outboxDepth']} events kept, none sent{oldest_text}")
+    else:
+        print(f"outbox:         {state['outboxDepth']} events waiting for HQ{oldest_text}")
     if config.hq is None:
         print("hq:             not configured; the cache changes only by import")
     else:

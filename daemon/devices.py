@@ -35,10 +35,13 @@ KINDS: dict[str, tuple[str, str, str]] = {
     "hid": ("drivers.hid", "HidSettings", "HidDriver"),
 }
 
-# The package each optional kind needs, for error messages.
+# The package each optional kind needs, for error messages. The project is not on PyPI, so
+# the extra is installed from the source directory with the pip of the daemon's Python.
 OPTIONAL_PACKAGES = {
-    "pcsc": "pyscard (install identity-connector[pcsc])",
-    "hid": "python-evdev (install identity-connector[hid])",
+    "pcsc": "pyscard (install the pcsc extra with the daemon's pip, for example"
+    " /opt/identity-connector/venv/bin/pip install '/path/to/source[pcsc]')",
+    "hid": "python-evdev (install the hid extra with the daemon's pip, for example"
+    " /opt/identity-connector/venv/bin/pip install '/path/to/source[hid]')",
 }
 
 # A driver that raises out of ``run`` is restarted after this backoff, in seconds.

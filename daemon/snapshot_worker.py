@@ -4,14 +4,14 @@ A rebuild decodes, validates and hashes every record of HQ's snapshot: about 15 
 Python per record on the benchmark machine. Done in the daemon, that work shared the GIL
 with the event loop, so decisions waited behind it and the writer thread could not run
 alongside. The worker is a child process (``python -m daemon.snapshot_worker``) that reads
-blocks of complete lines on stdin and answers each with the packed rows on stdout, so the
-daemon only streams bytes in and hands the packed rows to its writer.
+blocks of complete lines on stdin and replies to each with the packed rows on stdout, so
+the daemon only streams bytes in and hands the packed rows to its writer.
 
 Frames in both directions are a 4-byte big-endian length and a msgpack body. The first
 frame to the worker carries the HMAC secret, which is why it is sent on the pipe and never
 on the command line. The worker lowers its own CPU priority where the system allows it, so
 that the event loop wins the CPU when both want it. The worker never logs: rejected records
-and stream errors come back in the answer, and the daemon logs them.
+and stream errors come back in the reply, and the daemon logs them.
 """
 
 from __future__ import annotations
@@ -74,14 +74,14 @@ class PreparedBlock(msgspec.Struct, array_like=True):
     """Lines that held a JSON object, valid or not (blank lines are not counted)."""
     rejected: list[Rejected]
     error: str | None = None
-    """Why the stream itself is broken (a line that is not a JSON object, or too long)."""
+    """Reason the stream itself is broken (a line that is not a JSON object, or too long)."""
 
     def row_batches(self, updated_at: float) -> list[RowBatch]:
         return [RowBatch(rows, hashes, updated_at, size) for rows, hashes, size in self.batches]
 
 
 class WorkerFailed(Exception):
-    """The worker process exited or answered with something that is not a frame."""
+    """The worker process exited or replied with something that is not a frame."""
 
 
 _TYPED_DECODER = msgspec.json.Decoder(IdentityRecord)

@@ -345,8 +345,10 @@ class PcscDriver:
     def __init__(self, settings: PcscSettings) -> None:
         if scard is None:
             raise RuntimeError(
-                f"device {settings.name!r} needs pyscard, which is not installed: "
-                "install identity-connector[pcsc] (it builds against libpcsclite-dev)"
+                f"device {settings.name!r} needs pyscard, which is not installed: install the"
+                " pcsc extra with the daemon's pip, for example /opt/identity-connector/venv/"
+                "bin/pip install '/path/to/source[pcsc]' (it builds with swig against"
+                " libpcsclite-dev)"
             )
         self.name = settings.name
         self.settings = settings

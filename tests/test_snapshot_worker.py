@@ -53,7 +53,7 @@ def prepare(*lines: bytes, first_line: int = 1) -> PreparedBlock:
     return prepare_block(Block(first_line, b"".join(lines), 1.0), KeyHasher(SECRET), 2)
 
 
-def test_valid_records_are_packed_in_batches_with_their_key_hashes() -> None:
+def test_prepare_block_packs_valid_records() -> None:
     prepared = prepare(line(record(1)), line(record(2)), line(record(3)))
     assert prepared.error is None
     assert prepared.received == 3
@@ -65,12 +65,12 @@ def test_valid_records_are_packed_in_batches_with_their_key_hashes() -> None:
     assert [row[0] for row in rows] == ["c-1", "c-2", "c-3"]
 
 
-def test_blank_lines_are_skipped_and_not_counted() -> None:
+def test_prepare_block_skips_blank_lines() -> None:
     prepared = prepare(b"\n", line(record(1)), b"   \n")
     assert (prepared.received, prepared.error) == (1, None)
 
 
-def test_lax_values_are_accepted() -> None:
+def test_prepare_block_accepts_lax_values() -> None:
     prepared = prepare(line(record(1, version="7")))
     assert prepared.rejected == []
     assert json.loads(prepared.batches[0][0])[0][-1] == 7
@@ -86,9 +86,7 @@ def test_lax_values_are_accepted() -> None:
         ({k: v for k, v in record(1).items() if k != "id"}, "id"),
     ],
 )
-def test_invalid_record_is_rejected_with_its_line_and_credential(
-    data: dict[str, Any], reason_part: str
-) -> None:
+def test_prepare_block_rejects_invalid_record(data: dict[str, Any], reason_part: str) -> None:
     prepared = prepare(line(record(0)), line(data), first_line=41)
     assert prepared.error is None
     assert prepared.received == 2
@@ -97,7 +95,7 @@ def test_invalid_record_is_rejected_with_its_line_and_credential(
     assert sum(size for _rows, _hashes, size in prepared.batches) == 1
 
 
-def test_rejection_reason_never_carries_the_key() -> None:
+def test_prepare_block_reason_hides_key() -> None:
     prepared = prepare(line(record(1, type=f"{KEY}-1")))
     assert KEY not in prepared.rejected[0].reason
 
@@ -114,7 +112,7 @@ def test_rejection_reason_never_carries_the_key() -> None:
         ),
     ],
 )
-def test_a_broken_line_ends_the_block_with_an_error(bad: bytes, message: str) -> None:
+def test_prepare_block_stops_at_broken_line(bad: bytes, message: str) -> None:
     prepared = prepare(line(record(1)), bad, line(record(2)), first_line=11)
     assert prepared.error == message
     assert prepared.received == 1
@@ -124,7 +122,7 @@ def run(coroutine: Awaitable[Any]) -> Any:
     return asyncio.run(coroutine)  # type: ignore[arg-type]
 
 
-def test_worker_process_answers_like_the_function() -> None:
+def test_worker_process_matches_function() -> None:
     lines = b"".join(line(record(n)) for n in range(5)) + b"not json\n"
 
     async def scenario() -> PreparedBlock:
@@ -140,7 +138,7 @@ def test_worker_process_answers_like_the_function() -> None:
     assert from_process.error == "snapshot line 105 is not valid JSON"
 
 
-def test_a_dead_worker_is_reported_not_waited_for() -> None:
+def test_worker_dead_process_raises() -> None:
     async def scenario() -> str:
         worker = await SnapshotWorker.start(SECRET, 2)
         worker.kill()
