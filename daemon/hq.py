@@ -33,6 +33,7 @@ from daemon.identities import (
     record_from_builtins,
     remove_credentials,
     upsert_rows,
+    version_of,
     write_rows,
 )
 from daemon.normalize import candidate_keys
@@ -88,6 +89,9 @@ STAGE_SLICE_RECORDS = 200
 # stages the previous batch. With the default, the writer took up to 5 ms to pick up a
 # queued job (a staging slice or a decision) while the loop was busy.
 REBUILD_SWITCH_INTERVAL = 0.0005
+# Invalid snapshot records remembered for the digest comparison, at most; past this the
+# digests differ and each reconciliation rebuilds, as before the table existed.
+MAX_SKIPPED_RECORDS = 100_000
 
 
 def settings_from_config(config: Config, hq: HqConfig) -> SyncSettings:
@@ -197,32 +201,61 @@ def apply_changes(
 
     # Consecutive PUTs go in one upsert and consecutive REMOVEs in one delete; the order
     # between the two kinds is kept, so PUT, REMOVE, PUT of one credential ends with a PUT.
+    # A PUT whose record is invalid removes the credential's earlier record, which HQ has
+    # replaced (it may have revoked it), and is remembered for the digest comparison.
+    skipped: dict[str, int | None] = {}
     for change in changes:
         if change.op == "PUT":
-            if removals:
-                counts.removed += remove_credentials(connection, removals)
-                removals = []
             record = _valid_record(change.record, counts)
             if record is not None:
+                if removals:
+                    counts.removed += remove_credentials(connection, removals)
+                    removals = []
                 rows.append(identity_row(record, hasher, now))
+                skipped.pop(record.credentialId, None)
+                continue
+            credential_id = credential_id_of(change.record)
+            if credential_id is None:
+                continue
+            skipped[credential_id] = version_of(change.record)
         else:
-            if rows:
-                counts.put += len(rows)
-                upsert_rows(connection, rows)
-                rows = []
-            if change.credential_id:
-                removals.append(change.credential_id)
+            credential_id = change.credential_id
+            if not credential_id:
+                continue
+            skipped.pop(credential_id, None)
+        if rows:
+            counts.put += len(rows)
+            upsert_rows(connection, rows)
+            rows = []
+        removals.append(credential_id)
     if removals:
         counts.removed += remove_credentials(connection, removals)
     if rows:
         counts.put += len(rows)
         upsert_rows(connection, rows)
+    touched = {c.credential_id or credential_id_of(c.record) for c in changes} - {None}
+    connection.executemany(
+        "DELETE FROM skipped_records WHERE credential_id = ?", [(c,) for c in touched]
+    )
+    remember_skipped(connection, skipped)
 
     values = {CURSOR_META_KEY: cursor, LAST_PULL_META_KEY: repr(pulled_at)}
     if _meta(connection, CURSOR_META_KEY) != cursor:
         values[CURSOR_CHANGED_META_KEY] = repr(pulled_at)
     _set_meta(connection, values)
     return counts
+
+
+def remember_skipped(connection: sqlite3.Connection, skipped: dict[str, int | None]) -> None:
+    """Record invalid records by credential and version, for the digest comparison.
+
+    A record without a usable version is left out: the digests then differ until HQ fixes
+    it, as they would without this table.
+    """
+    connection.executemany(
+        "INSERT OR REPLACE INTO skipped_records (credential_id, version) VALUES (?, ?)",
+        [(credential, version) for credential, version in skipped.items() if version is not None],
+    )
 
 
 def _table_exists(connection: sqlite3.Connection, name: str) -> bool:
@@ -260,8 +293,10 @@ def stage_rows(connection: sqlite3.Connection, batch: RowBatch) -> None:
     write_rows(connection, batch, STAGING_TABLE)
 
 
-def index_staging(connection: sqlite3.Connection) -> tuple[int, int]:
-    """Add the unique key-hash index to the staging table; return its rows and duplicates.
+def index_staging(connection: sqlite3.Connection) -> tuple[int, list[tuple[str, int]]]:
+    """Add the unique key-hash index to the staging table; return its row count and dropped rows.
+
+    A dropped row lost its key to a later record; it comes back as (credential id, version).
 
     Where two records share a key, the one staged last keeps it and the other is deleted
     first, as ``write_rows`` does on the live table. Staging order is rowid order, because
@@ -277,23 +312,28 @@ def index_staging(connection: sqlite3.Connection) -> tuple[int, int]:
     # identities must be added here too, or a rebuild drops it.
     index_name = next(name for name in KEY_HASH_INDEX_NAMES if name not in used)
     create_sql = f"CREATE UNIQUE INDEX {index_name} ON {STAGING_TABLE} (key_hash)"
-    duplicates = 0
+    dropped: list[tuple[str, int]] = []
     try:
         connection.execute(create_sql)
     except sqlite3.IntegrityError:
         # Rare (HQ sent one key under two credentials), so it costs a second pass only then.
-        before = connection.total_changes
-        connection.execute(
-            f"DELETE FROM {STAGING_TABLE} WHERE rowid NOT IN"
+        superseded = (
+            f"FROM {STAGING_TABLE} WHERE rowid NOT IN"
             f" (SELECT max(rowid) FROM {STAGING_TABLE} GROUP BY key_hash)"
         )
-        duplicates = connection.total_changes - before
+        dropped = connection.execute(f"SELECT credential_id, version {superseded}").fetchall()
+        connection.execute(f"DELETE {superseded}")
         connection.execute(create_sql)
     count = connection.execute(f"SELECT count(*) FROM {STAGING_TABLE}").fetchone()[0]
-    return count, duplicates
+    return count, dropped
 
 
-def finish_rebuild(connection: sqlite3.Connection, cursor: str, pulled_at: float) -> None:
+def finish_rebuild(
+    connection: sqlite3.Connection,
+    cursor: str,
+    pulled_at: float,
+    skipped: dict[str, int | None] | None = None,
+) -> None:
     """Swap the indexed staging table in as ``identities`` and store the cursor, atomically.
 
     Readers keep seeing the old table until this commits. The old table is renamed, not
@@ -303,6 +343,8 @@ def finish_rebuild(connection: sqlite3.Connection, cursor: str, pulled_at: float
         raise RuntimeError("no staging table to swap in; the rebuild must start again")
     connection.execute(f"ALTER TABLE identities RENAME TO {RETIRED_TABLE}")
     connection.execute(f"ALTER TABLE {STAGING_TABLE} RENAME TO identities")
+    connection.execute("DELETE FROM skipped_records")
+    remember_skipped(connection, skipped or {})
     _set_meta(
         connection,
         {
@@ -373,6 +415,9 @@ def cache_record(connection: sqlite3.Connection, hasher: KeyHasher, data: dict[s
         )
         return False
     upsert_rows(connection, [identity_row(record, hasher, time.time())])
+    connection.execute(
+        "DELETE FROM skipped_records WHERE credential_id = ?", (record.credentialId,)
+    )
     return True
 
 
@@ -390,6 +435,8 @@ class StoreAdapter:
         self._saved_switch_interval: float | None = None
         self._worker: SnapshotWorker | None = None
         self._worker_started = False
+        # Invalid snapshot records of the running rebuild, by credential, for the digest.
+        self._skipped: dict[str, int | None] = {}
 
     def close(self) -> None:
         def close_connection() -> None:
@@ -433,6 +480,7 @@ class StoreAdapter:
             sys.setswitchinterval(REBUILD_SWITCH_INTERVAL)
         await self._close_worker()
         self._worker_started = False
+        self._skipped = {}
 
     async def prepare_lines(self, first_line: int, lines: bytes) -> PreparedRecords:
         block = Block(first_line=first_line, data=lines, updated_at=time.time())
@@ -462,6 +510,8 @@ class StoreAdapter:
                 credential_id=rejected.credential_id,
                 reason=rejected.reason,
             )
+            if rejected.credential_id is not None and len(self._skipped) < MAX_SKIPPED_RECORDS:
+                self._skipped[rejected.credential_id] = rejected.version
         if prepared.error is not None:
             raise HqResponseInvalid(prepared.error)
         counts = ApplyCounts(
@@ -512,15 +562,21 @@ class StoreAdapter:
     async def finish_rebuild(self, cursor: str, pulled_at: float) -> int:
         await self._end_rebuild()
         started = time.monotonic()
-        count, duplicates = await self.store.writer.submit(index_staging, bulk=True)
+        count, dropped = await self.store.writer.submit(index_staging, bulk=True)
+        # Credentials that lost their key to a later record are missing from the cache but
+        # not from HQ, like invalid records.
+        for credential_id, version in dropped[: max(0, MAX_SKIPPED_RECORDS - len(self._skipped))]:
+            self._skipped[credential_id] = version
         log.info(
             "sync.staging_indexed",
             identities=count,
-            duplicate_keys=duplicates,
+            duplicate_keys=len(dropped),
             seconds=round(time.monotonic() - started, 2),
         )
         await self.store.writer.submit(
-            functools.partial(finish_rebuild, cursor=cursor, pulled_at=pulled_at)
+            functools.partial(
+                finish_rebuild, cursor=cursor, pulled_at=pulled_at, skipped=self._skipped
+            )
         )
         # Dropping the old table frees its pages; as a job of its own it does not lengthen
         # the swap, and a crash before it leaves a table the next rebuild drops.
@@ -544,10 +600,16 @@ class StoreAdapter:
 
     async def local_digest(self) -> tuple[int, str]:
         def query(connection: sqlite3.Connection) -> tuple[int, str]:
+            # Records the cache skipped as invalid count as present, at HQ's version: the
+            # digests then differ only where the cache missed a change.
             rows = connection.execute(
-                "SELECT credential_id, version FROM identities ORDER BY credential_id"
+                "SELECT credential_id, version FROM identities"
+                " UNION ALL SELECT credential_id, version FROM skipped_records"
+                " ORDER BY credential_id"
             )
-            return compute_digest(rows)
+            count, digest = compute_digest(rows)
+            (skipped,) = connection.execute("SELECT count(*) FROM skipped_records").fetchone()
+            return count - skipped, digest
 
         return await self._read(query)
 
@@ -769,6 +831,9 @@ def hq_status(reader: StoreReader, config: Config, now: float) -> dict[str, Any]
         "lastRebuildAgeSeconds": age(LAST_REBUILD_META_KEY),
         "outboxDropped": int(number(OUTBOX_DROPPED_META_KEY) or 0),
         "outboxMaxEvents": config.hq.outbox_max_events,
+        "skippedRecords": reader.connection.execute(
+            "SELECT count(*) FROM skipped_records"
+        ).fetchone()[0],
         "clockOffsetSeconds": offset,
         "clockUncertain": offset is not None and abs(offset) > config.hq.clock_offset_threshold,
     }
@@ -788,6 +853,11 @@ def print_hq_status(state: dict[str, Any]) -> None:
         print(
             f"outbox dropped: {state['outboxDropped']} events (bound:"
             f" {state['outboxMaxEvents']} events)"
+        )
+    if state.get("skippedRecords"):
+        print(
+            f"skipped:        {state['skippedRecords']} HQ records the cache cannot hold"
+            " (invalid, or their key taken; see sync.record_rejected in the log)"
         )
     offset = state.get("clockOffsetSeconds")
     if offset is not None:

@@ -71,6 +71,14 @@ def credential_id_of(data: object) -> str | None:
     return value[:255] if isinstance(value, str) else None
 
 
+def version_of(data: object) -> int | None:
+    """Return the version HQ gave a record, as its digest counts it, or None if unusable."""
+    value = data.get("version", 0) if isinstance(data, dict) else None
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 2**63 - 1:
+        return value
+    return None
+
+
 def record_from_builtins(data: object) -> IdentityRecord:
     """Validate a decoded record, raising RecordInvalid with the field at fault."""
     return keyed_record_from_builtins(data)[0]

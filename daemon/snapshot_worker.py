@@ -33,6 +33,7 @@ from daemon.identities import (
     keyed_record_from_builtins,
     loggable_reason,
     pack_records,
+    version_of,
 )
 from daemon.normalize import normalize_key
 from daemon.store import KeyHasher
@@ -65,6 +66,8 @@ class Rejected(msgspec.Struct, array_like=True):
     credential_id: str | None
     reason: str
     """The validation message with quoted values masked; never contains a key."""
+    version: int | None = None
+    """The record's version as HQ's digest counts it, when it is a usable number."""
 
 
 class PreparedBlock(msgspec.Struct, array_like=True):
@@ -122,6 +125,7 @@ def prepare_block(block: Block, hasher: KeyHasher, rows_per_batch: int) -> Prepa
                     number,
                     record.credentialId,
                     "key is empty after stripping whitespace and control characters",
+                    record.version,
                 )
             )
             continue
@@ -139,7 +143,9 @@ def prepare_block(block: Block, hasher: KeyHasher, rows_per_batch: int) -> Prepa
         try:
             keyed.append(keyed_record_from_builtins(data))
         except RecordInvalid as exc:
-            rejected.append(Rejected(number, credential_id_of(data), loggable_reason(exc)))
+            rejected.append(
+                Rejected(number, credential_id_of(data), loggable_reason(exc), version_of(data))
+            )
     batches = []
     for start in range(0, len(keyed), rows_per_batch):
         packed = pack_records(keyed[start : start + rows_per_batch], hasher, block.updated_at)

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 SECRET_BYTES = 32
 # meta key: audit events deleted unsent by the outbox bound since the database was created.
 OUTBOX_DROPPED_META_KEY = "outbox_dropped_total"
@@ -213,6 +213,15 @@ def _migrate_1(db: sqlite_utils.Database) -> None:
     db["meta"].create({"key": str, "value": str}, pk="key", not_null={"value"})
 
 
+def _migrate_2(db: sqlite_utils.Database) -> None:
+    # Records HQ sent that the cache could not hold (they failed validation), by credential
+    # and version: the digest comparison counts them as present, so one bad record at HQ
+    # does not make every reconciliation rebuild the cache.
+    db.execute(
+        "CREATE TABLE skipped_records ( credential_id TEXT PRIMARY KEY, version INTEGER NOT NULL)"
+    )
+
+
 def _newer_schema_message(path: Path, version: int) -> str:
     return (
         f"database {path} has schema version {version}, newer than the {SCHEMA_VERSION}"
@@ -221,7 +230,10 @@ def _newer_schema_message(path: Path, version: int) -> str:
     )
 
 
-MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {1: _migrate_1}
+MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {
+    1: _migrate_1,
+    2: _migrate_2,
+}
 
 
 def migrate(connection: sqlite3.Connection, path: Path) -> int:

@@ -22,7 +22,7 @@ from daemon.store import SCHEMA_VERSION, CheckInterrupted, check_integrity
 from tests.conftest import SAMPLE_RECORDS, Daemon, free_port, make_daemon, run_cli, write_config
 from tests.helpers_store import count_rows, query_all, query_one, run_serve_until_exit
 
-EXPECTED_TABLES = {"identities", "decisions", "outbox", "meta"}
+EXPECTED_TABLES = {"identities", "decisions", "outbox", "meta", "skipped_records"}
 PAGE_SIZE = 4096
 
 
@@ -60,6 +60,24 @@ def test_migration_sets_user_version(tmp_path: Path, initial: str) -> None:
     assert query_one(database, "PRAGMA user_version") == SCHEMA_VERSION
     tables = {row[0] for row in query_all(database, "SELECT name FROM sqlite_master")}
     assert tables >= EXPECTED_TABLES
+
+
+def test_migration_from_version_1_keeps_rows(tmp_path: Path) -> None:
+    config = write_config(tmp_path, free_port())
+    database = tmp_path / "connector.sqlite3"
+    records = write_records(tmp_path / "records.jsonl", SAMPLE_RECORDS[:2])
+    assert run_cli("import", "--config", str(config), str(records)).returncode == 0
+    # What release 1 left: the same tables without skipped_records.
+    with sqlite3.connect(database) as connection:
+        connection.execute("DROP TABLE skipped_records")
+        connection.execute("PRAGMA user_version = 1")
+
+    result = run_cli("import", "--config", str(config), str(records))
+
+    assert result.returncode == 0, result.stderr
+    assert query_one(database, "PRAGMA user_version") == SCHEMA_VERSION
+    assert query_one(database, "SELECT count(*) FROM skipped_records") == 0
+    assert query_one(database, "SELECT count(*) FROM identities") == 2
 
 
 def make_newer_database(directory: Path, journal_mode: str) -> Daemon:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import SAMPLE_RECORDS, Daemon, make_daemon
+from tests.conftest import SAMPLE_RECORDS, Daemon, make_daemon, run_cli
 from tests.fakehq import (
     FakeHq,
     hq_config,
@@ -234,8 +235,10 @@ def test_broken_snapshot_keeps_old_cache(
         assert sorted(local_versions(daemon.database)) == ["c-associate", "c-cash", "c-shopper"]
         # Each retry creates a staging table again; between two attempts there is none.
         wait_until(
-            lambda: not query(
-                daemon.database, "SELECT name FROM sqlite_master WHERE name LIKE '%stag%'"
+            lambda: (
+                not query(
+                    daemon.database, "SELECT name FROM sqlite_master WHERE name LIKE '%stag%'"
+                )
             ),
             what="the failed attempt's staging table to be dropped",
         )
@@ -302,5 +305,58 @@ def test_server_errors_degrade_then_recover(tmp_path: Path, hq: FakeHq) -> None:
         events = [line["event"] for line in daemon.log_lines()]
         assert events.count("hq.degraded") == 1
         assert "hq.unavailable" not in events
+    finally:
+        daemon.stop()
+
+
+def reconciled_count(daemon: Daemon) -> int:
+    return sum(line["event"] == "sync.reconciled" for line in daemon.log_lines())
+
+
+@pytest.mark.parametrize(
+    "odd_record",
+    [
+        {"credentialId": "c-bad", "key": "KEY-BAD-0a1b", "type": "BOGUS", "version": 2},
+        # Takes c-shopper's key: the snapshot is sorted by credential id, so it comes later.
+        {**SAMPLE_RECORDS[0], "credentialId": "c-takeover", "id": "shopper-takeover"},
+    ],
+    ids=["invalid", "key-takeover"],
+)
+def test_skipped_snapshot_record_keeps_digest_matching(
+    tmp_path: Path, hq: FakeHq, odd_record: dict
+) -> None:
+    hq.put(odd_record)
+    daemon = start_daemon(tmp_path, hq, extra='reconcile_interval = "300ms"')
+    try:
+        wait_until(lambda: caught_up(daemon, hq), what="the initial snapshot")
+        wait_until(lambda: reconciled_count(daemon) >= 3, what="three reconciliations")
+
+        events = [line["event"] for line in daemon.log_lines()]
+        assert "sync.digest_mismatch" not in events
+        assert hq.received.requests["snapshot"] == 1
+        status = run_cli("status", "--config", str(daemon.config), "--json")
+        assert json.loads(status.stdout)["skippedRecords"] == 1
+    finally:
+        daemon.stop()
+
+
+def test_invalid_put_removes_earlier_version(tmp_path: Path, hq: FakeHq) -> None:
+    daemon = start_daemon(tmp_path, hq, extra='reconcile_interval = "300ms"')
+    try:
+        wait_until(lambda: caught_up(daemon, hq), what="the initial snapshot")
+        hq.put({**SAMPLE_RECORDS[3], "type": "BOGUS", "version": 5})
+        wait_until(lambda: caught_up(daemon, hq), what="the invalid PUT")
+        after_put = reconciled_count(daemon)
+        wait_until(lambda: reconciled_count(daemon) >= after_put + 2, what="reconciliations")
+
+        assert "c-loyalty" not in local_versions(daemon.database)
+        events = [line["event"] for line in daemon.log_lines()]
+        assert "sync.digest_mismatch" not in events
+        assert hq.received.requests["snapshot"] == 1
+
+        hq.put({**SAMPLE_RECORDS[3], "version": 6})
+        wait_until(lambda: caught_up(daemon, hq), what="the repaired record")
+        assert local_versions(daemon.database)["c-loyalty"] == 6
+        assert query(daemon.database, "SELECT * FROM skipped_records") == []
     finally:
         daemon.stop()
