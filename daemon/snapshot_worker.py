@@ -94,9 +94,9 @@ _DECODER = msgspec.json.Decoder()
 def prepare_block(block: Block, hasher: KeyHasher, rows_per_batch: int) -> PreparedBlock:
     """Validate, normalise and hash the records of ``block`` and pack them into batches.
 
-    A record that breaks the identity schema is skipped and reported; a line that is not a
-    JSON object, or is too long, ends the block with ``error`` set, because the stream
-    itself is then not to be trusted.
+    A record that breaks the identity schema is skipped and reported. A line that is not a
+    JSON object, or is too long, ends the block with ``error`` set: the stream itself is
+    then broken.
     """
     keyed: list[tuple[IdentityRecord, str]] = []
     rejected: list[Rejected] = []

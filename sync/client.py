@@ -97,10 +97,10 @@ class SnapshotStream:
         """Yield (number of the first line, complete lines) blocks of the stream.
 
         Each block holds at least ``lines_per_block`` lines, the last one fewer, and every
-        line ends with its newline; the lines themselves are checked by whoever parses
-        them. Raise HqError when the stream is cut, stalls, or holds a line longer than
-        MAX_SNAPSHOT_LINE_BYTES. At most one block and one line are held, so memory stays
-        constant whatever the snapshot's size.
+        line ends with its newline. The caller checks the lines themselves. Raise HqError
+        when the stream is cut, stalls, or holds a line longer than MAX_SNAPSHOT_LINE_BYTES.
+        At most one block and one line are held, so memory stays constant whatever the
+        snapshot's size.
         """
         parts: list[bytes] = []
         tail = b""

@@ -229,10 +229,10 @@ def test_rebuild_without_worker_process(
 ) -> None:
     """A system that refuses to start processes still gets its cache rebuilt."""
 
-    async def refuse(*_args: object, **_kwargs: object) -> None:
+    async def fail_to_start(*_args: object, **_kwargs: object) -> None:
         raise PermissionError(1, "Operation not permitted")
 
-    monkeypatch.setattr(asyncio, "create_subprocess_exec", refuse)
+    monkeypatch.setattr(asyncio, "create_subprocess_exec", fail_to_start)
     store = Store.open(tmp_path / "cache.sqlite3", tmp_path / "cache.key")
     adapter = StoreAdapter(store)
     lines = b"".join(line(record(n)) for n in range(120)) + line(record(999, type="x"))

@@ -102,7 +102,7 @@ def test_cached_key_needs_no_lookup(daemon: Daemon, hq: FakeHq) -> None:
 def test_older_lookup_reply_keeps_the_newer_cached_version(daemon: Daemon, hq: FakeHq) -> None:
     hq.put({**LATE_RECORD, "key": "KEY-LATE-NEW-0d0e0f", "version": 3})
     wait_until(lambda: local_versions(daemon.database).get("c-late") == 3, what="version 3")
-    # HQ's lookup still answers an older version for the credential's old key, as a
+    # HQ's lookup still returns an older version for the credential's old key, as a
     # reply sent before the newer version was pulled would.
     hq.change_silently({**LATE_RECORD, "version": 2})
 

@@ -98,7 +98,7 @@ class StreamingHq(FakeHq):
                 chunk = []
                 # write() returns at once while the transport has room, so without this the
                 # stream kept the loop for tens of ms and online lookups waited behind it;
-                # a real HQ answers them from other workers.
+                # a real HQ serves them from other workers.
                 await asyncio.sleep(0)
         await response.write(b"".join(chunk))
         served.lines += len(chunk)
