@@ -28,7 +28,6 @@ from daemon.identities import (
     RowBatch,
     credential_id_of,
     identity_row,
-    keyed_record_from_builtins,
     loggable_reason,
     record_from_builtins,
     remove_credentials,
@@ -77,17 +76,17 @@ RETIRED_TABLE = "identities_retired"
 # The unique key-hash index moves with the table at each swap, so the staging table takes
 # whichever of these two names the live table does not hold.
 KEY_HASH_INDEX_NAMES = ("identities_key_hash", "identities_staging_key_hash")
-# Snapshot records validated and hashed on the event loop before it serves other tasks:
-# about 0.6 ms of work on the benchmark machine.
+# Without a worker process, snapshot records validated and hashed on the event loop before
+# it serves other tasks: about 0.6 ms of work on the benchmark machine.
 PREPARE_SLICE_RECORDS = 50
-# Snapshot records per staging transaction, rounded up to whole PREPARE_SLICE_RECORDS
-# slices. A decision submitted while one runs waits for it. On the benchmark machine, 500
-# rows took the writer about 4.6 ms when the event loop left it the GIL.
+# Snapshot records per staging transaction (without a worker, rounded up to whole
+# PREPARE_SLICE_RECORDS slices). A decision submitted while one runs waits for it, usually
+# 2 to 7 ms on the benchmark machine during a rebuild.
 STAGE_SLICE_RECORDS = 200
 # While a rebuild runs, a thread waiting for the GIL gets it after at most 0.5 ms instead
-# of Python's default 5 ms. The event loop validates records while the writer thread
-# stages the previous batch. With the default, the writer took up to 5 ms to pick up a
-# queued job (a staging slice or a decision) while the loop was busy.
+# of Python's default 5 ms. The event loop reads the stream while the writer thread stages
+# the previous block. With the default, the writer took up to 5 ms to pick up a queued job
+# (a staging slice or a decision) while the loop was busy.
 REBUILD_SWITCH_INTERVAL = 0.0005
 # Invalid snapshot records remembered for the digest comparison, at most; past this the
 # digests differ and each reconciliation rebuilds, as before the table existed.
@@ -167,15 +166,8 @@ def _meta(connection: sqlite3.Connection, key: str) -> str | None:
 
 
 def _valid_record(data: dict[str, Any] | None, counts: ApplyCounts) -> IdentityRecord | None:
-    valid = _keyed_record(data, counts)
-    return valid[0] if valid is not None else None
-
-
-def _keyed_record(
-    data: dict[str, Any] | None, counts: ApplyCounts
-) -> tuple[IdentityRecord, str] | None:
     try:
-        return keyed_record_from_builtins(data)
+        return record_from_builtins(data)
     except RecordInvalid as exc:
         counts.rejected += 1
         log.warning(

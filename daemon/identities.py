@@ -53,6 +53,9 @@ class IdentityRecord(msgspec.Struct, kw_only=True):
             raise ValueError("validFrom is later than validUntil")
 
 
+EMPTY_KEY_REASON = "key is empty after stripping whitespace and control characters"
+
+
 class RecordInvalid(ValueError):
     """A record that cannot be imported; the message never contains the key."""
 
@@ -104,7 +107,7 @@ def keyed_record_from_builtins(data: object) -> tuple[IdentityRecord, str]:
         raise RecordInvalid(message) from None
     key = normalize_key(record.key, record.channels)
     if not key:
-        raise RecordInvalid("key is empty after stripping whitespace and control characters")
+        raise RecordInvalid(EMPTY_KEY_REASON)
     return record, key
 
 

@@ -25,6 +25,7 @@ from typing import IO
 import msgspec
 
 from daemon.identities import (
+    EMPTY_KEY_REASON,
     IdentityRecord,
     RecordInvalid,
     RowBatch,
@@ -124,7 +125,7 @@ def prepare_block(block: Block, hasher: KeyHasher, rows_per_batch: int) -> Prepa
                 Rejected(
                     number,
                     record.credentialId,
-                    "key is empty after stripping whitespace and control characters",
+                    EMPTY_KEY_REASON,
                     record.version,
                 )
             )

@@ -98,7 +98,7 @@ class SnapshotStream:
 
         Each block holds at least ``lines_per_block`` lines, the last one fewer, and every
         line ends with its newline. The caller checks the lines themselves. Raise HqError
-        when the stream is cut, stalls, or holds a line longer than MAX_SNAPSHOT_LINE_BYTES.
+        when the stream is cut, stalls, or contains a line longer than MAX_SNAPSHOT_LINE_BYTES.
         At most one block and one line are held, so memory stays constant whatever the
         snapshot's size.
         """

@@ -96,9 +96,9 @@ class StreamingHq(FakeHq):
                 await response.write(b"".join(chunk))
                 served.lines += len(chunk)
                 chunk = []
-                # write() returns at once while the transport has room, so without this the
-                # stream kept the loop for tens of ms and online lookups waited behind it;
-                # a real HQ serves them from other workers.
+                # write() returns at once while the transport has room. Without this yield
+                # the stream kept the loop for tens of ms, and online lookups waited behind
+                # it. A real HQ serves them from other workers.
                 await asyncio.sleep(0)
         await response.write(b"".join(chunk))
         served.lines += len(chunk)
