@@ -349,7 +349,7 @@ def main() -> int:
     run_dir.mkdir(parents=True)
     log_path = run_dir / "daemon.log"
     port = free_port()
-    hq = StreamingHq(args.identities, gzip=args.gzip).start()
+    hq = StreamingHq(args.identities, run_dir, gzip=args.gzip).start()
     config = write_config(run_dir, port, hq, args.snapshot_batch_size)
     loads: dict[str, str] = {}
 

@@ -1,26 +1,30 @@
-"""A fake HQ whose snapshot is generated line by line, for sync benchmarks of any size.
+"""A fake HQ serving a snapshot of synthetic identities from a file, for sync benchmarks.
 
 ``tests/fakehq.py`` keeps every record in memory. This subclass keeps its change log empty
-and serves a snapshot of ``count`` synthetic identities from a generator, so a snapshot of
-millions of records costs the benchmark process no memory. The records are the ones
-``bench_resolve.py`` imports (same credential ids and keys), so ``resolve.lua`` resolves
-against them.
+and writes a snapshot of ``count`` synthetic identities to a file once, before the first
+request; each snapshot request is then answered from that file with sendfile. A real HQ
+runs on other machines, so its work should not take CPU from the daemon under test: when
+this fake HQ rendered the lines during each request, it used a large share of one of the
+two cores, and online lookups of unknown keys waited 15-35 ms behind its stream. The
+records are the ones ``bench_resolve.py`` imports (same credential ids and keys), so
+``resolve.lua`` resolves against them.
 """
 
 from __future__ import annotations
 
-import asyncio
+import gzip
 import hashlib
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 from aiohttp import web
-from aiohttp.web import ContentCoding
 
 from tests.fakehq import FakeHq
 
-LINES_PER_WRITE = 500
+LINES_PER_WRITE = 10_000
 
 
 def snapshot_line(index: int) -> bytes:
@@ -57,12 +61,38 @@ class StreamingState:
 class StreamingHq(FakeHq):
     """FakeHq serving a generated snapshot of ``count`` identities and its digest."""
 
-    def __init__(self, count: int, store_id: str = "STORE-001", gzip: bool = False) -> None:
+    def __init__(
+        self, count: int, folder: Path, store_id: str = "STORE-001", gzip: bool = False
+    ) -> None:
         super().__init__(store_id)
         self.count = count
         self.gzip = gzip
         self.streaming = StreamingState()
         self._digest_hex = self._compute_digest(count)
+        self.snapshot_file = self._write_snapshot(count, folder, gzip)
+
+    @staticmethod
+    def _write_snapshot(count: int, folder: Path, compressed: bool) -> Path:
+        """Write the snapshot's lines to ``folder``; with ``compressed``, a .gz copy beside.
+
+        aiohttp's FileResponse sends the .gz copy to a client that accepts gzip.
+        """
+        path = folder / "snapshot.ndjson"
+        with path.open("wb") as plain:
+            chunk: list[bytes] = []
+            for line in snapshot_lines(count):
+                chunk.append(line)
+                if len(chunk) >= LINES_PER_WRITE:
+                    plain.write(b"".join(chunk))
+                    chunk = []
+            plain.write(b"".join(chunk))
+        packed = path.with_name(path.name + ".gz")
+        packed.unlink(missing_ok=True)
+        if compressed:
+            with path.open("rb") as source, gzip.open(packed, "wb", compresslevel=6) as target:
+                while block := source.read(1 << 20):
+                    target.write(block)
+        return path
 
     @staticmethod
     def _compute_digest(count: int) -> str:
@@ -76,36 +106,16 @@ class StreamingHq(FakeHq):
         cursor = self.cursor()
         served = SnapshotServed(cursor=cursor, started_at=time.time())
         self.streaming.served.append(served)
-        response = web.StreamResponse(
+        return _SnapshotFileResponse(
+            self,
+            served,
             headers={
                 "Content-Type": "application/x-ndjson",
                 "Identity-Cursor": cursor,
                 "Identity-Count": str(self.count),
                 "Date": self._date(),
-            }
+            },
         )
-        if self.gzip:
-            response.enable_compression(ContentCoding.gzip)
-        await response.prepare(request)
-
-        chunk: list[bytes] = []
-        for line in snapshot_lines(self.count):
-            chunk.append(line)
-            if len(chunk) >= LINES_PER_WRITE:
-                # write() waits for the transport to drain, so a slow reader paces the stream.
-                await response.write(b"".join(chunk))
-                served.lines += len(chunk)
-                chunk = []
-                # write() returns at once while the transport has room. Without this yield
-                # the stream kept the loop for tens of ms, and online lookups waited behind
-                # it. A real HQ serves them from other workers.
-                await asyncio.sleep(0)
-        await response.write(b"".join(chunk))
-        served.lines += len(chunk)
-        await response.write_eof()
-        served.finished_at = time.time()
-        self.received.snapshot_lines_sent += served.lines
-        return response
 
     async def _digest(self, request: web.Request) -> web.Response:
         return self._json(
@@ -117,3 +127,19 @@ class StreamingHq(FakeHq):
         # without scanning a record list, which this fake HQ does not keep.
         await request.read()
         return self._json({"title": "not found"}, status=404)
+
+
+class _SnapshotFileResponse(web.FileResponse):
+    """The snapshot file, noting when it has been sent (a slow reader paces the sending)."""
+
+    def __init__(self, hq: StreamingHq, served: SnapshotServed, headers: dict[str, str]) -> None:
+        super().__init__(hq.snapshot_file, headers=headers)
+        self._hq = hq
+        self._served = served
+
+    async def prepare(self, request: web.BaseRequest) -> Any:
+        writer = await super().prepare(request)
+        self._served.lines = self._hq.count
+        self._served.finished_at = time.time()
+        self._hq.received.snapshot_lines_sent += self._hq.count
+        return writer
