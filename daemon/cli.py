@@ -16,9 +16,9 @@ from daemon.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
 from daemon.identities import import_file
 from daemon.journal import stdout_is_journal
 from daemon.logs import configure_logging
-from daemon.resolver import LAST_PULL_META_KEY, Resolver
+from daemon.resolver import Resolver
 from daemon.schema import CHANNELS, LOCATIONS
-from daemon.store import Store, StoreError
+from daemon.store import LAST_PULL_META_KEY, Store, StoreError
 
 MAX_PRINTED_ERRORS = 100
 

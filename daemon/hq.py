@@ -37,7 +37,7 @@ from daemon.identities import (
 )
 from daemon.normalize import candidate_keys
 from daemon.policy import Reason, decide
-from daemon.resolver import LAST_PULL_META_KEY, Evaluation, Resolver
+from daemon.resolver import Evaluation, Resolver
 from daemon.snapshot_worker import (
     Block,
     PreparedBlock,
@@ -46,6 +46,8 @@ from daemon.snapshot_worker import (
     prepare_block,
 )
 from daemon.store import (
+    CURSOR_CHANGED_META_KEY,
+    LAST_PULL_META_KEY,
     OUTBOX_DROPPED_META_KEY,
     Identity,
     KeyHasher,
@@ -69,7 +71,6 @@ from sync.upload import LAST_UPLOAD_META_KEY
 log = structlog.get_logger(__name__)
 
 CURSOR_META_KEY = "cursor"
-CURSOR_CHANGED_META_KEY = "cursor_changed_at"
 LAST_REBUILD_META_KEY = "last_rebuild_at"
 STAGING_TABLE = "identities_staging"
 RETIRED_TABLE = "identities_retired"

@@ -11,7 +11,11 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from daemon.store import OUTBOX_DROPPED_META_KEY
+from daemon.store import (
+    CURSOR_CHANGED_META_KEY,
+    LAST_PULL_META_KEY,
+    OUTBOX_DROPPED_META_KEY,
+)
 
 if TYPE_CHECKING:
     from daemon.runtime import Runtime
@@ -93,10 +97,11 @@ class _StateCollector(Collector):
         try:
             depth = reader.count("outbox")
             oldest = reader.oldest_outbox_time()
-            last_pull = reader.meta("last_pull_at")
+            last_pull = reader.meta(LAST_PULL_META_KEY)
+            cursor_changed = reader.meta(CURSOR_CHANGED_META_KEY)
             dropped = int(reader.meta(OUTBOX_DROPPED_META_KEY) or 0)
         except sqlite3.Error:
-            depth, oldest, last_pull, dropped = 0, None, None, 0
+            depth, oldest, last_pull, cursor_changed, dropped = 0, None, None, None, 0
         yield GaugeMetricFamily(
             "identity_connector_outbox_depth",
             "Audit events waiting for upload to HQ.",
@@ -112,10 +117,17 @@ class _StateCollector(Collector):
             "Audit events deleted unsent because the outbox reached its bound.",
             value=dropped,
         )
+        # The same two ages as `status` (lastPullAgeSeconds and cursorAgeSeconds): a pull that
+        # finds no change keeps the cursor, so only the first age says that HQ answers.
         yield GaugeMetricFamily(
-            "identity_connector_cursor_age_seconds",
+            "identity_connector_last_pull_age_seconds",
             "Seconds since the last successful pull from HQ (-1 when never or no HQ).",
             value=now - float(last_pull) if last_pull else -1.0,
+        )
+        yield GaugeMetricFamily(
+            "identity_connector_cursor_age_seconds",
+            "Seconds since a pull last moved the sync cursor (-1 when never or no HQ).",
+            value=now - float(cursor_changed) if cursor_changed else -1.0,
         )
         yield GaugeMetricFamily(
             "identity_connector_cache_stale",

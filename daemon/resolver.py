@@ -18,11 +18,10 @@ from daemon.metrics import Metrics
 from daemon.normalize import candidate_keys, strip_value
 from daemon.policy import Reason, ScanContext, Verdict, decide
 from daemon.schema import ResolveScanRequest, ResolveScanResponse, encode_response
-from daemon.store import Identity, KeyHasher, Rows, Store, StoredDecision
+from daemon.store import LAST_PULL_META_KEY, Identity, KeyHasher, Rows, Store, StoredDecision
 
 log = structlog.get_logger(__name__)
 
-LAST_PULL_META_KEY = "last_pull_at"
 _EVENT_ENCODER = msgspec.json.Encoder()
 
 

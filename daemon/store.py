@@ -36,6 +36,9 @@ SCHEMA_VERSION = 2
 SECRET_BYTES = 32
 # meta key: audit events deleted unsent by the outbox bound since the database was created.
 OUTBOX_DROPPED_META_KEY = "outbox_dropped_total"
+# meta keys: when a pull from HQ last succeeded, and when one last moved the sync cursor.
+LAST_PULL_META_KEY = "last_pull_at"
+CURSOR_CHANGED_META_KEY = "cursor_changed_at"
 # Decisions queued while a commit runs join the next one; this bounds one transaction.
 MAX_GROUP_COMMIT = 256
 # Short rounds keep each checkpoint small. With 1 s rounds one decision in a hundred took over

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import SAMPLE_RECORDS, Daemon, make_daemon, run_cli
 from tests.fakehq import (
@@ -360,3 +362,27 @@ def test_invalid_put_removes_earlier_version(tmp_path: Path, hq: FakeHq) -> None
         assert query(daemon.database, "SELECT * FROM skipped_records") == []
     finally:
         daemon.stop()
+
+
+def test_metrics_tell_last_pull_from_cursor_change(synced: Daemon, hq: FakeHq) -> None:
+    # A pull that finds nothing new keeps the cursor: the two ages must then differ, as
+    # they do in `status`.
+    synced.stop()
+    connection = sqlite3.connect(synced.database)
+    with connection:
+        connection.execute(
+            "UPDATE meta SET value = ? WHERE key = 'cursor_changed_at'", (repr(time.time() - 5000),)
+        )
+    connection.close()
+    restarted_at = time.time()
+    synced.start()
+    wait_until(
+        lambda: float(meta(synced.database, "last_pull_at") or 0) > restarted_at,
+        what="a pull after the restart",
+    )
+    reply = synced.request("GET", "/metrics")
+    families = {f.name: f for f in text_string_to_metric_families(reply.body.decode())}
+    last_pull_age = families["identity_connector_last_pull_age_seconds"].samples[0].value
+    cursor_age = families["identity_connector_cursor_age_seconds"].samples[0].value
+    assert 0 <= last_pull_age < 60
+    assert 4900 < cursor_age < 5100

@@ -57,8 +57,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 sys.path.insert(0, str(REPO))
 
-from daemon.resolver import LAST_PULL_META_KEY  # noqa: E402
-from daemon.store import KeyHasher  # noqa: E402
+from daemon.store import LAST_PULL_META_KEY, KeyHasher  # noqa: E402
 from sync.digest import compute_digest  # noqa: E402
 from tests.conftest import free_port, scan_body  # noqa: E402
 from tests.fakehq import TOKEN, FakeHq, meta, query  # noqa: E402
