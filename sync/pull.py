@@ -168,15 +168,19 @@ class Puller:
             self._say(f"staged {report.put} snapshot records")
         return asyncio.create_task(self.store.stage_records(prepared), name="sync-stage")
 
-    async def reconcile(self, rebuild_on_mismatch: bool = True) -> bool:
+    async def reconcile(
+        self, rebuild_on_mismatch: bool = True, report: PullReport | None = None
+    ) -> bool:
         """Compare the local digest with HQ's at the same cursor; rebuild on a mismatch.
 
         Returns whether the digests matched (True also when HQ's cursor kept moving and no
-        comparison was possible this time).
+        comparison was possible this time). The changes pulled to catch up and the records
+        of a rebuild are added to ``report`` when one is given.
         """
+        report = report if report is not None else PullReport()
         remote = await self.client.digest()
         if remote.cursor != self.store.cursor():
-            await self.pull()
+            _merge(report, await self.pull())
             remote = await self.client.digest()
             if remote.cursor != self.store.cursor():
                 log.info("sync.reconcile_skipped", reason="HQ's cursor moved during the check")
@@ -199,7 +203,7 @@ class Puller:
         )
         self._say(f"digest mismatch: {count} identities here, {remote.count} at HQ")
         if rebuild_on_mismatch:
-            await self.rebuild("digest mismatch")
+            await self.rebuild("digest mismatch", report)
         return False
 
     def _say(self, message: str) -> None:
@@ -207,7 +211,15 @@ class Puller:
             self.progress(message)
 
 
-def _add(report: PullReport, counts: ApplyCounts) -> None:
+def _merge(total: PullReport, part: PullReport) -> None:
+    total.pages += part.pages
+    _add(total, part)
+    if part.rebuilt:
+        total.rebuilt = True
+        total.identities = part.identities
+
+
+def _add(report: PullReport, counts: ApplyCounts | PullReport) -> None:
     report.put += counts.put
     report.removed += counts.removed
     report.rejected += counts.rejected

@@ -113,7 +113,8 @@ class SyncService:
         try:
             pulled = await self.puller.pull()
             if not pulled.rebuilt:
-                await self.puller.reconcile()
+                # A mismatch rebuilds here, and its counts belong in the report.
+                await self.puller.reconcile(report=pulled)
             uploaded = await self.uploader.drain()
             await self._persist_state()
         finally:

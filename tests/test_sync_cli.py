@@ -88,3 +88,18 @@ def test_clock_offset_flags_events(tmp_path: Path, hq: FakeHq) -> None:
         assert len(warnings) == 1
     finally:
         daemon.stop()
+
+
+def test_sync_now_counts_records_rejected_by_a_rebuild(tmp_path: Path, hq: FakeHq) -> None:
+    directory = tmp_path / "daemon"
+    daemon = make_daemon(directory, hq_config(hq, directory), records=[])
+    assert run_cli("sync", "--now", "--config", str(daemon.config)).returncode == 0
+    # Only the digest shows this record, so the reconciliation rebuilds, and the rebuild
+    # rejects it.
+    hq.change_silently({"credentialId": "c-bad", "key": "KEY-BAD-0a1b", "type": "BOGUS"})
+
+    result = run_cli("sync", "--now", "--config", str(daemon.config))
+
+    assert "digest mismatch" in result.stdout
+    assert ", 1 rejected;" in result.stdout
+    assert result.returncode == 1
