@@ -42,6 +42,7 @@ from daemon.snapshot_worker import (
     Block,
     PreparedBlock,
     SnapshotWorker,
+    WorkerFailed,
     merge_prepared,
     prepare_block,
 )
@@ -492,9 +493,21 @@ class StoreAdapter:
                     action="validating snapshot records in the daemon process, which slows"
                     " decisions during the rebuild",
                 )
+        prepared = None
         if self._worker is not None:
-            prepared = await self._worker.prepare(block)
-        else:
+            try:
+                prepared = await self._worker.prepare(block)
+            except WorkerFailed as exc:
+                # The block is still here: a rebuild that may have run for minutes goes on
+                # in the daemon process instead of starting over.
+                log.warning(
+                    "sync.worker_failed",
+                    error=str(exc),
+                    action="validating the rest of this rebuild's records in the daemon"
+                    " process; the next rebuild starts a new worker",
+                )
+                await self._close_worker()
+        if prepared is None:
             prepared = await self._prepare_here(block)
         for rejected in prepared.rejected:
             log.warning(

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
@@ -253,3 +255,43 @@ def test_rebuild_without_worker_process(
         adapter.close()
         store.close()
     assert "sync.worker_unavailable" in capsys.readouterr().out
+
+
+def worker_pids() -> list[int]:
+    """Process ids of this process's children that run the snapshot worker."""
+    pids = []
+    for task in Path("/proc/self/task").iterdir():
+        for text in (task / "children").read_text().split():
+            cmdline = Path(f"/proc/{text}/cmdline").read_bytes()
+            if b"daemon.snapshot_worker" in cmdline:
+                pids.append(int(text))
+    return pids
+
+
+def test_rebuild_goes_on_when_worker_dies(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = Store.open(tmp_path / "cache.sqlite3", tmp_path / "cache.key")
+    adapter = StoreAdapter(store)
+    first = b"".join(line(record(n)) for n in range(50))
+    second = b"".join(line(record(n)) for n in range(50, 100)) + line(record(999, type="x"))
+
+    async def scenario() -> int:
+        await adapter.begin_rebuild()
+        await adapter.stage_records(await adapter.prepare_lines(1, first))
+        (pid,) = worker_pids()
+        os.kill(pid, signal.SIGKILL)
+        prepared = await adapter.prepare_lines(51, second)
+        assert (prepared.counts.put, prepared.counts.rejected) == (50, 1)
+        await adapter.stage_records(prepared)
+        return await adapter.finish_rebuild("1.0", 1.0)
+
+    try:
+        assert run(scenario()) == 100
+        key_hash = store.hasher.hash(normalize_key(f"{KEY}-77", None))
+        identity = store.reader.identity_by_hash(key_hash)
+        assert identity is not None and identity.credential_id == "c-77"
+    finally:
+        adapter.close()
+        store.close()
+    assert "sync.worker_failed" in capsys.readouterr().out
