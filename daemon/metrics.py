@@ -117,8 +117,8 @@ class _StateCollector(Collector):
             "Audit events deleted unsent because the outbox reached its bound.",
             value=dropped,
         )
-        # The same two ages as `status` (lastPullAgeSeconds and cursorAgeSeconds): a pull that
-        # finds no change keeps the cursor, so only the first age says that HQ answers.
+        # The same two ages as `status` (lastPullAgeSeconds and cursorAgeSeconds). A pull that
+        # finds no change keeps the cursor, so only the first age shows whether HQ responds.
         yield GaugeMetricFamily(
             "identity_connector_last_pull_age_seconds",
             "Seconds since the last successful pull from HQ (-1 when never or no HQ).",

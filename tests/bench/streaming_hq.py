@@ -2,10 +2,9 @@
 
 ``tests/fakehq.py`` keeps every record in memory. This subclass keeps its change log empty
 and writes a snapshot of ``count`` synthetic identities to a file once, before the first
-request; each snapshot request is then answered from that file with sendfile. A real HQ
-runs on other machines, so its work should not take CPU from the daemon under test: when
-this fake HQ rendered the lines during each request, it used a large share of one of the
-two cores, and online lookups of unknown keys waited 15-35 ms behind its stream. The
+request, and sends that file with sendfile for each snapshot request. A real HQ runs on
+other machines, so its work should not take CPU from the daemon under test. When this fake
+HQ rendered the lines during each request, it used a large share of one of the two cores. The
 records are the ones ``bench_resolve.py`` imports (same credential ids and keys), so
 ``resolve.lua`` resolves against them.
 """
