@@ -26,8 +26,10 @@ from daemon.identities import (
     IdentityRecord,
     RecordInvalid,
     RowBatch,
+    cached_credentials,
     credential_id_of,
     identity_row,
+    key_holders,
     loggable_reason,
     record_from_builtins,
     remove_credentials,
@@ -198,6 +200,9 @@ def apply_changes(
     # A PUT whose record is invalid removes the credential's earlier record, which HQ has
     # replaced (it may have revoked it), and is remembered for the digest comparison.
     skipped: dict[str, int | None] = {}
+    # A PUT may take the key of another credential, and the upsert then deletes that
+    # credential although HQ still has it. Its id and version are remembered as skipped.
+    holders: dict[str, int] = {}
     for change in changes:
         if change.op == "PUT":
             record = _valid_record(change.record, counts)
@@ -218,16 +223,24 @@ def apply_changes(
                 continue
             skipped.pop(credential_id, None)
         if rows:
-            counts.put += len(rows)
-            upsert_rows(connection, rows)
+            counts.put += _put_rows(connection, rows, holders)
             rows = []
         removals.append(credential_id)
     if removals:
         counts.removed += remove_credentials(connection, removals)
     if rows:
-        counts.put += len(rows)
-        upsert_rows(connection, rows)
+        counts.put += _put_rows(connection, rows, holders)
     touched = {c.credential_id or credential_id_of(c.record) for c in changes} - {None}
+    untouched = [credential for credential in holders if credential not in touched]
+    still_cached = cached_credentials(connection, untouched)
+    for credential in untouched:
+        if credential not in still_cached:
+            log.warning(
+                "sync.key_taken_over",
+                credential_id=credential,
+                action="removed from the cache: a newer record of another credential has its key",
+            )
+            skipped[credential] = holders[credential]
     connection.executemany(
         "DELETE FROM skipped_records WHERE credential_id = ?", [(c,) for c in touched]
     )
@@ -238,6 +251,13 @@ def apply_changes(
         values[CURSOR_CHANGED_META_KEY] = repr(pulled_at)
     _set_meta(connection, values)
     return counts
+
+
+def _put_rows(connection: sqlite3.Connection, rows: list[dict], holders: dict[str, int]) -> int:
+    # The holders are read before the upsert, which deletes those that lose their key.
+    holders.update(key_holders(connection, [row["key_hash"] for row in rows]))
+    upsert_rows(connection, rows)
+    return len(rows)
 
 
 def remember_skipped(connection: sqlite3.Connection, skipped: dict[str, int | None]) -> None:

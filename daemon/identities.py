@@ -276,8 +276,10 @@ def count_upsert(connection: sqlite3.Connection, rows: list[dict]) -> UpsertCoun
     credential_ids = list(dict.fromkeys(row["credential_id"] for row in rows))
     key_hashes = list(dict.fromkeys(row["key_hash"] for row in rows))
     # Credential id to key hash, and key hash to credential id, as stored now.
-    key_of = dict(_select_in(connection, "credential_id", "key_hash", credential_ids))
-    holder_of = dict(_select_in(connection, "key_hash", "credential_id", key_hashes))
+    key_of = dict(
+        _select_in(connection, "credential_id", "credential_id, key_hash", credential_ids)
+    )
+    holder_of = dict(_select_in(connection, "key_hash", "key_hash, credential_id", key_hashes))
     counts.updated = len(key_of)
     counts.inserted = len(credential_ids) - len(key_of)
 
@@ -299,20 +301,31 @@ def count_upsert(connection: sqlite3.Connection, rows: list[dict]) -> UpsertCoun
 
 
 def _select_in(
-    connection: sqlite3.Connection, column: str, other: str, values: list
+    connection: sqlite3.Connection, column: str, selected: str, values: list
 ) -> list[tuple]:
-    """Return (column, other) of the identities whose ``column`` is one of ``values``."""
+    """Return the ``selected`` columns of the identities whose ``column`` is one of ``values``."""
     found: list[tuple] = []
     for start in range(0, len(values), _QUERY_CHUNK):
         chunk = values[start : start + _QUERY_CHUNK]
         placeholders = ",".join("?" * len(chunk))
         found.extend(
             connection.execute(
-                f"SELECT {column}, {other} FROM identities WHERE {column} IN ({placeholders})",
+                f"SELECT {selected} FROM identities WHERE {column} IN ({placeholders})",
                 chunk,
             )
         )
     return found
+
+
+def key_holders(connection: sqlite3.Connection, key_hashes: list[bytes]) -> dict[str, int]:
+    """Return the version of each cached credential whose key is one of ``key_hashes``, by id."""
+    return dict(_select_in(connection, "key_hash", "credential_id, version", key_hashes))
+
+
+def cached_credentials(connection: sqlite3.Connection, credential_ids: list[str]) -> set[str]:
+    """Return the credential ids of ``credential_ids`` that are in the cache."""
+    rows = _select_in(connection, "credential_id", "credential_id", credential_ids)
+    return {row[0] for row in rows}
 
 
 def remove_credentials(connection: sqlite3.Connection, credential_ids: list[str]) -> int:

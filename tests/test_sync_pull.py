@@ -386,3 +386,23 @@ def test_metrics_tell_last_pull_from_cursor_change(synced: Daemon, hq: FakeHq) -
     cursor_age = families["identity_connector_cursor_age_seconds"].samples[0].value
     assert 0 <= last_pull_age < 60
     assert 4900 < cursor_age < 5100
+
+
+def test_feed_key_takeover_keeps_digest_matching(tmp_path: Path, hq: FakeHq) -> None:
+    daemon = start_daemon(tmp_path, hq, extra='reconcile_interval = "300ms"')
+    try:
+        wait_until(lambda: caught_up(daemon, hq), what="the initial snapshot")
+        # HQ reissued the card to a new credential but kept the old one.
+        hq.put({**SAMPLE_RECORDS[2], "credentialId": "c-cash-reissued", "id": "cash-2"})
+        wait_until(lambda: caught_up(daemon, hq), what="the PUT with a known key")
+        after_put = reconciled_count(daemon)
+        wait_until(lambda: reconciled_count(daemon) >= after_put + 2, what="reconciliations")
+
+        events = [line["event"] for line in daemon.log_lines()]
+        assert "sync.digest_mismatch" not in events
+        assert "sync.key_taken_over" in events
+        assert hq.received.requests["snapshot"] == 1
+        skipped = query(daemon.database, "SELECT credential_id, version FROM skipped_records")
+        assert skipped == [("c-cash", 1)]
+    finally:
+        daemon.stop()
