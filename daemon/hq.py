@@ -718,9 +718,11 @@ class HqSync:
         candidates = candidate_keys(value, channel, policy.value_encoding)
         if not candidates:
             return evaluation
-        # NOTE: only the first candidate form is sent; a base64-encoded QR value whose key
-        # HQ holds only in decoded form is found by the next pull, not by this lookup.
-        data = await self.service.lookup(candidates[0])
+        # Every form of the value (as sent, base64-decoded, as a card UID) goes to HQ at
+        # once, so the lookup still ends within one lookup_timeout. As in the cache, the
+        # most specific form that HQ has a record for wins.
+        answers = await asyncio.gather(*(self.service.lookup(key) for key in candidates))
+        data = next((answer for answer in answers if answer is not None), None)
         if data is None:
             return evaluation
 

@@ -65,6 +65,15 @@ def test_lookup_inside_budget_accepts_and_caches(daemon: Daemon, hq: FakeHq) -> 
     wait_until(lambda: "c-late" in local_versions(daemon.database), what="the cached record")
 
 
+def test_lookup_finds_base64_decoded_form(daemon: Daemon, hq: FakeHq) -> None:
+    # The QR code carries the key in base64, and HQ stores only the decoded key.
+    action, elapsed = timed_scan(daemon, "S0VZLUxBVEUtMGEwYjBj")
+
+    assert action == "ACCEPT"
+    assert elapsed < REPLY_BOUND
+    assert sorted(hq.received.lookups) == ["KEY-LATE-0a0b0c", "S0VZLUxBVEUtMGEwYjBj"]
+
+
 def test_lookup_past_budget_follows_offline_policy(daemon: Daemon, hq: FakeHq) -> None:
     hq.control.lookup_delay = 5.0
     action, elapsed = timed_scan(daemon, "KEY-LATE-0a0b0c")
