@@ -8,6 +8,7 @@ import sys
 import time
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import uvloop
 
@@ -222,6 +223,7 @@ def _status(config: Config, as_json: bool) -> int:
             "cacheStale": Resolver(store, config).cache_stale(now),
             **hq_status(reader, config, now),
             "devicesConfigured": [device.get("name", "(unnamed)") for device in config.devices],
+            **_device_status(config),
             **{f"{name}Bytes": size for name, size in store.file_sizes().items()},
         }
     finally:
@@ -247,9 +249,41 @@ def _status(config: Config, as_json: bool) -> int:
         cache = "STALE: only associates are accepted" if state["cacheStale"] else "fresh"
         print(f"cache:          {cache}")
         print_hq_status(state)
-    devices = state["devicesConfigured"]
-    print(f"devices:        {', '.join(devices) if devices else 'none configured'}")
+    if not state["devicesConfigured"]:
+        print("devices:        none configured")
+        return 0
+    print(f"devices:        health {state['devicesHealthSource']}")
+    for device in state["devices"]:
+        if device["available"] is None:
+            health = "no health known"
+        elif device["available"]:
+            health = f"available since {device['since']}"
+        else:
+            health = f"UNAVAILABLE since {device['since']}: {device['error']}"
+        print(f"  {device['name']}: {health}")
     return 0
+
+
+def _device_status(config: Config) -> dict[str, Any]:
+    """Return the configured devices with the health the running daemon recorded."""
+    if not config.devices:
+        return {}
+    # Imported here: the device module is needed only when devices are configured.
+    from daemon.devices import device_configs, recorded_device_health
+
+    states, source = recorded_device_health(config)
+    devices = []
+    for device in device_configs(config.devices):
+        state = (states or {}).get(device.name)
+        devices.append(
+            {
+                "name": device.name,
+                "available": None if state is None else state["available"],
+                "since": None if state is None else state["since"],
+                "error": None if state is None else state["error"],
+            }
+        )
+    return {"devices": devices, "devicesHealthSource": source}
 
 
 def _iso(timestamp: float) -> str:

@@ -13,14 +13,17 @@ import importlib
 import json
 import os
 import re
+import sqlite3
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 import structlog
 
+from daemon.store import DEVICE_HEALTH_META_KEY
 from drivers.base import Driver, Event, Health, Scan, sleep_backoff
 
 if TYPE_CHECKING:
@@ -336,12 +339,13 @@ def input_device_lines() -> list[str]:
 
 def daemon_device_health(config: Config) -> tuple[dict[str, dict[str, Any]] | None, str]:
     """Read device health from the running daemon; return it by name, or None and why not."""
+    if config.tls is not None:
+        # The daemon serves HTTPS and may accept gateway certificates only, so the health
+        # comes from the record it keeps in the database.
+        return recorded_device_health(config)
     host = config.server.host
     if host in ("0.0.0.0", "::", ""):
         host = "127.0.0.1" if host != "::" else "::1"
-    if config.tls is not None:
-        # NOTE: the command speaks plain HTTP only, so with [tls] it cannot read the health.
-        return None, "not read: the daemon serves HTTPS; query /v1/local/devices with curl"
     headers = {}
     if config.auth is not None and config.auth.api_key_files:
         try:
@@ -367,16 +371,80 @@ def daemon_device_health(config: Config) -> tuple[dict[str, dict[str, Any]] | No
     return {device["device"]: device for device in devices}, "from the running daemon"
 
 
-def configured_device_lines(config: Config) -> list[str]:
-    """Describe the configured devices, with their health when the daemon runs."""
+def recorded_device_health(config: Config) -> tuple[dict[str, dict[str, Any]] | None, str]:
+    """Read the device health that the running daemon keeps in its database.
+
+    Returns it by device name in the shape of /v1/local/devices, or None and why not. A
+    record whose process is gone (the daemon was killed) is not used.
+    """
+    path = Path(config.database.path)
+    if not Path(f"{path}-shm").exists():
+        # The daemon keeps its WAL index open while it runs. Opening the database without
+        # one would create it, owned by the caller (often root), and lock the service out.
+        return None, f"daemon not running (no open database at {path})"
+    try:
+        connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=HEALTH_TIMEOUT)
+        try:
+            row = connection.execute(
+                "SELECT value FROM meta WHERE key = ?", (DEVICE_HEALTH_META_KEY,)
+            ).fetchone()
+        finally:
+            connection.close()
+    except sqlite3.Error as error:
+        return None, f"not read: cannot read {path}: {error}"
+    if row is None:
+        return None, "daemon not running (it keeps no device health in the database)"
+    try:
+        record = json.loads(row[0])
+        pid = int(record["pid"])
+        recorded_at = _iso(float(record["recordedAt"]))
+        devices = {
+            name: {
+                "device": name,
+                "available": bool(state["available"]),
+                "error": state["error"],
+                "since": _iso(float(state["since"])),
+            }
+            for name, state in record["devices"].items()
+        }
+    except (ValueError, TypeError, KeyError, AttributeError) as error:
+        return None, f"not read: the device health record in {path} is invalid: {error!r}"
+    if not _process_exists(pid):
+        return None, f"daemon not running (process {pid}, which recorded at {recorded_at}, is gone)"
+    return devices, f"recorded by the running daemon (process {pid}) at {recorded_at}"
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        # It runs as another user, such as the service's.
+        return True
+    return True
+
+
+def _iso(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, UTC).isoformat().replace("+00:00", "Z")
+
+
+def configured_device_lines(
+    config: Config, health: tuple[dict[str, dict[str, Any]] | None, str] | None = None
+) -> list[str]:
+    """Describe the configured devices, with their health when the daemon runs.
+
+    ``health`` is a result of ``daemon_device_health`` or ``recorded_device_health``;
+    without it, the first is called.
+    """
     devices = device_configs(config.devices)
     if not devices:
         return ["  none configured"]
-    health, source = daemon_device_health(config)
+    states, source = health if health is not None else daemon_device_health(config)
     lines = [f"  health: {source}"]
     for device in devices:
         line = f"  {device.name}  kind={device.kind}  station={device.station}"
-        state = None if health is None else health.get(device.name)
+        state = None if states is None else states.get(device.name)
         if state is not None and state["available"]:
             line += f"  available since {state['since']}"
         elif state is not None:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import json
+import os
 import sqlite3
 import time
 from datetime import UTC, datetime
@@ -27,7 +29,7 @@ from daemon.normalize import strip_value
 from daemon.resolver import Evaluation, audit_event
 from daemon.runtime import DeviceState, Runtime
 from daemon.stations import Debouncer, SessionChange, SessionEvent, Stations
-from daemon.store import KeyHasher
+from daemon.store import DEVICE_HEALTH_META_KEY, KeyHasher
 from drivers.base import Driver, Health, LogThrottle, Scan
 
 log = structlog.get_logger(__name__)
@@ -57,6 +59,17 @@ def record_local_decision(
     )
 
 
+def store_device_health(connection: sqlite3.Connection, value: str | None) -> None:
+    """Write the device health record, or delete it when ``value`` is None."""
+    if value is None:
+        connection.execute("DELETE FROM meta WHERE key = ?", (DEVICE_HEALTH_META_KEY,))
+    else:
+        connection.execute(
+            "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+            (DEVICE_HEALTH_META_KEY, value),
+        )
+
+
 def _iso(timestamp: float) -> str:
     return datetime.fromtimestamp(timestamp, UTC).isoformat().replace("+00:00", "Z")
 
@@ -74,6 +87,8 @@ class LocalScanning:
         self._stale_log = LogThrottle(STALE_LOG_INTERVAL)
         self._sessions_changed = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._health_writer: asyncio.Task[None] | None = None
+        self._health_changed = False
 
     @property
     def config(self) -> Config:
@@ -97,6 +112,11 @@ class LocalScanning:
                 await task
         await self.manager.stop()
         self.hub.close()
+        writer, self._health_writer = self._health_writer, None
+        if writer is not None:
+            await writer
+        # A record left behind would show a stopped daemon's devices as available.
+        await self._write_health_record(None)
 
     def _on_reload(self, config: Config) -> None:
         # Called from the SIGHUP handler on the loop; the drivers restart in a task.
@@ -116,6 +136,7 @@ class LocalScanning:
         for name in list(self.runtime.devices):
             if name not in self._devices:
                 del self.runtime.devices[name]
+                self._save_health()
         await self.manager.apply(devices)
 
     # --- Health --------------------------------------------------------------------------
@@ -134,6 +155,41 @@ class LocalScanning:
             state.since = previous.since
         self.runtime.devices[device.name] = state
         self.hub.publish("device.health", self._health_data(device, state))
+        self._save_health()
+
+    def _save_health(self) -> None:
+        """Write the device health to the database soon, for `status` and `devices`."""
+        self._health_changed = True
+        if self._health_writer is None or self._health_writer.done():
+            self._health_writer = asyncio.get_running_loop().create_task(
+                self._write_health(), name="device-health"
+            )
+
+    async def _write_health(self) -> None:
+        # Changes that arrive while one record is written go into the next one.
+        while self._health_changed:
+            self._health_changed = False
+            record = {
+                "pid": os.getpid(),
+                "recordedAt": time.time(),
+                "devices": {
+                    name: {"available": state.available, "error": state.error, "since": state.since}
+                    for name, state in self.runtime.devices.items()
+                },
+            }
+            if not await self._write_health_record(json.dumps(record)):
+                return
+
+    async def _write_health_record(self, value: str | None) -> bool:
+        try:
+            await self.runtime.store.writer.submit(
+                functools.partial(store_device_health, value=value)
+            )
+        except Exception as exc:
+            # The next health change writes the whole record again.
+            log.warning("devices.health_not_stored", error=str(exc))
+            return False
+        return True
 
     def _health_data(self, device: DeviceConfig, state: DeviceState) -> dict[str, Any]:
         return {

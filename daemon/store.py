@@ -39,6 +39,9 @@ OUTBOX_DROPPED_META_KEY = "outbox_dropped_total"
 # meta keys: when a pull from HQ last succeeded, and when one last moved the sync cursor.
 LAST_PULL_META_KEY = "last_pull_at"
 CURSOR_CHANGED_META_KEY = "cursor_changed_at"
+# meta key: the running daemon's process id and device health as JSON, for `status` and
+# `devices`. Written on each health change and deleted when the daemon stops.
+DEVICE_HEALTH_META_KEY = "device_health"
 # Decisions queued while a commit runs join the next one; this bounds one transaction.
 MAX_GROUP_COMMIT = 256
 # Short rounds keep each checkpoint small. With 1 s rounds one decision in a hundred took over

@@ -26,6 +26,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import SAMPLE_RECORDS, Daemon, free_port, make_daemon, run_cli, write_config
+from tests.tls_helpers import CertificateAuthority, client_context, make_secure_daemon
 
 # Generous, because the suite must pass on a loaded two-core machine.
 WAIT = 15.0
@@ -583,3 +584,88 @@ def _outbox_rows(database: Path) -> int:
         return connection.execute("SELECT count(*) FROM outbox").fetchone()[0]
     finally:
         connection.close()
+
+
+def _status(daemon: Daemon) -> dict[str, Any]:
+    result = run_cli("status", "--json", "--config", str(daemon.config))
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def _recorded_health(daemon: Daemon, name: str) -> bool | None:
+    states = {device["name"]: device for device in _status(daemon)["devices"]}
+    return states[name]["available"]
+
+
+def _wait_for_recorded(daemon: Daemon, name: str, available: bool | None) -> None:
+    deadline = time.monotonic() + WAIT
+    while _recorded_health(daemon, name) is not available:
+        assert time.monotonic() < deadline, f"status never showed {name} as {available}"
+        time.sleep(0.1)
+
+
+def test_status_shows_device_health(rig: Rig) -> None:
+    scanner = rig.scanners["health"]
+    mark = rig.stream.mark()
+    scanner.unplug()
+    rig.stream.wait_for("device.health", lambda data: data["device"] == "dev-health", after=mark)
+    try:
+        _wait_for_recorded(rig.daemon, "dev-health", False)
+        unplugged = _status(rig.daemon)
+        text = run_cli("status", "--config", str(rig.daemon.config)).stdout
+    finally:
+        scanner.replug()
+    _wait_for_recorded(rig.daemon, "dev-health", True)
+
+    states = {device["name"]: device for device in unplugged["devices"]}
+    assert states["dev-health"]["error"]
+    assert states["dev-unattended"]["available"] is True
+    assert "recorded by the running daemon" in unplugged["devicesHealthSource"]
+    assert "  dev-health: UNAVAILABLE since " in text
+    assert "  dev-unattended: available since " in text
+
+
+@pytest.mark.parametrize("stop", ["sigterm", "sigkill"])
+def test_status_without_running_daemon(tmp_path: Path, stop: str) -> None:
+    scanner = PtyScanner(tmp_path / "tty-gone")
+    daemon = make_daemon(tmp_path / "daemon", device_table("gone", scanner.link))
+    daemon.start()
+    try:
+        _wait_for_recorded(daemon, "dev-gone", True)
+    finally:
+        if stop == "sigterm":
+            daemon.stop()
+        else:
+            daemon.kill()
+        scanner.unplug()
+
+    state = _status(daemon)
+
+    assert state["devices"] == [
+        {"name": "dev-gone", "available": None, "since": None, "error": None}
+    ]
+    assert state["devicesHealthSource"].startswith("daemon not running")
+
+
+def test_devices_command_reads_health_over_tls(tmp_path: Path) -> None:
+    authority = CertificateAuthority(tmp_path / "ca", "store-ca")
+    server = authority.issue("connector.test", server=True, file_stem="server")
+    scanner = PtyScanner(tmp_path / "tty-tls")
+    extra = (
+        f'[tls]\ncert_file = "{server.cert_file}"\nkey_file = "{server.key_file}"\n'
+        + device_table("tls", scanner.link)
+    )
+    daemon = make_secure_daemon(
+        tmp_path / "daemon", extra, context=client_context(authority.cert_file)
+    )
+    daemon.start()
+    try:
+        _wait_for_recorded(daemon, "dev-tls", True)
+        result = run_cli("devices", "--config", str(daemon.config))
+    finally:
+        daemon.stop()
+        scanner.unplug()
+
+    assert result.returncode == 0, result.stderr
+    assert "health: recorded by the running daemon" in result.stdout
+    assert "dev-tls  kind=serial  station=station-tls  available since " in result.stdout
