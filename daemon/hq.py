@@ -8,12 +8,16 @@ cache misses into the resolver.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import functools
 import json
+import os
 import re
 import sqlite3
 import sys
 import time
+import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -55,6 +59,7 @@ from daemon.store import (
     Identity,
     KeyHasher,
     Store,
+    StoreError,
     StoreReader,
     connect,
 )
@@ -74,6 +79,8 @@ from sync.upload import LAST_UPLOAD_META_KEY
 log = structlog.get_logger(__name__)
 
 CURSOR_META_KEY = "cursor"
+# meta key: the rebuild that began last, as "<process id>-<random hex>".
+REBUILD_OWNER_META_KEY = "rebuild_owner"
 LAST_REBUILD_META_KEY = "last_rebuild_at"
 STAGING_TABLE = "identities_staging"
 RETIRED_TABLE = "identities_retired"
@@ -92,6 +99,8 @@ STAGE_SLICE_RECORDS = 200
 # the previous block. With the default, the writer took up to 5 ms to pick up a queued job
 # (a staging slice or a decision) while the loop was busy.
 REBUILD_SWITCH_INTERVAL = 0.0005
+# Seconds between two tries of a daemon that waits for the sync lock.
+SYNC_LOCK_POLL_SECONDS = 1.0
 # Invalid snapshot records remembered for the digest comparison, at most; past this the
 # digests differ and each reconciliation rebuilds, as before the table existed.
 MAX_SKIPPED_RECORDS = 100_000
@@ -279,8 +288,24 @@ def _table_exists(connection: sqlite3.Connection, name: str) -> bool:
     return row is not None
 
 
-def begin_rebuild(connection: sqlite3.Connection) -> None:
+class RebuildTakenOver(StoreError):
+    """Another rebuild of the same database began after this one, which must stop."""
+
+
+def _check_owner(connection: sqlite3.Connection, owner: str) -> None:
+    # Each step of a rebuild runs only while the rebuild that began last is this one. Two
+    # processes would otherwise stage into one table, and the swap would put the mix in place.
+    if _meta(connection, REBUILD_OWNER_META_KEY) != owner:
+        raise RebuildTakenOver(
+            "another process began rebuilding this database's cache from HQ's snapshot, so"
+            " this rebuild stops; run sync --now only while the daemon is stopped"
+        )
+
+
+def begin_rebuild(connection: sqlite3.Connection, owner: str) -> None:
     """Create an empty staging table shaped like ``identities``, without its key-hash index.
+
+    ``owner`` names this rebuild; the later steps check that no other one began since.
 
     ``index_staging`` adds the index once every record is in. Kept up to date row by row,
     that index of random HMACs dirtied about one page per staged record, and every commit
@@ -300,14 +325,16 @@ def begin_rebuild(connection: sqlite3.Connection) -> None:
     if replaced != 1:
         raise RuntimeError(f"unexpected identities table definition: {table_sql[:80]}")
     connection.execute(staging_sql)
+    _set_meta(connection, {REBUILD_OWNER_META_KEY: owner})
 
 
-def stage_rows(connection: sqlite3.Connection, batch: RowBatch) -> None:
+def stage_rows(connection: sqlite3.Connection, batch: RowBatch, owner: str) -> None:
     """Append packed records to the staging table; a later record of a credential replaces it."""
+    _check_owner(connection, owner)
     write_rows(connection, batch, STAGING_TABLE)
 
 
-def index_staging(connection: sqlite3.Connection) -> tuple[int, list[tuple[str, int]]]:
+def index_staging(connection: sqlite3.Connection, owner: str) -> tuple[int, list[tuple[str, int]]]:
     """Add the unique key-hash index to the staging table; return its row count and dropped rows.
 
     A dropped row lost its key to a later record; it comes back as (credential id, version).
@@ -316,6 +343,7 @@ def index_staging(connection: sqlite3.Connection) -> tuple[int, list[tuple[str, 
     first, as ``write_rows`` does on the live table. Staging order is rowid order, because
     ``INSERT OR REPLACE`` gives a replaced credential a new, larger rowid.
     """
+    _check_owner(connection, owner)
     used = {
         row[0]
         for row in connection.execute(
@@ -346,6 +374,7 @@ def finish_rebuild(
     connection: sqlite3.Connection,
     cursor: str,
     pulled_at: float,
+    owner: str,
     skipped: dict[str, int | None] | None = None,
 ) -> None:
     """Swap the indexed staging table in as ``identities`` and store the cursor, atomically.
@@ -353,6 +382,7 @@ def finish_rebuild(
     Readers keep seeing the old table until this commits. The old table is renamed, not
     dropped, so the swap costs no time proportional to the cache size.
     """
+    _check_owner(connection, owner)
     if not _table_exists(connection, STAGING_TABLE):
         raise RuntimeError("no staging table to swap in; the rebuild must start again")
     connection.execute(f"ALTER TABLE identities RENAME TO {RETIRED_TABLE}")
@@ -368,6 +398,12 @@ def finish_rebuild(
             LAST_REBUILD_META_KEY: repr(pulled_at),
         },
     )
+
+
+def abandon_staging(connection: sqlite3.Connection, owner: str) -> None:
+    """Drop the staging table of rebuild ``owner``; a later rebuild's table stays."""
+    if _meta(connection, REBUILD_OWNER_META_KEY) == owner:
+        connection.execute(f"DROP TABLE IF EXISTS {STAGING_TABLE}")
 
 
 def drop_table(connection: sqlite3.Connection, name: str) -> None:
@@ -451,6 +487,7 @@ class StoreAdapter:
         self._worker_started = False
         # Invalid snapshot records of the running rebuild, by credential, for the digest.
         self._skipped: dict[str, int | None] = {}
+        self._rebuild_owner = ""
 
     def close(self) -> None:
         def close_connection() -> None:
@@ -488,7 +525,8 @@ class StoreAdapter:
         )
 
     async def begin_rebuild(self) -> None:
-        await self.store.writer.submit(begin_rebuild)
+        self._rebuild_owner = f"{os.getpid()}-{uuid.uuid4().hex}"
+        await self.store.writer.submit(functools.partial(begin_rebuild, owner=self._rebuild_owner))
         if self._saved_switch_interval is None:
             self._saved_switch_interval = sys.getswitchinterval()
             sys.setswitchinterval(REBUILD_SWITCH_INTERVAL)
@@ -576,7 +614,10 @@ class StoreAdapter:
         # before this returns, so a failed rebuild drops its table after the last write.
         outcomes = await asyncio.gather(
             *(
-                self.store.writer.submit(functools.partial(stage_rows, batch=part), bulk=True)
+                self.store.writer.submit(
+                    functools.partial(stage_rows, batch=part, owner=self._rebuild_owner),
+                    bulk=True,
+                )
                 for part in prepared.rows
             ),
             return_exceptions=True,
@@ -588,7 +629,9 @@ class StoreAdapter:
     async def finish_rebuild(self, cursor: str, pulled_at: float) -> int:
         await self._end_rebuild()
         started = time.monotonic()
-        count, dropped = await self.store.writer.submit(index_staging, bulk=True)
+        count, dropped = await self.store.writer.submit(
+            functools.partial(index_staging, owner=self._rebuild_owner), bulk=True
+        )
         # Credentials that lost their key to a later record are missing from the cache but
         # not from HQ, like invalid records.
         for credential_id, version in dropped[: max(0, MAX_SKIPPED_RECORDS - len(self._skipped))]:
@@ -601,7 +644,11 @@ class StoreAdapter:
         )
         await self.store.writer.submit(
             functools.partial(
-                finish_rebuild, cursor=cursor, pulled_at=pulled_at, skipped=self._skipped
+                finish_rebuild,
+                cursor=cursor,
+                pulled_at=pulled_at,
+                owner=self._rebuild_owner,
+                skipped=self._skipped,
             )
         )
         # Dropping the old table frees its pages; as a job of its own it does not lengthen
@@ -611,7 +658,9 @@ class StoreAdapter:
 
     async def abandon_rebuild(self) -> None:
         await self._end_rebuild()
-        await self.store.writer.submit(functools.partial(drop_table, name=STAGING_TABLE))
+        await self.store.writer.submit(
+            functools.partial(abandon_staging, owner=self._rebuild_owner)
+        )
 
     async def _end_rebuild(self) -> None:
         if self._saved_switch_interval is not None:
@@ -679,6 +728,45 @@ class StoreAdapter:
         await self.store.writer.submit(functools.partial(_set_meta, values=values))
 
 
+class SyncLock:
+    """An advisory lock on a file beside the database, so one process syncs with HQ at a time.
+
+    Two syncing processes would each rebuild into the one staging table, and the swap
+    would put a partial cache in place. ``serve`` holds the lock while it runs, and
+    ``sync --now`` while it syncs.
+    """
+
+    def __init__(self, database: Path) -> None:
+        self.path = Path(f"{database}.sync-lock")
+        self._descriptor: int | None = None
+
+    def acquire(self) -> bool:
+        """Take the lock without waiting; return False when another process holds it.
+
+        Raises OSError when the lock file can be neither created nor opened.
+        """
+        if self._descriptor is not None:
+            return True
+        try:
+            descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except PermissionError:
+            # Created by another user (root running sync --now, say): a descriptor opened
+            # for reading takes the lock too.
+            descriptor = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(descriptor)
+            return False
+        self._descriptor = descriptor
+        return True
+
+    def release(self) -> None:
+        if self._descriptor is not None:
+            os.close(self._descriptor)
+            self._descriptor = None
+
+
 class HqSync:
     """The running sync of a daemon: what `serve` stops and the resolver asks on a miss."""
 
@@ -687,14 +775,63 @@ class HqSync:
         self.store = store
         self.service = service
         self.adapter = adapter
+        self.lock = SyncLock(store.path)
+        self.started = False
+        self._starting: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Start syncing now, or in the background once another process releases the lock."""
+        try:
+            acquired = self.lock.acquire()
+        except OSError as exc:
+            # Syncing matters more than the guard against a concurrent `sync --now`.
+            log.error(
+                "sync.lock_unavailable",
+                path=str(self.lock.path),
+                error=str(exc),
+                action="syncing without the lock; do not run sync --now while the daemon runs",
+            )
+            acquired = True
+        if acquired:
+            await self._start_service()
+            return
+        log.warning(
+            "sync.waiting_for_lock",
+            path=str(self.lock.path),
+            detail="another process (sync --now) is syncing with HQ; this daemon decides from"
+            " its cache and starts syncing when that process ends",
+        )
+        self._starting = asyncio.create_task(self._start_when_unlocked(), name="hq-sync-lock")
+
+    async def _start_when_unlocked(self) -> None:
+        while not self.lock.acquire():
+            await asyncio.sleep(SYNC_LOCK_POLL_SECONDS)
+        log.info("sync.lock_acquired", path=str(self.lock.path))
+        await self._start_service()
+
+    async def _start_service(self) -> None:
+        # A rebuild cut short by a crash left tables behind; they are dropped before syncing.
+        await self.store.writer.submit(functools.partial(drop_table, name=RETIRED_TABLE))
+        await self.service.start()
+        self.started = True
+
+    def pull_now(self) -> None:
+        """Wake the pull loop, as a reload does, instead of waiting out its interval."""
+        self.service.wake()
 
     @property
     def clock_uncertain(self) -> bool:
         return self.service.clock_uncertain
 
     async def stop(self) -> None:
-        await self.service.stop()
+        if self._starting is not None:
+            self._starting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._starting
+        if self.started:
+            await self.service.stop()
         self.adapter.close()
+        self.lock.release()
 
     async def lookup_miss(
         self,
@@ -712,6 +849,8 @@ class HqSync:
         Returns the evaluation of HQ's record, or ``evaluation`` unchanged when HQ does not
         know the key or cannot answer in time, so the offline policy decides.
         """
+        if not self.started:
+            return evaluation
         if evaluation.identity is not None or evaluation.verdict.reason is not Reason.UNKNOWN_KEY:
             return evaluation
         policy = self.config.policy
@@ -787,14 +926,13 @@ async def start_sync(
         return None
     settings = settings_from_config(config, config.hq)
     adapter = StoreAdapter(store)
-    # A rebuild cut short by a crash left tables behind; they are dropped before syncing.
-    await store.writer.submit(functools.partial(drop_table, name=RETIRED_TABLE))
     service = SyncService(settings, adapter)
     if on_state is not None:
         on_state(service.state.value)
         service.state_listeners.append(on_state)
-    await service.start()
-    return HqSync(config, store, service, adapter)
+    sync = HqSync(config, store, service, adapter)
+    await sync.start()
+    return sync
 
 
 def sync_now(config: Config, store: Store) -> int:
@@ -810,6 +948,25 @@ def sync_now(config: Config, store: Store) -> int:
     def progress(message: str) -> None:
         print(message, flush=True)
 
+    lock = SyncLock(store.path)
+    try:
+        acquired = lock.acquire()
+    except OSError as exc:
+        print(
+            f"error: cannot open the lock file {lock.path}: {exc}; run sync --now as the user"
+            " that owns the database",
+            file=sys.stderr,
+        )
+        return 2
+    if not acquired:
+        print(
+            "error: another process is syncing with HQ: the running daemon, or another sync"
+            " --now. While the daemon runs it syncs by itself; `systemctl reload"
+            " identity-connector` (SIGHUP) makes it pull at once.",
+            file=sys.stderr,
+        )
+        return 1
+
     async def run() -> int:
         adapter = StoreAdapter(store)
         service = SyncService(settings, adapter, progress=progress)
@@ -819,8 +976,12 @@ def sync_now(config: Config, store: Store) -> int:
         except HqError as exc:
             print(f"error: sync failed: {exc}", file=sys.stderr)
             return 1
+        except sqlite3.Error as exc:
+            print(f"error: sync failed: database {store.path}: {exc}", file=sys.stderr)
+            return 2
         finally:
             adapter.close()
+            lock.release()
         stats_line = (
             f"done: {report.pull.put} put, {report.pull.removed} removed,"
             f" {report.pull.rejected} rejected; {report.upload.accepted} of"

@@ -131,6 +131,9 @@ async def _serve_with_store(config: Config, config_path: Path | None, store: Sto
             config, store, on_state=functools.partial(setattr, runtime, "hq_state")
         )
         runtime.resolver.hq = hq
+        if hq is not None:
+            # A reload also pulls at once: the way to lift a stale cache after fixing HQ.
+            runtime.reload_hooks.append(lambda _config: hq.pull_now())
         await stop.wait()
     finally:
         log.info("server.stopping")

@@ -95,6 +95,10 @@ class SyncService:
             pull_interval=self.settings.pull_interval,
         )
 
+    def wake(self) -> None:
+        """Make the pull loop pull at once instead of waiting out its interval or backoff."""
+        self._wake_pull.set()
+
     async def stop(self) -> None:
         """Cancel the loops and pending cache writes, then close the HTTP session."""
         tasks = list(self._tasks)

@@ -15,7 +15,7 @@ import msgspec
 import pytest
 from aiohttp import web
 
-from daemon.hq import StoreAdapter
+from daemon.hq import RebuildTakenOver, StoreAdapter
 from daemon.normalize import normalize_key
 from daemon.snapshot_worker import (
     Block,
@@ -295,3 +295,34 @@ def test_rebuild_goes_on_when_worker_dies(
         adapter.close()
         store.close()
     assert "sync.worker_failed" in capsys.readouterr().out
+
+
+def test_later_rebuild_stops_earlier_one(tmp_path: Path) -> None:
+    """Two processes rebuilding one database: only the rebuild that began last swaps in."""
+    first_store = Store.open(tmp_path / "cache.sqlite3", tmp_path / "cache.key")
+    second_store = Store.open(tmp_path / "cache.sqlite3", tmp_path / "cache.key")
+    first, second = StoreAdapter(first_store), StoreAdapter(second_store)
+    lines = b"".join(line(record(n)) for n in range(40))
+
+    async def scenario() -> tuple[str, int]:
+        await first.begin_rebuild()
+        await first.stage_records(await first.prepare_lines(1, lines))
+        await second.begin_rebuild()
+        try:
+            await first.stage_records(await first.prepare_lines(41, lines))
+        except RebuildTakenOver as exc:
+            error = str(exc)
+        else:
+            error = "no error"
+        await first.abandon_rebuild()
+        await second.stage_records(await second.prepare_lines(1, lines))
+        return error, await second.finish_rebuild("2.0", 2.0)
+
+    try:
+        error, count = run(scenario())
+    finally:
+        for adapter, store in ((first, first_store), (second, second_store)):
+            adapter.close()
+            store.close()
+    assert "another process began rebuilding" in error
+    assert count == 40

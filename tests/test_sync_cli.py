@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import SAMPLE_RECORDS, make_daemon, run_cli
-from tests.fakehq import FakeHq, hq_config, local_versions, meta, outbox_ids, wait_until
+from tests.fakehq import (
+    FakeHq,
+    hq_config,
+    local_versions,
+    meta,
+    outbox_ids,
+    versions_of,
+    wait_until,
+)
 
 
 @pytest.fixture
@@ -103,3 +113,46 @@ def test_sync_now_counts_records_rejected_by_a_rebuild(tmp_path: Path, hq: FakeH
     assert "digest mismatch" in result.stdout
     assert ", 1 rejected;" in result.stdout
     assert result.returncode == 1
+
+
+def test_sync_now_refused_while_daemon_syncs(tmp_path: Path, hq: FakeHq) -> None:
+    directory = tmp_path / "daemon"
+    daemon = make_daemon(directory, hq_config(hq, directory), records=[])
+    daemon.start()
+    try:
+        wait_until(lambda: meta(daemon.database, "cursor") == hq.cursor(), what="snapshot")
+        result = run_cli("sync", "--now", "--config", str(daemon.config))
+        versions = local_versions(daemon.database)
+    finally:
+        daemon.stop()
+
+    assert result.returncode == 1
+    assert "another process is syncing with HQ" in result.stderr
+    assert "systemctl reload identity-connector" in result.stderr
+    assert versions == versions_of(hq.records)
+
+
+def test_daemon_waits_for_sync_lock(tmp_path: Path, hq: FakeHq) -> None:
+    directory = tmp_path / "daemon"
+    daemon = make_daemon(directory, hq_config(hq, directory), records=[])
+    # This test process plays a `sync --now` that holds the lock while the daemon starts.
+    holder = os.open(f"{daemon.database}.sync-lock", os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    try:
+        daemon.start()
+        wait_until(
+            lambda: any(line["event"] == "sync.waiting_for_lock" for line in daemon.log_lines()),
+            what="the daemon waiting for the lock",
+        )
+        waiting_reply = daemon.scan("KEY-SHOPPER-5f1c2b")
+        cursor_while_locked = meta(daemon.database, "cursor")
+    finally:
+        os.close(holder)
+    try:
+        wait_until(lambda: meta(daemon.database, "cursor") == hq.cursor(), what="the sync")
+    finally:
+        daemon.stop()
+
+    assert waiting_reply.status == 200
+    assert cursor_while_locked is None
+    assert hq.received.requests["snapshot"] == 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -406,3 +407,20 @@ def test_feed_key_takeover_keeps_digest_matching(tmp_path: Path, hq: FakeHq) -> 
         assert skipped == [("c-cash", 1)]
     finally:
         daemon.stop()
+
+
+def test_reload_pulls_at_once(tmp_path: Path, hq: FakeHq) -> None:
+    directory = tmp_path / "daemon"
+    config = hq_config(hq, directory).replace('pull_interval = "200ms"', 'pull_interval = "1h"')
+    daemon = make_daemon(directory, config, records=[])
+    daemon.start()
+    try:
+        wait_until(lambda: caught_up(daemon, hq), what="the initial snapshot")
+        hq.put({**SAMPLE_RECORDS[0], "version": 2})
+        assert daemon.process is not None
+        daemon.process.send_signal(signal.SIGHUP)
+        wait_until(lambda: caught_up(daemon, hq), what="the pull after the reload")
+    finally:
+        daemon.stop()
+
+    assert local_versions(daemon.database)["c-shopper"] == 2
