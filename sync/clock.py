@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import deque
+from datetime import UTC
 from email.utils import parsedate_to_datetime
 from statistics import median
 
@@ -44,8 +45,12 @@ class ClockEstimator:
         if not date_header:
             return
         try:
-            hq_time = parsedate_to_datetime(date_header).timestamp()
-        except (TypeError, ValueError, IndexError):
+            moment = parsedate_to_datetime(date_header)
+            if moment.tzinfo is None:
+                # The zone "-0000" parses without one; HTTP dates are always in GMT.
+                moment = moment.replace(tzinfo=UTC)
+            hq_time = moment.timestamp()
+        except (TypeError, ValueError, IndexError, OverflowError):
             return
         local_midpoint = (sent_at + received_at) / 2
         self._samples.append(hq_time + DATE_RESOLUTION / 2 - local_midpoint)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import time
 from email.utils import formatdate
 
 import pytest
@@ -90,11 +91,36 @@ def test_clock_offset_threshold(hq_ahead: float, uncertain: bool) -> None:
     assert clock.uncertain is uncertain
 
 
-def test_clock_ignores_invalid_date() -> None:
+@pytest.mark.parametrize(
+    "header",
+    [
+        "not a date",
+        None,
+        "",
+        # The year overflows the platform's time functions.
+        "Mon, 01 Jan 99999999999999999999 00:00:00 GMT",
+    ],
+    ids=["text", "missing", "empty", "overflowing-year"],
+)
+def test_clock_ignores_invalid_date(header: str | None) -> None:
     clock = ClockEstimator(threshold=10.0)
-    clock.observe("not a date", 0.0, 1.0)
-    clock.observe(None, 0.0, 1.0)
+    clock.observe(header, 0.0, 1.0)
     assert clock.offset is None
+
+
+def test_clock_reads_minus_zero_zone_as_gmt(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A box whose local time is not UTC, where a date without a zone would be misread.
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    try:
+        clock = ClockEstimator(threshold=10.0)
+        now = 1_700_000_000.0
+        header = formatdate(now, usegmt=True).replace("GMT", "-0000")
+        clock.observe(header, now - 0.05, now + 0.05)
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+    assert clock.offset == pytest.approx(0.5, abs=0.1)
 
 
 def test_clock_median_resists_one_outlier() -> None:
