@@ -71,9 +71,11 @@ class Puller:
     async def _follow_feed(self, cursor: str, report: PullReport) -> None:
         while True:
             page = await self.client.changes(cursor, self.settings.pull_batch_size)
-            if page.has_more and not page.changes and page.cursor == cursor:
+            if page.has_more and page.cursor == cursor:
+                # Following it would fetch the same page again and again.
                 raise HqResponseInvalid(
-                    "HQ changes page has hasMore true but no changes and the same cursor"
+                    f"HQ changes page has hasMore true but returns the cursor it was asked"
+                    f" for ({cursor[:64]!r}); HQ must return a cursor past the page's changes"
                 )
             counts = await self.store.apply_changes(page.changes, page.cursor, time.time())
             report.pages += 1

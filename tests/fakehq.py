@@ -49,6 +49,8 @@ class Control:
     """Seconds added to the Date header."""
     digest_salt: str = ""
     """Text mixed into the digest, to make it disagree with every client."""
+    stuck_cursor: bool = False
+    """Changes pages return the cursor they were asked for, with hasMore true: an HQ bug."""
 
 
 @dataclass
@@ -228,9 +230,10 @@ class FakeHq:
                 position = int(text)
             window = self.log[position : position + limit]
             end = position + len(window)
+            stuck = self.control.stuck_cursor and cursor is not None
             answer = {
-                "cursor": f"{self.epoch}.{end}",
-                "hasMore": end < len(self.log),
+                "cursor": cursor if stuck else f"{self.epoch}.{end}",
+                "hasMore": stuck or end < len(self.log),
                 "changes": [
                     {"op": "PUT", "record": payload}
                     if op == "PUT"

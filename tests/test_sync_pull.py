@@ -424,3 +424,21 @@ def test_reload_pulls_at_once(tmp_path: Path, hq: FakeHq) -> None:
         daemon.stop()
 
     assert local_versions(daemon.database)["c-shopper"] == 2
+
+
+def test_page_with_same_cursor_is_not_followed(synced: Daemon, hq: FakeHq) -> None:
+    hq.control.stuck_cursor = True
+    hq.put({**SAMPLE_RECORDS[0], "version": 2})
+    wait_until(
+        lambda: any(line["event"] == "sync.pull_failed" for line in synced.log_lines()),
+        what="the failed pull",
+    )
+    before = hq.received.requests["changes"]
+    time.sleep(1.0)
+    requests_in_a_second = hq.received.requests["changes"] - before
+
+    failure = next(line for line in synced.log_lines() if line["event"] == "sync.pull_failed")
+    assert "returns the cursor it was asked for" in failure["error"]
+    # Retried with backoff (100-400 ms in these tests), not fetched in a tight loop.
+    assert requests_in_a_second <= 12
+    assert decided(synced, "KEY-SHOPPER-5f1c2b") == "ACCEPT"
