@@ -443,15 +443,30 @@ def trim_outbox(
     return dropped
 
 
-def cache_record(connection: sqlite3.Connection, hasher: KeyHasher, data: dict[str, Any]) -> bool:
+def cache_record(
+    connection: sqlite3.Connection,
+    hasher: KeyHasher,
+    data: dict[str, Any],
+    cursor: str | None = None,
+) -> bool:
     """Store a record from an online lookup; return whether it was stored.
 
-    A pull that committed while the lookup was on its way may have stored a newer version
-    of the credential, and that one stays.
+    ``cursor`` is the sync cursor when the lookup was sent. A pull that committed while
+    the lookup was on its way may have removed the credential or stored a newer version,
+    so the record is stored only while the cursor is the same, and never over a newer
+    version.
     """
     counts = ApplyCounts()
     record = _valid_record(data, counts)
     if record is None:
+        return False
+    if _meta(connection, CURSOR_META_KEY) != cursor:
+        log.info(
+            "hq.lookup_record_not_cached",
+            credential_id=record.credentialId,
+            reason="a pull moved the sync cursor while the lookup was on its way; the pull"
+            " brings the credential's current state",
+        )
         return False
     stored = connection.execute(
         "SELECT version FROM identities WHERE credential_id = ?", (record.credentialId,)
@@ -688,9 +703,9 @@ class StoreAdapter:
 
         return await self._read(query)
 
-    async def cache_record(self, record: dict[str, Any]) -> bool:
+    async def cache_record(self, record: dict[str, Any], cursor: str | None) -> bool:
         return await self.store.writer.submit(
-            functools.partial(cache_record, hasher=self.store.hasher, data=record)
+            functools.partial(cache_record, hasher=self.store.hasher, data=record, cursor=cursor)
         )
 
     async def outbox_batch(self, limit: int) -> list[OutboxEvent]:
@@ -857,6 +872,7 @@ class HqSync:
         candidates = candidate_keys(value, channel, policy.value_encoding)
         if not candidates:
             return evaluation
+        cursor = self.adapter.cursor()
         # Every form of the value (as sent, base64-decoded, as a card UID) goes to HQ at
         # once, so the lookup still ends within one lookup_timeout. As in the cache, the
         # most specific form that HQ has a record for wins.
@@ -879,6 +895,7 @@ class HqSync:
             )
             return evaluation
 
+        self.service.cache_looked_up(data, cursor)
         identity = _identity_from_row(row)
         context = resolver.scan_context(store_id, location, channel, scanned_at, now)
         log.info(

@@ -129,7 +129,8 @@ class SyncService:
         """Ask HQ for a key within ``lookup_timeout``; return the record or None.
 
         None covers "not found" as well as an HQ that is offline, slow or failing, so the
-        caller decides by its offline policy. A record found is also cached in the store.
+        caller decides by its offline policy. The caller checks a record found and passes it
+        to ``cache_looked_up``.
         """
         if not self.health.reachable:
             return None
@@ -145,20 +146,19 @@ class SyncService:
         except HqError as exc:
             log.info("hq.lookup_failed", error=str(exc))
             return None
-        if record is not None:
-            self._spawn(self._cache(record), "hq-cache-record")
         return record
 
-    async def _cache(self, record: dict[str, Any]) -> None:
+    def cache_looked_up(self, record: dict[str, Any], cursor: str | None) -> None:
+        """Store a record that a lookup found, in the background, unless a pull moved
+        ``cursor`` (the cursor when the lookup was sent) since."""
+        self._spawn(self._cache(record, cursor), "hq-cache-record")
+
+    async def _cache(self, record: dict[str, Any], cursor: str | None) -> None:
+        # The store logs why it keeps a record out.
         try:
-            cached = await self.store.cache_record(record)
+            await self.store.cache_record(record, cursor)
         except Exception as exc:
             log.error("sync.lookup_cache_failed", error=str(exc))
-            return
-        if not cached:
-            log.warning(
-                "sync.lookup_record_rejected", credential_id=str(record.get("credentialId"))
-            )
 
     def _spawn(self, coroutine: Coroutine[Any, Any, Any], name: str) -> None:
         task = asyncio.create_task(coroutine, name=name)

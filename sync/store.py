@@ -105,8 +105,12 @@ class SyncStore(Protocol):
         """Return the record count and digest of the cache, computed off the event loop."""
         ...
 
-    async def cache_record(self, record: dict[str, Any]) -> bool:
-        """Upsert one record that an online lookup returned; False when it is invalid."""
+    async def cache_record(self, record: dict[str, Any], cursor: str | None) -> bool:
+        """Upsert one record that an online lookup returned; return whether it was stored.
+
+        ``cursor`` is the sync cursor when the lookup was sent. A pull that moved it since
+        may have removed or changed the credential, so the record is then not stored.
+        """
         ...
 
     async def outbox_batch(self, limit: int) -> list[OutboxEvent]:

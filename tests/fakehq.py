@@ -49,6 +49,8 @@ class Control:
     """Seconds added to the Date header."""
     digest_salt: str = ""
     """Text mixed into the digest, to make it disagree with every client."""
+    lookup_answer: dict[str, Any] | None = None
+    """Record every lookup returns, whatever key it asks for: an HQ bug."""
     stuck_cursor: bool = False
     """Changes pages return the cursor they were asked for, with hasMore true: an HQ bug."""
 
@@ -296,7 +298,9 @@ class FakeHq:
         if self.control.lookup_delay:
             await asyncio.sleep(self.control.lookup_delay)
         with self.lock:
-            found = next((r for r in self.records.values() if r["key"] == key), None)
+            found = self.control.lookup_answer or next(
+                (r for r in self.records.values() if r["key"] == key), None
+            )
         if found is None:
             return self._json({"title": "not found"}, status=404)
         return self._json({"record": found})

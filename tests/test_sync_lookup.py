@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from daemon.hq import StoreAdapter
+from daemon.store import Store
+from sync.store import Change
 from tests.conftest import SAMPLE_RECORDS, Daemon, make_daemon
 from tests.fakehq import FakeHq, hq_config, local_versions, meta, wait_until
 
@@ -122,3 +126,42 @@ def test_older_lookup_reply_keeps_the_newer_cached_version(daemon: Daemon, hq: F
         what="the outdated reply to be logged",
     )
     assert local_versions(daemon.database)["c-late"] == 3
+
+
+def test_lookup_record_of_other_key_not_cached(daemon: Daemon, hq: FakeHq) -> None:
+    hq.control.lookup_answer = {**LATE_RECORD, "credentialId": "c-other", "key": "KEY-OTHER-77"}
+    action, _elapsed = timed_scan(daemon, "KEY-ASKED-FOR-42")
+    wait_until(
+        lambda: any(line["event"] == "hq.lookup_key_mismatch" for line in daemon.log_lines()),
+        what="the mismatch to be logged",
+    )
+    # A cached record would arrive in the background: give it time to.
+    time.sleep(0.5)
+
+    assert action == "REJECT"
+    assert "c-other" not in local_versions(daemon.database)
+
+
+def test_lookup_reply_after_a_pull_is_not_cached(tmp_path: Path) -> None:
+    store = Store.open(tmp_path / "cache.sqlite3", tmp_path / "cache.key")
+    adapter = StoreAdapter(store)
+
+    async def scenario() -> bool:
+        await adapter.apply_changes([Change(op="PUT", record=LATE_RECORD)], "1.1", 1.0)
+        cursor_at_lookup = adapter.cursor()
+        # HQ answered the lookup with the record, then removed the credential, and the pull
+        # of that REMOVE committed before the lookup's reply was stored.
+        await adapter.apply_changes([Change(op="REMOVE", credential_id="c-late")], "1.2", 2.0)
+        return await adapter.cache_record(LATE_RECORD, cursor_at_lookup)
+
+    try:
+        stored = asyncio.run(scenario())
+        versions = dict(
+            store.reader.connection.execute("SELECT credential_id, version FROM identities")
+        )
+    finally:
+        adapter.close()
+        store.close()
+
+    assert stored is False
+    assert "c-late" not in versions
