@@ -210,8 +210,8 @@ def apply_changes(
     # replaced (it may have revoked it), and is remembered for the digest comparison.
     skipped: dict[str, int | None] = {}
     # A PUT may take the key of another credential, and the upsert then deletes that
-    # credential although HQ still has it. Its id and version are remembered as skipped.
-    holders: dict[str, int] = {}
+    # credential although HQ still has it. It is remembered as skipped, with the key it lost.
+    holders: dict[str, tuple[int, bytes]] = {}
     for change in changes:
         if change.op == "PUT":
             record = _valid_record(change.record, counts)
@@ -242,6 +242,7 @@ def apply_changes(
     touched = {c.credential_id or credential_id_of(c.record) for c in changes} - {None}
     untouched = [credential for credential in holders if credential not in touched]
     still_cached = cached_credentials(connection, untouched)
+    taken: dict[str, tuple[int, bytes]] = {}
     for credential in untouched:
         if credential not in still_cached:
             log.warning(
@@ -249,11 +250,11 @@ def apply_changes(
                 credential_id=credential,
                 action="removed from the cache: a newer record of another credential has its key",
             )
-            skipped[credential] = holders[credential]
+            taken[credential] = holders[credential]
     connection.executemany(
         "DELETE FROM skipped_records WHERE credential_id = ?", [(c,) for c in touched]
     )
-    remember_skipped(connection, skipped)
+    remember_skipped(connection, skipped, taken)
 
     values = {CURSOR_META_KEY: cursor, LAST_PULL_META_KEY: repr(pulled_at)}
     if _meta(connection, CURSOR_META_KEY) != cursor:
@@ -262,22 +263,36 @@ def apply_changes(
     return counts
 
 
-def _put_rows(connection: sqlite3.Connection, rows: list[dict], holders: dict[str, int]) -> int:
+def _put_rows(
+    connection: sqlite3.Connection, rows: list[dict], holders: dict[str, tuple[int, bytes]]
+) -> int:
     # The holders are read before the upsert, which deletes those that lose their key.
     holders.update(key_holders(connection, [row["key_hash"] for row in rows]))
     upsert_rows(connection, rows)
     return len(rows)
 
 
-def remember_skipped(connection: sqlite3.Connection, skipped: dict[str, int | None]) -> None:
-    """Record invalid records by credential and version, for the digest comparison.
+def remember_skipped(
+    connection: sqlite3.Connection,
+    skipped: dict[str, int | None],
+    taken: dict[str, tuple[int, bytes]] | None = None,
+) -> None:
+    """Record the records the cache cannot hold, for the digest comparison.
 
-    A record without a usable version is left out: the digests then differ until HQ fixes
-    it, as they would without this table.
+    ``skipped`` holds invalid records by credential and version. A record without a
+    usable version is left out: the digests then differ until HQ fixes it, as they would
+    without this table. ``taken`` holds the credentials whose key a later record took, by
+    credential, as (version, key hash).
     """
     connection.executemany(
-        "INSERT OR REPLACE INTO skipped_records (credential_id, version) VALUES (?, ?)",
+        "INSERT OR REPLACE INTO skipped_records (credential_id, version, key_hash)"
+        " VALUES (?, ?, NULL)",
         [(credential, version) for credential, version in skipped.items() if version is not None],
+    )
+    connection.executemany(
+        "INSERT OR REPLACE INTO skipped_records (credential_id, version, key_hash)"
+        " VALUES (?, ?, ?)",
+        [(credential, version, key) for credential, (version, key) in (taken or {}).items()],
     )
 
 
@@ -334,10 +349,13 @@ def stage_rows(connection: sqlite3.Connection, batch: RowBatch, owner: str) -> N
     write_rows(connection, batch, STAGING_TABLE)
 
 
-def index_staging(connection: sqlite3.Connection, owner: str) -> tuple[int, list[tuple[str, int]]]:
+def index_staging(
+    connection: sqlite3.Connection, owner: str
+) -> tuple[int, list[tuple[str, int, bytes]]]:
     """Add the unique key-hash index to the staging table; return its row count and dropped rows.
 
-    A dropped row lost its key to a later record; it comes back as (credential id, version).
+    A dropped row lost its key to a later record; it comes back as (credential id, version,
+    key hash).
 
     Where two records share a key, the one staged last keeps it and the other is deleted
     first, as ``write_rows`` does on the live table. Staging order is rowid order, because
@@ -354,7 +372,7 @@ def index_staging(connection: sqlite3.Connection, owner: str) -> tuple[int, list
     # identities must be added here too, or a rebuild drops it.
     index_name = next(name for name in KEY_HASH_INDEX_NAMES if name not in used)
     create_sql = f"CREATE UNIQUE INDEX {index_name} ON {STAGING_TABLE} (key_hash)"
-    dropped: list[tuple[str, int]] = []
+    dropped: list[tuple[str, int, bytes]] = []
     try:
         connection.execute(create_sql)
     except sqlite3.IntegrityError:
@@ -363,7 +381,9 @@ def index_staging(connection: sqlite3.Connection, owner: str) -> tuple[int, list
             f"FROM {STAGING_TABLE} WHERE rowid NOT IN"
             f" (SELECT max(rowid) FROM {STAGING_TABLE} GROUP BY key_hash)"
         )
-        dropped = connection.execute(f"SELECT credential_id, version {superseded}").fetchall()
+        dropped = connection.execute(
+            f"SELECT credential_id, version, key_hash {superseded}"
+        ).fetchall()
         connection.execute(f"DELETE {superseded}")
         connection.execute(create_sql)
     count = connection.execute(f"SELECT count(*) FROM {STAGING_TABLE}").fetchone()[0]
@@ -376,6 +396,7 @@ def finish_rebuild(
     pulled_at: float,
     owner: str,
     skipped: dict[str, int | None] | None = None,
+    taken: dict[str, tuple[int, bytes]] | None = None,
 ) -> None:
     """Swap the indexed staging table in as ``identities`` and store the cursor, atomically.
 
@@ -388,7 +409,7 @@ def finish_rebuild(
     connection.execute(f"ALTER TABLE identities RENAME TO {RETIRED_TABLE}")
     connection.execute(f"ALTER TABLE {STAGING_TABLE} RENAME TO identities")
     connection.execute("DELETE FROM skipped_records")
-    remember_skipped(connection, skipped or {})
+    remember_skipped(connection, skipped or {}, taken)
     _set_meta(
         connection,
         {
@@ -502,6 +523,8 @@ class StoreAdapter:
         self._worker_started = False
         # Invalid snapshot records of the running rebuild, by credential, for the digest.
         self._skipped: dict[str, int | None] = {}
+        # Credentials of the running rebuild whose key a later record took.
+        self._taken: dict[str, tuple[int, bytes]] = {}
         self._rebuild_owner = ""
 
     def close(self) -> None:
@@ -548,6 +571,7 @@ class StoreAdapter:
         await self._close_worker()
         self._worker_started = False
         self._skipped = {}
+        self._taken = {}
 
     async def prepare_lines(self, first_line: int, lines: bytes) -> PreparedRecords:
         block = Block(first_line=first_line, data=lines, updated_at=time.time())
@@ -649,8 +673,9 @@ class StoreAdapter:
         )
         # Credentials that lost their key to a later record are missing from the cache but
         # not from HQ, like invalid records.
-        for credential_id, version in dropped[: max(0, MAX_SKIPPED_RECORDS - len(self._skipped))]:
-            self._skipped[credential_id] = version
+        room = max(0, MAX_SKIPPED_RECORDS - len(self._skipped))
+        for credential_id, version, key_hash in dropped[:room]:
+            self._taken[credential_id] = (version, key_hash)
         log.info(
             "sync.staging_indexed",
             identities=count,
@@ -664,6 +689,7 @@ class StoreAdapter:
                 pulled_at=pulled_at,
                 owner=self._rebuild_owner,
                 skipped=self._skipped,
+                taken=self._taken,
             )
         )
         # Dropping the old table frees its pages; as a job of its own it does not lengthen
@@ -690,15 +716,21 @@ class StoreAdapter:
 
     async def local_digest(self) -> tuple[int, str]:
         def query(connection: sqlite3.Connection) -> tuple[int, str]:
-            # Records the cache skipped as invalid count as present, at HQ's version: the
-            # digests then differ only where the cache missed a change.
+            # Records the cache skipped count as present, at HQ's version: the digests then
+            # differ only where the cache missed a change. A credential that lost its key
+            # counts only while another one holds that key: after that one is removed, HQ
+            # has the credential with its key again, and the cache must be rebuilt.
+            counted = (
+                "FROM skipped_records WHERE key_hash IS NULL"
+                " OR key_hash IN (SELECT key_hash FROM identities)"
+            )
             rows = connection.execute(
                 "SELECT credential_id, version FROM identities"
-                " UNION ALL SELECT credential_id, version FROM skipped_records"
+                f" UNION ALL SELECT credential_id, version {counted}"
                 " ORDER BY credential_id"
             )
             count, digest = compute_digest(rows)
-            (skipped,) = connection.execute("SELECT count(*) FROM skipped_records").fetchone()
+            (skipped,) = connection.execute(f"SELECT count(*) {counted}").fetchone()
             return count - skipped, digest
 
         return await self._read(query)

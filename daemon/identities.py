@@ -317,9 +317,12 @@ def _select_in(
     return found
 
 
-def key_holders(connection: sqlite3.Connection, key_hashes: list[bytes]) -> dict[str, int]:
-    """Return the version of each cached credential whose key is one of ``key_hashes``, by id."""
-    return dict(_select_in(connection, "key_hash", "credential_id, version", key_hashes))
+def key_holders(
+    connection: sqlite3.Connection, key_hashes: list[bytes]
+) -> dict[str, tuple[int, bytes]]:
+    """Return the cached credentials whose key is one of ``key_hashes``: id to (version, key)."""
+    rows = _select_in(connection, "key_hash", "credential_id, version, key_hash", key_hashes)
+    return {credential: (version, key_hash) for credential, version, key_hash in rows}
 
 
 def cached_credentials(connection: sqlite3.Connection, credential_ids: list[str]) -> set[str]:

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger(__name__)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 SECRET_BYTES = 32
 # meta key: audit events deleted unsent by the outbox bound since the database was created.
 OUTBOX_DROPPED_META_KEY = "outbox_dropped_total"
@@ -228,6 +228,13 @@ def _migrate_2(db: sqlite_utils.Database) -> None:
     )
 
 
+def _migrate_3(db: sqlite_utils.Database) -> None:
+    # The key a credential lost to another credential's record. Such an entry counts in
+    # the digest only while some credential holds that key: once the other one is removed,
+    # the cache lacks a record HQ has again, and the digests must differ.
+    db.execute("ALTER TABLE skipped_records ADD COLUMN key_hash BLOB")
+
+
 def _newer_schema_message(path: Path, version: int) -> str:
     return (
         f"database {path} has schema version {version}, newer than the {SCHEMA_VERSION}"
@@ -239,6 +246,7 @@ def _newer_schema_message(path: Path, version: int) -> str:
 MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {
     1: _migrate_1,
     2: _migrate_2,
+    3: _migrate_3,
 }
 
 

@@ -62,21 +62,30 @@ def test_migration_sets_user_version(tmp_path: Path, initial: str) -> None:
     assert tables >= EXPECTED_TABLES
 
 
-def test_migration_from_version_1_keeps_rows(tmp_path: Path) -> None:
+# How to turn a current database back into what an older schema version left.
+OLDER_SCHEMAS = {
+    1: ["DROP TABLE skipped_records"],
+    2: ["ALTER TABLE skipped_records DROP COLUMN key_hash"],
+}
+
+
+@pytest.mark.parametrize("version", sorted(OLDER_SCHEMAS))
+def test_migration_from_older_version_keeps_rows(tmp_path: Path, version: int) -> None:
     config = write_config(tmp_path, free_port())
     database = tmp_path / "connector.sqlite3"
     records = write_records(tmp_path / "records.jsonl", SAMPLE_RECORDS[:2])
     assert run_cli("import", "--config", str(config), str(records)).returncode == 0
-    # What release 1 left: the same tables without skipped_records.
     with sqlite3.connect(database) as connection:
-        connection.execute("DROP TABLE skipped_records")
-        connection.execute("PRAGMA user_version = 1")
+        for statement in OLDER_SCHEMAS[version]:
+            connection.execute(statement)
+        connection.execute(f"PRAGMA user_version = {version}")
 
     result = run_cli("import", "--config", str(config), str(records))
 
     assert result.returncode == 0, result.stderr
     assert query_one(database, "PRAGMA user_version") == SCHEMA_VERSION
     assert query_one(database, "SELECT count(*) FROM skipped_records") == 0
+    assert query_one(database, "SELECT count(key_hash) FROM skipped_records") == 0
     assert query_one(database, "SELECT count(*) FROM identities") == 2
 
 

@@ -442,3 +442,29 @@ def test_page_with_same_cursor_is_not_followed(synced: Daemon, hq: FakeHq) -> No
     # Retried with backoff (100-400 ms in these tests), not fetched in a tight loop.
     assert requests_in_a_second <= 12
     assert decided(synced, "KEY-SHOPPER-5f1c2b") == "ACCEPT"
+
+
+@pytest.mark.parametrize("taken_in", ["feed", "snapshot"])
+def test_credential_comes_back_when_key_taker_goes(
+    tmp_path: Path, hq: FakeHq, taken_in: str
+) -> None:
+    taker = {**SAMPLE_RECORDS[2], "credentialId": "c-cash-temp", "id": "cash-temp"}
+    if taken_in == "snapshot":
+        hq.put(taker)
+    daemon = start_daemon(tmp_path, hq, extra='reconcile_interval = "300ms"')
+    try:
+        wait_until(lambda: caught_up(daemon, hq), what="the initial snapshot")
+        if taken_in == "feed":
+            hq.put(taker)
+            wait_until(lambda: caught_up(daemon, hq), what="the PUT that takes the key")
+        assert "c-cash" not in local_versions(daemon.database)
+        hq.remove("c-cash-temp")
+
+        # HQ has c-cash with its key again: the digests differ and a rebuild brings it back.
+        wait_until(
+            lambda: local_versions(daemon.database) == versions_of(hq.records),
+            what="c-cash back in the cache",
+        )
+        assert decided(daemon, "KEY-CASH-33aa90") == "ACCEPT"
+    finally:
+        daemon.stop()
