@@ -47,6 +47,8 @@ WORKER_NICENESS = 10
 # A frame larger than this is a protocol error, not a block (blocks hold a few MiB).
 MAX_FRAME_BYTES = 256 * 1024 * 1024
 _HEADER_BYTES = 4
+# Seconds to wait for a worker that stopped answering to exit, for its exit status.
+REAP_TIMEOUT_SECONDS = 1.0
 
 
 class Hello(msgspec.Struct, array_like=True):
@@ -249,11 +251,14 @@ class SnapshotWorker:
                 if size > MAX_FRAME_BYTES:
                     raise WorkerFailed(f"snapshot worker sent a {size}-byte frame")
                 body = await process.stdout.readexactly(size)
-            except (asyncio.IncompleteReadError, ConnectionError) as exc:
-                code = process.returncode
+            except (asyncio.IncompleteReadError, ConnectionError, RuntimeError) as exc:
+                # uvloop raises RuntimeError for a write to the pipe of a worker that has
+                # exited, asyncio a ConnectionError.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(process.wait(), REAP_TIMEOUT_SECONDS)
                 raise WorkerFailed(
-                    f"snapshot worker stopped (exit status {code}): {exc}; its error, if"
-                    " any, is in the log just before this line"
+                    f"snapshot worker stopped (exit status {process.returncode}): {exc}; its"
+                    " error, if any, is in the log just before this line"
                 ) from None
             try:
                 return self._decoder.decode(body)
