@@ -1031,13 +1031,15 @@ def sync_now(config: Config, store: Store) -> int:
         finally:
             adapter.close()
             lock.release()
+        if report.pull_error is not None:
+            print(f"error: pull failed: {report.pull_error}", file=sys.stderr)
         stats_line = (
             f"done: {report.pull.put} put, {report.pull.removed} removed,"
             f" {report.pull.rejected} rejected; {report.upload.accepted} of"
             f" {report.upload.sent} events accepted"
         )
         progress(stats_line)
-        return 1 if report.pull.rejected else 0
+        return 1 if report.pull.rejected or report.pull_error is not None else 0
 
     return asyncio.run(run())
 

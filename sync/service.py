@@ -33,6 +33,8 @@ CLOCK_PERSIST_STEP = 0.5
 class RunReport:
     pull: PullReport
     upload: UploadReport
+    pull_error: HqError | None = None
+    """Why the pull failed; the upload ran all the same."""
 
 
 class _FailureLog:
@@ -111,19 +113,25 @@ class SyncService:
     async def run_once(self) -> RunReport:
         """Pull to the latest cursor, reconcile, and upload the whole outbox, in the foreground.
 
-        Raises HqError when a step fails.
+        A failed pull is reported and the upload still runs: the events may reach HQ even
+        when its identity feed fails. Raises HqError when the upload fails.
         """
         await self.client.open()
+        pulled = PullReport()
+        pull_error: HqError | None = None
         try:
-            pulled = await self.puller.pull()
-            if not pulled.rebuilt:
-                # A mismatch rebuilds here, and its counts belong in the report.
-                await self.puller.reconcile(report=pulled)
+            try:
+                pulled = await self.puller.pull()
+                if not pulled.rebuilt:
+                    # A mismatch rebuilds here, and its counts belong in the report.
+                    await self.puller.reconcile(report=pulled)
+            except HqError as exc:
+                pull_error = exc
             uploaded = await self.uploader.drain()
             await self._persist_state()
         finally:
             await self.client.close()
-        return RunReport(pull=pulled, upload=uploaded)
+        return RunReport(pull=pulled, upload=uploaded, pull_error=pull_error)
 
     async def lookup(self, key: str) -> dict[str, Any] | None:
         """Ask HQ for a key within ``lookup_timeout``; return the record or None.

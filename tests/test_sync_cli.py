@@ -59,7 +59,7 @@ def test_sync_now_reports_unreachable_hq(tmp_path: Path, hq: FakeHq) -> None:
     result = run_cli("sync", "--now", "--config", str(daemon.config))
 
     assert result.returncode == 1
-    assert "error: sync failed" in result.stderr
+    assert "error: pull failed: HQ snapshot failed: Cannot connect" in result.stderr
 
 
 def test_status_shows_hq_state(tmp_path: Path, hq: FakeHq) -> None:
@@ -156,3 +156,23 @@ def test_daemon_waits_for_sync_lock(tmp_path: Path, hq: FakeHq) -> None:
     assert waiting_reply.status == 200
     assert cursor_while_locked is None
     assert hq.received.requests["snapshot"] == 1
+
+
+def test_sync_now_uploads_when_pull_fails(tmp_path: Path, hq: FakeHq) -> None:
+    directory = tmp_path / "daemon"
+    daemon = make_daemon(directory, hq_config(hq, directory), records=[])
+    daemon.start()
+    wait_until(lambda: meta(daemon.database, "cursor") == hq.cursor(), what="snapshot")
+    hq.down()
+    assert daemon.scan("KEY-ASSOCIATE-8e2d11").status == 200
+    daemon.stop()
+    hq.up()
+    hq.expire_cursors()
+    hq.control.snapshot_mode = "cut"
+
+    result = run_cli("sync", "--now", "--config", str(daemon.config))
+
+    assert result.returncode == 1
+    assert "error: pull failed:" in result.stderr
+    assert "1 of 1 events accepted" in result.stdout
+    assert outbox_ids(daemon.database) == []
