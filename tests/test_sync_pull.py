@@ -17,6 +17,7 @@ from tests.fakehq import (
     FakeHq,
     hq_config,
     local_versions,
+    make_records,
     meta,
     query,
     versions_of,
@@ -468,3 +469,19 @@ def test_credential_comes_back_when_key_taker_goes(
         assert decided(daemon, "KEY-CASH-33aa90") == "ACCEPT"
     finally:
         daemon.stop()
+
+
+def test_hq_online_while_snapshot_streams(tmp_path: Path, hq: FakeHq) -> None:
+    # 40 chunks of 500 lines, 0.1 s apart: the stream lasts about 4 s.
+    hq.put(*make_records(20000))
+    hq.control.snapshot_line_delay = 0.1
+    daemon = start_daemon(tmp_path, hq)
+    try:
+        wait_until(lambda: meta(daemon.database, "hq_state") == "online", what="online")
+        events = [line["event"] for line in daemon.log_lines()]
+        wait_until(lambda: caught_up(daemon, hq), what="the end of the rebuild")
+    finally:
+        daemon.stop()
+
+    assert "sync.rebuild_started" in events
+    assert "sync.rebuilt" not in events
