@@ -15,7 +15,15 @@ DEFAULT_CONFIG_PATH = Path("/etc/identity-connector/config.toml")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
-OverridableReason = Literal["SUSPENDED", "EXPIRED", "NOT_YET_VALID", "CACHE_STALE", "REVOKED"]
+OverridableReason = Literal[
+    "SUSPENDED",
+    "EXPIRED",
+    "NOT_YET_VALID",
+    "CACHE_STALE",
+    "REVOKED",
+    "SCAN_STALE",
+    "SCAN_FROM_FUTURE",
+]
 
 
 class ConfigError(Exception):

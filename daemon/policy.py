@@ -87,11 +87,11 @@ def decide(identity: Identity | None, context: ScanContext, policy: PolicyConfig
     if identity is None:
         return Verdict("REJECT", Reason.UNKNOWN_KEY)
 
+    reasons = failing_reasons(identity, context, policy)
     time_reason = scan_time_reason(context, policy)
     if time_reason is not None:
-        return Verdict("REJECT", time_reason)
-
-    reasons = failing_reasons(identity, context, policy)
+        # First, so outside the EXIT override it is the reason given.
+        reasons = [time_reason, *reasons]
     if not reasons:
         return Verdict("ACCEPT", Reason.ACCEPTED)
 

@@ -66,22 +66,56 @@ REJECT_CASES = [
     ("unknown", "NO-SUCH-KEY-000", "ENTRY", "OPTICAL", 0, "UNKNOWN_KEY", None),
     ("revoked", "KEY-REVOKED-0d9e77", "ENTRY", "OPTICAL", 0, "REVOKED", "shopper-revoked"),
     ("suspended", "KEY-SUSPENDED-4c4c12", "ENTRY", "OPTICAL", 0, "SUSPENDED", "shopper-suspended"),
-    ("not yet valid", "KEY-FUTURE-a1b2c3", "ENTRY", "OPTICAL", 0, "NOT_YET_VALID",
-     "shopper-future"),
+    (
+        "not yet valid",
+        "KEY-FUTURE-a1b2c3",
+        "ENTRY",
+        "OPTICAL",
+        0,
+        "NOT_YET_VALID",
+        "shopper-future",
+    ),
     ("expired", "KEY-EXPIRED-e5e5e5", "ENTRY", "OPTICAL", 0, "EXPIRED", "shopper-expired"),
-    ("other store", "KEY-OTHERSTORE-909090", "ENTRY", "OPTICAL", 0, "STORE_NOT_ALLOWED",
-     "shopper-other"),
-    ("location", "KEY-ENTRYONLY-123abc", "MANUAL_IN_STORE", "OPTICAL", 0,
-     "LOCATION_NOT_ALLOWED", "shopper-entry"),
-    ("channel", "KEY-OPTICAL-456def", "ENTRY", "RADIO", 0, "CHANNEL_NOT_ALLOWED",
-     "shopper-optical"),
+    (
+        "other store",
+        "KEY-OTHERSTORE-909090",
+        "ENTRY",
+        "OPTICAL",
+        0,
+        "STORE_NOT_ALLOWED",
+        "shopper-other",
+    ),
+    (
+        "location",
+        "KEY-ENTRYONLY-123abc",
+        "MANUAL_IN_STORE",
+        "OPTICAL",
+        0,
+        "LOCATION_NOT_ALLOWED",
+        "shopper-entry",
+    ),
+    (
+        "channel",
+        "KEY-OPTICAL-456def",
+        "ENTRY",
+        "RADIO",
+        0,
+        "CHANNEL_NOT_ALLOWED",
+        "shopper-optical",
+    ),
     ("stale scan", "KEY-SHOPPER-5f1c2b", "ENTRY", "OPTICAL", -301, "SCAN_STALE", "shopper-1"),
-    ("future scan", "KEY-SHOPPER-5f1c2b", "ENTRY", "OPTICAL", 120, "SCAN_FROM_FUTURE",
-     "shopper-1"),
+    ("future scan", "KEY-SHOPPER-5f1c2b", "ENTRY", "OPTICAL", 120, "SCAN_FROM_FUTURE", "shopper-1"),
     ("exit revoked", "KEY-REVOKED-0d9e77", "EXIT", "OPTICAL", 0, "REVOKED", "shopper-revoked"),
     ("exit unknown", "NO-SUCH-KEY-001", "EXIT", "OPTICAL", 0, "UNKNOWN_KEY", None),
-    ("exit suspended in other store", "KEY-SUSPOTHER-777aaa", "EXIT", "OPTICAL", 0,
-     "SUSPENDED", "shopper-susp-other"),
+    (
+        "exit suspended in other store",
+        "KEY-SUSPOTHER-777aaa",
+        "EXIT",
+        "OPTICAL",
+        0,
+        "SUSPENDED",
+        "shopper-susp-other",
+    ),
 ]
 
 
@@ -244,9 +278,7 @@ def test_repeat_of_stale_scan_replays_decision(shared_daemon: Daemon) -> None:
         ("value", "KEY-CASH-33aa90"),
     ],
 )
-def test_reused_id_with_other_payload_is_422(
-    shared_daemon: Daemon, field: str, value: str
-) -> None:
+def test_reused_id_with_other_payload_is_422(shared_daemon: Daemon, field: str, value: str) -> None:
     body = scan_body("KEY-SHOPPER-5f1c2b")
     assert shared_daemon.post_json(body).status == 200
     if field == "storeId":
@@ -313,3 +345,24 @@ def test_decided_log_line_fields(daemon: Daemon) -> None:
         assert line[key] == value, key
     assert isinstance(line["latency_ms"], float)
     assert len(line["key_fingerprint"]) == 12
+
+
+@pytest.mark.parametrize(
+    ("offset_seconds", "reason"), [(-3600, "SCAN_STALE"), (600, "SCAN_FROM_FUTURE")]
+)
+def test_exit_override_of_scan_time(tmp_path: Path, offset_seconds: int, reason: str) -> None:
+    instance = make_daemon(tmp_path, f'[policy]\nexit_override = ["{reason}"]\n')
+    instance.start()
+    try:
+        timestamp = now_rfc3339(offset_seconds)
+        at_exit = scan_body("KEY-SHOPPER-5f1c2b", location="EXIT", timestamp=timestamp)
+        at_entry = scan_body("KEY-SHOPPER-5f1c2b", timestamp=timestamp)
+        exit_action = instance.post_json(at_exit).json()["action"]
+        entry_action = instance.post_json(at_entry).json()["action"]
+        entry_reason = _reason_of(instance, at_entry["scanEvent"]["id"])
+    finally:
+        instance.stop()
+
+    assert exit_action == "ACCEPT"
+    assert entry_action == "REJECT"
+    assert entry_reason == reason
