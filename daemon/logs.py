@@ -69,7 +69,13 @@ def configure_logging(
         ]
         factory = structlog.WriteLoggerFactory(file=stream)
     else:
-        processors.append(structlog.dev.ConsoleRenderer(colors=False))
+        # structlog's default formatter, when the rich package is importable, prints the local
+        # variables of every frame, and those can hold a scanned value or a key.
+        processors.append(
+            structlog.dev.ConsoleRenderer(
+                colors=False, exception_formatter=structlog.dev.plain_traceback
+            )
+        )
         factory = structlog.WriteLoggerFactory(file=stream)
     structlog.configure(
         processors=processors,

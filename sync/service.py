@@ -94,7 +94,7 @@ class SyncService:
             "sync.started",
             url=self.settings.base_url,
             store_id=self.settings.store_id,
-            pull_interval=self.settings.pull_interval,
+            pull_interval=float(self.settings.pull_interval),
         )
 
     def wake(self) -> None:
