@@ -34,6 +34,7 @@ from daemon.identities import (
     credential_id_of,
     identity_row,
     key_holders,
+    loggable_id,
     loggable_reason,
     record_from_builtins,
     remove_credentials,
@@ -185,7 +186,7 @@ def _valid_record(data: dict[str, Any] | None, counts: ApplyCounts) -> IdentityR
         counts.rejected += 1
         log.warning(
             "sync.record_rejected",
-            credential_id=credential_id_of(data),
+            credential_id=loggable_id(credential_id_of(data)),
             reason=loggable_reason(exc),
         )
         return None
@@ -610,7 +611,7 @@ class StoreAdapter:
             log.warning(
                 "sync.record_rejected",
                 line=rejected.line,
-                credential_id=rejected.credential_id,
+                credential_id=loggable_id(rejected.credential_id),
                 reason=rejected.reason,
             )
             if rejected.credential_id is not None and len(self._skipped) < MAX_SKIPPED_RECORDS:

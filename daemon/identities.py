@@ -51,6 +51,13 @@ class IdentityRecord(msgspec.Struct, kw_only=True):
     def __post_init__(self) -> None:
         if self.validFrom and self.validUntil and self.validFrom > self.validUntil:
             raise ValueError("validFrom is later than validUntil")
+        # SQLite's JSON functions, which write the rows, end a string at U+0000: the id would
+        # be stored cut short, and two credentials could become one.
+        for name, value in (("credentialId", self.credentialId), ("id", self.id)):
+            if "\x00" in value:
+                raise ValueError(f"{name} contains the character U+0000, which ids must not")
+        if any("\x00" in store for store in self.stores):
+            raise ValueError("stores contains the character U+0000, which store ids must not")
 
 
 EMPTY_KEY_REASON = "key is empty after stripping whitespace and control characters"
@@ -69,9 +76,18 @@ def loggable_reason(error: RecordInvalid) -> str:
 
 
 def credential_id_of(data: object) -> str | None:
-    """Return a record's credentialId for a log line, if it has a usable one."""
+    """Return a record's credentialId, whole, if it is a string.
+
+    The digest compares whole ids, so a skipped record keeps its whole id; log lines
+    shorten it with ``loggable_id``.
+    """
     value = data.get("credentialId") if isinstance(data, dict) else None
-    return value[:255] if isinstance(value, str) else None
+    return value if isinstance(value, str) else None
+
+
+def loggable_id(value: str | None) -> str | None:
+    """Return an id cut to 255 characters for a log line."""
+    return value if value is None or len(value) <= 255 else value[:255] + "…"
 
 
 def version_of(data: object) -> int | None:

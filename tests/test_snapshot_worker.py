@@ -87,7 +87,10 @@ def test_prepare_block_accepts_lax_values() -> None:
         (record(1, key=" \t "), "key is empty"),
         (record(1, validFrom="2026-02-01T00:00:00Z", validUntil="2026-01-01T00:00:00Z"), "later"),
         ({k: v for k, v in record(1).items() if k != "id"}, "id"),
+        (record(1, id="person\x001"), "id contains the character U+0000"),
+        (record(1, stores=["STORE-001", "STORE\x00-002"]), "stores contains"),
     ],
+    ids=["type-case", "no-stores", "blank-key", "window", "no-id", "nul-in-id", "nul-in-store"],
 )
 def test_prepare_block_rejects_invalid_record(data: dict[str, Any], reason_part: str) -> None:
     prepared = prepare(line(record(0)), line(data), first_line=41)
@@ -96,6 +99,20 @@ def test_prepare_block_rejects_invalid_record(data: dict[str, Any], reason_part:
     assert [(r.line, r.credential_id) for r in prepared.rejected] == [(42, "c-1")]
     assert reason_part in prepared.rejected[0].reason
     assert sum(size for _rows, _hashes, size in prepared.batches) == 1
+
+
+def test_prepare_block_rejects_nul_in_credential_id() -> None:
+    prepared = prepare(line(record(1, credentialId="c-1\x00b")))
+    assert [(r.credential_id, r.reason) for r in prepared.rejected] == [
+        ("c-1\x00b", "credentialId contains the character U+0000, which ids must not")
+    ]
+
+
+def test_prepare_block_keeps_long_credential_id_whole() -> None:
+    # The digest compares whole ids, so the skipped record must keep all 300 characters.
+    long_id = "c-" + "9" * 298
+    prepared = prepare(line(record(1, credentialId=long_id)))
+    assert [r.credential_id for r in prepared.rejected] == [long_id]
 
 
 def test_prepare_block_reason_hides_key() -> None:

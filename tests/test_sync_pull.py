@@ -323,8 +323,10 @@ def reconciled_count(daemon: Daemon) -> int:
         {"credentialId": "c-bad", "key": "KEY-BAD-0a1b", "type": "BOGUS", "version": 2},
         # Takes c-shopper's key: the snapshot is sorted by credential id, so it comes later.
         {**SAMPLE_RECORDS[0], "credentialId": "c-takeover", "id": "shopper-takeover"},
+        {**SAMPLE_RECORDS[0], "credentialId": "c-nul\x00x", "key": "KEY-NUL-0c0d", "version": 2},
+        {**SAMPLE_RECORDS[0], "credentialId": "c-" + "7" * 298, "key": "KEY-LONG-0e0f"},
     ],
-    ids=["invalid", "key-takeover"],
+    ids=["invalid", "key-takeover", "nul-in-credential-id", "credential-id-too-long"],
 )
 def test_skipped_snapshot_record_keeps_digest_matching(
     tmp_path: Path, hq: FakeHq, odd_record: dict
