@@ -14,6 +14,7 @@ import json
 import os
 import re
 import sqlite3
+import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -38,13 +39,23 @@ KINDS: dict[str, tuple[str, str, str]] = {
     "hid": ("drivers.hid", "HidSettings", "HidDriver"),
 }
 
-# The package each optional kind needs, for error messages. The project is not on PyPI, so
-# the extra is installed from the source directory with the pip of the daemon's Python.
+
+def _install_hint(package: str, extra: str) -> str:
+    """Name the package an optional kind needs, and the pip command that installs it.
+
+    The project is not on PyPI, so the extra is installed from the source folder with the
+    pip of the Python that runs the daemon.
+    """
+    pip = Path(sys.executable).with_name("pip")
+    source = Path(__file__).resolve().parent.parent
+    target = str(source) if (source / "pyproject.toml").is_file() else "/path/to/source"
+    return f"{package} (install the {extra} extra: {pip} install '{target}[{extra}]')"
+
+
+# The package each optional kind needs, for error messages.
 OPTIONAL_PACKAGES = {
-    "pcsc": "pyscard (install the pcsc extra with the daemon's pip, for example"
-    " /opt/identity-connector/venv/bin/pip install '/path/to/source[pcsc]')",
-    "hid": "python-evdev (install the hid extra with the daemon's pip, for example"
-    " /opt/identity-connector/venv/bin/pip install '/path/to/source[hid]')",
+    "pcsc": _install_hint("pyscard", "pcsc"),
+    "hid": _install_hint("python-evdev", "hid"),
 }
 
 # A driver that raises out of ``run`` is restarted after this backoff, in seconds.
@@ -283,7 +294,11 @@ def serial_port_lines() -> list[str]:
     by_path = _links_by_target(SERIAL_BY_PATH)
     lines = []
     for port in sorted(list_ports.comports(), key=lambda port: port.device):
-        lines.append(f"  {port.device}  {port.description}  [{port.hwid}]")
+        if port.hwid == "n/a":
+            # pyserial knows nothing more of a port built into the board, such as ttyS0.
+            lines.append(f"  {port.device}  built-in port, no device information")
+        else:
+            lines.append(f"  {port.device}  {port.description}  [{port.hwid}]")
         for label, links in (("by-id", by_id), ("by-path", by_path)):
             link = links.get(os.path.realpath(port.device))
             if link is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -17,7 +18,7 @@ from aiohttp import web
 
 from daemon.api import build_app
 from daemon.config import parse_config
-from daemon.devices import device_configs
+from daemon.devices import OPTIONAL_PACKAGES, device_configs
 from daemon.events import EventHub, client_allowed
 from daemon.identities import import_file
 from daemon.local import LOCAL_KEY, LocalScanning
@@ -319,3 +320,13 @@ def test_endpoints_reject_other_networks(tmp_path: Path) -> None:
         statuses = asyncio.run(fetch_statuses(runtime))
 
     assert statuses == {"/v1/local/events": 403, "/v1/local/devices": 403}
+
+
+@pytest.mark.parametrize(("kind", "package"), [("pcsc", "pyscard"), ("hid", "python-evdev")])
+def test_install_hint_names_this_pip_and_checkout(kind: str, package: str) -> None:
+    # Run from a checkout: the hint gives the commands that work here, not /opt paths.
+    pip = Path(sys.executable).with_name("pip")
+    checkout = Path(__file__).resolve().parent.parent
+    assert OPTIONAL_PACKAGES[kind] == (
+        f"{package} (install the {kind} extra: {pip} install '{checkout}[{kind}]')"
+    )
