@@ -252,7 +252,8 @@ def _status(config: Config, as_json: bool) -> int:
     if not state["devicesConfigured"]:
         print("devices:        none configured")
         return 0
-    print(f"devices:        health {state['devicesHealthSource']}")
+    configured = len(state["devices"])
+    print(f"devices:        {configured} configured; health: {state['devicesHealthSource']}")
     for device in state["devices"]:
         if device["available"] is None:
             health = "no health known"
