@@ -295,7 +295,7 @@ def serial_port_lines() -> list[str]:
     lines = []
     for port in sorted(list_ports.comports(), key=lambda port: port.device):
         if port.hwid == "n/a":
-            # pyserial knows nothing more of a port built into the board, such as ttyS0.
+            # pyserial has no details of a port built into the board, such as ttyS0.
             lines.append(f"  {port.device}  built-in port, no device information")
         else:
             lines.append(f"  {port.device}  {port.description}  [{port.hwid}]")
@@ -408,7 +408,7 @@ def recorded_device_health(config: Config) -> tuple[dict[str, dict[str, Any]] | 
     except sqlite3.Error as error:
         return None, f"not read: cannot read {path}: {error}"
     if row is None:
-        return None, "daemon not running (it keeps no device health in the database)"
+        return None, "daemon not running (no health recorded: the daemon removes it when it stops)"
     try:
         record = json.loads(row[0])
         pid = int(record["pid"])

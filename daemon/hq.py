@@ -243,7 +243,7 @@ def apply_changes(
     touched = {c.credential_id or credential_id_of(c.record) for c in changes} - {None}
     untouched = [credential for credential in holders if credential not in touched]
     still_cached = cached_credentials(connection, untouched)
-    taken: dict[str, tuple[int, bytes]] = {}
+    displaced: dict[str, tuple[int, bytes]] = {}
     for credential in untouched:
         if credential not in still_cached:
             log.warning(
@@ -251,11 +251,11 @@ def apply_changes(
                 credential_id=credential,
                 action="removed from the cache: a newer record of another credential has its key",
             )
-            taken[credential] = holders[credential]
+            displaced[credential] = holders[credential]
     connection.executemany(
         "DELETE FROM skipped_records WHERE credential_id = ?", [(c,) for c in touched]
     )
-    remember_skipped(connection, skipped, taken)
+    remember_skipped(connection, skipped, displaced)
 
     values = {CURSOR_META_KEY: cursor, LAST_PULL_META_KEY: repr(pulled_at)}
     if _meta(connection, CURSOR_META_KEY) != cursor:
@@ -276,14 +276,14 @@ def _put_rows(
 def remember_skipped(
     connection: sqlite3.Connection,
     skipped: dict[str, int | None],
-    taken: dict[str, tuple[int, bytes]] | None = None,
+    displaced: dict[str, tuple[int, bytes]] | None = None,
 ) -> None:
     """Record the records the cache cannot hold, for the digest comparison.
 
-    ``skipped`` holds invalid records by credential and version. A record without a
+    ``skipped`` maps invalid records' credential ids to their versions. A record without a
     usable version is left out: the digests then differ until HQ fixes it, as they would
-    without this table. ``taken`` holds the credentials whose key a later record took, by
-    credential, as (version, key hash).
+    without this table. ``displaced`` maps the credentials whose key a later record took to
+    (version, key hash).
     """
     connection.executemany(
         "INSERT OR REPLACE INTO skipped_records (credential_id, version, key_hash)"
@@ -293,7 +293,7 @@ def remember_skipped(
     connection.executemany(
         "INSERT OR REPLACE INTO skipped_records (credential_id, version, key_hash)"
         " VALUES (?, ?, ?)",
-        [(credential, version, key) for credential, (version, key) in (taken or {}).items()],
+        [(credential, version, key) for credential, (version, key) in (displaced or {}).items()],
     )
 
 
@@ -397,7 +397,7 @@ def finish_rebuild(
     pulled_at: float,
     owner: str,
     skipped: dict[str, int | None] | None = None,
-    taken: dict[str, tuple[int, bytes]] | None = None,
+    displaced: dict[str, tuple[int, bytes]] | None = None,
 ) -> None:
     """Swap the indexed staging table in as ``identities`` and store the cursor, atomically.
 
@@ -410,7 +410,7 @@ def finish_rebuild(
     connection.execute(f"ALTER TABLE identities RENAME TO {RETIRED_TABLE}")
     connection.execute(f"ALTER TABLE {STAGING_TABLE} RENAME TO identities")
     connection.execute("DELETE FROM skipped_records")
-    remember_skipped(connection, skipped or {}, taken)
+    remember_skipped(connection, skipped or {}, displaced)
     _set_meta(
         connection,
         {
@@ -525,7 +525,7 @@ class StoreAdapter:
         # Invalid snapshot records of the running rebuild, by credential, for the digest.
         self._skipped: dict[str, int | None] = {}
         # Credentials of the running rebuild whose key a later record took.
-        self._taken: dict[str, tuple[int, bytes]] = {}
+        self._displaced: dict[str, tuple[int, bytes]] = {}
         self._rebuild_owner = ""
 
     def close(self) -> None:
@@ -572,7 +572,7 @@ class StoreAdapter:
         await self._close_worker()
         self._worker_started = False
         self._skipped = {}
-        self._taken = {}
+        self._displaced = {}
 
     async def prepare_lines(self, first_line: int, lines: bytes) -> PreparedRecords:
         block = Block(first_line=first_line, data=lines, updated_at=time.time())
@@ -676,7 +676,7 @@ class StoreAdapter:
         # not from HQ, like invalid records.
         room = max(0, MAX_SKIPPED_RECORDS - len(self._skipped))
         for credential_id, version, key_hash in dropped[:room]:
-            self._taken[credential_id] = (version, key_hash)
+            self._displaced[credential_id] = (version, key_hash)
         log.info(
             "sync.staging_indexed",
             identities=count,
@@ -690,7 +690,7 @@ class StoreAdapter:
                 pulled_at=pulled_at,
                 owner=self._rebuild_owner,
                 skipped=self._skipped,
-                taken=self._taken,
+                displaced=self._displaced,
             )
         )
         # Dropping the old table frees its pages; as a job of its own it does not lengthen
@@ -719,7 +719,7 @@ class StoreAdapter:
         def query(connection: sqlite3.Connection) -> tuple[int, str]:
             # Records the cache skipped count as present, at HQ's version: the digests then
             # differ only where the cache missed a change. A credential that lost its key
-            # counts only while another one holds that key: after that one is removed, HQ
+            # counts only while another one has that key. After that one is removed, HQ
             # has the credential with its key again, and the cache must be rebuilt.
             counted = (
                 "FROM skipped_records WHERE key_hash IS NULL"
@@ -865,6 +865,7 @@ class HqSync:
 
     def pull_now(self) -> None:
         """Wake the pull loop, as a reload does, instead of waiting out its interval."""
+        log.info("sync.pull_requested", reason="reload")
         self.service.wake()
 
     @property
