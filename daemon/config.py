@@ -5,6 +5,8 @@ from __future__ import annotations
 import ipaddress
 import re
 import tomllib
+import types
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -365,9 +367,32 @@ def _describe_validation_error(message: str, text: str, source: str) -> str:
         key_path = f"{key_path}.{unknown.group(1)}" if key_path else unknown.group(1)
         detail = "unknown key; check its spelling against the configuration reference"
     key_path = re.sub(r"\[(\d+)\]", r".\1", key_path)
+    if detail.startswith("Invalid enum value"):
+        allowed = _allowed_values(key_path)
+        if allowed:
+            detail += f"; use one of {', '.join(allowed)}"
     line = find_key_line(text, key_path)
     location = f"line {line}, " if line else ""
     return f"{source}: {location}key {key_path or '(top level)'}: {detail}"
+
+
+def _allowed_values(key_path: str) -> tuple[str, ...]:
+    """Return the values a Literal-typed key such as ``policy.exit_override.2`` accepts."""
+    kind: Any = Config
+    for part in key_path.split("."):
+        if part.isdigit():
+            arguments = typing.get_args(kind)
+            kind = arguments[0] if arguments else None
+        elif isinstance(kind, type) and issubclass(kind, msgspec.Struct):
+            kind = typing.get_type_hints(kind).get(part)
+        else:
+            return ()
+        # Unwrap "X | None" and Annotated[X, ...] down to X.
+        while typing.get_origin(kind) in (typing.Union, types.UnionType, typing.Annotated):
+            kind = next(a for a in typing.get_args(kind) if a is not type(None))
+    if typing.get_origin(kind) is Literal:
+        return tuple(str(value) for value in typing.get_args(kind))
+    return ()
 
 
 def find_key_line(text: str, key_path: str) -> int | None:

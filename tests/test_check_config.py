@@ -39,3 +39,27 @@ def test_check_config_runs_start_up_checks(tmp_path: Path, extra: str, message: 
 
     assert result.returncode == 2, result.stdout
     assert message.format(missing=missing) in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (
+            '[policy]\nexit_override = ["SUSPENDED", "SCAN_FUTURE"]\n',
+            "key policy.exit_override.1: Invalid enum value 'SCAN_FUTURE'; use one of SUSPENDED,"
+            " EXPIRED, NOT_YET_VALID, CACHE_STALE, REVOKED, SCAN_STALE, SCAN_FROM_FUTURE",
+        ),
+        (
+            '[policy]\nvalue_encoding = "hex"\n',
+            "key policy.value_encoding: Invalid enum value 'hex'; use one of raw, base64, auto",
+        ),
+    ],
+    ids=["list-item", "single-value"],
+)
+def test_check_config_lists_allowed_values(tmp_path: Path, extra: str, message: str) -> None:
+    config = write_config(tmp_path, free_port(), extra)
+
+    result = run_cli("check-config", str(config))
+
+    assert result.returncode == 2, result.stdout
+    assert message in result.stderr
