@@ -20,6 +20,7 @@ import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -1065,7 +1066,7 @@ def hq_status(reader: StoreReader, config: Config, now: float) -> dict[str, Any]
     offset = number(CLOCK_OFFSET_META_KEY)
     return {
         "hqState": reader.meta(HQ_STATE_META_KEY),
-        "hqStateSince": number(HQ_STATE_SINCE_META_KEY),
+        "hqStateSince": _local_time(number(HQ_STATE_SINCE_META_KEY)),
         "cursorAgeSeconds": age(CURSOR_CHANGED_META_KEY),
         "lastPullAgeSeconds": age(LAST_PULL_META_KEY),
         "lastUploadAgeSeconds": age(LAST_UPLOAD_META_KEY),
@@ -1081,13 +1082,24 @@ def hq_status(reader: StoreReader, config: Config, now: float) -> dict[str, Any]
     }
 
 
+def _local_time(moment: float | None) -> str | None:
+    """Format a Unix time as `status` shows times: RFC 3339 in the box's time zone."""
+    if moment is None:
+        return None
+    return datetime.fromtimestamp(moment).astimezone().isoformat(timespec="seconds")
+
+
 def print_hq_status(state: dict[str, Any]) -> None:
     """Print the HQ lines of `status` from the fields ``hq_status`` returned."""
 
     def ago(seconds: float | None) -> str:
         return "never" if seconds is None else f"{seconds:.0f} s ago"
 
-    print(f"hq state:       {state.get('hqState') or 'unknown (the daemon has not synced yet)'}")
+    since = f" since {state['hqStateSince']}" if state.get("hqStateSince") else ""
+    print(
+        f"hq state:       {state.get('hqState') or 'unknown (the daemon has not synced yet)'}"
+        f"{since}"
+    )
     print(f"cursor changed: {ago(state.get('cursorAgeSeconds'))}")
     print(f"last upload:    {ago(state.get('lastUploadAgeSeconds'))}")
     print(f"last reconcile: {ago(state.get('lastReconcileAgeSeconds'))}")

@@ -6,6 +6,7 @@ import fcntl
 import json
 import os
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -71,6 +72,7 @@ def test_status_shows_hq_state(tmp_path: Path, hq: FakeHq) -> None:
     state = json.loads(result.stdout)
 
     assert state["hqState"] == "online"
+    assert datetime.fromisoformat(state["hqStateSince"]).tzinfo is not None
     assert state["syncCursor"] == hq.cursor()
     assert state["cursorAgeSeconds"] is not None
     assert state["clockUncertain"] is False
