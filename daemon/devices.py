@@ -424,12 +424,13 @@ def recorded_device_health(config: Config) -> tuple[dict[str, dict[str, Any]] | 
         }
     except (ValueError, TypeError, KeyError, AttributeError) as error:
         return None, f"not read: the device health record in {path} is invalid: {error!r}"
-    if not _process_exists(pid):
+    if not process_exists(pid):
         return None, f"daemon not running (process {pid}, which recorded at {recorded_at}, is gone)"
     return devices, f"recorded by the running daemon (process {pid}) at {recorded_at}"
 
 
-def _process_exists(pid: int) -> bool:
+def process_exists(pid: int) -> bool:
+    """Return whether a process with this id runs, whoever its user is."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -47,7 +47,7 @@ WORKER_NICENESS = 10
 # A frame larger than this is a protocol error, not a block (blocks hold a few MiB).
 MAX_FRAME_BYTES = 256 * 1024 * 1024
 _HEADER_BYTES = 4
-# Seconds to wait for a worker that stopped answering to exit, for its exit status.
+# Seconds to wait for a worker that stopped responding to exit, for its exit status.
 REAP_TIMEOUT_SECONDS = 1.0
 
 

@@ -230,7 +230,7 @@ def _migrate_2(db: sqlite_utils.Database) -> None:
 
 def _migrate_3(db: sqlite_utils.Database) -> None:
     # The key a credential lost to another credential's record. Such an entry counts in
-    # the digest only while some credential holds that key: once the other one is removed,
+    # the digest only while some credential has that key. Once the other one is removed,
     # the cache lacks a record HQ has again, and the digests must differ.
     db.execute("ALTER TABLE skipped_records ADD COLUMN key_hash BLOB")
 

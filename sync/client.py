@@ -233,7 +233,7 @@ class HqClient:
                     raise HqResponseInvalid(f"snapshot response has no {CURSOR_HEADER} header")
                 expected = _optional_int(response.headers.get(COUNT_HEADER), COUNT_HEADER)
                 stream = SnapshotStream(response, cursor, expected)
-                # HQ has answered. A stream of millions of records takes minutes, and HQ
+                # HQ has responded. A stream of millions of records takes minutes, and HQ
                 # must not count as offline (no online lookups, an alert) until its end.
                 self.health.succeeded()
                 yield stream

@@ -34,7 +34,7 @@ class RunReport:
     pull: PullReport
     upload: UploadReport
     pull_error: HqError | None = None
-    """Why the pull failed; the upload ran all the same."""
+    """The error that failed the pull, after which the upload still ran."""
 
 
 class _FailureLog:

@@ -50,7 +50,7 @@ class Control:
     digest_salt: str = ""
     """Text mixed into the digest, to make it disagree with every client."""
     lookup_answer: dict[str, Any] | None = None
-    """Record every lookup returns, whatever key it asks for: an HQ bug."""
+    """Record that every lookup returns, whatever its key, as a faulty HQ would."""
     stuck_cursor: bool = False
     """Changes pages return the cursor they were asked for, with hasMore true: an HQ bug."""
 

@@ -149,7 +149,7 @@ def test_lookup_reply_after_a_pull_is_not_cached(tmp_path: Path) -> None:
     async def scenario() -> bool:
         await adapter.apply_changes([Change(op="PUT", record=LATE_RECORD)], "1.1", 1.0)
         cursor_at_lookup = adapter.cursor()
-        # HQ answered the lookup with the record, then removed the credential, and the pull
+        # HQ returned the record to the lookup, then removed the credential, and the pull
         # of that REMOVE committed before the lookup's reply was stored.
         await adapter.apply_changes([Change(op="REMOVE", credential_id="c-late")], "1.2", 2.0)
         return await adapter.cache_record(LATE_RECORD, cursor_at_lookup)

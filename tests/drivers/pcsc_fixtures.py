@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import os
 import shutil
 import signal
 import subprocess
@@ -23,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from daemon.devices import process_exists
 from tests.drivers.vpcd import VPCD_READER
 
 PCSCD_PID_FILE = Path("/run/pcscd/pcscd.pid")
@@ -53,16 +53,6 @@ def _pid_from_file() -> int | None:
     # pcscd writes the pid followed by a newline and a NUL byte.
     text = text.strip("\n\x00 ")
     return int(text) if text.isdigit() else None
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def list_readers() -> list[str] | None:
@@ -177,7 +167,7 @@ def pcscd_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pcscd]:
 
     with _exclusive_lock():
         other_pid = _pid_from_file()
-        if other_pid is not None and _process_alive(other_pid):
+        if other_pid is not None and process_exists(other_pid):
             pytest.fail(
                 f"a pcscd not started by the tests is running (pid {other_pid}); "
                 "stop it so the tests can start their own with the vpcd reader"
