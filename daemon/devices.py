@@ -430,7 +430,7 @@ def recorded_device_health(config: Config) -> tuple[dict[str, dict[str, Any]] | 
 
 
 def process_exists(pid: int) -> bool:
-    """Return whether a process with this id runs, whoever its user is."""
+    """Return whether a process with this id runs, whatever user it runs as."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -244,6 +244,14 @@ def test_count_check_names_both_counts() -> None:
     stream.check_count(3)
 
 
+def credential_of_key(store: Store, number: int) -> str | None:
+    """Return the cached credential that the key of ``record(number)`` resolves to."""
+    identity = store.reader.identity_by_hash(
+        store.hasher.hash(normalize_key(f"{KEY}-{number}", None))
+    )
+    return None if identity is None else identity.credential_id
+
+
 def test_rebuild_without_worker_process(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -266,9 +274,7 @@ def test_rebuild_without_worker_process(
 
     try:
         assert run(scenario()) == 120
-        key_hash = store.hasher.hash(normalize_key(f"{KEY}-7", None))
-        identity = store.reader.identity_by_hash(key_hash)
-        assert identity is not None and identity.credential_id == "c-7"
+        assert credential_of_key(store, 7) == "c-7"
     finally:
         adapter.close()
         store.close()
@@ -310,9 +316,7 @@ def test_rebuild_goes_on_when_worker_dies(
     try:
         runner = uvloop.run if event_loop == "uvloop" else asyncio.run
         assert runner(scenario()) == 100
-        key_hash = store.hasher.hash(normalize_key(f"{KEY}-77", None))
-        identity = store.reader.identity_by_hash(key_hash)
-        assert identity is not None and identity.credential_id == "c-77"
+        assert credential_of_key(store, 77) == "c-77"
     finally:
         adapter.close()
         store.close()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import SAMPLE_RECORDS, make_daemon, run_cli
+from tests.conftest import SAMPLE_RECORDS, Daemon, make_daemon, run_cli
 from tests.fakehq import (
     FakeHq,
     hq_config,
@@ -31,11 +31,17 @@ def hq() -> Iterator[FakeHq]:
     server.close()
 
 
-def test_sync_now_pulls_and_uploads(tmp_path: Path, hq: FakeHq) -> None:
+def start_synced(tmp_path: Path, hq: FakeHq) -> Daemon:
+    """Start a daemon with an empty cache and wait until it has HQ's snapshot."""
     directory = tmp_path / "daemon"
     daemon = make_daemon(directory, hq_config(hq, directory), records=[])
     daemon.start()
     wait_until(lambda: meta(daemon.database, "cursor") == hq.cursor(), what="snapshot")
+    return daemon
+
+
+def test_sync_now_pulls_and_uploads(tmp_path: Path, hq: FakeHq) -> None:
+    daemon = start_synced(tmp_path, hq)
     hq.down()
     for _ in range(3):
         assert daemon.scan("KEY-ASSOCIATE-8e2d11").status == 200
@@ -161,10 +167,7 @@ def test_daemon_waits_for_sync_lock(tmp_path: Path, hq: FakeHq) -> None:
 
 
 def test_sync_now_uploads_when_pull_fails(tmp_path: Path, hq: FakeHq) -> None:
-    directory = tmp_path / "daemon"
-    daemon = make_daemon(directory, hq_config(hq, directory), records=[])
-    daemon.start()
-    wait_until(lambda: meta(daemon.database, "cursor") == hq.cursor(), what="snapshot")
+    daemon = start_synced(tmp_path, hq)
     hq.down()
     assert daemon.scan("KEY-ASSOCIATE-8e2d11").status == 200
     daemon.stop()
