@@ -50,9 +50,10 @@ MAX_GROUP_COMMIT = 256
 CHECKPOINT_INTERVAL = 0.25
 # About 64 MiB of 4 KiB pages: past this the writer lets the WAL start over.
 WAL_RESTART_FRAMES = 16384
-RESTART_TAIL_FRAMES = 512
-RESTART_CATCH_UP_INTERVAL = 0.02
-RESTART_CATCH_UP_ROUNDS = 10
+RESTART_CATCH_UP_INTERVAL = 0.01
+RESTART_CATCH_UP_ROUNDS = 20
+# How often the writer looks at the checkpoint thread's hold while only bulk jobs wait.
+BULK_HOLD_POLL = 0.005
 CACHE_KIB = 64 * 1024
 # SQLite empties a reader's page cache whenever another connection has committed. The writer
 # commits after nearly every decision, and emptying a large cache costs more than the pages
@@ -552,6 +553,18 @@ class StoreWriter:
             if regular:
                 count = min(len(regular), MAX_GROUP_COMMIT)
                 self._commit_batch([regular.popleft() for _ in range(count)])
+            elif self._checkpointer.holding_bulk and not stopping:
+                # The checkpoint thread is copying the WAL so that it can start over; a bulk
+                # job now would add frames for it to copy. Decisions still go through.
+                try:
+                    items = self._jobs.get(timeout=BULK_HOLD_POLL)
+                except queue.Empty:
+                    continue
+                if items is _STOP:
+                    stopping = True
+                else:
+                    _sort_jobs(items, regular, bulk)
+                continue
             else:
                 self._commit_batch([bulk.popleft()])
             if self._checkpointer.restart_due:
@@ -649,7 +662,9 @@ class Checkpointer:
         self._connection = connect(path, busy_timeout)
         self._stop = threading.Event()
         self.restart_due = False
-        """Flag set when the WAL has grown past WAL_RESTART_FRAMES, so the writer resets it."""
+        """Flag set when the catch-up rounds did not copy the whole WAL: the writer does it."""
+        self.holding_bulk = False
+        """Flag set while the WAL is past WAL_RESTART_FRAMES and not yet copied in full."""
         self._thread = threading.Thread(target=self._run, name="store-checkpoint", daemon=True)
         self._thread.start()
 
@@ -663,18 +678,23 @@ class Checkpointer:
                 _busy, frames, copied = self._connection.execute(
                     "PRAGMA wal_checkpoint(PASSIVE)"
                 ).fetchone()
-                if frames >= WAL_RESTART_FRAMES:
-                    # Copy again soon, so the writer has few frames left to copy itself. After
-                    # a few rounds without a short tail, the writer copies what is left.
+                if frames < WAL_RESTART_FRAMES:
+                    self.holding_bulk = False
+                    catch_up_rounds = 0
+                else:
+                    # Hold bulk jobs and copy again soon: only decisions add frames then, so
+                    # a round soon copies the last one, and the writer's next transaction
+                    # starts the file over. A round that copied everything it saw releases
+                    # the hold. Frames written while it ran are not in its count, so the
+                    # rounds go on until the WAL is short again; after
+                    # RESTART_CATCH_UP_ROUNDS (writes that never pause, or a reader on an
+                    # old snapshot), the writer copies the rest itself between two batches.
+                    self.holding_bulk = copied < frames
                     catch_up_rounds += 1
-                    if (
-                        frames - copied <= RESTART_TAIL_FRAMES
-                        or catch_up_rounds >= RESTART_CATCH_UP_ROUNDS
-                    ):
+                    if catch_up_rounds >= RESTART_CATCH_UP_ROUNDS:
                         self.restart_due = True
                         catch_up_rounds = 0
-                    else:
-                        wait = RESTART_CATCH_UP_INTERVAL
+                    wait = RESTART_CATCH_UP_INTERVAL
             except sqlite3.Error as exc:
                 if not failing:
                     log.error("store.checkpoint_failed", error=str(exc))
