@@ -654,8 +654,10 @@ class Checkpointer:
     PASSIVE checkpoints never block the writer or readers; pages still in use by a reader
     are copied by a later round. Under steady writes the WAL never starts over on its own,
     because new frames arrive while each checkpoint runs. When it grows past
-    WAL_RESTART_FRAMES, the writer copies the last frames itself between two batches. Its
-    next transaction then writes from the start of the file again.
+    WAL_RESTART_FRAMES, bulk jobs wait (``holding_bulk``) while short rounds copy the rest, so
+    the writer's next transaction writes from the start of the file again; syncing the
+    database file stays off the decision path. When the rounds do not catch up, the writer
+    copies the last frames itself between two batches (``restart_due``).
     """
 
     def __init__(self, path: Path, busy_timeout: float) -> None:
@@ -672,6 +674,7 @@ class Checkpointer:
         failing = False
         wait = CHECKPOINT_INTERVAL
         catch_up_rounds = 0
+        last_frames = -1
         while not self._stop.wait(wait):
             wait = CHECKPOINT_INTERVAL
             try:
@@ -681,15 +684,17 @@ class Checkpointer:
                 if frames < WAL_RESTART_FRAMES:
                     self.holding_bulk = False
                     catch_up_rounds = 0
+                    last_frames = -1
                 else:
                     # Hold bulk jobs and copy again soon: only decisions add frames then, so
-                    # a round soon copies the last one, and the writer's next transaction
-                    # starts the file over. A round that copied everything it saw releases
-                    # the hold. Frames written while it ran are not in its count, so the
-                    # rounds go on until the WAL is short again; after
-                    # RESTART_CATCH_UP_ROUNDS (writes that never pause, or a reader on an
-                    # old snapshot), the writer copies the rest itself between two batches.
-                    self.holding_bulk = copied < frames
+                    # a round soon copies them all, and the writer's next transaction starts
+                    # the file over. The count a round returns leaves out frames written
+                    # while it ran, so the hold ends only when two rounds in a row saw the
+                    # same, fully copied WAL: nothing writes, and the next bulk job starts
+                    # the file over. After RESTART_CATCH_UP_ROUNDS (writes that never pause,
+                    # or a reader on an old snapshot), the writer copies the rest itself.
+                    self.holding_bulk = not (copied >= frames and frames == last_frames)
+                    last_frames = frames
                     catch_up_rounds += 1
                     if catch_up_rounds >= RESTART_CATCH_UP_ROUNDS:
                         self.restart_due = True

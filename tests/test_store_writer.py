@@ -112,6 +112,45 @@ def test_wal_starts_over_under_steady_writes(
     assert cuts >= 3
 
 
+def test_bulk_jobs_wait_while_the_wal_is_copied(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A snapshot rebuild queues bulk jobs back to back. Past the limit they wait until the
+    # checkpoint thread has copied the whole WAL, so it starts over even with the writer's
+    # own catch-up switched off, as here.
+    monkeypatch.setattr(store_module, "WAL_RESTART_FRAMES", 256)
+    monkeypatch.setattr(store_module, "CHECKPOINT_INTERVAL", 0.05)
+    monkeypatch.setattr(store_module, "RESTART_CATCH_UP_ROUNDS", 10**9)
+    store = Store.open(tmp_path / "db.sqlite3", tmp_path / "db.sqlite3.key")
+    wal = Path(str(store.path) + "-wal")
+    blob = b"x" * 16384
+    sizes: list[int] = []
+
+    async def scenario() -> int:
+        queued: set[asyncio.Task] = set()
+        index = 0
+        deadline = time.monotonic() + 4.0
+        while time.monotonic() < deadline:
+            # Eight jobs in the queue at all times, so the writer never waits for one.
+            while len(queued) < 8:
+                job = _insert_blob(f"bulk{index}", blob)
+                queued.add(asyncio.create_task(store.writer.submit(job, bulk=True)))
+                index += 1
+            done, _pending = await asyncio.wait(queued, return_when=asyncio.FIRST_COMPLETED)
+            queued -= done
+            sizes.append(wal.stat().st_size)
+        await asyncio.gather(*queued)
+        return index
+
+    try:
+        written = asyncio.run(scenario())
+    finally:
+        store.close()
+    assert written * len(blob) > 32 * 1024 * 1024
+    cuts = sum(1 for before, after in itertools.pairwise(sizes) if after < before)
+    assert cuts >= 3
+
+
 def _insert_blob(key: str, blob: bytes):  # type: ignore[no-untyped-def]
     def job(connection: sqlite3.Connection) -> None:
         connection.execute("INSERT INTO meta (key, value) VALUES (?, ?)", (key, blob))
