@@ -52,6 +52,7 @@ CHECKPOINT_INTERVAL = 0.25
 WAL_RESTART_FRAMES = 16384
 RESTART_CATCH_UP_INTERVAL = 0.01
 RESTART_CATCH_UP_ROUNDS = 20
+RESTART_RETRY_ROUNDS = 4
 # How often the writer looks at the checkpoint thread's hold while only bulk jobs wait.
 BULK_HOLD_POLL = 0.005
 CACHE_KIB = 64 * 1024
@@ -667,39 +668,21 @@ class Checkpointer:
         """Flag set when the catch-up rounds did not copy the whole WAL: the writer does it."""
         self.holding_bulk = False
         """Flag set while the WAL is past WAL_RESTART_FRAMES and not yet copied in full."""
+        self._rounds = 0
+        self._last_frames = -1
         self._thread = threading.Thread(target=self._run, name="store-checkpoint", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         failing = False
         wait = CHECKPOINT_INTERVAL
-        catch_up_rounds = 0
-        last_frames = -1
         while not self._stop.wait(wait):
             wait = CHECKPOINT_INTERVAL
             try:
                 _busy, frames, copied = self._connection.execute(
                     "PRAGMA wal_checkpoint(PASSIVE)"
                 ).fetchone()
-                if frames < WAL_RESTART_FRAMES:
-                    self.holding_bulk = False
-                    catch_up_rounds = 0
-                    last_frames = -1
-                else:
-                    # Hold bulk jobs and copy again soon: only decisions add frames then, so
-                    # a round soon copies them all, and the writer's next transaction starts
-                    # the file over. The count a round returns leaves out frames written
-                    # while it ran, so the hold ends only when two rounds in a row saw the
-                    # same, fully copied WAL: nothing writes, and the next bulk job starts
-                    # the file over. After RESTART_CATCH_UP_ROUNDS (writes that never pause,
-                    # or a reader on an old snapshot), the writer copies the rest itself.
-                    self.holding_bulk = not (copied >= frames and frames == last_frames)
-                    last_frames = frames
-                    catch_up_rounds += 1
-                    if catch_up_rounds >= RESTART_CATCH_UP_ROUNDS:
-                        self.restart_due = True
-                        catch_up_rounds = 0
-                    wait = RESTART_CATCH_UP_INTERVAL
+                wait = self._plan_restart(frames, copied)
             except sqlite3.Error as exc:
                 if not failing:
                     log.error("store.checkpoint_failed", error=str(exc))
@@ -708,6 +691,34 @@ class Checkpointer:
                 if failing:
                     log.info("store.checkpoint_recovered")
                 failing = False
+
+    def _plan_restart(self, frames: int, copied: int) -> float:
+        """Set the hold and the writer's catch-up after a round; return the wait to the next."""
+        if frames < WAL_RESTART_FRAMES:
+            self.holding_bulk = False
+            self._rounds = 0
+            self._last_frames = -1
+            return CHECKPOINT_INTERVAL
+        self._rounds += 1
+        if self._rounds < RESTART_CATCH_UP_ROUNDS:
+            # Only decisions add frames while bulk jobs wait, so a round soon copies them all
+            # and the writer's next transaction starts the file over. The count a round
+            # returns leaves out frames written while it ran: the hold ends early only when
+            # two rounds in a row saw the same, fully copied WAL, so that nothing writes and
+            # the next bulk job starts the file over.
+            self.holding_bulk = not (copied >= frames and frames == self._last_frames)
+            self._last_frames = frames
+            return RESTART_CATCH_UP_INTERVAL
+        # The rounds did not catch up: writes that never pause, or a reader on an old
+        # snapshot. The writer copies the rest itself, and bulk jobs run for
+        # RESTART_RETRY_ROUNDS before the next hold, so a rebuild never stalls behind a reader.
+        self.holding_bulk = False
+        if self._rounds == RESTART_CATCH_UP_ROUNDS:
+            self.restart_due = True
+        elif self._rounds >= RESTART_CATCH_UP_ROUNDS + RESTART_RETRY_ROUNDS:
+            self._rounds = 0
+            self._last_frames = -1
+        return CHECKPOINT_INTERVAL
 
     def close(self) -> None:
         """Stop the thread after a last checkpoint that empties the WAL when nothing reads."""

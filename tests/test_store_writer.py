@@ -151,6 +151,51 @@ def test_bulk_jobs_wait_while_the_wal_is_copied(
     assert cuts >= 3
 
 
+def test_bulk_jobs_go_on_while_a_reader_keeps_an_old_snapshot(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A reader inside a long transaction keeps the checkpoint from copying the whole WAL, so
+    # the hold before a start-over cannot end on its own; bulk jobs must not wait for it.
+    monkeypatch.setattr(store_module, "WAL_RESTART_FRAMES", 64)
+    monkeypatch.setattr(store_module, "CHECKPOINT_INTERVAL", 0.05)
+    monkeypatch.setattr(store_module, "RESTART_CATCH_UP_ROUNDS", 5)
+    monkeypatch.setattr(store_module, "RESTART_RETRY_ROUNDS", 2)
+    store = Store.open(tmp_path / "db.sqlite3", tmp_path / "db.sqlite3.key")
+    reader = _reader_on_a_wal_snapshot(store)
+    blob = b"x" * 16384
+
+    async def scenario() -> None:
+        for index in range(300):
+            await store.writer.submit(_insert_blob(f"bulk{index}", blob), bulk=True)
+
+    try:
+        asyncio.run(asyncio.wait_for(scenario(), timeout=30))
+    finally:
+        reader.execute("COMMIT")
+        reader.close()
+        store.close()
+
+
+def _reader_on_a_wal_snapshot(store: Store) -> sqlite3.Connection:
+    # A reader whose snapshot ends inside the WAL; one that began on a fully copied WAL reads
+    # the database file alone and does not hold the checkpoint back.
+    reader = sqlite3.connect(store.path, isolation_level=None)
+    probe = sqlite3.connect(store.path, isolation_level=None)
+    try:
+        for attempt in range(50):
+            store.writer.submit_and_wait(_insert(f"before{attempt}"))
+            reader.execute("BEGIN")
+            reader.execute("SELECT count(*) FROM meta").fetchone()
+            store.writer.submit_and_wait(_insert(f"after{attempt}"))
+            _busy, frames, copied = probe.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            if 0 <= copied < frames:
+                return reader
+            reader.execute("COMMIT")
+    finally:
+        probe.close()
+    raise AssertionError("no reader snapshot inside the WAL after 50 attempts")
+
+
 def _insert_blob(key: str, blob: bytes):  # type: ignore[no-untyped-def]
     def job(connection: sqlite3.Connection) -> None:
         connection.execute("INSERT INTO meta (key, value) VALUES (?, ?)", (key, blob))
