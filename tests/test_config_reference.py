@@ -60,9 +60,10 @@ def walk_keys(
 
 def is_table_array(field: msgspec.structs.FieldInfo) -> bool:
     """Tell whether a top-level field is an array of tables, such as [[devices]]."""
-    return typing.get_origin(field.type) is list and typing.get_origin(
-        typing.get_args(field.type)[0]
-    ) is dict
+    return (
+        typing.get_origin(field.type) is list
+        and typing.get_origin(typing.get_args(field.type)[0]) is dict
+    )
 
 
 def readme_name(key: str, field: msgspec.structs.FieldInfo) -> str:
@@ -121,8 +122,15 @@ def template() -> dict[str, Any]:
 
 @pytest.mark.parametrize(
     "key",
-    ["server.host", "stores.ids", "tls.min_version", "auth.rate_limit", "hq.url",
-     "local.debounce", "devices"],
+    [
+        "server.host",
+        "stores.ids",
+        "tls.min_version",
+        "auth.rate_limit",
+        "hq.url",
+        "local.debounce",
+        "devices",
+    ],
 )
 def test_walk_finds_key(key: str) -> None:
     # Guards the walk itself: an empty walk would let every test below pass.

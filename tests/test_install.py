@@ -220,8 +220,17 @@ def test_install_wheel_dir_reinstalls_same_version(
 ) -> None:
     wheel_dir = tmp_path / "wheels"
     build = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps",
-         "--wheel-dir", str(wheel_dir), str(installation.source)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--quiet",
+            "--no-deps",
+            "--wheel-dir",
+            str(wheel_dir),
+            str(installation.source),
+        ],
         capture_output=True,
         text=True,
         timeout=INSTALL_TIMEOUT,

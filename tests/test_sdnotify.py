@@ -59,18 +59,26 @@ def assert_no_datagram(receiver: socket.socket) -> None:
 
 HELPER_CASES: list[tuple[str, Callable[[], bool], bytes]] = [
     ("ready", lambda: sdnotify.ready(), b"READY=1"),
-    ("ready with status", lambda: sdnotify.ready("serving 2 stores"),
-     b"READY=1\nSTATUS=serving 2 stores"),
+    (
+        "ready with status",
+        lambda: sdnotify.ready("serving 2 stores"),
+        b"READY=1\nSTATUS=serving 2 stores",
+    ),
     ("status", lambda: sdnotify.status("HQ unreachable"), b"STATUS=HQ unreachable"),
-    ("status control characters", lambda: sdnotify.status("line 1\nline 2\r\tend"),
-     b"STATUS=line 1 line 2  end"),
+    (
+        "status control characters",
+        lambda: sdnotify.status("line 1\nline 2\r\tend"),
+        b"STATUS=line 1 line 2  end",
+    ),
     ("status utf-8", lambda: sdnotify.status("café"), "STATUS=café".encode()),
-    ("status lone surrogate", lambda: sdnotify.status("bad \udc80 byte"),
-     b"STATUS=bad ? byte"),
+    ("status lone surrogate", lambda: sdnotify.status("bad \udc80 byte"), b"STATUS=bad ? byte"),
     ("watchdog", lambda: sdnotify.watchdog(), b"WATCHDOG=1"),
     ("stopping", lambda: sdnotify.stopping(), b"STOPPING=1"),
-    ("notify several lines", lambda: sdnotify.notify("STATUS=draining", "ERRNO=0"),
-     b"STATUS=draining\nERRNO=0"),
+    (
+        "notify several lines",
+        lambda: sdnotify.notify("STATUS=draining", "ERRNO=0"),
+        b"STATUS=draining\nERRNO=0",
+    ),
 ]
 
 
@@ -167,9 +175,7 @@ def test_empty_notify_socket_is_noop(monkeypatch: pytest.MonkeyPatch) -> None:
     ["relative/notify.sock", "@", "vsock:2:1234"],
     ids=["relative path", "empty abstract name", "unsupported scheme"],
 )
-def test_invalid_notify_socket_returns_false(
-    monkeypatch: pytest.MonkeyPatch, address: str
-) -> None:
+def test_invalid_notify_socket_returns_false(monkeypatch: pytest.MonkeyPatch, address: str) -> None:
     monkeypatch.setenv("NOTIFY_SOCKET", address)
 
     with capture_logs() as logs:

@@ -162,9 +162,7 @@ def test_api_key_rotation(tmp_path: Path) -> None:
     keys = tmp_path / "keys"
     old_file = write_api_key(keys / "gateway-old", OLD_KEY)
     new_file = write_api_key(keys / "gateway-new", NEW_KEY)
-    daemon = make_secure_daemon(
-        tmp_path / "daemon", f'[auth]\napi_key_files = ["{old_file}"]\n'
-    )
+    daemon = make_secure_daemon(tmp_path / "daemon", f'[auth]\napi_key_files = ["{old_file}"]\n')
     daemon.start()
 
     def status_with(key: str) -> int:
@@ -392,7 +390,7 @@ def test_slow_body_gets_408(limited_daemon: SecureDaemon) -> None:
     with socket.create_connection(("127.0.0.1", limited_daemon.port), timeout=10) as sock:
         sock.sendall(
             b"POST /v1/identity/scan HTTP/1.1\r\nHost: connector\r\n"
-            b"Content-Type: application/json\r\nContent-Length: 200\r\n\r\n{\"requestId\":"
+            b'Content-Type: application/json\r\nContent-Length: 200\r\n\r\n{"requestId":'
         )
         received, elapsed = read_until_closed(sock, 15)
 
@@ -419,9 +417,7 @@ def test_header_size_limit(limited_daemon: SecureDaemon, size: int, expected: in
 
 def test_loopback_without_auth_warns(limited_daemon: SecureDaemon) -> None:
     warnings = [
-        line
-        for line in limited_daemon.log_lines()
-        if line.get("event") == "server.unauthenticated"
+        line for line in limited_daemon.log_lines() if line.get("event") == "server.unauthenticated"
     ]
 
     assert len(warnings) == 1

@@ -112,9 +112,7 @@ def test_wal_starts_over_under_steady_writes(
     assert cuts >= 3
 
 
-def test_bulk_jobs_wait_while_the_wal_is_copied(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_bulk_jobs_wait_for_wal_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # A snapshot rebuild queues bulk jobs back to back. Past the limit they wait until the
     # checkpoint thread has copied the whole WAL, so it starts over even with the writer's
     # own catch-up switched off, as here.
@@ -151,7 +149,7 @@ def test_bulk_jobs_wait_while_the_wal_is_copied(
     assert cuts >= 3
 
 
-def test_bulk_jobs_go_on_while_a_reader_keeps_an_old_snapshot(
+def test_bulk_jobs_not_stalled_by_old_reader(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A reader inside a long transaction keeps the checkpoint from copying the whole WAL, so

@@ -28,6 +28,7 @@ MAX_EXPOSURE = 2.0
 SERVICE_USER = "identity-connector"
 COMMAND_TIMEOUT = 60  # seconds; generous for a loaded 2-core machine
 
+
 def run(*command: str | Path) -> subprocess.CompletedProcess[str]:
     # A missing tool raises FileNotFoundError naming it. tests/system-deps.sh
     # installs the Debian package systemd, which contains all three.
@@ -66,8 +67,12 @@ def unit_values(section: str, key: str) -> list[str]:
 def test_unit_security_exposure() -> None:
     # --threshold makes systemd-analyze itself fail above the limit, in tenths.
     result = run(
-        "systemd-analyze", "security", "--offline=true", "--no-pager",
-        f"--threshold={int(MAX_EXPOSURE * 10)}", UNIT,
+        "systemd-analyze",
+        "security",
+        "--offline=true",
+        "--no-pager",
+        f"--threshold={int(MAX_EXPOSURE * 10)}",
+        UNIT,
     )
 
     match = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", result.stdout)
@@ -109,8 +114,11 @@ def test_unit_verify_clean(tmp_path: Path) -> None:
     [
         ("Service", "Type", "notify"),
         ("Service", "NotifyAccess", "main"),
-        ("Service", "ExecStart",
-         f"{EXEC_START_BINARY} serve --config /etc/identity-connector/config.toml"),
+        (
+            "Service",
+            "ExecStart",
+            f"{EXEC_START_BINARY} serve --config /etc/identity-connector/config.toml",
+        ),
         ("Service", "ExecReload", "/bin/kill -HUP $MAINPID"),
         ("Service", "Restart", "on-failure"),
         ("Service", "WatchdogSec", "20s"),

@@ -110,9 +110,9 @@ def test_edge_value_passes_schema(shared_daemon: Daemon, field: str, value: Any)
         # The current time written in +05:30.
         from datetime import datetime, timedelta, timezone
 
-        body["scanEvent"]["timestamp"] = (
-            datetime.now(timezone(timedelta(hours=5, minutes=30))).isoformat(timespec="seconds")
-        )
+        body["scanEvent"]["timestamp"] = datetime.now(
+            timezone(timedelta(hours=5, minutes=30))
+        ).isoformat(timespec="seconds")
     if value == "FRACTION":
         body["scanEvent"]["timestamp"] = now_rfc3339().replace("Z", ".123456Z")
     reply = shared_daemon.post_json(body)
