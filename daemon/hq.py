@@ -1036,12 +1036,20 @@ def sync_now(config: Config, store: Store) -> int:
             lock.release()
         if report.pull_error is not None:
             print(f"error: pull failed: {report.pull_error}", file=sys.stderr)
-        stats_line = (
-            f"done: {report.pull.put} put, {report.pull.removed} removed,"
-            f" {report.pull.rejected} rejected; {report.upload.accepted} of"
+        pull = report.pull
+        if pull.rebuilt:
+            # The records the old cache lost in a rebuild are not counted as removed, so
+            # the line gives the new size instead; "removed" then counts changes after it.
+            pulled = (
+                f"cache rebuilt from the snapshot with {pull.identities} identities;"
+                f" {pull.put} put, {pull.removed} removed after the rebuild"
+            )
+        else:
+            pulled = f"{pull.put} put, {pull.removed} removed"
+        progress(
+            f"done: {pulled}, {pull.rejected} rejected; {report.upload.accepted} of"
             f" {report.upload.sent} events accepted"
         )
-        progress(stats_line)
         return 1 if report.pull.rejected or report.pull_error is not None else 0
 
     return asyncio.run(run())

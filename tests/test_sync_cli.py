@@ -58,6 +58,22 @@ def test_sync_now_pulls_and_uploads(tmp_path: Path, hq: FakeHq) -> None:
     assert "c-cash" not in local_versions(daemon.database)
 
 
+def test_sync_now_reports_rebuilt_cache_size(tmp_path: Path, hq: FakeHq) -> None:
+    directory = tmp_path / "daemon"
+    daemon = make_daemon(directory, hq_config(hq, directory), records=[])
+    first = run_cli("sync", "--now", "--config", str(daemon.config))
+    hq.remove("c-cash")
+    hq.expire_cursors()
+
+    second = run_cli("sync", "--now", "--config", str(daemon.config))
+
+    count = len(SAMPLE_RECORDS)
+    assert f"cache rebuilt from the snapshot with {count} identities" in first.stdout
+    # The record HQ removed is gone with the rebuild, and the line gives the new size.
+    assert f"cache rebuilt from the snapshot with {count - 1} identities" in second.stdout
+    assert "c-cash" not in local_versions(daemon.database)
+
+
 def test_sync_now_reports_unreachable_hq(tmp_path: Path, hq: FakeHq) -> None:
     directory = tmp_path / "daemon"
     daemon = make_daemon(directory, hq_config(hq, directory), records=[])
