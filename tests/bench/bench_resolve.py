@@ -17,9 +17,11 @@ import os
 import platform
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -65,11 +67,19 @@ def wait_healthy(port: int) -> None:
 
 
 def run_wrk(
-    port: int, threads: int, connections: int, duration: int, identities: int, rate: int = 0
+    port: int,
+    threads: int,
+    connections: int,
+    duration: int,
+    identities: int,
+    rate: int = 0,
+    stop_when: Callable[[], bool] | None = None,
 ) -> dict:
     """Run wrk with resolve.lua and return its percentiles, rates and error counts.
 
     ``rate`` above 0 paces all ``connections`` together to about that many requests/s.
+    With ``stop_when``, wrk gets SIGINT as soon as it returns true (checked every 0.1 s);
+    wrk then stops and reports like at the end of ``duration``.
     """
     command = [
         "wrk",
@@ -88,7 +98,17 @@ def run_wrk(
         "BENCH_RATE": str(rate),
         "BENCH_CONNECTIONS": str(connections),
     }
-    output = subprocess.run(command, capture_output=True, text=True, env=env, check=True).stdout
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
+    if stop_when is not None:
+        while process.poll() is None and not stop_when():
+            time.sleep(0.1)
+        if process.poll() is None:
+            process.send_signal(signal.SIGINT)
+    output, errors = process.communicate()
+    if process.returncode != 0:
+        raise RuntimeError(f"wrk exited with {process.returncode}:\n{output}{errors}")
     match = re.search(r"BENCH (.*)", output)
     if match is None:
         raise RuntimeError(f"wrk printed no BENCH line:\n{output}")
