@@ -554,9 +554,10 @@ class StoreWriter:
             if regular:
                 count = min(len(regular), MAX_GROUP_COMMIT)
                 self._commit_batch([regular.popleft() for _ in range(count)])
-            elif self._checkpointer.holding_bulk and not stopping:
+            elif self._checkpointer.holding_bulk and self._checkpointer.alive and not stopping:
                 # The checkpoint thread is copying the WAL so that it can start over; a bulk
-                # job now would add frames for it to copy. Decisions still go through.
+                # job now would add frames for it to copy. Decisions still go through. A
+                # checkpoint thread that died cannot end its hold, so it is ignored then.
                 try:
                     items = self._jobs.get(timeout=BULK_HOLD_POLL)
                 except queue.Empty:
@@ -719,6 +720,10 @@ class Checkpointer:
             self._rounds = 0
             self._last_frames = -1
         return CHECKPOINT_INTERVAL
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
 
     def close(self) -> None:
         """Stop the thread after a last checkpoint that empties the WAL when nothing reads."""
