@@ -685,6 +685,8 @@ class Checkpointer:
                 ).fetchone()
                 wait = self._plan_restart(frames, copied)
             except sqlite3.Error as exc:
+                # A failing checkpoint cannot end a hold, so it must not keep one either.
+                self.holding_bulk = False
                 if not failing:
                     log.error("store.checkpoint_failed", error=str(exc))
                 failing = True
