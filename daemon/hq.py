@@ -1039,10 +1039,12 @@ def sync_now(config: Config, store: Store) -> int:
         pull = report.pull
         if pull.rebuilt:
             # The records the old cache lost in a rebuild are not counted as removed, so
-            # the line gives the new size instead; "removed" then counts changes after it.
+            # the line gives the new size instead. "put" counts the snapshot's records and
+            # the changes after it, "removed" only the changes after it.
             pulled = (
                 f"cache rebuilt from the snapshot with {pull.identities} identities;"
-                f" {pull.put} put, {pull.removed} removed after the rebuild"
+                f" {pull.put} put (snapshot and later changes),"
+                f" {pull.removed} removed after the rebuild"
             )
         else:
             pulled = f"{pull.put} put, {pull.removed} removed"

@@ -83,7 +83,9 @@ class HqHealth:
         self.last_success_at = time.time()
         if self._announced is not None or first_success:
             downtime = round(time.time() - self.since, 1)
-            log.info("hq.available", previous_state=self.state.value, after_seconds=downtime)
+            # The state before the first success is only the assumption made at start.
+            previous = "none" if first_success else self.state.value
+            log.info("hq.available", previous_state=previous, after_seconds=downtime)
             self._announced = None
         if self.state is not HqState.ONLINE:
             self._set(HqState.ONLINE)

@@ -40,8 +40,12 @@ def test_health_logs_outage_once_and_return_once() -> None:
             health.failed(HqUnreachable("connection refused"))
         health.succeeded()
     events = [entry["event"] for entry in logs if entry["log_level"] != "debug"]
+    available = [entry for entry in logs if entry["event"] == "hq.available"]
 
     assert events == ["hq.available", "hq.unavailable", "hq.available"]
+    # The first contact after start is not a return from an outage.
+    assert available[0]["previous_state"] == "none"
+    assert available[1]["previous_state"] == "offline"
 
 
 @pytest.mark.parametrize(
