@@ -143,7 +143,10 @@ def _open_store(config: Config, must_exist: bool = False) -> Store:
             " [database] path (a relative path is resolved against the working directory)"
         )
     return Store.open(
-        Path(config.database.path), config.database.secret_path, config.database.busy_timeout
+        Path(config.database.path),
+        config.database.secret_path,
+        config.database.busy_timeout,
+        config.database.synchronous,
     )
 
 

@@ -103,6 +103,8 @@ class DatabaseConfig(_Section):
     secret_file: str = ""
     """File with the HMAC key for scanned values; empty means `<path>.key`, made at first start."""
     busy_timeout: Duration = Duration(5.0)
+    synchronous: Literal["normal", "full"] = "normal"
+    """SQLite's synchronous setting for the writer: "full" also syncs the WAL at each commit."""
 
     @property
     def secret_path(self) -> Path:

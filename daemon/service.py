@@ -47,7 +47,10 @@ async def serve(config: Config, config_path: Path | None = None) -> None:
     check_listener_safety(config)
     security.log_listener_warnings(config)
     store = Store.open(
-        Path(config.database.path), config.database.secret_path, config.database.busy_timeout
+        Path(config.database.path),
+        config.database.secret_path,
+        config.database.busy_timeout,
+        config.database.synchronous,
     )
     try:
         await _serve_with_store(config, config_path, store)

@@ -56,6 +56,7 @@ RESTART_RETRY_ROUNDS = 4
 # How often the writer looks at the checkpoint thread's hold while only bulk jobs wait.
 BULK_HOLD_POLL = 0.005
 CACHE_KIB = 64 * 1024
+SYNCHRONOUS_MODES = ("normal", "full")
 # SQLite empties a reader's page cache whenever another connection has committed. The writer
 # commits after nearly every decision, and emptying a large cache costs more than the pages
 # it saved, so the reader keeps a small one.
@@ -160,16 +161,22 @@ def _create_secret(path: Path) -> bytes:
     return secret
 
 
-def connect(path: Path, busy_timeout: float) -> sqlite3.Connection:
-    """Open a connection in autocommit mode with WAL and the project's pragmas."""
+def connect(path: Path, busy_timeout: float, synchronous: str = "normal") -> sqlite3.Connection:
+    """Open a connection in autocommit mode with WAL and the project's pragmas.
+
+    ``synchronous`` is "normal" or "full". NORMAL in WAL mode loses no committed transaction
+    when the process dies, but a power loss or kernel crash can roll back the commits since
+    the last checkpoint, including decisions already returned to the gateway. FULL syncs the
+    WAL at each commit.
+    """
+    if synchronous not in SYNCHRONOUS_MODES:
+        raise ValueError(f"invalid synchronous mode {synchronous!r}: use normal or full")
     connection = sqlite3.connect(
         path, isolation_level=None, check_same_thread=False, timeout=busy_timeout
     )
     connection.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
     connection.execute("PRAGMA journal_mode = WAL")
-    # NORMAL in WAL mode loses no committed transaction when the process dies. Only a power
-    # loss can roll back the last commits, and the gateway then retries with the same id.
-    connection.execute("PRAGMA synchronous = NORMAL")
+    connection.execute(f"PRAGMA synchronous = {synchronous.upper()}")
     connection.execute("PRAGMA foreign_keys = ON")
     # Decisions and outbox rows go into indexes keyed by random UUIDs; 64 MiB of page cache
     # keeps those index pages in memory instead of rereading them from the OS.
@@ -476,8 +483,8 @@ class StoreWriter:
     by one bulk job at most.
     """
 
-    def __init__(self, path: Path, busy_timeout: float) -> None:
-        self._connection = connect(path, busy_timeout)
+    def __init__(self, path: Path, busy_timeout: float, synchronous: str = "normal") -> None:
+        self._connection = connect(path, busy_timeout, synchronous)
         # Checkpoints run in a thread of their own: an automatic checkpoint runs inside the
         # commit that crosses the threshold and fsyncs the database file, which held that
         # decision's response back by 10-20 ms on the benchmark machine.
@@ -706,9 +713,9 @@ class Checkpointer:
         if self._rounds < RESTART_CATCH_UP_ROUNDS:
             # Only decisions add frames while bulk jobs wait, so a round soon copies them all
             # and the writer's next transaction starts the file over. The count a round
-            # returns leaves out frames written while it ran: the hold ends early only when
-            # two rounds in a row saw the same, fully copied WAL, so that nothing writes and
-            # the next bulk job starts the file over.
+            # returns leaves out frames written while it ran. So the hold ends early only
+            # when two rounds in a row saw the same, fully copied WAL: then nothing writes,
+            # and the next bulk job starts the file over.
             self.holding_bulk = not (copied >= frames and frames == self._last_frames)
             self._last_frames = frames
             return RESTART_CATCH_UP_INTERVAL
@@ -775,7 +782,14 @@ class Store:
     """The integrity check still has to run; see ``open_database``."""
 
     @classmethod
-    def open(cls, path: Path, secret_path: Path, busy_timeout: float = 5.0) -> Store:
+    def open(
+        cls,
+        path: Path,
+        secret_path: Path,
+        busy_timeout: float = 5.0,
+        synchronous: str = "normal",
+    ) -> Store:
+        """Open or create the database; ``synchronous`` applies to the writer's commits."""
         existed = path.exists() and path.stat().st_size > 0
         connection, deferred = open_database(path, busy_timeout)
         # Decisions and outbox rows hold HMACs too: idempotent replays and audit fingerprints
@@ -794,7 +808,7 @@ class Store:
             path=path,
             hasher=KeyHasher(secret),
             reader=StoreReader(connection),
-            writer=StoreWriter(path, busy_timeout),
+            writer=StoreWriter(path, busy_timeout, synchronous),
             check_deferred=deferred,
         )
 

@@ -63,3 +63,17 @@ def test_check_config_lists_allowed_values(tmp_path: Path, extra: str, message: 
 
     assert result.returncode == 2, result.stdout
     assert message in result.stderr
+
+
+def test_check_config_lists_synchronous_modes(tmp_path: Path) -> None:
+    config = write_config(tmp_path, free_port())
+    text = config.read_text(encoding="utf-8")
+    config.write_text(text.replace("[database]\n", '[database]\nsynchronous = "off"\n'), "utf-8")
+
+    result = run_cli("check-config", str(config))
+
+    assert result.returncode == 2, result.stdout
+    assert (
+        "key database.synchronous: Invalid enum value 'off'; use one of normal, full"
+        in result.stderr
+    )

@@ -558,6 +558,12 @@ INVALID_CONFIGS: list[tuple[str, str, str | None, str]] = [
         "value_encoding",
     ),
     (
+        "bad synchronous mode",
+        VALID_BASE + '\n[database]\nsynchronous = "off"\n',
+        "database.synchronous",
+        'synchronous = "off"',
+    ),
+    (
         "missing stores.ids",
         replace_line(VALID_BASE, 'ids = ["STORE-001"]\n', ""),
         "stores.ids",

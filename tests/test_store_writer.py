@@ -68,6 +68,18 @@ def test_blocking_submit_from_thread(store: Store) -> None:
         store.writer.submit_and_wait(_fail)
 
 
+@pytest.mark.parametrize(("mode", "pragma_value"), [("normal", 1), ("full", 2)])
+def test_writer_uses_synchronous_mode(tmp_path: Path, mode: str, pragma_value: int) -> None:
+    opened = Store.open(tmp_path / "db.sqlite3", tmp_path / "db.sqlite3.key", synchronous=mode)
+    try:
+        value = opened.writer.submit_and_wait(
+            lambda connection: connection.execute("PRAGMA synchronous").fetchone()[0]
+        )
+    finally:
+        opened.close()
+    assert value == pragma_value
+
+
 def test_wal_checkpointed_in_background(store: Store, tmp_path: Path) -> None:
     for index in range(200):
         store.writer.submit_and_wait(_insert(f"row{index}"))
