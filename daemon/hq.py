@@ -1113,6 +1113,7 @@ def print_hq_status(state: dict[str, Any]) -> None:
     print(f"cursor changed: {ago(state.get('cursorAgeSeconds'))}")
     print(f"last upload:    {ago(state.get('lastUploadAgeSeconds'))}")
     print(f"last reconcile: {ago(state.get('lastReconcileAgeSeconds'))}")
+    print(f"last rebuild:   {ago(state.get('lastRebuildAgeSeconds'))}")
     if state.get("outboxDropped"):
         print(
             f"outbox dropped: {state['outboxDropped']} events (bound:"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
@@ -99,6 +100,9 @@ def test_status_shows_hq_state(tmp_path: Path, hq: FakeHq) -> None:
     assert state["cursorAgeSeconds"] is not None
     assert state["clockUncertain"] is False
     assert state["outboxDropped"] == 0
+    text = run_cli("status", "--config", str(daemon.config)).stdout
+    # The first sync rebuilt the cache from HQ's snapshot.
+    assert re.search(r"^last rebuild: +\d+ s ago$", text, re.MULTILINE), text
 
 
 def test_clock_offset_flags_events(tmp_path: Path, hq: FakeHq) -> None:
