@@ -100,10 +100,7 @@ def test_wal_starts_over_under_steady_writes(
 ) -> None:
     # Under writes that never pause, a checkpoint never catches up on its own, so the WAL
     # grows without end unless the writer resets it once it passes the limit.
-    monkeypatch.setattr(store_module, "WAL_RESTART_FRAMES", 256)
-    monkeypatch.setattr(store_module, "CHECKPOINT_INTERVAL", 0.1)
-    monkeypatch.setattr(store_module, "RESTART_CATCH_UP_ROUNDS", 2)
-    store = Store.open(tmp_path / "db.sqlite3", tmp_path / "db.sqlite3.key")
+    store = _open_small_wal_store(tmp_path, monkeypatch, frames=256, interval=0.1, rounds=2)
     wal = Path(str(store.path) + "-wal")
     blob = b"x" * 16384
     sizes: list[int] = []
@@ -120,18 +117,14 @@ def test_wal_starts_over_under_steady_writes(
         store.close()
     assert index * len(blob) > 32 * 1024 * 1024
     # Each start-over cuts the file back (journal_size_limit); without them it only grows.
-    cuts = sum(1 for before, after in itertools.pairwise(sizes) if after < before)
-    assert cuts >= 3
+    assert _count_cuts(sizes) >= 3
 
 
 def test_bulk_jobs_wait_for_wal_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # A snapshot rebuild queues bulk jobs back to back. Past the limit they wait until the
     # checkpoint thread has copied the whole WAL, so it starts over even with the writer's
     # own catch-up switched off, as here.
-    monkeypatch.setattr(store_module, "WAL_RESTART_FRAMES", 256)
-    monkeypatch.setattr(store_module, "CHECKPOINT_INTERVAL", 0.05)
-    monkeypatch.setattr(store_module, "RESTART_CATCH_UP_ROUNDS", 10**9)
-    store = Store.open(tmp_path / "db.sqlite3", tmp_path / "db.sqlite3.key")
+    store = _open_small_wal_store(tmp_path, monkeypatch, frames=256, interval=0.05, rounds=10**9)
     wal = Path(str(store.path) + "-wal")
     blob = b"x" * 16384
     sizes: list[int] = []
@@ -157,20 +150,16 @@ def test_bulk_jobs_wait_for_wal_copy(tmp_path: Path, monkeypatch: pytest.MonkeyP
     finally:
         store.close()
     assert written * len(blob) > 32 * 1024 * 1024
-    cuts = sum(1 for before, after in itertools.pairwise(sizes) if after < before)
-    assert cuts >= 3
+    assert _count_cuts(sizes) >= 3
 
 
 def test_bulk_jobs_not_stalled_by_old_reader(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # A reader inside a long transaction keeps the checkpoint from copying the whole WAL, so
-    # the hold before a start-over cannot end on its own; bulk jobs must not wait for it.
-    monkeypatch.setattr(store_module, "WAL_RESTART_FRAMES", 64)
-    monkeypatch.setattr(store_module, "CHECKPOINT_INTERVAL", 0.05)
-    monkeypatch.setattr(store_module, "RESTART_CATCH_UP_ROUNDS", 5)
+    # A reader inside a long transaction keeps the checkpoint from copying the whole WAL.
+    # The hold before a start-over then cannot end on its own, and bulk jobs must go on.
     monkeypatch.setattr(store_module, "RESTART_RETRY_ROUNDS", 2)
-    store = Store.open(tmp_path / "db.sqlite3", tmp_path / "db.sqlite3.key")
+    store = _open_small_wal_store(tmp_path, monkeypatch, frames=64, interval=0.05, rounds=5)
     reader = _reader_on_a_wal_snapshot(store)
     blob = b"x" * 16384
 
@@ -204,6 +193,21 @@ def _reader_on_a_wal_snapshot(store: Store) -> sqlite3.Connection:
     finally:
         probe.close()
     raise AssertionError("no reader snapshot inside the WAL after 50 attempts")
+
+
+def _open_small_wal_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *, frames: int, interval: float, rounds: int
+) -> Store:
+    """Open a store whose WAL starts over past ``frames`` pages, with short checkpoint rounds."""
+    monkeypatch.setattr(store_module, "WAL_RESTART_FRAMES", frames)
+    monkeypatch.setattr(store_module, "CHECKPOINT_INTERVAL", interval)
+    monkeypatch.setattr(store_module, "RESTART_CATCH_UP_ROUNDS", rounds)
+    return Store.open(tmp_path / "db.sqlite3", tmp_path / "db.sqlite3.key")
+
+
+def _count_cuts(sizes: list[int]) -> int:
+    """Count the times the WAL file got shorter between two samples."""
+    return sum(1 for before, after in itertools.pairwise(sizes) if after < before)
 
 
 def _insert_blob(key: str, blob: bytes):  # type: ignore[no-untyped-def]
