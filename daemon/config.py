@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 import msgspec
 
+from daemon.store import SynchronousMode
+
 DEFAULT_CONFIG_PATH = Path("/etc/identity-connector/config.toml")
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
@@ -103,7 +105,7 @@ class DatabaseConfig(_Section):
     secret_file: str = ""
     """File with the HMAC key for scanned values; empty means `<path>.key`, made at first start."""
     busy_timeout: Duration = Duration(5.0)
-    synchronous: Literal["normal", "full"] = "normal"
+    synchronous: SynchronousMode = "normal"
     """SQLite's synchronous setting for the writer: "full" also syncs the WAL at each commit."""
 
     @property

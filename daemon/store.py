@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, get_args
 
 import structlog
 
@@ -56,7 +56,9 @@ RESTART_RETRY_ROUNDS = 4
 # How often the writer looks at the checkpoint thread's hold while only bulk jobs wait.
 BULK_HOLD_POLL = 0.005
 CACHE_KIB = 64 * 1024
-SYNCHRONOUS_MODES = ("normal", "full")
+# SQLite's synchronous setting of the writer's connection, in `[database] synchronous`.
+SynchronousMode = Literal["normal", "full"]
+SYNCHRONOUS_MODES: tuple[str, ...] = get_args(SynchronousMode)
 # SQLite empties a reader's page cache whenever another connection has committed. The writer
 # commits after nearly every decision, and emptying a large cache costs more than the pages
 # it saved, so the reader keeps a small one.
@@ -161,7 +163,9 @@ def _create_secret(path: Path) -> bytes:
     return secret
 
 
-def connect(path: Path, busy_timeout: float, synchronous: str = "normal") -> sqlite3.Connection:
+def connect(
+    path: Path, busy_timeout: float, synchronous: SynchronousMode = "normal"
+) -> sqlite3.Connection:
     """Open a connection in autocommit mode with WAL and the project's pragmas.
 
     ``synchronous`` is "normal" or "full". NORMAL in WAL mode loses no committed transaction
@@ -483,7 +487,9 @@ class StoreWriter:
     by one bulk job at most.
     """
 
-    def __init__(self, path: Path, busy_timeout: float, synchronous: str = "normal") -> None:
+    def __init__(
+        self, path: Path, busy_timeout: float, synchronous: SynchronousMode = "normal"
+    ) -> None:
         self._connection = connect(path, busy_timeout, synchronous)
         # Checkpoints run in a thread of their own: an automatic checkpoint runs inside the
         # commit that crosses the threshold and fsyncs the database file, which held that
@@ -787,7 +793,7 @@ class Store:
         path: Path,
         secret_path: Path,
         busy_timeout: float = 5.0,
-        synchronous: str = "normal",
+        synchronous: SynchronousMode = "normal",
     ) -> Store:
         """Open or create the database; ``synchronous`` applies to the writer's commits."""
         existed = path.exists() and path.stat().st_size > 0
