@@ -100,6 +100,30 @@ def wait_for_events(log_path: Path, name: str, count: int, timeout: float) -> li
     raise RuntimeError(f"no {count} {name} events in {log_path} after {timeout:.0f} s")
 
 
+def event_logged_after(log_path: Path, name: str, offset: int) -> Callable[[], bool]:
+    """Return a check that turns true once ``name`` is logged after byte ``offset``.
+
+    Each call reads only the bytes added since the last one: the check runs ten times a
+    second during a measurement, and rereading the whole log would load the machine.
+    """
+    marker = f'"event":"{name}"'.encode()
+    position = offset
+    tail = b""
+
+    def logged() -> bool:
+        nonlocal position, tail
+        with log_path.open("rb") as log:
+            log.seek(position)
+            added = log.read()
+        position += len(added)
+        # Keep the end of the last read, in case the marker spans two reads.
+        found = marker in tail + added
+        tail = (tail + added)[-len(marker) :]
+        return found
+
+    return logged
+
+
 def rebuild_figures(log_path: Path, number: int) -> dict[str, Any]:
     """Return the timing of rebuild ``number`` (1-based) from the daemon's log."""
     started = wait_for_events(log_path, "sync.rebuild_started", number, REBUILD_TIMEOUT)
@@ -387,7 +411,7 @@ def main() -> int:
             args.rate,
             args.connections,
             args.identities,
-            stop_when=lambda: log_path.read_bytes().count(b'"sync.rebuilt"') >= 2,
+            stop_when=event_logged_after(log_path, "sync.rebuilt", log_path.stat().st_size),
         )
         second = rebuild_figures(log_path, 2)
         wait_for_events(log_path, "sync.reconciled", 2, 120)
