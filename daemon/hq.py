@@ -13,7 +13,6 @@ import fcntl
 import functools
 import json
 import os
-import re
 import sqlite3
 import sys
 import time
@@ -22,10 +21,12 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 
+from daemon import cachefile
+from daemon.cachefile import AttachedCache
 from daemon.config import Config, ConfigError, HqConfig
 from daemon.identities import (
     IdentityRecord,
@@ -34,6 +35,7 @@ from daemon.identities import (
     cached_credentials,
     credential_id_of,
     identity_row,
+    join_batches,
     key_holders,
     loggable_id,
     loggable_reason,
@@ -80,26 +82,25 @@ from sync.upload import LAST_UPLOAD_META_KEY
 
 log = structlog.get_logger(__name__)
 
+T = TypeVar("T")
+
 CURSOR_META_KEY = "cursor"
 # meta key: the rebuild that began last, as "<process id>-<random hex>".
 REBUILD_OWNER_META_KEY = "rebuild_owner"
 LAST_REBUILD_META_KEY = "last_rebuild_at"
-STAGING_TABLE = "identities_staging"
-RETIRED_TABLE = "identities_retired"
-# The unique key-hash index moves with the table at each swap, so the staging table takes
-# whichever of these two names the live table does not hold.
-KEY_HASH_INDEX_NAMES = ("identities_key_hash", "identities_staging_key_hash")
+# Seconds to wait for the checkpoint thread to leave an old cache file after a switch; it
+# moves over at its next round, CHECKPOINT_INTERVAL apart.
+CACHE_SWITCH_WAIT_SECONDS = 2.0
 # Without a worker process, snapshot records validated and hashed on the event loop before
 # it serves other tasks: about 0.6 ms of work on the benchmark machine.
 PREPARE_SLICE_RECORDS = 50
-# Snapshot records per staging transaction (without a worker, rounded up to whole
-# PREPARE_SLICE_RECORDS slices). A decision submitted while one runs waits for it, usually
-# 2 to 7 ms on the benchmark machine during a rebuild.
+# Snapshot records per packed batch (without a worker, rounded up to whole
+# PREPARE_SLICE_RECORDS slices). The batches of one block are staged in one transaction.
 STAGE_SLICE_RECORDS = 200
 # While a rebuild runs, a thread waiting for the GIL gets it after at most 0.5 ms instead
-# of Python's default 5 ms. The event loop reads the stream while the writer thread stages
-# the previous block. With the default, the writer took up to 5 ms to pick up a queued job
-# (a staging slice or a decision) while the loop was busy.
+# of Python's default 5 ms. The event loop reads the stream while the builder thread stages
+# the previous block. With the default, the writer took up to 5 ms to pick up a queued
+# decision while the loop was busy.
 REBUILD_SWITCH_INTERVAL = 0.0005
 # Seconds between two tries of a daemon that waits for the sync lock.
 SYNC_LOCK_POLL_SECONDS = 1.0
@@ -168,15 +169,19 @@ def read_token(token_file: str) -> str | None:
 
 
 def _set_meta(connection: sqlite3.Connection, values: dict[str, str]) -> None:
-    connection.executemany(
-        "INSERT INTO meta (key, value) VALUES (?, ?)"
-        " ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-        list(values.items()),
-    )
+    # The cache's keys (the cursor and its times) go to the cache file, the rest to main.
+    for key, value in values.items():
+        connection.execute(
+            f"INSERT INTO {cachefile.meta_table(key)} (key, value) VALUES (?, ?)"
+            " ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            (key, value),
+        )
 
 
 def _meta(connection: sqlite3.Connection, key: str) -> str | None:
-    row = connection.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+    row = connection.execute(
+        f"SELECT value FROM {cachefile.meta_table(key)} WHERE key = ?", (key,)
+    ).fetchone()
     return row[0] if row else None
 
 
@@ -298,20 +303,13 @@ def remember_skipped(
     )
 
 
-def _table_exists(connection: sqlite3.Connection, name: str) -> bool:
-    row = connection.execute(
-        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)
-    ).fetchone()
-    return row is not None
-
-
 class RebuildTakenOver(StoreError):
     """Another rebuild of the same database began after this one, which must stop."""
 
 
 def _check_owner(connection: sqlite3.Connection, owner: str) -> None:
-    # Each step of a rebuild runs only while the rebuild that began last is this one. Two
-    # processes would otherwise stage into one table, and the swap would put the mix in place.
+    # A rebuild switches the cache only while the rebuild that began last is this one. Two
+    # processes that both rebuilt would otherwise each put their own file in place.
     if _meta(connection, REBUILD_OWNER_META_KEY) != owner:
         raise RebuildTakenOver(
             "another process began rebuilding this database's cache from HQ's snapshot, so"
@@ -319,98 +317,59 @@ def _check_owner(connection: sqlite3.Connection, owner: str) -> None:
         )
 
 
-def begin_rebuild(connection: sqlite3.Connection, owner: str) -> None:
-    """Create an empty staging table shaped like ``identities``, without its key-hash index.
-
-    ``owner`` names this rebuild; the later steps check that no other one began since.
-
-    ``index_staging`` adds the index once every record is in. Kept up to date row by row,
-    that index of random HMACs dirtied about one page per staged record, and every commit
-    wrote those pages to the WAL again: the rebuild ran at a third of the speed.
-    """
-    connection.execute(f"DROP TABLE IF EXISTS {STAGING_TABLE}")
-    connection.execute(f"DROP TABLE IF EXISTS {RETIRED_TABLE}")
-    (table_sql,) = connection.execute(
-        "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'identities'"
-    ).fetchone()
-    # Copying the live CREATE statement keeps the staging table in step with migrations.
-    staging_sql, replaced = re.subn(
-        r"^CREATE TABLE\s+(\"identities\"|\[identities\]|`identities`|identities)",
-        f"CREATE TABLE {STAGING_TABLE}",
-        table_sql,
-    )
-    if replaced != 1:
-        raise RuntimeError(f"unexpected identities table definition: {table_sql[:80]}")
-    connection.execute(staging_sql)
-    _set_meta(connection, {REBUILD_OWNER_META_KEY: owner})
+def stage_rows(connection: sqlite3.Connection, batch: RowBatch) -> None:
+    """Append packed records to a cache file being built; a later record of a credential wins."""
+    connection.execute("BEGIN")
+    try:
+        write_rows(connection, batch)
+    except BaseException:
+        connection.execute("ROLLBACK")
+        raise
+    connection.execute("COMMIT")
 
 
-def stage_rows(connection: sqlite3.Connection, batch: RowBatch, owner: str) -> None:
-    """Append packed records to the staging table; a later record of a credential replaces it."""
-    _check_owner(connection, owner)
-    write_rows(connection, batch, STAGING_TABLE)
+def index_cache(connection: sqlite3.Connection) -> tuple[int, list[tuple[str, int, bytes]]]:
+    """Add the unique key-hash index to a cache file being built.
 
-
-def index_staging(
-    connection: sqlite3.Connection, owner: str
-) -> tuple[int, list[tuple[str, int, bytes]]]:
-    """Add the unique key-hash index to the staging table; return its row count and dropped rows.
-
-    A dropped row lost its key to a later record; it comes back as (credential id, version,
-    key hash).
+    Returns the file's row count and the rows dropped for a key a later row holds.
+    A dropped row comes back as (credential id, version, key hash).
 
     Where two records share a key, the one staged last keeps it and the other is deleted
     first, as ``write_rows`` does on the live table. Staging order is rowid order, because
     ``INSERT OR REPLACE`` gives a replaced credential a new, larger rowid.
+
+    The index is built once every record is in. Kept up to date row by row, that index of
+    random HMACs dirtied about one page per staged record: the rebuild ran at a third of
+    the speed.
     """
-    _check_owner(connection, owner)
-    used = {
-        row[0]
-        for row in connection.execute(
-            "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'identities'"
-        )
-    }
-    # NOTE: only the key-hash index is carried over; an index a later migration adds to
-    # identities must be added here too, or a rebuild drops it.
-    index_name = next(name for name in KEY_HASH_INDEX_NAMES if name not in used)
-    create_sql = f"CREATE UNIQUE INDEX {index_name} ON {STAGING_TABLE} (key_hash)"
     dropped: list[tuple[str, int, bytes]] = []
     try:
-        connection.execute(create_sql)
+        connection.execute(cachefile.KEY_HASH_INDEX_SQL)
     except sqlite3.IntegrityError:
         # Rare (HQ sent one key under two credentials), so it costs a second pass only then.
         superseded = (
-            f"FROM {STAGING_TABLE} WHERE rowid NOT IN"
-            f" (SELECT max(rowid) FROM {STAGING_TABLE} GROUP BY key_hash)"
+            "FROM identities WHERE rowid NOT IN"
+            " (SELECT max(rowid) FROM identities GROUP BY key_hash)"
         )
         dropped = connection.execute(
             f"SELECT credential_id, version, key_hash {superseded}"
         ).fetchall()
         connection.execute(f"DELETE {superseded}")
-        connection.execute(create_sql)
-    count = connection.execute(f"SELECT count(*) FROM {STAGING_TABLE}").fetchone()[0]
+        connection.execute(cachefile.KEY_HASH_INDEX_SQL)
+    count = connection.execute("SELECT count(*) FROM identities").fetchone()[0]
     return count, dropped
 
 
-def finish_rebuild(
+def seal_cache(
     connection: sqlite3.Connection,
+    path: Path,
     cursor: str,
     pulled_at: float,
-    owner: str,
     skipped: dict[str, int | None] | None = None,
     displaced: dict[str, tuple[int, bytes]] | None = None,
 ) -> None:
-    """Swap the indexed staging table in as ``identities`` and store the cursor, atomically.
-
-    Readers keep seeing the old table until this commits. The old table is renamed, not
-    dropped, so the swap costs no time proportional to the cache size.
-    """
-    _check_owner(connection, owner)
-    if not _table_exists(connection, STAGING_TABLE):
-        raise RuntimeError("no staging table to swap in; the rebuild must start again")
-    connection.execute(f"ALTER TABLE identities RENAME TO {RETIRED_TABLE}")
-    connection.execute(f"ALTER TABLE {STAGING_TABLE} RENAME TO identities")
-    connection.execute("DELETE FROM skipped_records")
+    """Store the new cache's cursor and skipped records, then make the file durable."""
+    connection.execute("BEGIN")
     remember_skipped(connection, skipped or {}, displaced)
     _set_meta(
         connection,
@@ -421,17 +380,17 @@ def finish_rebuild(
             LAST_REBUILD_META_KEY: repr(pulled_at),
         },
     )
+    connection.execute("COMMIT")
+    cachefile.seal(connection, path)
 
 
-def abandon_staging(connection: sqlite3.Connection, owner: str) -> None:
-    """Drop the staging table of rebuild ``owner``; a later rebuild's table stays."""
-    if _meta(connection, REBUILD_OWNER_META_KEY) == owner:
-        connection.execute(f"DROP TABLE IF EXISTS {STAGING_TABLE}")
+def switch_cache_file(connection: sqlite3.Connection, name: str, owner: str) -> None:
+    """Name a sealed cache file as the one in use: the swap of a rebuild, in one short commit.
 
-
-def drop_table(connection: sqlite3.Connection, name: str) -> None:
-    assert name in (STAGING_TABLE, RETIRED_TABLE)
-    connection.execute(f"DROP TABLE IF EXISTS {name}")
+    Readers keep the old file until they attach the new one; the cursor is the new file's.
+    """
+    _check_owner(connection, owner)
+    _set_meta(connection, {cachefile.CACHE_FILE_META_KEY: name})
 
 
 def delete_events(connection: sqlite3.Connection, event_ids: list[str]) -> int:
@@ -513,13 +472,18 @@ class StoreAdapter:
     """Implements ``sync.store.SyncStore`` on the daemon's store.
 
     Writes go through the store's one writer. Reads that may scan many rows (digest,
-    outbox) run on a connection of their own in one worker thread, off the event loop.
+    outbox) run on a connection of their own in one worker thread, off the event loop. A
+    snapshot rebuild writes a new cache file on a connection of its own in a builder
+    thread, so neither its inserts nor its index hold the lock that decisions commit under.
     """
 
     def __init__(self, store: Store) -> None:
         self.store = store
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hq-reader")
         self._connection: sqlite3.Connection | None = None
+        self._connection_cache: AttachedCache | None = None
+        self._builder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cache-builder")
+        self._building: tuple[sqlite3.Connection, Path] | None = None
         self._saved_switch_interval: float | None = None
         self._worker: SnapshotWorker | None = None
         self._worker_started = False
@@ -537,6 +501,8 @@ class StoreAdapter:
 
         self._executor.submit(close_connection).result()
         self._executor.shutdown(wait=True)
+        self._builder.submit(self._drop_build).result()
+        self._builder.shutdown(wait=True)
         if self._worker is not None:
             self._worker.kill()
 
@@ -547,9 +513,51 @@ class StoreAdapter:
         def run() -> Any:
             if self._connection is None:
                 self._connection = connect(self.store.path, 5.0)
+                self._connection_cache = AttachedCache(self._connection, self.store.cache)
+            assert self._connection_cache is not None
+            self._connection_cache.refresh()
             return query(self._connection)
 
         return await asyncio.get_running_loop().run_in_executor(self._executor, run)
+
+    async def _build(self, job: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._builder, job, *args)
+
+    def _drop_build(self) -> None:
+        """Close and delete the cache file being built, if any (in the builder thread)."""
+        building, self._building = self._building, None
+        if building is not None:
+            connection, path = building
+            connection.close()
+            cachefile.remove(path)
+
+    async def adopt_cache_file(self) -> None:
+        """Use the cache file the database names, and delete every other one beside it.
+
+        Called with the sync lock held: another process that synced before may have switched
+        files, and files of an interrupted rebuild or an older cache are left over.
+        """
+        # The reader's connection: a new one would first attach the file in use, which the
+        # other process may have deleted after its switch.
+        name = cachefile.pointer(self.store.reader.connection)
+        if name is not None and name != self.store.cache.path.name:
+            await self._use_cache_file(self.store.path.with_name(name))
+        for path in cachefile.cache_files(self.store.path):
+            if path != self.store.cache.path:
+                log.info("store.stale_cache_file_removed", path=str(path))
+                cachefile.remove(path)
+
+    async def _use_cache_file(self, path: Path) -> None:
+        """Move every connection of the store to cache file ``path``."""
+        self.store.cache.path = path
+        self.store.reader.cache.refresh()
+        # The writer attaches the new file before its next batch, this reader before its
+        # next query, the checkpoint thread at its next round.
+        await self.store.writer.submit(lambda connection: None)
+        await self._read(lambda connection: None)
+        deadline = time.monotonic() + CACHE_SWITCH_WAIT_SECONDS
+        while not self.store.attached_everywhere(path) and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
 
     async def apply_changes(
         self, changes: list[Change], cursor: str, pulled_at: float
@@ -565,8 +573,13 @@ class StoreAdapter:
         )
 
     async def begin_rebuild(self) -> None:
+        await self._build(self._drop_build)
         self._rebuild_owner = f"{os.getpid()}-{uuid.uuid4().hex}"
-        await self.store.writer.submit(functools.partial(begin_rebuild, owner=self._rebuild_owner))
+        await self.store.writer.submit(
+            functools.partial(_set_meta, values={REBUILD_OWNER_META_KEY: self._rebuild_owner})
+        )
+        path = cachefile.new_cache_path(self.store.path)
+        self._building = (await self._build(cachefile.build_connection, path), path)
         if self._saved_switch_interval is None:
             self._saved_switch_interval = sys.getswitchinterval()
             sys.setswitchinterval(REBUILD_SWITCH_INTERVAL)
@@ -650,29 +663,19 @@ class StoreAdapter:
         return merge_prepared(parts, STAGE_SLICE_RECORDS)
 
     async def stage_records(self, prepared: PreparedRecords) -> None:
-        # Submitted together, the slices run back to back in order, each in a transaction
-        # of its own, and the writer runs waiting decisions between them. All of them end
-        # before this returns, so a failed rebuild drops its table after the last write.
-        outcomes = await asyncio.gather(
-            *(
-                self.store.writer.submit(
-                    functools.partial(stage_rows, batch=part, owner=self._rebuild_owner),
-                    bulk=True,
-                )
-                for part in prepared.rows
-            ),
-            return_exceptions=True,
-        )
-        for outcome in outcomes:
-            if isinstance(outcome, BaseException):
-                raise outcome
+        # One transaction per block in the builder thread; no decision waits for it.
+        if self._building is None:
+            raise RuntimeError("no cache file is being built; the rebuild must start again")
+        connection, _path = self._building
+        await self._build(stage_rows, connection, join_batches(prepared.rows))
 
     async def finish_rebuild(self, cursor: str, pulled_at: float) -> int:
         await self._end_rebuild()
+        if self._building is None:
+            raise RuntimeError("no cache file is being built; the rebuild must start again")
+        connection, path = self._building
         started = time.monotonic()
-        count, dropped = await self.store.writer.submit(
-            functools.partial(index_staging, owner=self._rebuild_owner), bulk=True
-        )
+        count, dropped = await self._build(index_cache, connection)
         # Credentials that lost their key to a later record are missing from the cache but
         # not from HQ, like invalid records.
         room = max(0, MAX_SKIPPED_RECORDS - len(self._skipped))
@@ -684,26 +687,27 @@ class StoreAdapter:
             duplicate_keys=len(dropped),
             seconds=round(time.monotonic() - started, 2),
         )
-        await self.store.writer.submit(
-            functools.partial(
-                finish_rebuild,
-                cursor=cursor,
-                pulled_at=pulled_at,
-                owner=self._rebuild_owner,
-                skipped=self._skipped,
-                displaced=self._displaced,
-            )
+        await self._build(
+            seal_cache, connection, path, cursor, pulled_at, self._skipped, self._displaced
         )
-        # Dropping the old table frees its pages; as a job of its own it does not lengthen
-        # the swap, and a crash before it leaves a table the next rebuild drops.
-        await self.store.writer.submit(functools.partial(drop_table, name=RETIRED_TABLE))
+        self._building = None
+        try:
+            await self.store.writer.submit(
+                functools.partial(switch_cache_file, name=path.name, owner=self._rebuild_owner)
+            )
+        except BaseException:
+            cachefile.remove(path)
+            raise
+        old = self.store.cache.path
+        await self._use_cache_file(path)
+        # A connection that still has the old file open keeps reading it until it closes.
+        cachefile.remove(old)
+        log.info("sync.cache_file_switched", path=str(path), previous=str(old))
         return count
 
     async def abandon_rebuild(self) -> None:
         await self._end_rebuild()
-        await self.store.writer.submit(
-            functools.partial(abandon_staging, owner=self._rebuild_owner)
-        )
+        await self._build(self._drop_build)
 
     async def _end_rebuild(self) -> None:
         if self._saved_switch_interval is not None:
@@ -780,8 +784,8 @@ class StoreAdapter:
 class SyncLock:
     """An advisory lock on a file beside the database, so one process syncs with HQ at a time.
 
-    Two syncing processes would each rebuild into the one staging table, and the swap
-    would put a partial cache in place. ``serve`` holds the lock while it runs, and
+    Two syncing processes would each delete the other's cache files as left over, and
+    switch the cache under the other. ``serve`` holds the lock while it runs, and
     ``sync --now`` while it syncs.
     """
 
@@ -859,8 +863,9 @@ class HqSync:
         await self._start_service()
 
     async def _start_service(self) -> None:
-        # A rebuild cut short by a crash left tables behind; they are dropped before syncing.
-        await self.store.writer.submit(functools.partial(drop_table, name=RETIRED_TABLE))
+        # A rebuild cut short by a crash left a file behind, and a sync --now that ran while
+        # this daemon waited for the lock may have switched files.
+        await self.adapter.adopt_cache_file()
         await self.service.start()
         self.started = True
 
@@ -1023,6 +1028,7 @@ def sync_now(config: Config, store: Store) -> int:
         adapter = StoreAdapter(store)
         service = SyncService(settings, adapter, progress=progress)
         try:
+            await adapter.adopt_cache_file()
             progress(f"syncing store {settings.store_id} with {settings.base_url}")
             report = await service.run_once()
         except HqError as exc:

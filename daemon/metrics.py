@@ -157,8 +157,8 @@ class _StateCollector(Collector):
         files = GaugeMetricFamily(
             "identity_connector_database_bytes", "Size of the SQLite files.", labels=["file"]
         )
-        files.add_metric(["database"], sizes["database"])
-        files.add_metric(["wal"], sizes["wal"])
+        for name, size in sizes.items():
+            files.add_metric([name], size)
         yield files
 
         yield GaugeMetricFamily(

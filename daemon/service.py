@@ -26,7 +26,14 @@ from daemon.local import LOCAL_KEY
 from daemon.metrics import Metrics
 from daemon.resolver import Resolver, prune_decisions
 from daemon.runtime import Runtime
-from daemon.store import CheckInterrupted, Store, StoreError, check_integrity, check_marker
+from daemon.store import (
+    CheckInterrupted,
+    Store,
+    StoreError,
+    check_integrity,
+    check_marker,
+    open_reader,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -163,10 +170,16 @@ async def _check_in_background(runtime: Runtime, stop: asyncio.Event) -> None:
     timeout = runtime.config.database.busy_timeout
     started = time.monotonic()
     connections: list[sqlite3.Connection] = []
+    # Both files: the database, and the cache file that was in use at start-up.
+    files = (store.path, store.cache.path)
     try:
-        healthy = await asyncio.to_thread(
-            check_integrity, store.path, timeout, True, connections.append
-        )
+        healthy = True
+        for path in files:
+            if path != store.path and path != store.cache.path:
+                continue  # a rebuild replaced the cache file meanwhile
+            healthy = healthy and await asyncio.to_thread(
+                check_integrity, path, timeout, True, connections.append
+            )
     except asyncio.CancelledError:
         # A stop during the check interrupts it: the check of millions of identities takes
         # longer than a service manager waits for a stop. The next start checks again.
@@ -226,7 +239,7 @@ async def _report_status(runtime: Runtime) -> None:
 
 
 def _count_identities(path: Path, busy_timeout: float) -> int:
-    connection = sqlite3.connect(path, timeout=busy_timeout)
+    connection = open_reader(path, busy_timeout)
     try:
         return connection.execute("SELECT count(*) FROM identities").fetchone()[0]
     finally:

@@ -1,5 +1,8 @@
 """The SQLite store: identity cache, idempotency records and the audit outbox.
 
+The identity cache lives in a file of its own, attached to each connection (see
+``daemon.cachefile``); the main database holds decisions, the outbox and ``meta``.
+
 All writes of the daemon go through one writer thread (``StoreWriter``), so no two writers
 contend and a burst of decisions shares one commit. Readers use their own connections. Scanned
 values and identity keys are stored only as HMAC-SHA-256 digests under a secret kept in a file
@@ -27,12 +30,15 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar, get_args
 
 import structlog
 
+from daemon import cachefile
+from daemon.cachefile import AttachedCache, CacheFileMissing, CacheSlot
+
 if TYPE_CHECKING:
     import sqlite_utils
 
 log = structlog.get_logger(__name__)
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 SECRET_BYTES = 32
 # meta key: audit events deleted unsent by the outbox bound since the database was created.
 OUTBOX_DROPPED_META_KEY = "outbox_dropped_total"
@@ -189,7 +195,7 @@ def connect(
 
 
 # Each migration runs inside the transaction that also sets user_version.
-def _migrate_1(db: sqlite_utils.Database) -> None:
+def _migrate_1(db: sqlite_utils.Database, path: Path) -> None:
     db["identities"].create(
         {
             "credential_id": str,
@@ -232,7 +238,7 @@ def _migrate_1(db: sqlite_utils.Database) -> None:
     db["meta"].create({"key": str, "value": str}, pk="key", not_null={"value"})
 
 
-def _migrate_2(db: sqlite_utils.Database) -> None:
+def _migrate_2(db: sqlite_utils.Database, path: Path) -> None:
     # Records HQ sent that the cache could not hold (they failed validation), by credential
     # and version: the digest comparison counts them as present, so one bad record at HQ
     # does not make every reconciliation rebuild the cache.
@@ -241,11 +247,56 @@ def _migrate_2(db: sqlite_utils.Database) -> None:
     )
 
 
-def _migrate_3(db: sqlite_utils.Database) -> None:
+def _migrate_3(db: sqlite_utils.Database, path: Path) -> None:
     # The key a credential lost to another credential's record. Such an entry counts in
     # the digest only while some credential has that key. Once the other one is removed,
     # the cache lacks a record HQ has again, and the digests must differ.
     db.execute("ALTER TABLE skipped_records ADD COLUMN key_hash BLOB")
+
+
+def _migrate_4(db: sqlite_utils.Database, path: Path) -> None:
+    # The identity cache moves to a file of its own, so a snapshot rebuild can build a new
+    # one without holding the lock that decisions commit under. The rows are copied through
+    # this process: a database created in this transaction has uncommitted tables that no
+    # other connection could read.
+    connection = db.conn
+    for stale in cachefile.cache_files(path):
+        # Left by a migration that stopped before its commit; nothing else can exist yet.
+        cachefile.remove(stale)
+    target = cachefile.new_cache_path(path)
+    builder = cachefile.build_connection(target)
+    try:
+        columns = ", ".join(cachefile.IDENTITY_COLUMNS)
+        marks = ", ".join("?" for _ in cachefile.IDENTITY_COLUMNS)
+        builder.execute("BEGIN")
+        builder.executemany(
+            f"INSERT INTO identities ({columns}) VALUES ({marks})",
+            connection.execute(f"SELECT {columns} FROM identities"),
+        )
+        builder.executemany(
+            "INSERT INTO skipped_records (credential_id, version, key_hash) VALUES (?, ?, ?)",
+            connection.execute("SELECT credential_id, version, key_hash FROM skipped_records"),
+        )
+        keys = sorted(cachefile.CACHE_META_KEYS)
+        in_keys = f"key IN ({', '.join('?' for _ in keys)})"
+        builder.executemany(
+            "INSERT INTO cache_meta (key, value) VALUES (?, ?)",
+            connection.execute(f"SELECT key, value FROM meta WHERE {in_keys}", keys),
+        )
+        builder.execute(cachefile.KEY_HASH_INDEX_SQL)
+        builder.execute("COMMIT")
+    except BaseException:
+        builder.close()
+        cachefile.remove(target)
+        raise
+    cachefile.seal(builder, target)
+    for table in ("identities", "skipped_records", "identities_staging", "identities_retired"):
+        connection.execute(f"DROP TABLE IF EXISTS {table}")
+    connection.execute(f"DELETE FROM meta WHERE {in_keys}", keys)
+    connection.execute(
+        "INSERT INTO meta (key, value) VALUES (?, ?)",
+        (cachefile.CACHE_FILE_META_KEY, target.name),
+    )
 
 
 def _newer_schema_message(path: Path, version: int) -> str:
@@ -256,10 +307,11 @@ def _newer_schema_message(path: Path, version: int) -> str:
     )
 
 
-MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {
+MIGRATIONS: dict[int, Callable[[sqlite_utils.Database, Path], None]] = {
     1: _migrate_1,
     2: _migrate_2,
     3: _migrate_3,
+    4: _migrate_4,
 }
 
 
@@ -278,8 +330,13 @@ def migrate(connection: sqlite3.Connection, path: Path) -> int:
     db = sqlite_utils.Database(connection)
     connection.execute("BEGIN IMMEDIATE")
     try:
+        # Another process may have migrated while this one waited for the lock.
+        version = connection.execute("PRAGMA user_version").fetchone()[0]
+        if version >= SCHEMA_VERSION:
+            connection.execute("ROLLBACK")
+            return version
         for target in range(version + 1, SCHEMA_VERSION + 1):
-            MIGRATIONS[target](db)
+            MIGRATIONS[target](db, path)
         connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         connection.execute("COMMIT")
     except BaseException:
@@ -350,20 +407,21 @@ def check_marker(path: Path) -> Path:
     return Path(str(path) + ".check-required")
 
 
-def open_database(path: Path, busy_timeout: float) -> tuple[sqlite3.Connection, bool]:
-    """Open the database, checking integrity and migrating; a corrupt file is moved aside.
+def open_database(path: Path, busy_timeout: float) -> tuple[sqlite3.Connection, CacheSlot, bool]:
+    """Open the database and its cache file, checking integrity and migrating.
 
-    Returns the connection and whether the integrity check was deferred: a file larger than
-    SYNC_CHECK_MAX_BYTES is checked after start-up by ``check_integrity`` in a thread, unless
-    an earlier background check failed and left the marker file.
+    A corrupt database or cache file is moved aside. Returns the connection (without the
+    cache attached), the cache file in use and whether the integrity check was deferred: a
+    file larger than SYNC_CHECK_MAX_BYTES is checked after start-up by ``check_integrity``
+    in a thread, unless an earlier background check failed and left the marker file.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     marker = check_marker(path)
+    check_all = marker.exists()
     size = path.stat().st_size if path.exists() else 0
-    deferred = size > SYNC_CHECK_MAX_BYTES and not marker.exists()
+    deferred = size > SYNC_CHECK_MAX_BYTES and not check_all
     if size > 0 and not deferred and not check_integrity(path, busy_timeout):
         _move_corrupt_aside(path)
-    marker.unlink(missing_ok=True)
 
     try:
         connection = _connect_and_migrate(path, busy_timeout)
@@ -373,7 +431,80 @@ def open_database(path: Path, busy_timeout: float) -> tuple[sqlite3.Connection, 
         _move_corrupt_aside(path)
         connection = _connect_and_migrate(path, busy_timeout)
         deferred = False
-    return connection, deferred
+    try:
+        slot, cache_deferred = _open_cache_file(connection, path, busy_timeout, check_all)
+    except BaseException:
+        connection.close()
+        raise
+    marker.unlink(missing_ok=True)
+    return connection, slot, deferred or cache_deferred
+
+
+def _open_cache_file(
+    connection: sqlite3.Connection, path: Path, busy_timeout: float, check_all: bool
+) -> tuple[CacheSlot, bool]:
+    """Find the cache file the database names; replace a missing or corrupt one."""
+    name = cachefile.pointer(connection)
+    usable = name is not None and "/" not in name and name not in ("", ".", "..")
+    cache_path = path.with_name(name) if name and usable else None
+    if cache_path is None or not cache_path.is_file():
+        log.error(
+            "store.cache_file_missing",
+            path=str(cache_path) if cache_path else None,
+            database=str(path),
+            action="starting with an empty cache; import the identities again or let HQ sync"
+            " rebuild it",
+        )
+        return CacheSlot(_replace_cache_file(connection, path)), False
+    size = cache_path.stat().st_size
+    deferred = size > SYNC_CHECK_MAX_BYTES and not check_all
+    healthy = deferred or check_integrity(cache_path, busy_timeout)
+    if healthy:
+        try:
+            probe = sqlite3.connect(cache_path, timeout=busy_timeout)
+            try:
+                version = probe.execute("PRAGMA user_version").fetchone()[0]
+            finally:
+                probe.close()
+        except sqlite3.DatabaseError as exc:
+            log.error("store.unreadable", path=str(cache_path), error=str(exc))
+            healthy = False
+        else:
+            if version > cachefile.CACHE_SCHEMA_VERSION:
+                raise StoreError(
+                    f"identity cache file {cache_path} has schema version {version}, newer"
+                    f" than the {cachefile.CACHE_SCHEMA_VERSION} this build supports: install"
+                    " the newer release; the file was left untouched"
+                )
+    if not healthy:
+        _move_corrupt_aside(cache_path)
+        return CacheSlot(_replace_cache_file(connection, path)), False
+    return CacheSlot(cache_path), deferred
+
+
+def _replace_cache_file(connection: sqlite3.Connection, path: Path) -> Path:
+    """Create an empty cache file and name it in the database; return its path."""
+    target = cachefile.new_cache_path(path)
+    cachefile.create_empty(target)
+    connection.execute(
+        "INSERT INTO meta (key, value) VALUES (?, ?)"
+        " ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+        (cachefile.CACHE_FILE_META_KEY, target.name),
+    )
+    return target
+
+
+def open_reader(path: Path, busy_timeout: float) -> sqlite3.Connection:
+    """A connection to the database with the cache file it names attached, for one-off reads."""
+    connection = sqlite3.connect(path, timeout=busy_timeout, check_same_thread=False)
+    try:
+        name = cachefile.pointer(connection)
+        if name is not None:
+            cachefile.attach(connection, path.with_name(name))
+    except BaseException:
+        connection.close()
+        raise
+    return connection
 
 
 def _connect_and_migrate(path: Path, busy_timeout: float) -> sqlite3.Connection:
@@ -431,8 +562,16 @@ _IDENTITY_COLUMNS = (
 class StoreReader:
     """Read queries on a connection of its own; use it from one thread at a time."""
 
-    def __init__(self, connection: sqlite3.Connection) -> None:
-        self.connection = connection
+    def __init__(self, connection: sqlite3.Connection, slot: CacheSlot) -> None:
+        self._connection = connection
+        self.cache = AttachedCache(connection, slot, cache_kib=READER_CACHE_KIB)
+        self.cache.refresh()
+
+    @property
+    def connection(self) -> sqlite3.Connection:
+        """The connection, with the cache file in use attached."""
+        self.cache.refresh()
+        return self._connection
 
     def identity_by_hash(self, key_hash: bytes) -> Identity | None:
         row = self.connection.execute(
@@ -448,7 +587,8 @@ class StoreReader:
         return StoredDecision(request_hash=row[0], response=row[1]) if row else None
 
     def meta(self, key: str) -> str | None:
-        row = self.connection.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        table = cachefile.meta_table(key)
+        row = self.connection.execute(f"SELECT value FROM {table} WHERE key = ?", (key,)).fetchone()
         return row[0] if row else None
 
     def count(self, table: str) -> int:
@@ -488,16 +628,22 @@ class StoreWriter:
     """
 
     def __init__(
-        self, path: Path, busy_timeout: float, synchronous: SynchronousMode = "normal"
+        self,
+        path: Path,
+        slot: CacheSlot,
+        busy_timeout: float,
+        synchronous: SynchronousMode = "normal",
     ) -> None:
         self._connection = connect(path, busy_timeout, synchronous)
+        self.cache = AttachedCache(self._connection, slot, synchronous)
+        self.cache.refresh()
         # Checkpoints run in a thread of their own: an automatic checkpoint runs inside the
         # commit that crosses the threshold and fsyncs the database file, which held that
         # decision's response back by 10-20 ms on the benchmark machine.
         self._connection.execute("PRAGMA wal_autocheckpoint = 0")
         # When the WAL starts over, the file is cut back to this size.
         self._connection.execute(f"PRAGMA journal_size_limit = {WAL_RESTART_FRAMES * 4096}")
-        self._checkpointer = Checkpointer(path, busy_timeout)
+        self._checkpointer = Checkpointer(path, slot, busy_timeout)
         # Each item is a list of (job, waiter, bulk) or _STOP.
         self._jobs: queue.SimpleQueue[list[tuple[Any, Any, bool]]] = queue.SimpleQueue()
         self._outgoing: dict[asyncio.AbstractEventLoop, list[tuple[Any, Any, bool]]] = {}
@@ -533,6 +679,11 @@ class StoreWriter:
     @property
     def alive(self) -> bool:
         return self._thread.is_alive()
+
+    @property
+    def cache_paths(self) -> tuple[Path | None, Path | None]:
+        """The cache files attached to the writer's and the checkpoint thread's connections."""
+        return self.cache.path, self._checkpointer.cache.path
 
     def close(self) -> None:
         """Finish the queued jobs, then stop the thread and close the connection."""
@@ -591,13 +742,15 @@ class StoreWriter:
         # reads an older snapshot. Few frames are left, because the checkpoint thread copied
         # the rest.
         try:
-            self._connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            self._connection.execute("PRAGMA main.wal_checkpoint(PASSIVE)").fetchone()
         except sqlite3.Error as exc:
             log.warning("store.checkpoint_failed", error=str(exc))
 
     def _commit_batch(self, batch: list) -> None:
         connection = self._connection
         try:
+            # After a rebuild switched cache files, the next batch writes to the new one.
+            self.cache.refresh()
             outcomes = self._run_in_one_transaction(batch)
         except _JobFailed:
             # One job raised: the shared transaction is gone, so give every job a transaction
@@ -675,8 +828,10 @@ class Checkpointer:
     copies the last frames itself between two batches (``restart_due``).
     """
 
-    def __init__(self, path: Path, busy_timeout: float) -> None:
+    def __init__(self, path: Path, slot: CacheSlot, busy_timeout: float) -> None:
         self._connection = connect(path, busy_timeout)
+        self.cache = AttachedCache(self._connection, slot)
+        self.cache.refresh()
         self._stop = threading.Event()
         self.restart_due = False
         """Flag set when the catch-up rounds did not copy the whole WAL: the writer does it."""
@@ -694,9 +849,14 @@ class Checkpointer:
             wait = CHECKPOINT_INTERVAL
             try:
                 _busy, frames, copied = self._connection.execute(
-                    "PRAGMA wal_checkpoint(PASSIVE)"
+                    "PRAGMA main.wal_checkpoint(PASSIVE)"
                 ).fetchone()
                 wait = self._plan_restart(frames, copied)
+                # The cache file's WAL grows only with pulls and imports; it needs no hold.
+                self.cache.refresh()
+                self._connection.execute(
+                    f"PRAGMA {cachefile.ALIAS}.wal_checkpoint(PASSIVE)"
+                ).fetchone()
             except sqlite3.Error as exc:
                 # A failing checkpoint cannot end a hold, so it must not keep one either.
                 self.holding_bulk = False
@@ -784,6 +944,8 @@ class Store:
     hasher: KeyHasher
     reader: StoreReader
     writer: StoreWriter
+    cache: CacheSlot
+    """The identity cache file in use; a snapshot rebuild switches it."""
     check_deferred: bool = False
     """The integrity check still has to run; see ``open_database``."""
 
@@ -797,24 +959,29 @@ class Store:
     ) -> Store:
         """Open or create the database; ``synchronous`` applies to the writer's commits."""
         existed = path.exists() and path.stat().st_size > 0
-        connection, deferred = open_database(path, busy_timeout)
-        # Decisions and outbox rows hold HMACs too: idempotent replays and audit fingerprints
-        # depend on the secret as much as the identities do.
-        database_has_rows = existed and any(
-            connection.execute(f"SELECT 1 FROM {table} LIMIT 1").fetchone() is not None
-            for table in ("identities", "decisions", "outbox")
-        )
+        connection, slot, deferred = open_database(path, busy_timeout)
         try:
+            connection.execute(f"PRAGMA cache_size = {-READER_CACHE_KIB}")
+            reader = StoreReader(connection, slot)
+            # Decisions and outbox rows hold HMACs too: idempotent replays and audit
+            # fingerprints depend on the secret as much as the identities do.
+            database_has_rows = existed and any(
+                connection.execute(f"SELECT 1 FROM {table} LIMIT 1").fetchone() is not None
+                for table in ("identities", "decisions", "outbox")
+            )
             secret = load_or_create_secret(secret_path, database_has_rows)
+        except CacheFileMissing as exc:
+            connection.close()
+            raise StoreError(f"identity cache file {exc} disappeared while opening it") from None
         except BaseException:
             connection.close()
             raise
-        connection.execute(f"PRAGMA cache_size = {-READER_CACHE_KIB}")
         return cls(
             path=path,
             hasher=KeyHasher(secret),
-            reader=StoreReader(connection),
-            writer=StoreWriter(path, busy_timeout, synchronous),
+            reader=reader,
+            writer=StoreWriter(path, slot, busy_timeout, synchronous),
+            cache=slot,
             check_deferred=deferred,
         )
 
@@ -822,11 +989,23 @@ class Store:
         self.writer.close()
         self.reader.connection.close()
 
+    def attached_everywhere(self, path: Path) -> bool:
+        """Whether the reader, the writer and the checkpoint thread all use cache file ``path``."""
+        return self.reader.cache.path is path and all(
+            attached is path for attached in self.writer.cache_paths
+        )
+
     def file_sizes(self) -> dict[str, int]:
         sizes = {}
-        for suffix, name in (("", "database"), ("-wal", "wal")):
+        files = (
+            (self.path, "", "database"),
+            (self.path, "-wal", "wal"),
+            (self.cache.path, "", "cache"),
+            (self.cache.path, "-wal", "cacheWal"),
+        )
+        for base, suffix, name in files:
             try:
-                sizes[name] = Path(str(self.path) + suffix).stat().st_size
+                sizes[name] = Path(str(base) + suffix).stat().st_size
             except FileNotFoundError:
                 sizes[name] = 0
         return sizes

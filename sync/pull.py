@@ -36,8 +36,8 @@ class Puller:
     """Brings the local cache to HQ's latest cursor.
 
     Each page of changes commits together with its cursor, so a crash between pages
-    resumes from the last committed one. A rebuild fills a staging table while the old
-    cache keeps serving, and swaps it in with the snapshot's cursor in one transaction.
+    resumes from the last committed one. A rebuild fills a new cache file while the old
+    cache keeps serving, and switches to it, with the snapshot's cursor, in one commit.
     """
 
     def __init__(
@@ -110,8 +110,8 @@ class Puller:
             cursor = await self._stage_snapshot(report)
             count = await self.store.finish_rebuild(cursor, time.time())
         except Exception:
-            # The old cache stays in use; a crash here instead leaves the staging table,
-            # which the next rebuild drops.
+            # The old cache stays in use; a crash here instead leaves the new file, which
+            # the next sync start deletes.
             await self.store.abandon_rebuild()
             raise
         report.rebuilt = True
@@ -133,8 +133,8 @@ class Puller:
         return count
 
     async def _stage_snapshot(self, report: PullReport) -> str:
-        # The writer stages one block while the next is read and prepared, so at most two
-        # blocks are held in memory.
+        # One block is staged while the next is read and prepared, so at most two blocks
+        # are held in memory.
         writing: asyncio.Task[None] | None = None
         failure: BaseException | None = None
         received = 0
@@ -147,7 +147,7 @@ class Puller:
                 stream.check_count(received)
                 cursor = stream.cursor
         finally:
-            # A staging write still queued must finish before the caller drops the table.
+            # A staging write still running must finish before the caller drops the file.
             if writing is not None:
                 await asyncio.wait([writing])
                 failure = writing.exception()

@@ -69,7 +69,7 @@ class SyncStore(Protocol):
         ...
 
     async def begin_rebuild(self) -> None:
-        """Create an empty staging table, dropping what an interrupted rebuild left."""
+        """Start an empty cache file, dropping what an interrupted rebuild of this process left."""
         ...
 
     async def prepare_lines(self, first_line: int, lines: bytes) -> PreparedRecords:
@@ -81,24 +81,24 @@ class SyncStore(Protocol):
         ...
 
     async def stage_records(self, prepared: PreparedRecords) -> None:
-        """Add prepared records to the staging table, in short transactions of their own.
+        """Add prepared records to the cache file being built, apart from the cache in use.
 
-        The writer runs them only while no other write waits. Records staged later take
-        over the credential id and the key of records staged earlier.
+        Records staged later take over the credential id and the key of records staged
+        earlier.
         """
         ...
 
     async def finish_rebuild(self, cursor: str, pulled_at: float) -> int:
-        """Index the staging table, then swap it in as the cache with the new cursor.
+        """Index the new cache file, store the cursor in it, then put it in place of the cache.
 
-        The swap and the cursor commit in one transaction.
+        The switch is one short commit; the old cache serves until then.
 
         Returns the number of identities in the new cache.
         """
         ...
 
     async def abandon_rebuild(self) -> None:
-        """Drop the staging table; the old cache stays in use."""
+        """Delete the cache file being built; the old cache stays in use."""
         ...
 
     async def local_digest(self) -> tuple[int, str]:

@@ -23,6 +23,8 @@ from typing import Any, Literal
 from aiohttp import web
 from aiohttp.web import ContentCoding
 
+from daemon import cachefile
+
 TOKEN = "fake-hq-token-3c9d"
 SnapshotMode = Literal["ok", "cut", "invalid"]
 AckMode = Literal["all", "partial", "duplicate", "none"]
@@ -368,16 +370,24 @@ def wait_until(predicate: Callable[[], Any], timeout: float = WAIT_TIMEOUT, what
 
 
 def query(database: Path, sql: str, parameters: tuple = ()) -> list[tuple]:
-    """Run a read query on its own connection, as another process would."""
+    """Run a read query on its own connection, as another process would.
+
+    The cache file the database names is attached, so the query sees the identities too.
+    """
     connection = sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=10)
     try:
+        name = cachefile.pointer(connection)
+        if name is not None:
+            cache = database.with_name(name)
+            connection.execute(f"ATTACH DATABASE 'file:{cache}?mode=ro' AS {cachefile.ALIAS}")
         return connection.execute(sql, parameters).fetchall()
     finally:
         connection.close()
 
 
 def meta(database: Path, key: str) -> str | None:
-    rows = query(database, "SELECT value FROM meta WHERE key = ?", (key,))
+    table = cachefile.meta_table(key)
+    rows = query(database, f"SELECT value FROM {table} WHERE key = ?", (key,))
     return rows[0][0] if rows else None
 
 

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import contextlib
-import sqlite3
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
+from daemon.store import open_reader
 from tests.conftest import REPO
 
 # A `serve` that rejects its database exits within a second or two. The bound matters only
@@ -17,14 +17,17 @@ SERVE_EXIT_TIMEOUT = 15.0
 
 
 def query_one(database: Path, sql: str, parameters: tuple[Any, ...] = ()) -> Any:
-    """Run one query on a connection of the test's own and return the first column of row 1."""
-    with contextlib.closing(sqlite3.connect(database)) as connection:
+    """Run one query on a connection of the test's own and return the first column of row 1.
+
+    The cache file the database names, if any, is attached, so the query sees the identities.
+    """
+    with contextlib.closing(open_reader(database, 5.0)) as connection:
         row = connection.execute(sql, parameters).fetchone()
     return row[0] if row else None
 
 
 def query_all(database: Path, sql: str) -> list[tuple[Any, ...]]:
-    with contextlib.closing(sqlite3.connect(database)) as connection:
+    with contextlib.closing(open_reader(database, 5.0)) as connection:
         return connection.execute(sql).fetchall()
 
 

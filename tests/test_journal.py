@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import socket
-import sqlite3
 import struct
 import subprocess
 import sys
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from daemon.store import open_reader
 from tests.conftest import Daemon, make_daemon
 
 WAIT = 15.0
@@ -97,7 +97,7 @@ def test_traceback_sent_as_binary_field(tmp_path: Path, journal: JournalSocket) 
     instance = _journal_daemon(tmp_path, journal, "journal")
     instance.start()
     try:
-        connection = sqlite3.connect(instance.database)
+        connection = open_reader(instance.database, 5.0)
         connection.execute("DROP TABLE identities")
         connection.commit()
         connection.close()

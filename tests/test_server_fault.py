@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import sqlite3
-
+from daemon.store import open_reader
 from tests.conftest import Daemon
 
 
 def test_database_fault_gives_500_without_internals(daemon: Daemon) -> None:
-    # Dropping the table under the running daemon is a genuine fault in its storage.
-    connection = sqlite3.connect(daemon.database)
+    # Dropping the cache's table under the running daemon is a genuine fault in its storage.
+    connection = open_reader(daemon.database, 5.0)
     connection.execute("DROP TABLE identities")
     connection.commit()
     connection.close()
@@ -31,7 +30,7 @@ def test_database_fault_gives_500_without_internals(daemon: Daemon) -> None:
 
 def test_readyz_reports_database_fault(daemon: Daemon) -> None:
     assert daemon.request("GET", "/readyz").status == 200
-    connection = sqlite3.connect(daemon.database)
+    connection = open_reader(daemon.database, 5.0)
     connection.execute("DROP TABLE identities")
     connection.commit()
     connection.close()
@@ -40,7 +39,7 @@ def test_readyz_reports_database_fault(daemon: Daemon) -> None:
 
 def test_database_fault_logged_once_per_minute(daemon: Daemon) -> None:
     # A probe polling /readyz must not fill the journal with one line per call.
-    connection = sqlite3.connect(daemon.database)
+    connection = open_reader(daemon.database, 5.0)
     connection.execute("DROP TABLE identities")
     connection.commit()
     connection.close()

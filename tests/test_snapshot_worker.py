@@ -16,6 +16,7 @@ import pytest
 import uvloop
 from aiohttp import web
 
+from daemon import cachefile
 from daemon.hq import RebuildTakenOver, StoreAdapter
 from daemon.normalize import normalize_key
 from daemon.snapshot_worker import (
@@ -334,8 +335,9 @@ def test_later_rebuild_stops_earlier_one(tmp_path: Path) -> None:
         await first.begin_rebuild()
         await first.stage_records(await first.prepare_lines(1, lines))
         await second.begin_rebuild()
+        await first.stage_records(await first.prepare_lines(41, lines))
         try:
-            await first.stage_records(await first.prepare_lines(41, lines))
+            await first.finish_rebuild("1.0", 1.0)
         except RebuildTakenOver as exc:
             error = str(exc)
         else:
@@ -346,9 +348,14 @@ def test_later_rebuild_stops_earlier_one(tmp_path: Path) -> None:
 
     try:
         error, count = run(scenario())
+        files = cachefile.cache_files(second_store.path)
+        in_use = second_store.cache.path
+        cursor = second_store.reader.meta("cursor")
     finally:
         for adapter, store in ((first, first_store), (second, second_store)):
             adapter.close()
             store.close()
     assert "another process began rebuilding" in error
     assert count == 40
+    assert cursor == "2.0"
+    assert files == [in_use], "the stopped rebuild's file or the old cache file was left"

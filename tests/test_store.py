@@ -7,6 +7,8 @@ daemon subprocess, and inspects the files afterwards with the test's own SQLite 
 from __future__ import annotations
 
 import base64
+import contextlib
+import functools
 import json
 import sqlite3
 import stat
@@ -18,11 +20,13 @@ from pathlib import Path
 
 import pytest
 
-from daemon.store import SCHEMA_VERSION, CheckInterrupted, check_integrity
+from daemon import cachefile
+from daemon.store import MIGRATIONS, SCHEMA_VERSION, CheckInterrupted, check_integrity
 from tests.conftest import SAMPLE_RECORDS, Daemon, free_port, make_daemon, run_cli, write_config
 from tests.helpers_store import count_rows, query_all, query_one, run_serve_until_exit
 
-EXPECTED_TABLES = {"identities", "decisions", "outbox", "meta", "skipped_records"}
+EXPECTED_TABLES = {"decisions", "outbox", "meta"}
+EXPECTED_CACHE_TABLES = {"identities", "skipped_records", "cache_meta"}
 PAGE_SIZE = 4096
 
 
@@ -58,35 +62,57 @@ def test_migration_sets_user_version(tmp_path: Path, initial: str) -> None:
 
     assert result.returncode == 0, result.stderr
     assert query_one(database, "PRAGMA user_version") == SCHEMA_VERSION
-    tables = {row[0] for row in query_all(database, "SELECT name FROM sqlite_master")}
+    tables = {row[0] for row in query_all(database, "SELECT name FROM main.sqlite_master")}
     assert tables >= EXPECTED_TABLES
+    assert not tables & EXPECTED_CACHE_TABLES, "cache tables left in the main database"
+    cache_tables = {row[0] for row in query_all(database, "SELECT name FROM cache.sqlite_master")}
+    assert cache_tables >= EXPECTED_CACHE_TABLES
 
 
-# How to turn a current database back into what an older schema version left.
-OLDER_SCHEMAS = {
-    1: ["DROP TABLE skipped_records"],
-    2: ["ALTER TABLE skipped_records DROP COLUMN key_hash"],
-}
+def make_old_database(database: Path, version: int) -> None:
+    """A database as schema ``version`` left it: identities, a cursor and a skipped record."""
+    import sqlite_utils
+
+    connection = sqlite3.connect(database)
+    for step in range(1, version + 1):
+        MIGRATIONS[step](sqlite_utils.Database(connection), database)
+    for number in (1, 2):
+        connection.execute(
+            "INSERT INTO identities (credential_id, key_hash, identity_id, type, status,"
+            " stores, version) VALUES (?, ?, ?, 'SHOPPER', 'ACTIVE', '[\"STORE-001\"]', 3)",
+            (f"OLD-{number}", bytes([number]) * 32, f"old-shopper-{number}"),
+        )
+    connection.execute("INSERT INTO meta (key, value) VALUES ('cursor', '41.7')")
+    connection.execute("INSERT INTO meta (key, value) VALUES ('hq_state', 'online')")
+    if version >= 2:
+        connection.execute("INSERT INTO skipped_records (credential_id, version) VALUES ('BAD', 2)")
+    connection.execute(f"PRAGMA user_version = {version}")
+    connection.commit()
+    connection.close()
 
 
-@pytest.mark.parametrize("version", sorted(OLDER_SCHEMAS))
+@pytest.mark.parametrize("version", range(1, SCHEMA_VERSION))
 def test_migration_from_older_version_keeps_rows(tmp_path: Path, version: int) -> None:
     config = write_config(tmp_path, free_port())
     database = tmp_path / "connector.sqlite3"
+    make_old_database(database, version)
+    secret_path(database).write_text("ab" * 32 + "\n", encoding="ascii")
+    secret_path(database).chmod(0o600)
     records = write_records(tmp_path / "records.jsonl", SAMPLE_RECORDS[:2])
-    assert run_cli("import", "--config", str(config), str(records)).returncode == 0
-    with sqlite3.connect(database) as connection:
-        for statement in OLDER_SCHEMAS[version]:
-            connection.execute(statement)
-        connection.execute(f"PRAGMA user_version = {version}")
 
     result = run_cli("import", "--config", str(config), str(records))
 
     assert result.returncode == 0, result.stderr
     assert query_one(database, "PRAGMA user_version") == SCHEMA_VERSION
-    assert query_one(database, "SELECT count(*) FROM skipped_records") == 0
-    assert query_one(database, "SELECT count(key_hash) FROM skipped_records") == 0
-    assert query_one(database, "SELECT count(*) FROM identities") == 2
+    assert query_one(database, "SELECT count(*) FROM identities") == 4
+    assert query_one(
+        database, "SELECT identity_id FROM identities WHERE credential_id = 'OLD-2'"
+    ) == ("old-shopper-2")
+    assert query_one(database, "SELECT count(*) FROM skipped_records") == (1 if version >= 2 else 0)
+    assert query_one(database, "SELECT value FROM cache_meta WHERE key = 'cursor'") == "41.7"
+    assert query_one(database, "SELECT count(*) FROM main.meta WHERE key = 'cursor'") == 0
+    assert query_one(database, "SELECT value FROM main.meta WHERE key = 'hq_state'") == "online"
+    assert len(cachefile.cache_files(database)) == 1
 
 
 def make_newer_database(directory: Path, journal_mode: str) -> Daemon:
@@ -149,9 +175,12 @@ def corrupt_with_garbage(database: Path) -> None:
     database.write_bytes(bytes((index * 131 + 7) % 256 for index in range(size)))
 
 
-def corrupt_table_page(database: Path) -> None:
-    """Overwrite the identities table's root page, keeping a valid SQLite header."""
-    root = query_one(database, "SELECT rootpage FROM sqlite_master WHERE name = 'identities'")
+def corrupt_table_page(database: Path, table: str = "identities") -> None:
+    """Overwrite a table's root page, keeping a valid SQLite header."""
+    with contextlib.closing(sqlite3.connect(database)) as connection:
+        (root,) = connection.execute(
+            "SELECT rootpage FROM sqlite_master WHERE name = ?", (table,)
+        ).fetchone()
     data = bytearray(database.read_bytes())
     start = (root - 1) * PAGE_SIZE
     data[start : start + PAGE_SIZE] = b"\xa5" * PAGE_SIZE
@@ -164,8 +193,11 @@ def corrupt_index_entry(database: Path) -> None:
     The file stays readable, and only PRAGMA integrity_check notices the damage (a row missing
     from the identities_key_hash index).
     """
-    root = query_one(database, "SELECT rootpage FROM sqlite_master WHERE name = 'identities'")
-    key_hash = query_one(database, "SELECT key_hash FROM identities LIMIT 1")
+    with contextlib.closing(sqlite3.connect(database)) as connection:
+        root, key_hash = connection.execute(
+            "SELECT (SELECT rootpage FROM sqlite_master WHERE name = 'identities'),"
+            " (SELECT key_hash FROM identities LIMIT 1)"
+        ).fetchone()
     data = bytearray(database.read_bytes())
     start = (root - 1) * PAGE_SIZE
     offset = data.find(key_hash, start, start + PAGE_SIZE)
@@ -174,18 +206,34 @@ def corrupt_index_entry(database: Path) -> None:
     database.write_bytes(bytes(data))
 
 
-CORRUPTIONS: dict[str, Callable[[Path], None]] = {
-    "not a database": corrupt_with_garbage,
-    "malformed table page": corrupt_table_page,
-    "index disagrees with table": corrupt_index_entry,
+def checkpointed_cache_file(database: Path) -> Path:
+    """The cache file in use, with its WAL copied in, so its bytes are the whole cache."""
+    (path,) = cachefile.cache_files(database)
+    with contextlib.closing(sqlite3.connect(path)) as connection:
+        connection.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+    return path
+
+
+# (file to damage, damage): the main database or the identity cache file.
+CORRUPTIONS: dict[str, tuple[str, Callable[[Path], None]]] = {
+    "database not a database": ("database", corrupt_with_garbage),
+    "database malformed table page": (
+        "database",
+        functools.partial(corrupt_table_page, table="decisions"),
+    ),
+    "cache not a database": ("cache", corrupt_with_garbage),
+    "cache malformed table page": ("cache", corrupt_table_page),
+    "cache index disagrees with table": ("cache", corrupt_index_entry),
 }
 
 
 @pytest.mark.parametrize("kind", list(CORRUPTIONS))
-def test_corrupt_database_moved_aside(tmp_path: Path, kind: str) -> None:
+def test_corrupt_file_moved_aside(tmp_path: Path, kind: str) -> None:
     daemon = make_daemon(tmp_path / "corrupt")
-    CORRUPTIONS[kind](daemon.database)
-    corrupted = daemon.database.read_bytes()
+    which, damage = CORRUPTIONS[kind]
+    target = daemon.database if which == "database" else checkpointed_cache_file(daemon.database)
+    damage(target)
+    corrupted = target.read_bytes()
 
     try:
         daemon.start()
@@ -197,7 +245,7 @@ def test_corrupt_database_moved_aside(tmp_path: Path, kind: str) -> None:
 
     moved = [
         path
-        for path in daemon.directory.glob("connector.sqlite3.corrupt-*")
+        for path in daemon.directory.glob(f"{target.name}.corrupt-*")
         if not path.name.endswith(("-wal", "-shm"))
     ]
     assert len(moved) == 1, f"expected one moved-aside file, found {moved}"
@@ -209,6 +257,26 @@ def test_corrupt_database_moved_aside(tmp_path: Path, kind: str) -> None:
     assert ready.status == 200
     assert query_one(daemon.database, "PRAGMA integrity_check") == "ok"
     assert query_one(daemon.database, "PRAGMA user_version") == SCHEMA_VERSION
+    assert count_rows(daemon.database, "identities") == 0, "the new cache is not empty"
+
+
+def test_missing_cache_file_replaced_by_an_empty_one(tmp_path: Path) -> None:
+    daemon = make_daemon(tmp_path / "missing")
+    cachefile.remove(checkpointed_cache_file(daemon.database))
+
+    try:
+        daemon.start()
+        scan = daemon.scan(SAMPLE_RECORDS[0]["key"])
+    finally:
+        if daemon.process is not None:
+            daemon.stop()
+
+    assert scan.status == 200
+    assert scan.json()["action"] == "REJECT"
+    events = [line for line in daemon.log_lines() if line["event"] == "store.cache_file_missing"]
+    assert len(events) == 1, "no store.cache_file_missing log line"
+    assert len(cachefile.cache_files(daemon.database)) == 1
+    assert count_rows(daemon.database, "identities") == 0
 
 
 def test_background_check_can_be_interrupted(tmp_path: Path) -> None:
@@ -256,6 +324,7 @@ def test_background_check_can_be_interrupted(tmp_path: Path) -> None:
 
 def test_journal_mode_is_wal(daemon: Daemon) -> None:
     assert query_one(daemon.database, "PRAGMA journal_mode") == "wal"
+    assert query_one(daemon.database, "PRAGMA cache.journal_mode") == "wal"
 
 
 # --- the HMAC secret ---------------------------------------------------------------------
@@ -378,11 +447,13 @@ def find_values(data: bytes, needles: list[str]) -> list[str]:
 
 
 def database_files(database: Path) -> dict[str, bytes]:
+    """The database, its cache file, and their WAL and shared-memory files, by name."""
     files = {}
-    for suffix in ("", "-wal", "-shm"):
-        path = Path(str(database) + suffix)
-        if path.exists():
-            files[path.name] = path.read_bytes()
+    for base in (database, *cachefile.cache_files(database)):
+        for suffix in ("", "-wal", "-shm"):
+            path = Path(str(base) + suffix)
+            if path.exists():
+                files[path.name] = path.read_bytes()
     return files
 
 

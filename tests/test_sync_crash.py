@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from daemon import cachefile
 from tests.conftest import SAMPLE_RECORDS, Daemon, make_daemon
 from tests.fakehq import (
     FakeHq,
@@ -15,7 +16,6 @@ from tests.fakehq import (
     local_versions,
     make_records,
     meta,
-    query,
     versions_of,
     wait_until,
 )
@@ -35,11 +35,8 @@ def new_daemon(tmp_path: Path, hq: FakeHq, extra: str, records: list) -> Daemon:
     return make_daemon(directory, hq_config(hq, directory, extra), records=records)
 
 
-def leftover_tables(daemon: Daemon) -> list[tuple]:
-    return query(
-        daemon.database,
-        "SELECT name FROM sqlite_master WHERE name IN ('identities_staging', 'identities_retired')",
-    )
+def cache_file_count(daemon: Daemon) -> int:
+    return len(cachefile.cache_files(daemon.database))
 
 
 def test_kill_during_batch_apply(tmp_path: Path, hq: FakeHq) -> None:
@@ -72,6 +69,7 @@ def test_kill_during_snapshot_rebuild(tmp_path: Path, hq: FakeHq) -> None:
     wait_until(lambda: hq.received.snapshot_lines_sent >= 8000, what="part of the snapshot")
     daemon.stop(signal.SIGKILL)
 
+    assert cache_file_count(daemon) == 2, "no half-built cache file beside the one in use"
     assert meta(daemon.database, "cursor") is None
     assert local_versions(daemon.database) == versions_of(
         {r["credentialId"]: r for r in SAMPLE_RECORDS}
@@ -82,6 +80,7 @@ def test_kill_during_snapshot_rebuild(tmp_path: Path, hq: FakeHq) -> None:
     try:
         wait_until(lambda: meta(daemon.database, "cursor") == hq.cursor(), what="the rebuild")
         assert local_versions(daemon.database) == versions_of(hq.records)
-        assert leftover_tables(daemon) == []
+        # The old file goes once every connection has moved to the new one.
+        wait_until(lambda: cache_file_count(daemon) == 1, what="one cache file", timeout=10)
     finally:
         daemon.stop()

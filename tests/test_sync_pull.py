@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import signal
-import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,6 +11,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from daemon.store import open_reader
 from tests.conftest import SAMPLE_RECORDS, Daemon, make_daemon, run_cli
 from tests.fakehq import (
     FakeHq,
@@ -372,10 +372,11 @@ def test_metrics_tell_last_pull_from_cursor_change(synced: Daemon, hq: FakeHq) -
     # A pull that finds nothing new keeps the cursor: the two ages must then differ, as
     # they do in `status`.
     synced.stop()
-    connection = sqlite3.connect(synced.database)
+    connection = open_reader(synced.database, 5.0)
     with connection:
         connection.execute(
-            "UPDATE meta SET value = ? WHERE key = 'cursor_changed_at'", (repr(time.time() - 5000),)
+            "UPDATE cache_meta SET value = ? WHERE key = 'cursor_changed_at'",
+            (repr(time.time() - 5000),),
         )
     connection.close()
     restarted_at = time.time()
