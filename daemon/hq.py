@@ -55,6 +55,7 @@ from daemon.snapshot_worker import (
     WorkerFailed,
     merge_prepared,
     prepare_block,
+    yield_cpu,
 )
 from daemon.store import (
     CURSOR_CHANGED_META_KEY,
@@ -475,6 +476,7 @@ class StoreAdapter:
     outbox) run on a connection of their own in one worker thread, off the event loop. A
     snapshot rebuild writes a new cache file on a connection of its own in a builder
     thread, so neither its inserts nor its index hold the lock that decisions commit under.
+    The builder thread runs under SCHED_IDLE, like the snapshot worker.
     """
 
     def __init__(self, store: Store) -> None:
@@ -482,7 +484,9 @@ class StoreAdapter:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hq-reader")
         self._connection: sqlite3.Connection | None = None
         self._connection_cache: AttachedCache | None = None
-        self._builder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cache-builder")
+        self._builder = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="cache-builder", initializer=yield_cpu
+        )
         self._building: tuple[sqlite3.Connection, Path] | None = None
         self._saved_switch_interval: float | None = None
         self._worker: SnapshotWorker | None = None
@@ -701,7 +705,8 @@ class StoreAdapter:
         old = self.store.cache.path
         await self._use_cache_file(path)
         # A connection that still has the old file open keeps reading it until it closes.
-        cachefile.remove(old)
+        # Unlinking a large file takes the file system tens of milliseconds: not on the loop.
+        await self._build(cachefile.remove, old)
         log.info("sync.cache_file_switched", path=str(path), previous=str(old))
         return count
 

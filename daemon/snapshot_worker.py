@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import os
 import sys
+import threading
 from typing import IO
 
 import msgspec
@@ -42,7 +43,8 @@ from daemon.store import KeyHasher
 # Kept equal to sync.client's limit, which the daemon applies to the bytes it carries over
 # between blocks; the worker applies it to every whole line.
 MAX_LINE_BYTES = 65536
-# Raised niceness of the worker: a busy event loop gets about ten times its CPU share.
+# Raised niceness of the worker where SCHED_IDLE is refused: a busy event loop then gets
+# about ten times its CPU share.
 WORKER_NICENESS = 10
 # A frame larger than this is a protocol error, not a block (blocks hold a few MiB).
 MAX_FRAME_BYTES = 256 * 1024 * 1024
@@ -193,12 +195,24 @@ def _frame(body: bytes) -> bytes:
     return len(body).to_bytes(_HEADER_BYTES, "big") + body
 
 
+def yield_cpu() -> None:
+    """Let the calling thread run only while no other thread wants the CPU.
+
+    A rebuild's worker and builder thread use SCHED_IDLE, so a decision's threads take the CPU
+    from them at once. Where that policy is refused, the thread raises its niceness by
+    WORKER_NICENESS instead. Where a seccomp filter refuses both, it keeps its priority.
+    """
+    try:
+        # Linux applies both calls to the calling thread only.
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WORKER_NICENESS)
+
+
 def worker_main() -> int:
     """Serve blocks from stdin until it closes."""
-    # A seccomp filter (the unit's ~@resources) refuses setpriority; the worker then runs
-    # at the daemon's priority.
-    with contextlib.suppress(OSError):
-        os.nice(WORKER_NICENESS)
+    yield_cpu()
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
     first = _read_frame(stdin)
     if first is None:

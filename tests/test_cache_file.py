@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import sqlite3
 import threading
 from pathlib import Path
@@ -203,3 +204,19 @@ def test_adopt_follows_another_process_and_removes_leftovers(tmp_path: Path) -> 
     assert cursor == "8.0"
     assert [path for path in files_of(leftover) if path.exists()] == [], "leftover not removed"
     assert cachefile.cache_files(tmp_path / "connector.sqlite3") == [new]
+
+
+def test_builder_thread_yields_the_cpu(tmp_path: Path) -> None:
+    # A rebuild's inserts and index must not take the CPU from decisions.
+    store = open_store(tmp_path)
+    adapter = StoreAdapter(store)
+
+    async def builder_policy() -> int:
+        return await adapter._build(os.sched_getscheduler, 0)
+
+    try:
+        policy = asyncio.run(builder_policy())
+    finally:
+        adapter.close()
+        store.close()
+    assert policy == os.SCHED_IDLE

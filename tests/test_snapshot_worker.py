@@ -359,3 +359,22 @@ def test_later_rebuild_stops_earlier_one(tmp_path: Path) -> None:
     assert count == 40
     assert cursor == "2.0"
     assert files == [in_use], "the stopped rebuild's file or the old cache file was left"
+
+
+def test_worker_process_yields_the_cpu(tmp_path: Path) -> None:
+    store = Store.open(tmp_path / "cache.sqlite3", tmp_path / "cache.key")
+    adapter = StoreAdapter(store)
+
+    async def scenario() -> int:
+        await adapter.begin_rebuild()
+        await adapter.stage_records(await adapter.prepare_lines(1, line(record(1))))
+        (pid,) = worker_pids()
+        policy = os.sched_getscheduler(pid)
+        await adapter.abandon_rebuild()
+        return policy
+
+    try:
+        assert run(scenario()) == os.SCHED_IDLE
+    finally:
+        adapter.close()
+        store.close()

@@ -152,6 +152,7 @@ def test_unit_system_call_filter() -> None:
     assert unit_values("Service", "SystemCallFilter") == [
         "@system-service",
         "~@privileged @resources",
+        "setpriority sched_setscheduler",
     ]
 
 
