@@ -58,9 +58,6 @@ CHECKPOINT_INTERVAL = 0.25
 WAL_RESTART_FRAMES = 16384
 RESTART_CATCH_UP_INTERVAL = 0.01
 RESTART_CATCH_UP_ROUNDS = 20
-RESTART_RETRY_ROUNDS = 4
-# How often the writer looks at the checkpoint thread's hold while only bulk jobs wait.
-BULK_HOLD_POLL = 0.005
 CACHE_KIB = 64 * 1024
 # SQLite's synchronous setting of the writer's connection, in `[database] synchronous`.
 SynchronousMode = Literal["normal", "full"]
@@ -621,10 +618,6 @@ class StoreWriter:
     A job is a function of a connection. Jobs queued together commit together (group
     commit). When one of them raises, the batch is rolled back and each job runs again in a
     transaction of its own, so only the failing job's caller gets the exception.
-
-    Bulk jobs (``submit(job, bulk=True)``, such as a slice of a snapshot rebuild) run one
-    per transaction and only while no other job waits, so a long rebuild delays a decision
-    by one bulk job at most.
     """
 
     def __init__(
@@ -644,13 +637,13 @@ class StoreWriter:
         # When the WAL starts over, the file is cut back to this size.
         self._connection.execute(f"PRAGMA journal_size_limit = {WAL_RESTART_FRAMES * 4096}")
         self._checkpointer = Checkpointer(path, slot, busy_timeout)
-        # Each item is a list of (job, waiter, bulk) or _STOP.
-        self._jobs: queue.SimpleQueue[list[tuple[Any, Any, bool]]] = queue.SimpleQueue()
-        self._outgoing: dict[asyncio.AbstractEventLoop, list[tuple[Any, Any, bool]]] = {}
+        # Each item is a list of (job, waiter) or _STOP.
+        self._jobs: queue.SimpleQueue[list[tuple[Any, Any]]] = queue.SimpleQueue()
+        self._outgoing: dict[asyncio.AbstractEventLoop, list[tuple[Any, Any]]] = {}
         self._thread = threading.Thread(target=self._run, name="store-writer", daemon=True)
         self._thread.start()
 
-    async def submit(self, job: Callable[[sqlite3.Connection], T], bulk: bool = False) -> T:
+    async def submit(self, job: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``job`` in the writer thread and return its result once committed."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
@@ -660,7 +653,7 @@ class StoreWriter:
         if outgoing is None:
             outgoing = self._outgoing[loop] = []
             loop.call_soon(self._hand_over, loop)
-        outgoing.append((job, (loop, future), bulk))
+        outgoing.append((job, (loop, future)))
         return await future
 
     def _hand_over(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -670,7 +663,7 @@ class StoreWriter:
         """Blocking form of ``submit`` for code outside the event loop."""
         done = threading.Event()
         box: dict[str, Any] = {}
-        self._jobs.put([(job, (done, box), False)])
+        self._jobs.put([(job, (done, box))])
         done.wait()
         if "error" in box:
             raise box["error"]
@@ -693,19 +686,18 @@ class StoreWriter:
         self._connection.close()
 
     def _run(self) -> None:
-        regular: collections.deque = collections.deque()
-        bulk: collections.deque = collections.deque()
+        waiting: collections.deque = collections.deque()
         stopping = False
         while True:
-            if not regular and not bulk:
+            if not waiting:
                 if stopping:
                     return
                 items = self._jobs.get()
                 if items is _STOP:
                     stopping = True
                     continue
-                _sort_jobs(items, regular, bulk)
-            # Take whatever else is queued, so the batch and the priority see all of it.
+                waiting.extend(items)
+            # Take whatever else is queued, so the batch sees all of it.
             while True:
                 try:
                     items = self._jobs.get_nowait()
@@ -714,25 +706,9 @@ class StoreWriter:
                 if items is _STOP:
                     stopping = True
                     break
-                _sort_jobs(items, regular, bulk)
-            if regular:
-                count = min(len(regular), MAX_GROUP_COMMIT)
-                self._commit_batch([regular.popleft() for _ in range(count)])
-            elif self._checkpointer.holding_bulk and self._checkpointer.alive and not stopping:
-                # The checkpoint thread is copying the WAL so that it can start over; a bulk
-                # job now would add frames for it to copy. Decisions still go through. A
-                # checkpoint thread that died cannot end its hold, so it is ignored then.
-                try:
-                    items = self._jobs.get(timeout=BULK_HOLD_POLL)
-                except queue.Empty:
-                    continue
-                if items is _STOP:
-                    stopping = True
-                else:
-                    _sort_jobs(items, regular, bulk)
-                continue
-            else:
-                self._commit_batch([bulk.popleft()])
+                waiting.extend(items)
+            count = min(len(waiting), MAX_GROUP_COMMIT)
+            self._commit_batch([waiting.popleft() for _ in range(count)])
             if self._checkpointer.restart_due:
                 self._checkpointer.restart_due = False
                 self._checkpoint_between_batches()
@@ -800,11 +776,6 @@ class StoreWriter:
 _STOP: Any = object()
 
 
-def _sort_jobs(items: list, regular: collections.deque, bulk: collections.deque) -> None:
-    for job, waiter, is_bulk in items:
-        (bulk if is_bulk else regular).append((job, waiter))
-
-
 def _insert_pending(connection: sqlite3.Connection, pending: dict[str, list]) -> None:
     # Statements run in the order the jobs first used them, rows in job order.
     for sql, rows in pending.items():
@@ -822,10 +793,10 @@ class Checkpointer:
     PASSIVE checkpoints never block the writer or readers; pages still in use by a reader
     are copied by a later round. Under steady writes the WAL never starts over on its own,
     because new frames arrive while each checkpoint runs. When it grows past
-    WAL_RESTART_FRAMES, bulk jobs wait (``holding_bulk``) while short rounds copy the rest, so
-    the writer's next transaction writes from the start of the file again; syncing the
-    database file stays off the decision path. When the rounds do not catch up, the writer
-    copies the last frames itself between two batches (``restart_due``).
+    WAL_RESTART_FRAMES, rounds follow each other quickly: once one ends with the whole WAL
+    copied, the writer's next transaction writes from the start of the file again, and
+    syncing the database file stays off the decision path. When the rounds do not catch up,
+    the writer copies the last frames itself between two batches (``restart_due``).
     """
 
     def __init__(self, path: Path, slot: CacheSlot, busy_timeout: float) -> None:
@@ -835,10 +806,7 @@ class Checkpointer:
         self._stop = threading.Event()
         self.restart_due = False
         """Flag set when the catch-up rounds did not copy the whole WAL: the writer does it."""
-        self.holding_bulk = False
-        """Flag set while the WAL is past WAL_RESTART_FRAMES and not yet copied in full."""
         self._rounds = 0
-        self._last_frames = -1
         self._thread = threading.Thread(target=self._run, name="store-checkpoint", daemon=True)
         self._thread.start()
 
@@ -848,18 +816,16 @@ class Checkpointer:
         while not self._stop.wait(wait):
             wait = CHECKPOINT_INTERVAL
             try:
-                _busy, frames, copied = self._connection.execute(
+                _busy, frames, _copied = self._connection.execute(
                     "PRAGMA main.wal_checkpoint(PASSIVE)"
                 ).fetchone()
-                wait = self._plan_restart(frames, copied)
-                # The cache file's WAL grows only with pulls and imports; it needs no hold.
+                wait = self._plan_restart(frames)
+                # The cache file's WAL grows only with pulls and imports, which pause.
                 self.cache.refresh()
                 self._connection.execute(
                     f"PRAGMA {cachefile.ALIAS}.wal_checkpoint(PASSIVE)"
                 ).fetchone()
             except sqlite3.Error as exc:
-                # A failing checkpoint cannot end a hold, so it must not keep one either.
-                self.holding_bulk = False
                 if not failing:
                     log.error("store.checkpoint_failed", error=str(exc))
                 failing = True
@@ -868,32 +834,18 @@ class Checkpointer:
                     log.info("store.checkpoint_recovered")
                 failing = False
 
-    def _plan_restart(self, frames: int, copied: int) -> float:
-        """Set the hold and the writer's catch-up after a round; return the wait to the next."""
+    def _plan_restart(self, frames: int) -> float:
+        """Schedule the writer's catch-up after a round; return the wait to the next round."""
         if frames < WAL_RESTART_FRAMES:
-            self.holding_bulk = False
             self._rounds = 0
-            self._last_frames = -1
             return CHECKPOINT_INTERVAL
         self._rounds += 1
         if self._rounds < RESTART_CATCH_UP_ROUNDS:
-            # Only decisions add frames while bulk jobs wait, so a round soon copies them all
-            # and the writer's next transaction starts the file over. The count a round
-            # returns leaves out frames written while it ran. So the hold ends early only
-            # when two rounds in a row saw the same, fully copied WAL: then nothing writes,
-            # and the next bulk job starts the file over.
-            self.holding_bulk = not (copied >= frames and frames == self._last_frames)
-            self._last_frames = frames
             return RESTART_CATCH_UP_INTERVAL
         # The rounds did not catch up: writes that never pause, or a reader on an old
-        # snapshot. The writer copies the rest itself, and bulk jobs run for
-        # RESTART_RETRY_ROUNDS before the next hold, so a rebuild never stalls behind a reader.
-        self.holding_bulk = False
-        if self._rounds == RESTART_CATCH_UP_ROUNDS:
-            self.restart_due = True
-        elif self._rounds >= RESTART_CATCH_UP_ROUNDS + RESTART_RETRY_ROUNDS:
-            self._rounds = 0
-            self._last_frames = -1
+        # snapshot. The writer copies the rest between two batches, then rounds start again.
+        self.restart_due = True
+        self._rounds = 0
         return CHECKPOINT_INTERVAL
 
     @property
