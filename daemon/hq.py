@@ -505,6 +505,10 @@ class StoreAdapter:
 
         self._executor.submit(close_connection).result()
         self._executor.shutdown(wait=True)
+        building = self._building
+        if building is not None:
+            # A key index of millions of rows takes seconds; a stop must not wait for it.
+            building[0].interrupt()
         self._builder.submit(self._drop_build).result()
         self._builder.shutdown(wait=True)
         if self._worker is not None:
@@ -549,7 +553,7 @@ class StoreAdapter:
         for path in cachefile.cache_files(self.store.path):
             if path != self.store.cache.path:
                 log.info("store.stale_cache_file_removed", path=str(path))
-                cachefile.remove(path)
+                await self._build(cachefile.remove, path)
 
     async def _use_cache_file(self, path: Path) -> None:
         """Move every connection of the store to cache file ``path``."""

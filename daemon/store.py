@@ -258,7 +258,8 @@ def _migrate_4(db: sqlite_utils.Database, path: Path) -> None:
     # other connection could read.
     connection = db.conn
     for stale in cachefile.cache_files(path):
-        # Left by a migration that stopped before its commit; nothing else can exist yet.
+        # Left by a migration that stopped before its commit, or by a database that was
+        # moved aside as corrupt: no database names them.
         cachefile.remove(stale)
     target = cachefile.new_cache_path(path)
     builder = cachefile.build_connection(target)
