@@ -704,7 +704,7 @@ class StoreAdapter:
                 functools.partial(switch_cache_file, name=path.name, owner=self._rebuild_owner)
             )
         except BaseException:
-            cachefile.remove(path)
+            await self._build(cachefile.remove, path)
             raise
         old = self.store.cache.path
         await self._use_cache_file(path)

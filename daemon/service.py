@@ -171,15 +171,16 @@ async def _check_in_background(runtime: Runtime, stop: asyncio.Event) -> None:
     started = time.monotonic()
     connections: list[sqlite3.Connection] = []
     # Both files: the database, and the cache file that was in use at start-up.
-    files = (store.path, store.cache.path)
+    damaged: Path | None = None
     try:
-        healthy = True
-        for path in files:
+        for path in (store.path, store.cache.path):
             if path != store.path and path != store.cache.path:
                 continue  # a rebuild replaced the cache file meanwhile
-            healthy = healthy and await asyncio.to_thread(
+            if not await asyncio.to_thread(
                 check_integrity, path, timeout, True, connections.append
-            )
+            ):
+                damaged = path
+                break
     except asyncio.CancelledError:
         # A stop during the check interrupts it: the check of millions of identities takes
         # longer than a service manager waits for a stop. The next start checks again.
@@ -188,14 +189,15 @@ async def _check_in_background(runtime: Runtime, stop: asyncio.Event) -> None:
         raise
     except CheckInterrupted:
         return
-    if healthy:
+    if damaged is None:
         log.info("store.integrity_ok", seconds=round(time.monotonic() - started, 1))
         return
     check_marker(store.path).touch()
-    runtime.failure = "database failed its integrity check"
+    what = "database" if damaged == store.path else "identity cache file"
+    runtime.failure = f"{what} {damaged} failed its integrity check"
     log.error(
         "store.integrity_failed_stopping",
-        path=str(store.path),
+        path=str(damaged),
         detail="stopping; the next start moves the file aside and starts with an empty cache",
     )
     stop.set()

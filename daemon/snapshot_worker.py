@@ -5,7 +5,8 @@ Python per record on the benchmark machine. Done in the daemon, that work shared
 with the event loop, so decisions waited behind it and the writer thread could not run
 alongside. The worker is a child process (``python -m daemon.snapshot_worker``) that reads
 blocks of complete lines on stdin and replies to each with the packed rows on stdout, so
-the daemon only streams bytes in and hands the packed rows to its writer.
+the daemon only streams bytes in and hands the packed rows to the thread that writes the new
+cache file.
 
 Frames in both directions are a 4-byte big-endian length and a msgpack body. The first
 frame to the worker carries the HMAC secret, which is why it is sent on the pipe and never
@@ -77,7 +78,7 @@ class Rejected(msgspec.Struct, array_like=True):
 
 class PreparedBlock(msgspec.Struct, array_like=True):
     batches: list[tuple[str, bytes, int]]
-    """Packed rows per staging transaction: rows JSON, key hashes, row count."""
+    """Packed rows in batches of the worker's rows_per_batch: rows JSON, key hashes, row count."""
     received: int
     """Lines that held a JSON object, valid or not (blank lines are not counted)."""
     rejected: list[Rejected]
@@ -199,7 +200,7 @@ def yield_cpu() -> None:
     """Let the calling thread run only while no other thread wants the CPU.
 
     A rebuild's worker and builder thread use SCHED_IDLE, so a decision's threads take the CPU
-    from them at once. Where that policy is refused, the thread raises its niceness by
+    from them at once. Where that policy is refused, the thread sets its niceness to
     WORKER_NICENESS instead. Where a seccomp filter refuses both, it keeps its priority.
     """
     try:

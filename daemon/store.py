@@ -442,9 +442,11 @@ def _open_cache_file(
     connection: sqlite3.Connection, path: Path, busy_timeout: float, check_all: bool
 ) -> tuple[CacheSlot, bool]:
     """Find the cache file the database names; replace a missing or corrupt one."""
-    name = cachefile.pointer(connection)
-    usable = name is not None and "/" not in name and name not in ("", ".", "..")
-    cache_path = path.with_name(name) if name and usable else None
+    cache_path = _named_cache_file(connection, path)
+    if cache_path is not None and not cache_path.is_file():
+        # A daemon's rebuild may have switched files and deleted the old one since the
+        # name was read; only a name that is still missing when read again means a loss.
+        cache_path = _named_cache_file(connection, path)
     if cache_path is None or not cache_path.is_file():
         log.error(
             "store.cache_file_missing",
@@ -478,6 +480,14 @@ def _open_cache_file(
         _move_corrupt_aside(cache_path)
         return CacheSlot(_replace_cache_file(connection, path)), False
     return CacheSlot(cache_path), deferred
+
+
+def _named_cache_file(connection: sqlite3.Connection, path: Path) -> Path | None:
+    """The cache file the database names, or None when it names no usable file name."""
+    name = cachefile.pointer(connection)
+    if name is None or "/" in name or name in ("", ".", ".."):
+        return None
+    return path.with_name(name)
 
 
 def _replace_cache_file(connection: sqlite3.Connection, path: Path) -> Path:

@@ -6,6 +6,7 @@ daemon subprocess, and inspects the files afterwards with the test's own SQLite 
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import functools
@@ -20,8 +21,17 @@ from pathlib import Path
 
 import pytest
 
-from daemon import cachefile
-from daemon.store import MIGRATIONS, SCHEMA_VERSION, CheckInterrupted, check_integrity
+from daemon import cachefile, service
+from daemon import store as store_module
+from daemon.config import load_config
+from daemon.store import (
+    MIGRATIONS,
+    SCHEMA_VERSION,
+    CheckInterrupted,
+    StoreError,
+    check_integrity,
+    check_marker,
+)
 from tests.conftest import SAMPLE_RECORDS, Daemon, free_port, make_daemon, run_cli, write_config
 from tests.helpers_store import count_rows, query_all, query_one, run_serve_until_exit
 
@@ -277,6 +287,24 @@ def test_missing_cache_file_replaced_by_an_empty_one(tmp_path: Path) -> None:
     assert len(events) == 1, "no store.cache_file_missing log line"
     assert len(cachefile.cache_files(daemon.database)) == 1
     assert count_rows(daemon.database, "identities") == 0
+
+
+def test_background_check_names_the_damaged_cache_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Files above the limit are checked after READY; with the limit at 0 bytes this small
+    # cache file is too. A damaged one stops the daemon, naming that file, and leaves the
+    # marker that makes the next start check before serving.
+    daemon = make_daemon(tmp_path / "deferred")
+    cache = checkpointed_cache_file(daemon.database)
+    corrupt_table_page(cache)
+    monkeypatch.setattr(store_module, "SYNC_CHECK_MAX_BYTES", 0)
+
+    with pytest.raises(StoreError) as raised:
+        asyncio.run(service.serve(load_config(daemon.config)))
+
+    assert str(raised.value) == f"identity cache file {cache} failed its integrity check"
+    assert check_marker(daemon.database).exists()
 
 
 def test_background_check_can_be_interrupted(tmp_path: Path) -> None:
