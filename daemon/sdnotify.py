@@ -13,9 +13,12 @@ more, so a missing socket does not flood the journal every watchdog interval.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+import threading
 import time
+from collections.abc import Iterator
 
 import structlog
 
@@ -82,6 +85,46 @@ def status(status_text: str) -> bool:
     than MAX_STATUS_BYTES is truncated.
     """
     return notify(f"STATUS={_clean_status(status_text)}")
+
+
+def extend_timeout(seconds: float) -> bool:
+    """Ask for ``seconds`` more before the start (or stop) in progress times out.
+
+    systemd 236 and newer apply ``EXTEND_TIMEOUT_USEC`` only past the unit's own timeout, so
+    a short extension never cuts ``TimeoutStartSec`` short.
+    """
+    return notify(f"EXTEND_TIMEOUT_USEC={int(seconds * 1_000_000)}")
+
+
+@contextlib.contextmanager
+def extending_timeout(
+    seconds: float, interval: float, limit: float, status_text: str
+) -> Iterator[None]:
+    """Send ``extend_timeout(seconds)`` every ``interval`` seconds while the body runs.
+
+    For blocking work before READY whose length grows with the data, such as a schema
+    migration of millions of rows. A thread sends the messages, so the body may block; it
+    cannot tell a slow body from a hung one, so it stops extending after ``limit`` seconds
+    and the unit's timeout applies again.
+    """
+    if not os.environ.get(NOTIFY_SOCKET_ENV):
+        yield
+        return
+    done = threading.Event()
+    deadline = time.monotonic() + limit
+
+    def keep_extending() -> None:
+        status(status_text)
+        while not done.wait(interval) and time.monotonic() < deadline:
+            extend_timeout(seconds)
+
+    thread = threading.Thread(target=keep_extending, name="sd-extend-timeout", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
 
 
 def watchdog() -> bool:

@@ -89,6 +89,16 @@ def test_ready_only_after_port_accepts(
     assert "devices 0/0 available" in counted
 
 
+def test_status_while_database_opens(notified_daemon: Daemon, notify_socket: NotifySocket) -> None:
+    # Before READY the daemon says what it waits for, and asks systemd for more time while a
+    # long migration or integrity check runs (not reached with this small database).
+    notified_daemon.start(wait=False)
+    notify_socket.receive_until(lambda m: "READY=1" in m)
+    texts = [text for _, text in notify_socket.messages]
+    first_ready = next(index for index, text in enumerate(texts) if "READY=1" in text)
+    assert any("STATUS=opening the database" in text for text in texts[:first_ready])
+
+
 def test_watchdog_cadence(notified_daemon: Daemon, notify_socket: NotifySocket) -> None:
     notified_daemon.start(wait=False)
     notify_socket.receive_until(lambda m: "READY=1" in m)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import socket
@@ -257,3 +258,26 @@ def test_watchdog_interval(
         monkeypatch.setenv("WATCHDOG_PID", pid)
 
     assert sdnotify.watchdog_interval() == expected
+
+
+def test_extending_timeout_while_body_runs(path_socket: socket.socket) -> None:
+    with sdnotify.extending_timeout(30.0, 0.05, 60.0, "opening the database"):
+        time.sleep(0.3)
+
+    messages = []
+    path_socket.setblocking(False)
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            messages.append(path_socket.recv(8192))
+    assert messages[0] == b"STATUS=opening the database"
+    assert len(messages) >= 3, messages
+    assert set(messages[1:]) == {b"EXTEND_TIMEOUT_USEC=30000000"}
+
+
+def test_extending_timeout_stops_at_its_limit(path_socket: socket.socket) -> None:
+    with sdnotify.extending_timeout(30.0, 0.05, 0.0, "opening the database"):
+        time.sleep(0.3)
+
+    path_socket.setblocking(False)
+    assert path_socket.recv(8192) == b"STATUS=opening the database"
+    assert_no_datagram(path_socket)
