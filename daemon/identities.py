@@ -15,6 +15,7 @@ from typing import IO, Annotated, Literal
 
 import msgspec
 
+from daemon.cachefile import IDENTITY_COLUMNS
 from daemon.normalize import normalize_key
 from daemon.schema import Channel, IdentityType, Location
 from daemon.store import KeyHasher
@@ -145,20 +146,7 @@ def identity_row(record: IdentityRecord, hasher: KeyHasher, now: float) -> dict:
     }
 
 
-_ROW_COLUMNS = (
-    "credential_id",
-    "key_hash",
-    "identity_id",
-    "type",
-    "status",
-    "valid_from",
-    "valid_until",
-    "stores",
-    "channels",
-    "locations",
-    "version",
-    "updated_at",
-)
+_ROW_COLUMNS = IDENTITY_COLUMNS
 
 
 def _encode_list(items: list[str] | None) -> str | None:
