@@ -3,7 +3,7 @@
 The identities, the records the cache skipped and the sync cursor live in a cache file
 beside the database, attached to every connection as the schema ``cache``. The main
 database names the file in use in its ``meta`` table. A snapshot rebuild writes a whole new
-cache file on a connection of its own, then switches the name in one short transaction:
+cache file on a connection of its own, then switches the name in one short transaction. So
 building the new file's indexes never holds the lock that decisions commit under, and the
 old cache goes with an unlink instead of a ``DROP TABLE``.
 
@@ -32,7 +32,7 @@ CACHE_SCHEMA_VERSION = 1
 CACHE_META_KEYS = frozenset({"cursor", "cursor_changed_at", "last_pull_at", "last_rebuild_at"})
 # Page cache of a connection that builds a cache file, which also bounds the memory of the
 # key-hash index's sort. With 256 MiB, allocating it stalled decisions for 50-80 ms on the
-# benchmark machine; with 32 MiB the sort spills to a temporary file and the index of
+# benchmark machine. With 32 MiB the sort spills to a temporary file, and the index of
 # 1,000,000 identities took the same 1.1 s.
 BUILD_CACHE_KIB = 32 * 1024
 
@@ -78,17 +78,17 @@ class CacheFileMissing(Exception):
 
 
 def meta_table(key: str) -> str:
-    """The table that holds meta ``key``: ``cache_meta`` for the cache's keys, else ``meta``."""
+    """Return the table of meta ``key``: ``cache_meta`` for the cache's keys, else ``meta``."""
     return "cache_meta" if key in CACHE_META_KEYS else "meta"
 
 
 def new_cache_path(database: Path) -> Path:
-    """A fresh cache file name beside ``database``: ``<name>.cache-<12 hex digits>``."""
+    """Return a new cache file path beside ``database``: ``<name>.cache-<12 hex digits>``."""
     return database.with_name(f"{database.name}.cache-{secrets.token_hex(6)}")
 
 
 def cache_files(database: Path) -> list[Path]:
-    """Every cache file beside ``database``, in use or not (without -wal and -shm files)."""
+    """List every cache file beside ``database``, in use or not (without -wal and -shm files)."""
     prefix = f"{database.name}.cache-"
     return sorted(
         path

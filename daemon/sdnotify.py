@@ -103,9 +103,9 @@ def extending_timeout(
     """Send ``extend_timeout(seconds)`` every ``interval`` seconds while the body runs.
 
     For blocking work before READY whose length grows with the data, such as a schema
-    migration of millions of rows. A thread sends the messages, so the body may block; it
-    cannot tell a slow body from a hung one, so it stops extending after ``limit`` seconds
-    and the unit's timeout applies again.
+    migration of millions of rows. A thread sends the messages, so the body may block. The
+    thread cannot tell a slow body from a hung one, so it stops extending after ``limit``
+    seconds, and the unit's timeout applies again.
     """
     if not os.environ.get(NOTIFY_SOCKET_ENV):
         yield

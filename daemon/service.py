@@ -206,8 +206,8 @@ async def _check_in_background(runtime: Runtime, stop: asyncio.Event) -> None:
         log.info("store.integrity_ok", seconds=round(time.monotonic() - started, 1))
         return
     check_marker(store.path).touch()
-    what = "database" if damaged == store.path else "identity cache file"
-    runtime.failure = f"{what} {damaged} failed its integrity check"
+    kind = "database" if damaged == store.path else "identity cache file"
+    runtime.failure = f"{kind} {damaged} failed its integrity check"
     log.error(
         "store.integrity_failed_stopping",
         path=str(damaged),

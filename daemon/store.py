@@ -263,6 +263,7 @@ def _migrate_4(db: sqlite_utils.Database, path: Path) -> None:
         cachefile.remove(stale)
     target = cachefile.new_cache_path(path)
     builder = cachefile.build_connection(target)
+
     try:
         columns = ", ".join(cachefile.IDENTITY_COLUMNS)
         marks = ", ".join("?" for _ in cachefile.IDENTITY_COLUMNS)
@@ -288,6 +289,7 @@ def _migrate_4(db: sqlite_utils.Database, path: Path) -> None:
         cachefile.remove(target)
         raise
     cachefile.seal(builder, target)
+
     for table in ("identities", "skipped_records", "identities_staging", "identities_retired"):
         connection.execute(f"DROP TABLE IF EXISTS {table}")
     connection.execute(f"DELETE FROM meta WHERE {in_keys}", keys)
@@ -445,7 +447,7 @@ def _open_cache_file(
     cache_path = _named_cache_file(connection, path)
     if cache_path is not None and not cache_path.is_file():
         # A daemon's rebuild may have switched files and deleted the old one since the
-        # name was read; only a name that is still missing when read again means a loss.
+        # name was read. Only a name that is still missing when read again means a loss.
         cache_path = _named_cache_file(connection, path)
     if cache_path is None or not cache_path.is_file():
         log.error(
@@ -483,7 +485,7 @@ def _open_cache_file(
 
 
 def _named_cache_file(connection: sqlite3.Connection, path: Path) -> Path | None:
-    """The cache file the database names, or None when it names no usable file name."""
+    """Return the cache file the database names, or None when it names no usable file name."""
     name = cachefile.pointer(connection)
     if name is None or "/" in name or name in ("", ".", ".."):
         return None
@@ -503,7 +505,7 @@ def _replace_cache_file(connection: sqlite3.Connection, path: Path) -> Path:
 
 
 def open_reader(path: Path, busy_timeout: float) -> sqlite3.Connection:
-    """A connection to the database with the cache file it names attached, for one-off reads."""
+    """Open the database with the cache file it names attached, for one-off reads."""
     connection = sqlite3.connect(path, timeout=busy_timeout, check_same_thread=False)
     try:
         name = cachefile.pointer(connection)
