@@ -216,6 +216,7 @@ def _status(config: Config, as_json: bool) -> int:
         last_pull = reader.meta(LAST_PULL_META_KEY)
         state = {
             "database": str(store.path),
+            "cacheFile": str(store.cache.path),
             "identities": reader.count("identities"),
             "decisionsRetained": reader.count("decisions"),
             "outboxDepth": reader.count("outbox"),
@@ -235,6 +236,7 @@ def _status(config: Config, as_json: bool) -> int:
         print(json.dumps(state, indent=2))
         return 0
     print(f"database:       {state['database']}")
+    print(f"cache file:     {state['cacheFile']}")
     print(f"identities:     {state['identities']}")
     print(f"decisions kept: {state['decisionsRetained']} (for idempotent replies)")
     age = state["outboxOldestAgeSeconds"]

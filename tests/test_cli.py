@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from daemon import cachefile
 from tests.conftest import (
     REPO,
     SAMPLE_RECORDS,
@@ -502,6 +503,15 @@ def test_status_prints_counts(
     assert int(match.group(1)) == expected
     assert as_json.returncode == 0, as_json.stderr
     assert json.loads(as_json.stdout)[field] == expected
+
+
+def test_status_names_the_cache_file(status_outputs: tuple[Any, Any], used_daemon: Daemon) -> None:
+    text, as_json = status_outputs
+    (cache_file,) = cachefile.cache_files(used_daemon.database)
+
+    assert f"cache file:     {cache_file}\n" in text.stdout
+    assert json.loads(as_json.stdout)["cacheFile"] == str(cache_file)
+    assert json.loads(as_json.stdout)["cacheBytes"] == cache_file.stat().st_size
 
 
 # --- check-config ----------------------------------------------------------------------------
