@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import IO, Annotated, Literal
+from typing import IO, Annotated, Literal, get_args
 
 import msgspec
 
@@ -62,6 +62,13 @@ class IdentityRecord(msgspec.Struct, kw_only=True):
 
 
 EMPTY_KEY_REASON = "key is empty after stripping whitespace and control characters"
+# The values each enum field of a record accepts, named in its validation message.
+_ENUM_VALUES: dict[str, tuple[str, ...]] = {
+    "type": get_args(IdentityType),
+    "status": get_args(Status),
+    "channels": get_args(Channel),
+    "locations": get_args(Location),
+}
 
 
 class RecordInvalid(ValueError):
@@ -121,6 +128,9 @@ def keyed_record_from_builtins(data: object) -> tuple[IdentityRecord, str]:
         message = str(exc).replace(" - at `$.", " at field ").replace("`$`", "").replace("`", "")
         # msgspec quotes the offending enum value, which may be a misplaced key.
         message = re.sub(r"Invalid enum value '.*'", "Invalid enum value", message, flags=re.S)
+        field = re.search(r"^Invalid enum value at field (\w+)", message)
+        if field is not None and field.group(1) in _ENUM_VALUES:
+            message += f"; use one of {', '.join(_ENUM_VALUES[field.group(1)])}"
         raise RecordInvalid(message) from None
     key = normalize_key(record.key, record.channels)
     if not key:

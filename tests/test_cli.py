@@ -122,13 +122,19 @@ JSONL_BAD_LINES: list[tuple[str, bytes, str, str | None]] = [
     (
         "bad status enum",
         jsonl_line(good_record(9, key="KEY-CLI-REJECT-status", status="PAUSED")),
-        "status",
+        "field status; use one of ACTIVE, SUSPENDED, REVOKED",
         "KEY-CLI-REJECT-status",
+    ),
+    (
+        "bad type enum",
+        jsonl_line(good_record(9, key="KEY-CLI-REJECT-type", type="VISITOR")),
+        "field type; use one of SHOPPER, ASSOCIATE, CASH, LOYALTY",
+        "KEY-CLI-REJECT-type",
     ),
     (
         "bad channel enum",
         jsonl_line(good_record(9, key="KEY-CLI-REJECT-channel", channels=["LASER"])),
-        "channels",
+        "field channels[0]; use one of OPTICAL, RADIO, CONTACT",
         "KEY-CLI-REJECT-channel",
     ),
     (
