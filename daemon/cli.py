@@ -184,6 +184,14 @@ def _import(config: Config, path: Path, file_format: str | None) -> int:
 def _lookup(config: Config, args: argparse.Namespace) -> int:
     value = sys.stdin.readline() if args.value == "-" else args.value
     store_id = args.store or config.stores.ids[0]
+    if store_id not in config.stores.ids:
+        # The daemon answers such a request with 400, not with a decision.
+        print(
+            f"error: store {store_id!r} is not served by this connector; it serves"
+            f" {', '.join(config.stores.ids)} ([stores] ids)",
+            file=sys.stderr,
+        )
+        return 2
     store = _open_store(config, must_exist=True)
     try:
         resolver = Resolver(store, config)

@@ -374,6 +374,13 @@ def csv_lists_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A database with one CSV record whose list fields contain several ';'-separated items."""
     directory = tmp_path_factory.mktemp("csv-lists")
     config = write_config(directory, free_port())
+    # STORE-003 is served but not in the record's list.
+    served = 'ids = ["STORE-001", "STORE-002"]'
+    text = config.read_text(encoding="utf-8")
+    assert served in text
+    config.write_text(
+        text.replace(served, 'ids = ["STORE-001", "STORE-002", "STORE-003"]'), encoding="utf-8"
+    )
     source = directory / "lists.csv"
     record = good_record(
         1,
@@ -397,6 +404,17 @@ def test_csv_list_fields_split(
     fields = lookup(csv_lists_config, "KEY-CSV-LISTS", *options)
 
     assert (fields["action"], fields["reason"]) == (action, reason)
+
+
+def test_lookup_rejects_store_not_served(csv_lists_config: Path) -> None:
+    result = run_cli(
+        "lookup", "--config", str(csv_lists_config), "KEY-CSV-LISTS", "--store", "STORE-404"
+    )
+
+    assert result.returncode == 2
+    assert "store 'STORE-404' is not served by this connector" in result.stderr
+    assert "STORE-001, STORE-002, STORE-003" in result.stderr
+    assert result.stdout == ""
 
 
 # --- lookup and status -----------------------------------------------------------------------
