@@ -5,6 +5,8 @@ BIN := $(VENV)/bin
 RUN_DIR := .run
 CONFIG := docs/examples/config.toml
 SAMPLE := docs/examples/identities.jsonl
+# The port of CONFIG's [server] table, for the curl call that `make run` prints.
+RUN_PORT = $(shell $(PYTHON) -c 'import sys, tomllib; print(tomllib.load(open(sys.argv[1], "rb")).get("server", {}).get("port", 8080))' $(CONFIG) 2>/dev/null || echo 8080)
 
 .PHONY: run test lint bench bench-extra soak clean
 
@@ -29,7 +31,7 @@ run: $(VENV)/.installed-run
 	@echo
 	@echo "Try it from another terminal:"
 	@echo
-	@echo "  curl -s http://127.0.0.1:8080/v1/identity/scan \\"
+	@echo "  curl -s http://127.0.0.1:$(RUN_PORT)/v1/identity/scan \\"
 	@echo "    -H 'Content-Type: application/json' \\"
 	@echo "    -d '{\"requestId\": \"'\$$(cat /proc/sys/kernel/random/uuid)'\", \"storeId\": \"STORE-001\", \"scanEvent\": {\"id\": \"'\$$(cat /proc/sys/kernel/random/uuid)'\", \"timestamp\": \"'\$$(date -u +%Y-%m-%dT%H:%M:%SZ)'\", \"location\": \"ENTRY\", \"value\": \"SHOPPER-0001\", \"channel\": \"OPTICAL\"}}'"
 	@echo
