@@ -8,7 +8,7 @@ building the new file's indexes never holds the lock that decisions commit under
 old cache goes with an unlink instead of a ``DROP TABLE``.
 
 Statements name the tables without a schema: SQLite looks them up in ``main`` first, and
-``main`` holds no table of the cache.
+``main`` has no table of the cache.
 """
 
 from __future__ import annotations

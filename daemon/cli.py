@@ -185,7 +185,7 @@ def _lookup(config: Config, args: argparse.Namespace) -> int:
     value = sys.stdin.readline() if args.value == "-" else args.value
     store_id = args.store or config.stores.ids[0]
     if store_id not in config.stores.ids:
-        # The daemon answers such a request with 400, not with a decision.
+        # The daemon rejects such a request with 400 instead of deciding it.
         print(
             f"error: store {store_id!r} is not served by this connector; it serves"
             f" {', '.join(config.stores.ids)} ([stores] ids)",

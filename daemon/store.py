@@ -955,7 +955,7 @@ class Store:
         self.reader.connection.close()
 
     def attached_everywhere(self, path: Path) -> bool:
-        """Whether the reader, the writer and the checkpoint thread all use cache file ``path``."""
+        """Return whether the reader, writer and checkpoint thread all use cache file ``path``."""
         return self.reader.cache.path is path and all(
             attached is path for attached in self.writer.cache_paths
         )

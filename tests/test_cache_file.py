@@ -138,7 +138,7 @@ def write_locks_held(database: Path, cache: Path) -> Any:
 
 def test_staging_needs_neither_write_lock_of_the_store(tmp_path: Path) -> None:
     # Decisions commit under the database's lock, pulls under the cache file's. Staging a
-    # snapshot writes only the new file, so it goes on while another connection holds both.
+    # snapshot writes only the new file, so it goes on while another connection has both.
     store = open_store(tmp_path)
     adapter = StoreAdapter(store)
 
@@ -158,7 +158,7 @@ def test_staging_needs_neither_write_lock_of_the_store(tmp_path: Path) -> None:
         store.close()
 
 
-def test_abandoned_rebuild_deletes_its_file_and_keeps_the_cache(tmp_path: Path) -> None:
+def test_abandoned_rebuild_deletes_its_file(tmp_path: Path) -> None:
     store = open_store(tmp_path)
     adapter = StoreAdapter(store)
     in_use = store.cache.path
