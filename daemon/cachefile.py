@@ -217,12 +217,12 @@ class AttachedCache:
 
     def refresh(self) -> None:
         """Attach the slot's file if this connection has another one (or none) attached."""
-        wanted = self.slot.path
-        if wanted is self.path:
+        target = self.slot.path
+        if target is self.path:
             return
         with self._lock:
             if self.path is not None:
                 self.connection.execute(f"DETACH DATABASE {ALIAS}")
                 self.path = None
-            attach(self.connection, wanted, self._synchronous, self._cache_kib)
-            self.path = wanted
+            attach(self.connection, target, self._synchronous, self._cache_kib)
+            self.path = target

@@ -710,7 +710,7 @@ class StoreWriter:
                     stopping = True
                     continue
                 waiting.extend(items)
-            # Take whatever else is queued, so the batch sees all of it.
+            # Take whatever else is queued, so the batch includes all of it.
             while True:
                 try:
                     items = self._jobs.get_nowait()

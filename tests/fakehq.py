@@ -372,7 +372,7 @@ def wait_until(predicate: Callable[[], Any], timeout: float = WAIT_TIMEOUT, what
 def query(database: Path, sql: str, parameters: tuple = ()) -> list[tuple]:
     """Run a read query on its own connection, as another process would.
 
-    The cache file the database names is attached, so the query sees the identities too.
+    The cache file the database names is attached, so the query can read identities too.
     """
     connection = sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=10)
     try:

@@ -19,7 +19,7 @@ SERVE_EXIT_TIMEOUT = 15.0
 def query_one(database: Path, sql: str, parameters: tuple[Any, ...] = ()) -> Any:
     """Run one query on a connection of the test's own and return the first column of row 1.
 
-    The cache file the database names, if any, is attached, so the query sees the identities.
+    The cache file the database names, if any, is attached, so the query can read identities.
     """
     with contextlib.closing(open_reader(database, 5.0)) as connection:
         row = connection.execute(sql, parameters).fetchone()

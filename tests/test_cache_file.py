@@ -110,7 +110,7 @@ def test_name_of_the_new_file_survives_a_restart(tmp_path: Path) -> None:
 @contextlib.contextmanager
 def write_locks_held(database: Path, cache: Path) -> Any:
     """Hold the write lock of the database and of the cache file in use, from another thread."""
-    held = threading.Event()
+    locked = threading.Event()
     release = threading.Event()
 
     def hold() -> None:
@@ -120,7 +120,7 @@ def write_locks_held(database: Path, cache: Path) -> Any:
             connection.execute("BEGIN IMMEDIATE")
             connection.execute("INSERT INTO meta (key, value) VALUES ('lock', 'held')")
             connection.execute("INSERT INTO cache.cache_meta (key, value) VALUES ('lock', 'held')")
-            held.set()
+            locked.set()
             release.wait(30)
             connection.execute("ROLLBACK")
         finally:
@@ -128,7 +128,7 @@ def write_locks_held(database: Path, cache: Path) -> Any:
 
     thread = threading.Thread(target=hold)
     thread.start()
-    assert held.wait(10), "the lock holder did not start"
+    assert locked.wait(10), "the lock holder did not start"
     try:
         yield
     finally:

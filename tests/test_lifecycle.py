@@ -90,7 +90,7 @@ def test_ready_only_after_port_accepts(
 
 
 def test_status_while_database_opens(notified_daemon: Daemon, notify_socket: NotifySocket) -> None:
-    # Before READY the daemon says what it waits for, and asks systemd for more time while a
+    # Before READY the daemon reports what it waits for, and asks systemd for more time while a
     # long migration or integrity check runs (not reached with this small database).
     notified_daemon.start(wait=False)
     notify_socket.receive_until(lambda m: "READY=1" in m)

@@ -240,8 +240,10 @@ CORRUPTIONS: dict[str, tuple[str, Callable[[Path], None]]] = {
 @pytest.mark.parametrize("kind", list(CORRUPTIONS))
 def test_corrupt_file_moved_aside(tmp_path: Path, kind: str) -> None:
     daemon = make_daemon(tmp_path / "corrupt")
-    which, damage = CORRUPTIONS[kind]
-    target = daemon.database if which == "database" else checkpointed_cache_file(daemon.database)
+    damaged_file, damage = CORRUPTIONS[kind]
+    target = (
+        daemon.database if damaged_file == "database" else checkpointed_cache_file(daemon.database)
+    )
     damage(target)
     corrupted = target.read_bytes()
 

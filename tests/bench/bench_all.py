@@ -257,7 +257,7 @@ def measure_daemon(
     )
     import_seconds, summary = import_records(config, records)
     progress(f"import took {import_seconds:.1f} s: {summary}")
-    # The identities are in the cache file beside the database, which holds little else yet.
+    # The identities are in the cache file beside the database, which has little else yet.
     database_bytes = sum(
         path.stat().st_size for path in (database, *cachefile.cache_files(database))
     )
