@@ -178,6 +178,15 @@ def _import(config: Config, path: Path, file_format: str | None) -> int:
     if summary.replaced_keys:
         line += f"; {summary.replaced_keys} older credentials gave up their key"
     print(line)
+    if config.hq is not None:
+        # HQ owns the identities: the digest comparison finds the imported records that
+        # differ from HQ's and rebuilds the cache from HQ's snapshot without them.
+        print(
+            "warning: [hq] is configured, so HQ sync keeps the cache equal to HQ's records:"
+            " imported records that HQ does not have are removed at the next reconciliation"
+            " or snapshot rebuild. Add them at HQ, or import only on a box without [hq].",
+            file=sys.stderr,
+        )
     return 1 if summary.rejected else 0
 
 

@@ -309,6 +309,21 @@ def test_second_import_counts_updates(config: Path, file_format: str) -> None:
     assert versions == {"c-good-1": 1, "c-good-2": 2, "c-good-3": 2, "c-good-4": 1}
 
 
+@pytest.mark.parametrize(
+    ("hq_table", "warned"), [("", False), ('[hq]\nurl = "http://127.0.0.1:9"', True)]
+)
+def test_import_warns_when_hq_owns_cache(tmp_path: Path, hq_table: str, warned: bool) -> None:
+    config = write_config(tmp_path, free_port(), extra=hq_table)
+    records = tmp_path / "records.jsonl"
+    records.write_bytes(jsonl_line(good_record(1)))
+
+    result = import_file(config, records)
+
+    assert result.returncode == 0, result.stderr
+    assert "1 inserted, 0 updated, 0 rejected" in result.stdout
+    assert ("removed at the next reconciliation" in result.stderr) is warned
+
+
 # (second import, expected counts, credentials that gave up their key, rows afterwards),
 # each after a first import of records 1 and 2
 KEY_TAKEOVER_CASES = [
