@@ -371,6 +371,11 @@ def _describe_validation_error(message: str, text: str, source: str) -> str:
         key_path = f"{key_path}.{unknown.group(1)}" if key_path else unknown.group(1)
         detail = "unknown key; check its spelling against the configuration reference"
     key_path = re.sub(r"\[(\d+)\]", r".\1", key_path)
+    # msgspec reports a table's own check (__post_init__) at the table. Its message starts
+    # with "invalid <key>", so point at that key's line instead of the table header.
+    invalid_key = re.match(r"invalid (\w+)\b", detail)
+    if invalid_key and _key_type(f"{key_path}.{invalid_key.group(1)}".lstrip(".")) is not None:
+        key_path = f"{key_path}.{invalid_key.group(1)}".lstrip(".")
     if detail.startswith("Invalid enum value"):
         allowed = _allowed_values(key_path)
         if allowed:
@@ -382,6 +387,14 @@ def _describe_validation_error(message: str, text: str, source: str) -> str:
 
 def _allowed_values(key_path: str) -> tuple[str, ...]:
     """Return the values a Literal-typed key such as ``policy.exit_override.2`` accepts."""
+    kind = _key_type(key_path)
+    if typing.get_origin(kind) is Literal:
+        return tuple(str(value) for value in typing.get_args(kind))
+    return ()
+
+
+def _key_type(key_path: str) -> Any:
+    """Return the type of a dotted configuration key, or None when Config has no such key."""
     kind: Any = Config
     for part in key_path.split("."):
         if part.isdigit():
@@ -390,13 +403,11 @@ def _allowed_values(key_path: str) -> tuple[str, ...]:
         elif isinstance(kind, type) and issubclass(kind, msgspec.Struct):
             kind = typing.get_type_hints(kind).get(part)
         else:
-            return ()
+            return None
         # Unwrap "X | None" and Annotated[X, ...] down to X.
         while typing.get_origin(kind) in (typing.Union, types.UnionType, typing.Annotated):
             kind = next(a for a in typing.get_args(kind) if a is not type(None))
-    if typing.get_origin(kind) is Literal:
-        return tuple(str(value) for value in typing.get_args(kind))
-    return ()
+    return kind
 
 
 def find_key_line(text: str, key_path: str) -> int | None:

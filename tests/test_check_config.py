@@ -77,3 +77,26 @@ def test_check_config_lists_synchronous_modes(tmp_path: Path) -> None:
         "key database.synchronous: Invalid enum value 'off'; use one of normal, full"
         in result.stderr
     )
+
+
+# (table written after the base configuration, key the message names, line of that key):
+# a table's own checks name the key and its line, not the table header.
+TABLE_CHECK_CASES = [
+    ('[local]\nstore_id = ""\nsession_timeout = "0s"\n', "local.session_timeout", 3),
+    ('[hq]\nurl = "http://127.0.0.1:9"\npull_batch_size = 0\n', "hq.pull_batch_size", 3),
+    ('[hq]\nurl = "ftp://hq.example"\n', "hq.url", 2),
+]
+
+
+@pytest.mark.parametrize(
+    ("extra", "key", "offset"), TABLE_CHECK_CASES, ids=[case[1] for case in TABLE_CHECK_CASES]
+)
+def test_table_check_names_key_line(tmp_path: Path, extra: str, key: str, offset: int) -> None:
+    config = write_config(tmp_path, free_port(), extra)
+    lines = config.read_text(encoding="utf-8").splitlines()
+    table_line = lines.index(extra.splitlines()[0]) + 1
+
+    result = run_cli("check-config", str(config))
+
+    assert result.returncode == 2, result.stdout
+    assert f"line {table_line + offset - 1}, key {key}: invalid" in result.stderr
