@@ -86,13 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "check-config":
-            checked = load_config(args.file)
-            # The checks `serve` makes before it opens anything: the listener's exposure and
-            # every key, certificate and CA file it would read.
-            security.check_listener_safety(checked)
-            security.load_state(checked)
-            print(f"{args.file}: configuration is valid")
-            return 0
+            return _check_config(args.file)
         config = load_config(args.config)
         configure_logging(
             config.logging.level,
@@ -133,6 +127,31 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def _check_config(path: Path) -> int:
+    """Validate a configuration with the checks `serve` makes when it starts."""
+    config = load_config(path)
+    # To stderr, like the other commands: the [hq] check logs a warning when no token is set.
+    configure_logging(
+        config.logging.level,
+        config.logging.format,
+        stream=sys.stderr,
+        journal_socket=config.logging.journal_socket,
+    )
+    # The listener's exposure, and every key, certificate and CA file it would read.
+    security.check_listener_safety(config)
+    security.load_state(config)
+    if config.hq is not None:
+        # Imported here: daemon.hq pulls in the aiohttp client.
+        from daemon.hq import settings_from_config
+
+        # `serve` runs this check only after it has reported READY, when it starts the HQ
+        # sync, and then stops. It covers [hq] store_id and the token, client certificate,
+        # client key and CA files.
+        settings_from_config(config, config.hq)
+    print(f"{path}: configuration is valid")
+    return 0
+
+
 def _open_store(config: Config, must_exist: bool = False) -> Store:
     """Open the configured database; read-only commands pass ``must_exist``."""
     path = Path(config.database.path)
@@ -147,6 +166,9 @@ def _open_store(config: Config, must_exist: bool = False) -> Store:
         config.database.secret_path,
         config.database.busy_timeout,
         config.database.synchronous,
+        # The read-only commands report damage: repairing it is the daemon's job, and an
+        # empty cache would make lookup answer UNKNOWN_KEY for every value.
+        repair=not must_exist,
     )
 
 

@@ -372,18 +372,33 @@ def check_integrity(
             rows = connection.execute(f"PRAGMA {pragma}").fetchall()
         finally:
             connection.close()
-    except sqlite3.OperationalError as exc:
-        if "interrupt" in str(exc):
-            raise CheckInterrupted(str(path)) from None
-        log.error("store.unreadable", path=str(path), error=str(exc))
-        return False
     except sqlite3.DatabaseError as exc:
+        if getattr(exc, "sqlite_errorname", "") == "SQLITE_INTERRUPT":
+            raise CheckInterrupted(str(path)) from None
+        if not is_corruption(exc):
+            raise StoreError(unopenable_message(path, exc)) from None
         log.error("store.unreadable", path=str(path), error=str(exc))
         return False
     if rows != [("ok",)]:
         log.error("store.integrity_failed", path=str(path), problems=[r[0] for r in rows[:5]])
         return False
     return True
+
+
+def is_corruption(exc: sqlite3.DatabaseError) -> bool:
+    """Return whether SQLite failed because the file's content is damaged or not a database.
+
+    Other failures (a folder or a missing folder, no permission, a read-only file system, a
+    full disk) say nothing about the content, so the file must not be moved aside for them.
+    """
+    return getattr(exc, "sqlite_errorname", "") in ("SQLITE_CORRUPT", "SQLITE_NOTADB")
+
+
+def unopenable_message(path: Path, exc: BaseException) -> str:
+    return (
+        f"cannot open database {path}: {exc}; check that [database] path names a database"
+        " file (not a folder) and that the service user can read and write it and its folder"
+    )
 
 
 def move_aside(path: Path) -> Path:
@@ -407,32 +422,46 @@ def check_marker(path: Path) -> Path:
     return Path(str(path) + ".check-required")
 
 
-def open_database(path: Path, busy_timeout: float) -> tuple[sqlite3.Connection, CacheSlot, bool]:
+def open_database(
+    path: Path, busy_timeout: float, repair: bool = True
+) -> tuple[sqlite3.Connection, CacheSlot, bool]:
     """Open the database and its cache file, checking integrity and migrating.
 
-    A corrupt database or cache file is moved aside. Returns the connection (without the
-    cache attached), the cache file in use and whether the integrity check was deferred: a
-    file larger than SYNC_CHECK_MAX_BYTES is checked after start-up by ``check_integrity``
-    in a thread, unless an earlier background check failed and left the marker file.
+    With ``repair``, a corrupt database or cache file is moved aside and a missing cache file
+    replaced by an empty one; without it (the read-only commands) either raises StoreError.
+    Returns the connection (without the cache attached), the cache file in use and whether
+    the integrity check was deferred: a file larger than SYNC_CHECK_MAX_BYTES is checked
+    after start-up by ``check_integrity`` in a thread, unless an earlier background check
+    failed and left the marker file.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.name in ("", ".", "..") or (path.exists() and not path.is_file()):
+        raise StoreError(
+            f"database path {str(path)!r} is not a file: set [database] path to a database"
+            " file such as /var/lib/identity-connector/connector.sqlite3"
+        )
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StoreError(unopenable_message(path, exc)) from None
     marker = check_marker(path)
     check_all = marker.exists()
     size = path.stat().st_size if path.exists() else 0
     deferred = size > SYNC_CHECK_MAX_BYTES and not check_all
     if size > 0 and not deferred and not check_integrity(path, busy_timeout):
-        _move_corrupt_aside(path)
+        _move_corrupt_aside(path, repair)
 
     try:
         connection = _connect_and_migrate(path, busy_timeout)
     except sqlite3.DatabaseError as exc:
+        if not is_corruption(exc):
+            raise StoreError(unopenable_message(path, exc)) from None
         # A file that is not a database at all fails here even when its check was deferred.
         log.error("store.unreadable", path=str(path), error=str(exc))
-        _move_corrupt_aside(path)
+        _move_corrupt_aside(path, repair)
         connection = _connect_and_migrate(path, busy_timeout)
         deferred = False
     try:
-        slot, cache_deferred = _open_cache_file(connection, path, busy_timeout, check_all)
+        slot, cache_deferred = _open_cache_file(connection, path, busy_timeout, check_all, repair)
     except BaseException:
         connection.close()
         raise
@@ -441,15 +470,21 @@ def open_database(path: Path, busy_timeout: float) -> tuple[sqlite3.Connection, 
 
 
 def _open_cache_file(
-    connection: sqlite3.Connection, path: Path, busy_timeout: float, check_all: bool
+    connection: sqlite3.Connection, path: Path, busy_timeout: float, check_all: bool, repair: bool
 ) -> tuple[CacheSlot, bool]:
-    """Find the cache file the database names; replace a missing or corrupt one."""
+    """Find the cache file the database names; with ``repair``, replace a missing or corrupt one."""
     cache_path = _named_cache_file(connection, path)
     if cache_path is not None and not cache_path.is_file():
         # A daemon's rebuild may have switched files and deleted the old one since the
         # name was read. Only a name that is still missing when read again means a loss.
         cache_path = _named_cache_file(connection, path)
     if cache_path is None or not cache_path.is_file():
+        if not repair:
+            raise StoreError(
+                f"the identity cache file {cache_path or '(none named)'} of database {path} is"
+                " missing: this command leaves it so; restore it from a backup, or start the"
+                " daemon, which replaces it with an empty cache for HQ sync or an import to fill"
+            )
         log.error(
             "store.cache_file_missing",
             path=str(cache_path) if cache_path else None,
@@ -469,6 +504,8 @@ def _open_cache_file(
             finally:
                 probe.close()
         except sqlite3.DatabaseError as exc:
+            if not is_corruption(exc):
+                raise StoreError(unopenable_message(cache_path, exc)) from None
             log.error("store.unreadable", path=str(cache_path), error=str(exc))
             healthy = False
         else:
@@ -479,7 +516,7 @@ def _open_cache_file(
                     " the newer release; the file was left untouched"
                 )
     if not healthy:
-        _move_corrupt_aside(cache_path)
+        _move_corrupt_aside(cache_path, repair)
         return CacheSlot(_replace_cache_file(connection, path)), False
     return CacheSlot(cache_path), deferred
 
@@ -536,8 +573,16 @@ def _connect_and_migrate(path: Path, busy_timeout: float) -> sqlite3.Connection:
     return connection
 
 
-def _move_corrupt_aside(path: Path) -> None:
-    moved = move_aside(path)
+def _move_corrupt_aside(path: Path, repair: bool = True) -> None:
+    if not repair:
+        raise StoreError(
+            f"{path} is damaged: this command leaves it as it is; start the daemon, which moves"
+            " it aside and starts with an empty cache, or restore it from a backup"
+        )
+    try:
+        moved = move_aside(path)
+    except OSError as exc:
+        raise StoreError(f"cannot move the damaged file {path} aside: {exc}") from None
     log.error(
         "store.corrupt_moved_aside",
         path=str(path),
@@ -921,10 +966,15 @@ class Store:
         secret_path: Path,
         busy_timeout: float = 5.0,
         synchronous: SynchronousMode = "normal",
+        repair: bool = True,
     ) -> Store:
-        """Open or create the database; ``synchronous`` applies to the writer's commits."""
+        """Open or create the database; ``synchronous`` applies to the writer's commits.
+
+        ``repair`` False makes a damaged database or a missing cache file an error instead
+        of moving it aside or replacing it (``open_database``).
+        """
         existed = path.exists() and path.stat().st_size > 0
-        connection, slot, deferred = open_database(path, busy_timeout)
+        connection, slot, deferred = open_database(path, busy_timeout, repair)
         try:
             connection.execute(f"PRAGMA cache_size = {-READER_CACHE_KIB}")
             reader = StoreReader(connection, slot)

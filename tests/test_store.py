@@ -291,6 +291,80 @@ def test_missing_cache_file_replaced_by_an_empty_one(tmp_path: Path) -> None:
     assert count_rows(daemon.database, "identities") == 0
 
 
+def remove_cache_file(database: Path) -> None:
+    cachefile.remove(checkpointed_cache_file(database))
+
+
+# (file to damage, damage, text the error names) for the commands that only read
+READ_ONLY_DAMAGE: dict[str, tuple[str, Callable[[Path], None], str]] = {
+    "database not a database": ("database", corrupt_with_garbage, "is damaged"),
+    "cache not a database": ("cache", corrupt_with_garbage, "is damaged"),
+    "cache file missing": ("database", remove_cache_file, "is missing"),
+}
+
+
+@pytest.mark.parametrize("kind", list(READ_ONLY_DAMAGE))
+@pytest.mark.parametrize("command", ["status", "lookup"])
+def test_read_only_command_leaves_damage(tmp_path: Path, command: str, kind: str) -> None:
+    daemon = make_daemon(tmp_path / "damaged")
+    damaged_file, damage, message = READ_ONLY_DAMAGE[kind]
+    target = (
+        daemon.database if damaged_file == "database" else checkpointed_cache_file(daemon.database)
+    )
+    damage(target)
+    files_before = sorted(path.name for path in daemon.directory.iterdir())
+    arguments = [SAMPLE_RECORDS[0]["key"]] if command == "lookup" else []
+
+    result = run_cli(command, "--config", str(daemon.config), *arguments)
+
+    assert result.returncode == 2, result.stdout
+    assert message in result.stderr
+    assert sorted(path.name for path in daemon.directory.iterdir()) == files_before
+
+
+def point_at_folder(directory: Path) -> str:
+    (directory / "state").mkdir()
+    return str(directory / "state")
+
+
+def point_under_a_file(directory: Path) -> str:
+    (directory / "plain-file").write_text("not a folder\n", encoding="utf-8")
+    return str(directory / "plain-file" / "connector.sqlite3")
+
+
+# (database.path for a directory, text of the error)
+UNUSABLE_PATHS: dict[str, tuple[Callable[[Path], str], str]] = {
+    "a folder": (point_at_folder, "is not a file"),
+    # `status` says "not found" here, `serve` and `import` "cannot open"; both name the key.
+    "under a plain file": (point_under_a_file, "[database] path"),
+}
+
+
+@pytest.mark.parametrize("kind", list(UNUSABLE_PATHS))
+@pytest.mark.parametrize("command", ["serve", "import", "status"])
+def test_unusable_database_path_rejected(tmp_path: Path, command: str, kind: str) -> None:
+    make_path, message = UNUSABLE_PATHS[kind]
+    database = make_path(tmp_path)
+    config = write_config(tmp_path, free_port())
+    text = config.read_text(encoding="utf-8")
+    config.write_text(text.replace(str(tmp_path / "connector.sqlite3"), database), "utf-8")
+    records = tmp_path / "records.jsonl"
+    records.write_text(json.dumps(SAMPLE_RECORDS[0]) + "\n", encoding="utf-8")
+    files_before = sorted(path.name for path in tmp_path.rglob("*"))
+
+    if command == "serve":
+        result = run_serve_until_exit(config)
+    elif command == "import":
+        result = run_cli("import", "--config", str(config), str(records))
+    else:
+        result = run_cli("status", "--config", str(config))
+
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert sorted(path.name for path in tmp_path.rglob("*")) == files_before
+
+
 def test_background_check_names_the_damaged_cache_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
