@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable
 import msgspec
 import structlog
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 
 from daemon import metrics as metrics_module
 from daemon.config import Config
@@ -75,6 +76,22 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
         if exc.status < 400:
             raise
         response = _http_error_problem(request, exc)
+    except RequestPayloadError as exc:
+        # The body's Content-Encoding or chunked framing is broken: the client's fault.
+        reason = " ".join(str(exc).split())
+        _log_invalid_request(request, "invalid-body", reason=reason)
+        response = problem_response(
+            400,
+            "invalid-body",
+            "Bad Request",
+            f"the request body could not be read ({reason}); send it as plain JSON or with a"
+            " Content-Encoding that matches its bytes",
+        )
+    except ConnectionResetError:
+        # The client closed the connection before its body arrived, so no answer can reach
+        # it: not a server fault, and not counted as an HTTP error.
+        log.info("request.client_disconnected", method=request.method, path=request.path)
+        return web.Response(status=400)
     except Exception:
         log.exception("request.failed", method=request.method, path=request.path)
         response = problem_response(
@@ -86,6 +103,30 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
     if response.status >= 400:
         request.app[METRICS_KEY].http_errors.labels(str(response.status)).inc()
     return response
+
+
+_INVALID_LOG_THROTTLE = LogThrottle(60.0)
+
+
+def _log_invalid_request(
+    request: web.Request, problem: str, fields: list[str] | None = None, **extra: object
+) -> None:
+    """Log a rejected request once a minute per path, problem and fields, with a repeat count.
+
+    A gateway configured with the wrong storeId or an outdated contract receives only 4xx
+    responses, and without this line the journal would not show it.
+    """
+    key = f"{request.path} {problem} {','.join(fields or ())} {extra.get('store_id', '')}"
+    suppressed = _INVALID_LOG_THROTTLE.admit(key)
+    if suppressed is not None:
+        log.warning(
+            "request.invalid",
+            path=request.path,
+            problem=problem,
+            fields=fields,
+            suppressed=suppressed,
+            **extra,
+        )
 
 
 def _config(request: web.Request) -> Config:
@@ -121,6 +162,7 @@ async def resolve_scan(request: web.Request) -> web.Response:
 
     if not _is_json(request.content_type):
         sent = request.headers.get("Content-Type", "none")
+        _log_invalid_request(request, "unsupported-media-type", content_type=sent[:100])
         return problem_response(
             415,
             "unsupported-media-type",
@@ -135,11 +177,16 @@ async def resolve_scan(request: web.Request) -> web.Response:
     try:
         scan_request = decode_request(body)
     except BodyInvalid as exc:
+        _log_invalid_request(request, "invalid-body")
         return problem_response(400, "invalid-body", "Bad Request", str(exc))
     except RequestInvalid as exc:
+        _log_invalid_request(request, "invalid-request", [error.field for error in exc.errors])
         return _invalid(exc.errors)
 
     if scan_request.storeId not in config.stores.ids:
+        _log_invalid_request(
+            request, "invalid-request", ["storeId"], store_id=scan_request.storeId[:100]
+        )
         return _invalid(
             [
                 FieldError(

@@ -1,0 +1,104 @@
+"""Client faults get client-error responses and log lines, never those of a server fault."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from collections.abc import Callable
+
+import pytest
+
+from tests.conftest import Daemon, scan_body
+
+SCAN_HEADERS = b"POST /v1/identity/scan HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+
+
+def server_faults(daemon: Daemon) -> list[dict]:
+    return [line for line in daemon.log_lines() if line["event"] == "request.failed"]
+
+
+def wait_for_event(daemon: Daemon, event: str, timeout: float = 5.0) -> list[dict]:
+    deadline = time.monotonic() + timeout
+    while True:
+        lines = [line for line in daemon.log_lines() if line["event"] == event]
+        if lines or time.monotonic() > deadline:
+            return lines
+        time.sleep(0.05)
+
+
+def http_errors_500(daemon: Daemon) -> float:
+    text = daemon.request("GET", "/metrics").body.decode()
+    for line in text.splitlines():
+        if line.startswith('identity_connector_http_errors_total{status="500"}'):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_gzip_header_on_plain_body_is_400(daemon: Daemon) -> None:
+    body = json.dumps(scan_body("KEY-SHOPPER-5f1c2b")).encode()
+
+    reply = daemon.request(
+        "POST",
+        "/v1/identity/scan",
+        body,
+        {"Content-Type": "application/json", "Content-Encoding": "gzip"},
+    )
+
+    assert reply.status == 400
+    assert reply.headers["Content-Type"] == "application/problem+json"
+    assert reply.json()["type"].endswith(":invalid-body")
+    assert "Content-Encoding" in reply.json()["detail"]
+    assert server_faults(daemon) == []
+
+
+def close_mid_body(sock: socket.socket) -> None:
+    sock.close()
+
+
+def reset_mid_body(sock: socket.socket) -> None:
+    # SO_LINGER with a zero timeout makes close() send RST instead of FIN.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    sock.close()
+
+
+@pytest.mark.parametrize("hang_up", [close_mid_body, reset_mid_body], ids=["close", "reset"])
+def test_client_gone_mid_body_is_not_a_fault(
+    daemon: Daemon, hang_up: Callable[[socket.socket], None]
+) -> None:
+    body = json.dumps(scan_body("KEY-SHOPPER-5f1c2b")).encode()
+    sock = socket.create_connection(("127.0.0.1", daemon.port), timeout=10)
+    sock.sendall(SCAN_HEADERS + b"Content-Length: %d\r\n\r\n" % len(body) + body[:30])
+    time.sleep(0.2)
+
+    hang_up(sock)
+
+    assert wait_for_event(daemon, "request.client_disconnected"), "no disconnect line"
+    assert server_faults(daemon) == []
+    assert http_errors_500(daemon) == 0
+    assert daemon.scan("KEY-SHOPPER-5f1c2b").status == 200
+
+
+def test_unserved_store_logged_once_a_minute(daemon: Daemon) -> None:
+    replies = [daemon.scan("KEY-SHOPPER-5f1c2b", store="STORE-999") for _ in range(3)]
+
+    lines = wait_for_event(daemon, "request.invalid")
+
+    assert [reply.status for reply in replies] == [400] * 3
+    assert len(lines) == 1
+    assert lines[0]["fields"] == ["storeId"]
+    assert lines[0]["store_id"] == "STORE-999"
+    assert lines[0]["level"] == "warning"
+
+
+def test_invalid_body_log_names_fields_only(daemon: Daemon) -> None:
+    body = scan_body("SECRET-VALUE-7a3e")
+    body["scanEvent"]["channel"] = "LASER"
+
+    reply = daemon.post_json(body)
+
+    assert reply.status == 400
+    lines = wait_for_event(daemon, "request.invalid")
+    assert len(lines) == 1
+    assert lines[0]["fields"] == ["scanEvent.channel"]
+    assert "SECRET-VALUE-7a3e" not in daemon.log_path.read_text(encoding="utf-8")
