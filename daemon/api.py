@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable
 
@@ -27,6 +28,7 @@ from daemon.schema import (
     openapi_document,
 )
 from daemon.security import ADMISSION_KEY, Admission, LogThrottle, admission_middleware
+from daemon.store import Rows
 
 log = structlog.get_logger(__name__)
 
@@ -228,6 +230,20 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 _HEALTH_LOG_THROTTLE = LogThrottle(60.0)
+# Seconds /readyz waits for its probe commit while the writer is failing.
+READY_PROBE_SECONDS = 2.0
+
+
+def _probe_job() -> Rows:
+    return Rows(
+        (
+            (
+                "INSERT INTO meta (key, value) VALUES ('writer_probe_at', ?)"
+                " ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                (str(time.time()),),
+            ),
+        )
+    )
 
 
 async def readyz(request: web.Request) -> web.Response:
@@ -236,6 +252,12 @@ async def readyz(request: web.Request) -> web.Response:
     try:
         store.reader.connection.execute("SELECT 1 FROM identities LIMIT 1").fetchall()
         database_ok = store.writer.alive
+        if database_ok and store.writer.failure is not None:
+            # The last commit failed (a locked or read-only database), so every decision
+            # would fail too. A write of its own shows when commits work again, even if no
+            # decision comes in while the gateway waits for readiness.
+            await asyncio.wait_for(store.writer.submit(_probe_job()), READY_PROBE_SECONDS)
+            database_ok = store.writer.failure is None
     except Exception as exc:  # the reason goes to the log, not to the caller
         # A probe polls every few seconds, so one line a minute is enough.
         suppressed = _HEALTH_LOG_THROTTLE.admit("health.database_failed")

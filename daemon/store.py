@@ -695,6 +695,9 @@ class StoreWriter:
         # When the WAL starts over, the file is cut back to this size.
         self._connection.execute(f"PRAGMA journal_size_limit = {WAL_RESTART_FRAMES * 4096}")
         self._checkpointer = Checkpointer(path, slot, busy_timeout)
+        self.failure: str | None = None
+        """The error of the last batch when no job of it could commit, such as a locked or
+        read-only database; None once a batch commits again."""
         # Each item is a list of (job, waiter) or _STOP.
         self._jobs: queue.SimpleQueue[list[tuple[Any, Any]]] = queue.SimpleQueue()
         self._outgoing: dict[asyncio.AbstractEventLoop, list[tuple[Any, Any]]] = {}
@@ -793,9 +796,29 @@ class StoreWriter:
         except Exception as exc:
             if connection.in_transaction:
                 connection.execute("ROLLBACK")
-            log.error("store.commit_failed", jobs=len(batch), error=str(exc))
             outcomes = [(False, exc)] * len(batch)
+        self._note_outcomes(len(batch), outcomes)
         _deliver_all(batch, outcomes)
+
+    def _note_outcomes(self, jobs: int, outcomes: list[tuple[bool, Any]]) -> None:
+        """Track whether the database takes commits, for /readyz and one log line per change.
+
+        Only a batch in which every job failed on an operational error (locked, read-only,
+        disk full, I/O) counts: a job that breaks a constraint is that job's own fault.
+        """
+        if not outcomes:
+            return
+        if any(ok for ok, _value in outcomes):
+            if self.failure is not None:
+                log.info("store.commit_recovered", previous_error=self.failure)
+            self.failure = None
+            return
+        errors = [value for _ok, value in outcomes]
+        if not all(isinstance(error, sqlite3.OperationalError) for error in errors):
+            return
+        if self.failure is None:
+            log.error("store.commit_failed", jobs=jobs, error=str(errors[0]))
+        self.failure = str(errors[0])
 
     def _run_in_one_transaction(self, batch: list) -> list[tuple[bool, Any]]:
         connection = self._connection
