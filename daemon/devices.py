@@ -15,17 +15,18 @@ import os
 import re
 import sqlite3
 import sys
+import typing
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import msgspec
 import structlog
 
 from daemon.store import DEVICE_HEALTH_META_KEY
-from drivers.base import Driver, Event, Health, Scan, sleep_backoff
+from drivers.base import Driver, Dropped, Event, Health, Scan, sleep_backoff
 
 if TYPE_CHECKING:
     from daemon.config import Config
@@ -110,6 +111,7 @@ def make_driver(table: dict[str, Any]) -> Driver:
 def device_table_error(tables: list[dict[str, Any]]) -> tuple[str, str] | None:
     """Return the dotted key and the problem of the first invalid device table, or None."""
     names: dict[str, int] = {}
+    paths: dict[str, int] = {}
     for index, table in enumerate(tables):
         prefix = f"devices.{index}"
         kind = table.get("kind")
@@ -128,17 +130,47 @@ def device_table_error(tables: list[dict[str, Any]]) -> tuple[str, str] | None:
                 return f"{prefix}.{problem[0]}", problem[1]
         except msgspec.ValidationError as error:
             key, detail = _describe(str(error), table)
+            if key is not None and detail.startswith("Invalid enum value"):
+                detail += _allowed_values_hint(kind, key)
             return (f"{prefix}.{key}" if key else prefix), detail
 
         name = table["name"]
         if name in names:
             return (
                 f"{prefix}.name",
-                f"duplicate device name {name!r}: [[devices]] table {names[name] + 1} has it"
-                " too; give each device a unique name",
+                f"duplicate device name {name!r}: devices.{names[name]} has it too; give"
+                " each device a unique name",
             )
         names[name] = index
+
+        path = table.get("path")
+        if kind == "serial" and isinstance(path, str):
+            # Only the first device could lock the port, so the second would stay
+            # unavailable. NOTE: two different paths to one tty, such as its by-id link
+            # and /dev/ttyACM0, are not caught, because the links exist only while the
+            # scanner is plugged in.
+            path = os.path.normpath(path)
+            if path in paths:
+                return (
+                    f"{prefix}.path",
+                    f"duplicate path {table['path']!r}: devices.{paths[path]} reads it"
+                    " already, and a serial port can be opened by one device only; remove"
+                    " one of the two tables or fix its path",
+                )
+            paths[path] = index
     return None
+
+
+def _allowed_values_hint(kind: str, key: str) -> str:
+    """Return "; use one of ..." for a key of a kind's settings that takes fixed values."""
+    try:
+        settings_class = _settings_class(kind)
+    except DriverUnavailable:
+        return ""
+    annotation = typing.get_type_hints(settings_class).get(key)
+    if typing.get_origin(annotation) is not Literal:
+        return ""
+    return f"; use one of {', '.join(str(value) for value in typing.get_args(annotation))}"
 
 
 def _common_key_error(table: dict[str, Any]) -> tuple[str, str] | None:
@@ -183,6 +215,7 @@ def device_configs(tables: list[dict[str, Any]]) -> list[DeviceConfig]:
 
 ScanHandler = Callable[[DeviceConfig, Driver, Scan], Awaitable[None]]
 HealthHandler = Callable[[DeviceConfig, Health], None]
+DropHandler = Callable[[DeviceConfig, Dropped], None]
 
 
 @dataclass
@@ -194,9 +227,12 @@ class _Running:
 class DeviceManager:
     """Start, restart and stop one driver task per configured device."""
 
-    def __init__(self, on_scan: ScanHandler, on_health: HealthHandler) -> None:
+    def __init__(
+        self, on_scan: ScanHandler, on_health: HealthHandler, on_drop: DropHandler
+    ) -> None:
         self._on_scan = on_scan
         self._on_health = on_health
+        self._on_drop = on_drop
         self._running: dict[str, _Running] = {}
         self._lock = asyncio.Lock()
 
@@ -247,6 +283,9 @@ class DeviceManager:
         async def sink(event: Event) -> None:
             if isinstance(event, Health):
                 self._on_health(device, event)
+                return
+            if isinstance(event, Dropped):
+                self._on_drop(device, event)
                 return
             try:
                 await self._on_scan(device, driver, event)

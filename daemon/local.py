@@ -1,9 +1,10 @@
 """Local scans: the box's own scanners, decided through the gateway's policy at stations.
 
-A scan from a device goes: stale-capture check, debounce, lookup and policy
-(location MANUAL_IN_STORE, the device's channel), associate session update,
-feedback to the device, audit event in the outbox, and an event on the local
-stream. Device health goes to ``Runtime.devices`` and to the stream.
+A scan from a device goes: blank-value check, stale-capture check, debounce,
+lookup and policy (location MANUAL_IN_STORE, the device's channel), associate
+session update, feedback to the device, audit event in the outbox, and an
+event on the local stream. Device health goes to ``Runtime.devices`` and to
+the stream, and reads that a driver dropped go to the metrics.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from daemon.resolver import Evaluation, audit_event
 from daemon.runtime import DeviceState, Runtime
 from daemon.stations import Debouncer, SessionChange, SessionEvent, Stations
 from daemon.store import DEVICE_HEALTH_META_KEY, KeyHasher
-from drivers.base import Driver, Health, LogThrottle, Scan
+from drivers.base import Driver, Dropped, Health, LogThrottle, Scan
 
 log = structlog.get_logger(__name__)
 
@@ -41,6 +42,8 @@ DEVICES_PATH = "/v1/local/devices"
 
 # Seconds between two warnings about stale captures from the same device.
 STALE_LOG_INTERVAL = 60.0
+# Seconds between two warnings about blank scans from the same device.
+BLANK_LOG_INTERVAL = 60.0
 
 _ENCODER = msgspec.json.Encoder()
 
@@ -82,9 +85,10 @@ class LocalScanning:
         self.hub = EventHub()
         self.stations = Stations()
         self.debouncer = Debouncer()
-        self.manager = DeviceManager(self.handle_scan, self.handle_health)
+        self.manager = DeviceManager(self.handle_scan, self.handle_health, self.handle_drop)
         self._devices: dict[str, DeviceConfig] = {}
         self._stale_log = LogThrottle(STALE_LOG_INTERVAL)
+        self._blank_log = LogThrottle(BLANK_LOG_INTERVAL)
         self._sessions_changed = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._health_writer: asyncio.Task[None] | None = None
@@ -203,6 +207,15 @@ class LocalScanning:
 
     # --- Scans ---------------------------------------------------------------------------
 
+    def handle_drop(self, device: DeviceConfig, dropped: Dropped) -> None:
+        """Count a read that the driver dropped and has logged."""
+        self._count_drop(device, dropped.reason)
+
+    def _count_drop(self, device: DeviceConfig, reason: str) -> None:
+        metrics = self.runtime.resolver.metrics
+        if metrics is not None:
+            metrics.count_dropped_read(device.name, reason)
+
     async def handle_scan(self, device: DeviceConfig, driver: Driver, scan: Scan) -> None:
         """Decide one scan from a device, record it, give feedback and publish it."""
         started = time.perf_counter()
@@ -210,7 +223,13 @@ class LocalScanning:
         local = config.local
         now = time.time()
         monotonic = time.monotonic()
-        key_hash = self.runtime.store.hasher.hash(strip_value(scan.value))
+        key = strip_value(scan.value)
+        if not key:
+            # A frame of only spaces or NUL bytes would otherwise be rejected as the empty
+            # key (UNKNOWN_KEY), with bad-read feedback and an audit event.
+            self._drop_blank(device, scan, monotonic)
+            return
+        key_hash = self.runtime.store.hasher.hash(key)
         fingerprint = KeyHasher.fingerprint(key_hash)
 
         age = now - scan.captured_at.timestamp()
@@ -271,6 +290,20 @@ class LocalScanning:
         )
         self.hub.publish("scan.decided", self._decision_data(event))
         self._publish_sessions(session_events)
+
+    def _drop_blank(self, device: DeviceConfig, scan: Scan, monotonic: float) -> None:
+        fields = {
+            "device": device.name,
+            "station": device.station,
+            "reason": "blank",
+            "length": len(scan.value),
+            "detail": "only whitespace and control characters; not decided",
+        }
+        if self._blank_log.allow(device.name, monotonic):
+            log.warning("scan.dropped", **fields)
+        else:
+            log.debug("scan.dropped", **fields)
+        self._count_drop(device, "blank")
 
     def _log_stale(
         self, device: DeviceConfig, fingerprint: str, age: float, monotonic: float

@@ -54,6 +54,12 @@ class Metrics:
             ["status"],
             registry=self.registry,
         )
+        self.device_dropped_reads = Counter(
+            "identity_connector_device_dropped_reads",
+            "Reads from a device that were dropped without a decision, by device and reason.",
+            ["device", "reason"],
+            registry=self.registry,
+        )
 
         # Labelled children by label values: labels() takes a lock and builds a key each call.
         self._decision_children: dict[tuple[str, str, str, str], Any] = {}
@@ -65,6 +71,10 @@ class Metrics:
         if child is None:
             child = self._decision_children[key] = self.decisions.labels(*key)
         child.inc()
+
+    def count_dropped_read(self, device: str, reason: str) -> None:
+        """Count one read that a device dropped, such as a malformed serial frame."""
+        self.device_dropped_reads.labels(device, reason).inc()
 
     def attach(self, runtime: Runtime) -> None:
         self.registry.register(_StateCollector(runtime))

@@ -41,7 +41,18 @@ class Health:
     error: str | None = None
 
 
-Event = Scan | Health
+@dataclass(frozen=True, slots=True)
+class Dropped:
+    """A read that a driver threw away without a scan, such as a malformed frame.
+
+    The driver logs the drop itself; the daemon counts it per device and ``reason``.
+    """
+
+    device: str
+    reason: str
+
+
+Event = Scan | Health | Dropped
 EventSink = Callable[[Event], Awaitable[None]]
 
 
@@ -51,7 +62,7 @@ class Driver(Protocol):
     name: str
 
     async def run(self, sink: EventSink) -> None:
-        """Read the device until cancelled, sending scans and health changes to ``sink``."""
+        """Read the device until cancelled, sending scans, drops and health changes to ``sink``."""
         ...
 
     async def feedback(self, accepted: bool) -> None:

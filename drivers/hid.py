@@ -23,6 +23,7 @@ from evdev import ecodes
 
 from drivers.base import (
     DeviceSettings,
+    Dropped,
     Duration,
     EventSink,
     HealthReporter,
@@ -390,5 +391,6 @@ class HidDriver:
                 log.warning("hid.scan_rejected", **fields)
             else:
                 log.debug("hid.scan_rejected", **fields)
+            await sink(Dropped(self.name, result.reason))
             return
         await sink(Scan(self.name, "OPTICAL", result.text, datetime.now(UTC)))

@@ -32,7 +32,7 @@ from typing import Any, Literal, TypeVar
 import msgspec
 import structlog
 
-from drivers.base import Channel, EventSink, Health, Scan, sleep_backoff
+from drivers.base import Channel, Dropped, EventSink, Health, Scan, sleep_backoff
 
 try:
     from smartcard import scard
@@ -506,7 +506,7 @@ class PcscDriver:
                 return reader_state
 
             if failure.reason != "read_failed" or attempt == READ_ATTEMPTS:
-                self._log_skipped(reader, failure)
+                await self._skip(reader, failure, sink)
                 return reader_state
 
             # The transaction failed while the card was still listed: it is either
@@ -517,7 +517,7 @@ class PcscDriver:
             if changes is not None:
                 reader_state = changes[0][1]
             if not reader_state & scard.SCARD_STATE_PRESENT:
-                self._log_skipped(reader, CardSkipped("card_removed", failure.detail))
+                await self._skip(reader, CardSkipped("card_removed", failure.detail), sink)
                 return reader_state
         return reader_state
 
@@ -527,7 +527,8 @@ class PcscDriver:
         value = format_uid(card.uid, self.settings.uid_byte_order)
         await sink(Scan(device=self.name, channel=channel, value=value, captured_at=captured_at))
 
-    def _log_skipped(self, reader: str, skipped: CardSkipped) -> None:
+    async def _skip(self, reader: str, skipped: CardSkipped, sink: EventSink) -> None:
+        """Log a card that gave no scan, and report it for the dropped-reads counter."""
         log.warning(
             "card.skipped",
             device=self.name,
@@ -535,6 +536,7 @@ class PcscDriver:
             reason=skipped.reason,
             detail=skipped.detail,
         )
+        await sink(Dropped(self.name, skipped.reason))
 
     def _channel(self, atr: bytes) -> Channel:
         if self.settings.interface == "contactless":

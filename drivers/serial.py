@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import errno
 import os
+import stat
+import termios
 import threading
 from collections import Counter
 from dataclasses import dataclass, field
@@ -28,6 +31,7 @@ import structlog
 
 from drivers.base import (
     DeviceSettings,
+    Dropped,
     Duration,
     EventSink,
     HealthReporter,
@@ -76,6 +80,17 @@ FEEDBACK_WRITE_TIMEOUT = 1.0
 # Seconds between two warnings about dropped frames of the same reason.
 DROP_LOG_INTERVAL = 60.0
 
+# Maximum wait, in seconds, between two opens of a path that does not exist. Checking for
+# a missing device node is cheap, so a scanner plugged in after a long absence is found
+# within this time. Other open errors keep the reconnect backoff.
+MISSING_PATH_RETRY = 2.0
+
+# Upper bound of max_frame_length, in bytes. A QR Code symbol stores at most 7,089 digits
+# or 2,953 bytes, and a scanner that joins a structured-append sequence sends up to 16
+# symbols, at most 113,424 digits. 128 KiB fits that with its framing, and still bounds
+# the memory that a line sending noise without a terminator can take.
+MAX_FRAME_LENGTH_LIMIT = 131072
+
 
 class SerialSettings(DeviceSettings, tag="serial"):
     """One ``[[devices]]`` table with ``kind = "serial"``."""
@@ -98,7 +113,7 @@ class SerialSettings(DeviceSettings, tag="serial"):
         default_factory=lambda: list(MULTILINE_SYMBOLOGIES)
     )
     length_digits: Annotated[int, msgspec.Meta(ge=0, le=6)] = 0
-    max_frame_length: Annotated[int, msgspec.Meta(gt=0)] = 2048
+    max_frame_length: Annotated[int, msgspec.Meta(gt=0, le=MAX_FRAME_LENGTH_LIMIT)] = 2048
     silence_timeout: Duration | None = None
     reconnect_delay: Duration = 0.5
     reconnect_delay_max: Duration = 30.0
@@ -111,6 +126,11 @@ class SerialSettings(DeviceSettings, tag="serial"):
         if self.silence_timeout is not None:
             self.silence_timeout = _parse_setting("silence_timeout", self.silence_timeout)
 
+        if not os.path.isabs(self.path):
+            raise ValueError(
+                f"path: invalid relative path {self.path!r}; use the absolute path of the"
+                " device, such as /dev/ttyACM0 or /dev/serial/by-id/..."
+            )
         if float(self.stopbits) not in STOP_BITS:
             raise ValueError(f"stopbits: invalid value {self.stopbits!r}, expected 1, 1.5 or 2")
         try:
@@ -168,7 +188,9 @@ class DroppedFrame:
     """A frame thrown away; ``reason`` is too_long, malformed, undecodable or incomplete."""
 
     reason: str
-    size: int  # bytes received for the frame, not counting its terminator
+    # Bytes received for the frame, not counting its terminator. None for a frame that
+    # grew past max_frame_length before its end arrived, because the rest is not counted.
+    size: int | None
 
 
 FrameResult = Frame | DroppedFrame
@@ -191,7 +213,9 @@ class FrameDecoder:
       contain the terminator byte.
     - ``aim_ids`` and a symbology in ``multiline_symbologies``: the frame ends
       at a terminator followed by ``idle_gap`` of silence, so a QR payload may
-      contain CR.
+      contain CR. It also ends at a terminator that follows the suffix (when
+      one is set) and is followed by the start of the next frame: the prefix,
+      or without a prefix an AIM identifier's ``]`` and an ASCII letter.
     - Otherwise the frame ends at the first terminator.
 
     With CR or LF as terminator, a CRLF pair counts as one terminator. A
@@ -285,6 +309,13 @@ class FrameDecoder:
 
             framing, frame_end = self._framing(self._buffer)
             if framing is _Framing.IDLE:
+                boundary = self._next_frame_boundary(self._buffer)
+                if boundary is not None:
+                    frame_end, next_start = boundary
+                    frame = bytes(self._buffer[:frame_end])
+                    del self._buffer[:next_start]
+                    results.extend(self._parsed(frame, now))
+                    continue
                 if len(self._buffer) > self._max_frame_length + len(terminator):
                     results.append(self._overflow())
                 break
@@ -353,10 +384,54 @@ class FrameDecoder:
             return _Framing.LENGTH, position + self._length_digits + declared + len(self._suffix)
 
         if symbology in self._multiline:
-            # NOTE: a second scan that follows within idle_gap is glued to this
-            # frame, for example "]Q1A\r]C0B\r" sent in one burst.
             return _Framing.IDLE, 0
         return _Framing.TERMINATOR, 0
+
+    def _next_frame_boundary(self, data: bytes | bytearray) -> tuple[int, int] | None:
+        """Find where a second frame starts inside an idle-framed one, such as two QR scans.
+
+        Returns the end of the first frame (before its terminator) and the start of the
+        next, or None when no terminator in ``data`` follows the suffix and precedes the
+        start of a frame. A terminator at the end of ``data`` waits for more bytes.
+        """
+        terminator = self._terminator
+        if not terminator:
+            return None
+
+        search_from = len(self._prefix) + AIM_ID_LENGTH
+        while True:
+            index = data.find(terminator, search_from)
+            if index < 0:
+                return None
+            search_from = index + 1
+
+            # With CR or LF as terminator, a CRLF pair counts as one terminator.
+            frame_end = index
+            if terminator == b"\n" and data.endswith(b"\r", 0, index):
+                frame_end -= 1
+            next_start = index + len(terminator)
+            if terminator == b"\r" and data.startswith(b"\n", next_start):
+                next_start += 1
+
+            if self._suffix and not data.endswith(self._suffix, 0, frame_end):
+                continue
+            if self._starts_frame(data, next_start):
+                return frame_end, next_start
+
+    def _starts_frame(self, data: bytes | bytearray, start: int) -> bool:
+        """Tell whether the bytes at ``start`` begin a frame, as far as the header shows it.
+
+        With a prefix, the prefix must be there in full. Without one, the AIM flag and
+        an ASCII letter must be there.
+        """
+        if self._prefix:
+            return data.startswith(self._prefix, start)
+        # NOTE: without a prefix, a payload line that starts with "]" and a letter,
+        # as in "]Q1A\r]Bx\r", is taken for a new scan and the frame is cut there.
+        # With a suffix the cut also needs the suffix right before the CR, which such a
+        # payload rarely has.
+        code = data[start + 1 : start + 2]
+        return data[start : start + 1] == b"]" and code.isalpha() and code.isascii()
 
     def _parse(self, frame: bytes, ended_at: float) -> FrameResult | None:
         """Strip the configured parts of a frame and decode its payload."""
@@ -401,7 +476,7 @@ class FrameDecoder:
 
     def _overflow(self) -> DroppedFrame:
         """Drop a frame that grew past the maximum before its end arrived."""
-        dropped = DroppedFrame("too_long", len(self._buffer))
+        dropped = DroppedFrame("too_long", None)
         self._discarding = True
 
         # Keep a trailing CR, which may be the first half of a CRLF terminator.
@@ -518,7 +593,10 @@ class SerialDriver:
             except (serial.SerialException, OSError) as error:
                 self.stats.failed_opens += 1
                 await health.unavailable(str(error), path=self.settings.path)
-                await sleep_backoff(attempt, self._reconnect_delay, self._reconnect_delay_max)
+                delay_max = self._reconnect_delay_max
+                if not os.path.exists(self.settings.path):
+                    delay_max = min(delay_max, MISSING_PATH_RETRY)
+                await sleep_backoff(attempt, self._reconnect_delay, delay_max)
                 attempt += 1
                 continue
 
@@ -560,18 +638,29 @@ class SerialDriver:
 
     def _open_port(self) -> tuple[serial.Serial, str]:
         resolved = os.path.realpath(self.settings.path)
-        port = serial.Serial(
-            resolved,
-            baudrate=self.settings.baudrate,
-            bytesize=self.settings.bytesize,
-            parity=PARITIES[self.settings.parity],
-            stopbits=float(self.settings.stopbits),
-            rtscts=self.settings.rtscts,
-            xonxoff=self.settings.xonxoff,
-            timeout=0,
-            write_timeout=FEEDBACK_WRITE_TIMEOUT,
-            exclusive=True,
-        )
+        try:
+            port = serial.Serial(
+                resolved,
+                baudrate=self.settings.baudrate,
+                bytesize=self.settings.bytesize,
+                parity=PARITIES[self.settings.parity],
+                stopbits=float(self.settings.stopbits),
+                rtscts=self.settings.rtscts,
+                xonxoff=self.settings.xonxoff,
+                timeout=0,
+                write_timeout=FEEDBACK_WRITE_TIMEOUT,
+                exclusive=True,
+            )
+        except serial.SerialException as error:
+            if _is_not_a_tty(error, resolved):
+                target = self.settings.path
+                if resolved != target:
+                    target += f" (resolved to {resolved})"
+                raise serial.SerialException(
+                    f"{target} is not a serial device: set path to the scanner's tty, such"
+                    " as /dev/ttyACM0 or /dev/serial/by-id/...",
+                ) from error
+            raise
         with self._port_lock:
             self._port = port
         return port, resolved
@@ -636,6 +725,7 @@ class SerialDriver:
         for result in results:
             if isinstance(result, DroppedFrame):
                 self._report_drop(result, loop.time())
+                await sink(Dropped(self.name, result.reason))
                 continue
 
             self.stats.scans += 1
@@ -645,13 +735,34 @@ class SerialDriver:
 
     def _report_drop(self, dropped: DroppedFrame, now: float) -> None:
         self.stats.dropped[dropped.reason] += 1
-        fields = {
-            "device": self.name,
-            "reason": dropped.reason,
-            "size": dropped.size,
-            "dropped_total": self.stats.dropped[dropped.reason],
-        }
+        fields: dict[str, object] = {"device": self.name, "reason": dropped.reason}
+        if dropped.size is not None:
+            fields["size"] = dropped.size
+        if dropped.reason == "too_long":
+            fields["max_frame_length"] = self.settings.max_frame_length
+            if dropped.size is None:
+                fields["detail"] = (
+                    "longer than max_frame_length; the rest up to the next terminator was discarded"
+                )
+        fields["dropped_total"] = self.stats.dropped[dropped.reason]
         if self._drop_log.allow(dropped.reason, now):
             log.warning("serial.frame_dropped", **fields)
         else:
             log.debug("serial.frame_dropped", **fields)
+
+
+def _is_not_a_tty(error: serial.SerialException, path: str) -> bool:
+    """Tell whether opening ``path`` failed because it is no terminal device.
+
+    pyserial 3.5 opens a regular file or a character device such as /dev/null, then
+    fails on its first termios call with ENOTTY and reports only "Could not configure
+    port". A path that exists but is no character device, such as a folder, counts too.
+    """
+    cause = error.__context__
+    if isinstance(cause, termios.error) and cause.args and cause.args[0] == errno.ENOTTY:
+        return True
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False
+    return not stat.S_ISCHR(mode)

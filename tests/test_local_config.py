@@ -30,6 +30,8 @@ class BadConfig:
     key: str
     line: int
     message: str
+    # Python module of an optional driver. Without it, only name and station are checked.
+    needs: str | None = None
 
 
 CASES = [
@@ -104,7 +106,69 @@ CASES = [
         '\n[[devices]]\nname = "scanner-1"\nkind = "serial"\nstation = "x"\npath = "/p"\n',
         "devices.1.name",
         11,
-        "duplicate device name 'scanner-1'",
+        "duplicate device name 'scanner-1': devices.0 has it too",
+    ),
+    BadConfig(
+        "duplicate-path",
+        '\n[[devices]]\nname = "s2"\nkind = "serial"\nstation = "x"\npath = "/dev/ttyACM0"\n',
+        "devices.1.path",
+        14,
+        "duplicate path '/dev/ttyACM0': devices.0 reads it already",
+    ),
+    BadConfig(
+        "duplicate-path-spelled-differently",
+        '\n[[devices]]\nname = "s2"\nkind = "serial"\nstation = "x"\npath = "/dev//ttyACM0"\n',
+        "devices.1.path",
+        14,
+        "duplicate path '/dev//ttyACM0': devices.0 reads it already",
+    ),
+    BadConfig(
+        "relative-path",
+        '\n[[devices]]\nname = "s2"\nkind = "serial"\nstation = "x"\npath = "ttyACM1"\n',
+        "devices.1.path",
+        14,
+        "invalid relative path 'ttyACM1'; use the absolute path of the device",
+    ),
+    BadConfig(
+        "max-frame-length-over-limit",
+        '\n[[devices]]\nname = "s2"\nkind = "serial"\nstation = "x"\npath = "/p"\n'
+        "max_frame_length = 100000000\n",
+        "devices.1.max_frame_length",
+        15,
+        "Expected `int` <= 131072",
+    ),
+    BadConfig(
+        "serial-enum",
+        '\n[[devices]]\nname = "s2"\nkind = "serial"\nstation = "x"\npath = "/p"\n'
+        'terminator = "crlf"\n',
+        "devices.1.terminator",
+        15,
+        "Invalid enum value 'crlf'; use one of CR, LF, CRLF, TAB, ETX, none",
+    ),
+    BadConfig(
+        "serial-int-enum",
+        '\n[[devices]]\nname = "s2"\nkind = "serial"\nstation = "x"\npath = "/p"\nbytesize = 9\n',
+        "devices.1.bytesize",
+        15,
+        "Invalid enum value 9; use one of 5, 6, 7, 8",
+    ),
+    BadConfig(
+        "pcsc-enum",
+        '\n[[devices]]\nname = "r1"\nkind = "pcsc"\nstation = "x"\nreader = "ACS*"\n'
+        'uid_byte_order = "big"\n',
+        "devices.1.uid_byte_order",
+        15,
+        "Invalid enum value 'big'; use one of msb, lsb",
+        needs="smartcard",
+    ),
+    BadConfig(
+        "hid-enum",
+        '\n[[devices]]\nname = "h1"\nkind = "hid"\nstation = "x"\nmatch = "Scanner*"\n'
+        'layout = "fr"\n',
+        "devices.1.layout",
+        15,
+        "Invalid enum value 'fr'; use one of us, de",
+        needs="evdev",
     ),
     BadConfig(
         "local-unknown-key",
@@ -132,6 +196,9 @@ CASES = [
 
 @pytest.mark.parametrize("case", CASES, ids=lambda case: case.name)
 def test_bad_table_rejected(case: BadConfig) -> None:
+    if case.needs is not None:
+        pytest.importorskip(case.needs)
+
     with pytest.raises(ConfigError) as raised:
         parse_config(BASE + case.extra, source="config.toml")
 

@@ -11,6 +11,7 @@ import contextlib
 import http.client
 import json
 import os
+import re
 import select
 import signal
 import socket
@@ -213,7 +214,7 @@ RECORDS = [
 # Short session and debounce times, so expiry and the close-by-badge read fit the suite's budget.
 SESSION_TIMEOUT = 3.0
 DEBOUNCE = 0.5
-DEVICES = ["unattended", "sessions", "renewal", "debounce", "health", "replace"]
+DEVICES = ["unattended", "sessions", "renewal", "debounce", "health", "replace", "dropped"]
 
 
 def device_table(name: str, link: Path) -> str:
@@ -416,6 +417,34 @@ def test_repeat_after_window_counts(rig: Rig) -> None:
     second = rig.scan("debounce", CASH, "cash-1")
 
     assert first["eventId"] != second["eventId"]
+
+
+def dropped_read_counts(rig: Rig, device: str) -> dict[str, float]:
+    """Read identity_connector_device_dropped_reads_total for ``device`` by reason."""
+    body = rig.daemon.request("GET", "/metrics").body.decode()
+    series = rf'identity_connector_device_dropped_reads_total\{{device="{device}",reason="(\w+)"\}}'
+    pattern = re.compile(rf"^{series} (\S+)$", re.MULTILINE)
+    return {reason: float(value) for reason, value in pattern.findall(body)}
+
+
+def test_dropped_reads_not_decided_but_counted(rig: Rig) -> None:
+    scanner = rig.scanners["dropped"]
+    mark = rig.stream.mark()
+    # Two blank frames, one that is not UTF-8, then a good scan.
+    scanner.write(b"   \r\x00\r\xff\xfe\r" + SHOPPER.encode() + b"\r")
+    decision = rig.decided("dropped", "shopper-1", mark)
+
+    decisions = rig.stream.since(mark, "scan.decided")
+    assert [event.data["device"] for event in decisions].count("dev-dropped") == 1
+    assert decision["action"] == "ACCEPT"
+    assert scanner.read_feedback(2, timeout=0.5) == GOOD_READ
+    assert dropped_read_counts(rig, "dev-dropped") == {"blank": 2.0, "undecodable": 1.0}
+    blank = [
+        line
+        for line in rig.daemon.log_lines()
+        if line.get("event") == "scan.dropped" and line.get("device") == "dev-dropped"
+    ]
+    assert [line["reason"] for line in blank] == ["blank"]
 
 
 def test_health_on_unplug_and_replug(rig: Rig) -> None:

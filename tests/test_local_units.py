@@ -1,4 +1,4 @@
-"""Station sessions, debounce, the event hub and the stale-capture rule, without a subprocess."""
+"""Station sessions, debounce, the event hub and the scan checks, without a subprocess."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from daemon.resolver import Resolver
 from daemon.runtime import Runtime
 from daemon.stations import Debouncer, SessionChange, Stations
 from daemon.store import Store
-from drivers.base import Scan
+from drivers.base import Dropped, Scan
 from drivers.serial import SerialDriver, SerialSettings
 from tests.conftest import SAMPLE_RECORDS
 
@@ -252,15 +252,17 @@ def make_runtime(tmp_path: Path, networks: str) -> Iterator[Runtime]:
         store.close()
 
 
-def local_scan(runtime: Runtime, captured_at: datetime) -> tuple[list[dict], int]:
-    """Hand one associate badge read to the station logic.
+def local_scan(
+    runtime: Runtime, captured_at: datetime, value: str = ASSOCIATE_KEY
+) -> tuple[list[dict], int]:
+    """Hand one read, by default an associate badge, to the station logic.
 
     Returns the captured log entries and the number of open sessions afterwards.
     """
     device = device_configs(runtime.config.devices)[0]
     # A driver that never ran: its feedback finds no open port and writes nothing.
     driver = SerialDriver(msgspec.convert(device.table, SerialSettings))
-    scan = Scan("dev-1", "OPTICAL", ASSOCIATE_KEY, captured_at)
+    scan = Scan("dev-1", "OPTICAL", value, captured_at)
 
     async def scenario() -> int:
         local = LocalScanning(runtime)
@@ -291,6 +293,51 @@ def test_recent_capture_decided(runtime: Runtime) -> None:
     assert runtime.store.reader.count("outbox") == 1
     assert sessions == 1
     assert "scan.decided" in [entry["event"] for entry in logs]
+
+
+def dropped_reads(metrics: Metrics, reason: str) -> float | None:
+    return metrics.registry.get_sample_value(
+        "identity_connector_device_dropped_reads_total", {"device": "dev-1", "reason": reason}
+    )
+
+
+@pytest.mark.parametrize(
+    "value", ["   ", "\x00", " \t\x00\r\n"], ids=["spaces", "nul", "whitespace-and-controls"]
+)
+def test_blank_scan_dropped(runtime: Runtime, value: str) -> None:
+    metrics = runtime.resolver.metrics = Metrics()
+
+    logs, sessions = local_scan(runtime, datetime.now(UTC), value)
+
+    assert runtime.store.reader.count("outbox") == 0
+    assert sessions == 0
+    assert [entry["event"] for entry in logs] == ["scan.dropped"]
+    assert logs[0]["reason"] == "blank"
+    assert logs[0]["length"] == len(value)
+    assert dropped_reads(metrics, "blank") == 1.0
+    assert (
+        metrics.registry.get_sample_value(
+            "identity_connector_decisions_total",
+            {"action": "REJECT", "reason": "UNKNOWN_KEY", "type": "SHOPPER", "source": "device"},
+        )
+        is None
+    )
+
+
+def test_driver_drop_counted(runtime: Runtime) -> None:
+    metrics = runtime.resolver.metrics = Metrics()
+    device = device_configs(runtime.config.devices)[0]
+
+    async def scenario() -> None:
+        local = LocalScanning(runtime)
+        local.handle_drop(device, Dropped("dev-1", "malformed"))
+        local.handle_drop(device, Dropped("dev-1", "malformed"))
+        local.handle_drop(device, Dropped("dev-1", "too_long"))
+
+    asyncio.run(scenario())
+
+    assert dropped_reads(metrics, "malformed") == 2.0
+    assert dropped_reads(metrics, "too_long") == 1.0
 
 
 # --- The endpoints' network check, on a real loopback server ----------------------------------

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 
 import pytest
 
-from drivers.base import Driver, Event, Health, Scan
+from drivers.base import Driver, Dropped, Event, Health, Scan
 from tests.drivers.pcsc_fixtures import pcscd, pcscd_session  # noqa: F401  # fixtures for test_pcsc
 
 # Generous, because the suite must pass on a loaded two-core machine.
@@ -94,6 +94,10 @@ class Recorder:
     @property
     def health(self) -> list[Health]:
         return [event for event in self.events if isinstance(event, Health)]
+
+    @property
+    def dropped(self) -> list[Dropped]:
+        return [event for event in self.events if isinstance(event, Dropped)]
 
     async def wait_for(self, predicate: Callable[[Recorder], bool], timeout: float = WAIT) -> None:
         """Wait until ``predicate(self)`` holds; raise TimeoutError after ``timeout`` seconds."""

@@ -23,6 +23,7 @@ import pytest
 import structlog
 from evdev import ecodes
 
+from drivers.base import Dropped
 from drivers.hid import (
     HidDriver,
     HidSettings,
@@ -685,6 +686,7 @@ def test_driver_drops_partial_scan(backend: FakeBackend, run_driver: RunDriver) 
             [scan] = await recorder.wait_scans(1)
 
         assert scan.value == "S-42"
+        assert recorder.dropped == [Dropped("test-wedge", "incomplete")]
 
     with structlog.testing.capture_logs() as logs:
         asyncio.run(scenario())

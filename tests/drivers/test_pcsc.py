@@ -21,7 +21,7 @@ from structlog.testing import capture_logs
 
 pytest.importorskip("smartcard", reason="pyscard is not installed: pip install '.[pcsc]'")
 
-from drivers.base import Event, Health, Scan
+from drivers.base import Dropped, Event, Health, Scan
 from drivers.pcsc import (
     ACR122U_ACCEPTED_APDU,
     ACR122U_REJECTED_APDU,
@@ -213,8 +213,10 @@ def test_unusable_card_skipped_without_scan(
             with capture_logs() as logs:
                 async with presented(vpcd.VirtualCard(vpcd.MIFARE_CLASSIC_ATR, responder)) as card:
                     await card.wait_for_command(vpcd.GET_UID[:2], EVENT_TIMEOUT)
+                    dropped = await harness.next_event()
                     await harness.assert_quiet()
 
+            assert dropped == Dropped(DEVICE, expected_reason)
             skipped = [entry for entry in logs if entry["event"] == "card.skipped"]
             assert [entry["reason"] for entry in skipped] == [expected_reason]
 

@@ -17,8 +17,16 @@ import pytest
 import serial
 import structlog
 
-from drivers.base import parse_duration
-from drivers.serial import DroppedFrame, Frame, FrameDecoder, SerialDriver, SerialSettings
+from drivers import serial as serial_driver
+from drivers.base import Dropped, parse_duration
+from drivers.serial import (
+    MAX_FRAME_LENGTH_LIMIT,
+    DroppedFrame,
+    Frame,
+    FrameDecoder,
+    SerialDriver,
+    SerialSettings,
+)
 
 if TYPE_CHECKING:
     from conftest import PtyScanner, Recorder
@@ -165,6 +173,55 @@ FRAMING_CASES = [
         {"aim_ids": True, "idle_gap": 0.1, "terminator": "CR"},
         [(0, b"]Q1A\rB\r\n")],
         ["A\rB"],
+        expire_at=0.2,
+    ),
+    FramingCase(
+        "aim_qr_two_scans_in_one_write",
+        {"aim_ids": True, "prefix": "\u0002", "suffix": "\u0003", "idle_gap": 0.1},
+        [(0, b"\x02]Q1SHOPPER-0001\x03\r\x02]Q1SHOPPER-0003\x03\r")],
+        ["SHOPPER-0001", "SHOPPER-0003"],
+        expire_at=0.2,
+    ),
+    FramingCase(
+        "aim_qr_second_scan_within_idle_gap",
+        {"aim_ids": True, "prefix": "\u0002", "suffix": "\u0003", "idle_gap": 0.1},
+        [(0, b"\x02]Q1A\rB\x03\r"), (0.02, b"\x02]Q1C\x03\r")],
+        ["A\rB", "C"],
+        expire_at=0.2,
+    ),
+    FramingCase(
+        "aim_qr_split_waits_for_whole_prefix",
+        {"aim_ids": True, "prefix": "S:", "idle_gap": 0.1},
+        [(0, b"S:]Q1A\rS"), (0.02, b":]Q1B\r")],
+        ["A", "B"],
+        expire_at=0.2,
+    ),
+    FramingCase(
+        "aim_qr_cr_inside_kept_without_suffix_before_it",
+        {"aim_ids": True, "prefix": "\u0002", "suffix": "\u0003", "idle_gap": 0.1},
+        [(0, b"\x02]Q1A\r\x02B\x03\r")],
+        ["A\r\x02B"],
+        expire_at=0.2,
+    ),
+    FramingCase(
+        "aim_qr_then_code128_without_prefix",
+        {"aim_ids": True, "idle_gap": 0.1},
+        [(0, b"]Q1A\rB\r]C0C\r")],
+        ["A\rB", "C"],
+        expire_at=0.2,
+    ),
+    FramingCase(
+        "aim_qr_two_scans_with_crlf",
+        {"aim_ids": True, "idle_gap": 0.1, "terminator": "CR"},
+        [(0, b"]Q1A\r\n]Q1B\r\n")],
+        ["A", "B"],
+        expire_at=0.2,
+    ),
+    FramingCase(
+        "aim_qr_two_scans_with_lf_terminator",
+        {"aim_ids": True, "idle_gap": 0.1, "terminator": "LF", "suffix": "#"},
+        [(0, b"]Q1A\nB#\r\n]Q1C#\n")],
+        ["A\nB", "C"],
         expire_at=0.2,
     ),
     FramingCase(
@@ -347,6 +404,8 @@ def test_settings_decode_toml() -> None:
         ({"multiline_symbologies": ["QR"]}, "multiline_symbologies"),
         ({"partial_timeout": 0.01, "idle_gap": 0.1}, "partial_timeout"),
         ({"length_digits": 7}, "length_digits"),
+        ({"max_frame_length": MAX_FRAME_LENGTH_LIMIT + 1}, "max_frame_length"),
+        ({"path": "ttyACM0"}, "path: invalid relative path 'ttyACM0'"),
         ({"exclusive": False}, "exclusive"),
         ({"kind": "hid"}, "kind"),
     ],
@@ -355,6 +414,11 @@ def test_settings_decode_toml() -> None:
 def test_settings_reject_invalid(overrides: dict[str, Any], message: str) -> None:
     with pytest.raises(msgspec.ValidationError, match=message):
         make_settings(**overrides)
+
+
+def test_settings_max_frame_length_at_limit() -> None:
+    settings = make_settings(max_frame_length=MAX_FRAME_LENGTH_LIMIT)
+    assert settings.max_frame_length == MAX_FRAME_LENGTH_LIMIT
 
 
 @pytest.mark.parametrize(
@@ -530,13 +594,55 @@ def test_driver_drops_bad_frame(
 
         assert [scan.value for scan in recorder.scans] == ["GOOD"]
         assert driver.stats.dropped[reason] == 1
+        assert recorder.dropped == [Dropped("test-scanner", reason)]
 
     with structlog.testing.capture_logs() as logs:
         asyncio.run(scenario())
 
     [dropped] = [entry for entry in logs if entry["event"] == "serial.frame_dropped"]
     assert dropped["reason"] == reason
+    assert dropped["size"] == len(bad) - 1
     assert "SECRET" not in repr(logs)
+
+
+def test_driver_too_long_line_logs_limit(pty_factory: PtyFactory, run_driver: RunDriver) -> None:
+    scanner = pty_factory()
+    driver = SerialDriver(make_settings(scanner.path))
+
+    async def scenario() -> None:
+        async with run_driver(driver) as recorder:
+            await recorder.wait_health(available=True)
+            scanner.write(b"9" * 10_000 + b"\rGOOD\r")
+            await recorder.wait_scans(1)
+
+        assert [scan.value for scan in recorder.scans] == ["GOOD"]
+        assert recorder.dropped == [Dropped("test-scanner", "too_long")]
+
+    with structlog.testing.capture_logs() as logs:
+        asyncio.run(scenario())
+
+    [dropped] = [entry for entry in logs if entry["event"] == "serial.frame_dropped"]
+    assert dropped["reason"] == "too_long"
+    assert dropped["max_frame_length"] == 2048
+    # Only part of the line was buffered when it crossed the limit, so no size is logged.
+    assert "size" not in dropped
+
+
+def test_driver_two_qr_scans_in_one_write(pty_factory: PtyFactory, run_driver: RunDriver) -> None:
+    scanner = pty_factory()
+    settings = make_settings(scanner.path, aim_ids=True, prefix="\u0002", suffix="\u0003")
+    driver = SerialDriver(settings)
+
+    async def scenario() -> None:
+        async with run_driver(driver) as recorder:
+            await recorder.wait_health(available=True)
+            scanner.write(b"\x02]Q1SHOPPER-0001\x03\r\x02]Q1SHOPPER-0003\x03\r")
+            await recorder.wait_scans(2)
+
+        assert [scan.value for scan in recorder.scans] == ["SHOPPER-0001", "SHOPPER-0003"]
+        assert recorder.dropped == []
+
+    asyncio.run(scenario())
 
 
 def test_driver_strips_prefix_and_suffix(pty_factory: PtyFactory, run_driver: RunDriver) -> None:
@@ -621,6 +727,73 @@ def test_driver_missing_path_unavailable(
         assert scan.value == "LATE"
 
     asyncio.run(scenario())
+
+
+def test_driver_missing_path_retried_often(
+    pty_factory: PtyFactory, run_driver: RunDriver, link: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(serial_driver, "MISSING_PATH_RETRY", 0.1)
+    driver = SerialDriver(make_settings(str(link), reconnect_delay=0.05, reconnect_delay_max=30))
+
+    async def scenario() -> None:
+        async with run_driver(driver) as recorder:
+            # With the backoff alone, 0.05 s doubling, the first 9 opens would take 12.75 s.
+            await recorder.until(lambda: driver.stats.failed_opens >= 9, timeout=4.0)
+
+            scanner = pty_factory()
+            point_link(link, scanner.path)
+            await recorder.wait_health(available=True, timeout=1.0)
+
+    asyncio.run(scenario())
+
+
+def test_driver_open_error_keeps_backoff(
+    run_driver: RunDriver, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(serial_driver, "MISSING_PATH_RETRY", 0.05)
+    regular_file = tmp_path / "not-a-tty"
+    regular_file.write_bytes(b"")
+    settings = make_settings(str(regular_file), reconnect_delay=0.2, reconnect_delay_max=30)
+    driver = SerialDriver(settings)
+
+    async def scenario() -> None:
+        async with run_driver(driver) as recorder:
+            await recorder.wait_health(available=False)
+            await asyncio.sleep(1.0)
+
+    asyncio.run(scenario())
+    # The backoff opens at 0, 0.2, 0.6 and 1.4 s. The short retry, which applies only to a
+    # missing path, would open about 20 times.
+    assert driver.stats.failed_opens <= 4
+
+
+@pytest.mark.parametrize("through_link", [False, True], ids=["file", "link"])
+def test_driver_path_not_a_tty(
+    run_driver: RunDriver, link: Path, tmp_path: Path, through_link: bool
+) -> None:
+    regular_file = tmp_path / "scanner.log"
+    regular_file.write_bytes(b"")
+    if through_link:
+        point_link(link, str(regular_file))
+    path = str(link) if through_link else str(regular_file)
+    driver = SerialDriver(make_settings(path))
+
+    async def scenario() -> str | None:
+        async with run_driver(driver) as recorder:
+            health = await recorder.wait_health(available=False)
+        return health.error
+
+    with structlog.testing.capture_logs() as logs:
+        error = asyncio.run(scenario())
+
+    assert error is not None
+    assert error.startswith(f"{path} ")
+    assert "is not a serial device" in error
+    if through_link:
+        assert f"(resolved to {regular_file})" in error
+    [unavailable] = [entry for entry in logs if entry["event"] == "device.unavailable"]
+    assert unavailable["error"] == error
+    assert unavailable["path"] == path
 
 
 def test_driver_unplug_and_replug(
