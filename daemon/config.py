@@ -9,6 +9,7 @@ import types
 import typing
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import msgspec
 
@@ -234,6 +235,20 @@ class HqConfig(_Section):
     def __post_init__(self) -> None:
         if not self.url.startswith(("http://", "https://")):
             raise ValueError(f"invalid url {self.url!r}: use an http:// or https:// address")
+        # An address without a host or with an invalid port passes the scheme check, but no
+        # HQ request to it can succeed: without a host, the sync retries for ever.
+        address = urlsplit(self.url)
+        try:
+            port = address.port
+        except ValueError:
+            port = -1  # not a number, or above 65535
+        if port is not None and not 1 <= port <= 65535:
+            raise ValueError(f"invalid url {self.url!r}: the port must be a number from 1 to 65535")
+        if not address.hostname:
+            raise ValueError(
+                f"invalid url {self.url!r}: the host is missing; write it as"
+                ' "https://<host>[:<port>]", for example "https://hq.example.com"'
+            )
         for name in (
             "pull_batch_size",
             "snapshot_batch_size",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import csv
 import functools
 import re
@@ -395,40 +396,117 @@ def iter_jsonl(handle: IO[bytes]) -> Iterator[tuple[int, IdentityRecord | Record
             yield number, exc
 
 
+class _CsvLines:
+    """The lines of a CSV file as ``csv.reader`` reads them, numbered from 1.
+
+    ``csv.reader`` requests another line within one row only while a quoted cell is open at
+    the end of a line. So the lines fetched since ``start_row`` are the current row's lines,
+    and a request for more lines at the end of the file means a quote is never closed.
+    """
+
+    def __init__(self, handle: IO[bytes]) -> None:
+        self._handle = handle
+        self._number = 0
+        self._pending: list[tuple[int, str]] = []
+        """Lines to read again, last line first."""
+        self.row: list[tuple[int, str]] = []
+        """(line number, text) of each line of the current row."""
+        self.quote_open_at_end = False
+
+    def start_row(self) -> None:
+        self.row = []
+        self.quote_open_at_end = False
+
+    def read_again(self, lines: list[tuple[int, str]]) -> None:
+        """Return lines to the front of the input, in order."""
+        self._pending.extend(reversed(lines))
+
+    def __iter__(self) -> _CsvLines:
+        return self
+
+    def __next__(self) -> str:
+        if self._pending:
+            line = self._pending.pop()
+        else:
+            raw = self._handle.readline()
+            if not raw:
+                self.quote_open_at_end = bool(self.row)
+                raise StopIteration
+            self._number += 1
+            # Decode line by line, so that a line that is not UTF-8 is rejected alone. The
+            # surrogateescape handler keeps its bad bytes as lone surrogates for _NOT_UTF8.
+            line = (self._number, raw.decode("utf-8", "surrogateescape"))
+        self.row.append(line)
+        return line[1]
+
+
+_QUOTE_FIX = "close the quote, or write a quote inside a cell as two quotes"
+
+
 def iter_csv(handle: IO[bytes]) -> Iterator[tuple[int, IdentityRecord | RecordInvalid]]:
     """Yield (line number, record or error) for each CSV row after the header.
 
     List columns (stores, channels, locations) separate items with ';'. Empty cells count
-    as absent.
+    as absent. A row is numbered by its first line. A row that spans several lines is
+    rejected, because a quote that is not closed makes one, and its cells can still pass as
+    a record whose key holds the following lines. Its lines after the first are then read
+    again as rows of their own, so such a quote costs one record, not the records after it.
     """
-    # Decode line by line, so one line that is not UTF-8 is rejected alone; surrogateescape
-    # keeps the bad bytes visible as lone surrogates for the check below.
-    lines = (line.decode("utf-8", "surrogateescape") for line in handle)
-    reader = csv.DictReader(lines)
+    lines = _CsvLines(handle)
+    reader = csv.reader(lines)
+    header: list[str] | None = None
+    while True:
+        lines.start_row()
+        try:
+            row = next(reader)
+            problem = None
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            # The reader drops the rest of the line it failed on, and its next row starts
+            # at the following line.
+            row, problem = [], f"invalid CSV: {exc}"
+        first, last = lines.row[0][0], lines.row[-1][0]
+        if lines.quote_open_at_end:
+            problem = f"invalid CSV: a quote opened in this record is never closed: {_QUOTE_FIX}"
+        elif last > first:
+            spans = (
+                f"a quoted cell in this record runs on to line {last}, and line breaks inside"
+                f" a cell are not accepted: {_QUOTE_FIX}"
+            )
+            problem = f"{problem}; {spans}" if problem else f"invalid CSV: {spans}"
+        if last > first:
+            lines.read_again(lines.row[1:])
+
+        if header is None:
+            if problem is not None:
+                yield first, RecordInvalid(f"header: {problem}")
+                return
+            header = row
+        elif problem is not None:
+            yield first, RecordInvalid(problem)
+        elif row:
+            yield first, _record_from_row(header, row)
+
+
+def _record_from_row(header: list[str], row: list[str]) -> IdentityRecord | RecordInvalid:
+    """Validate one CSV row against the header's column names."""
+    if len(row) > len(header):
+        return RecordInvalid("the row has more cells than the header")
+    data: dict[str, object] = {}
+    for name, cell in zip(header, row, strict=False):
+        if cell == "":
+            continue
+        if _NOT_UTF8.search(cell) or _NOT_UTF8.search(name):
+            return RecordInvalid("the line is not valid UTF-8")
+        if name in LIST_FIELDS:
+            data[name] = [item.strip() for item in cell.split(";") if item.strip()]
+        else:
+            data[name] = cell
     try:
-        for row in reader:
-            number = reader.line_num
-            data: dict[str, object] = {}
-            for name, cell in row.items():
-                if name is None:
-                    yield number, RecordInvalid("the row has more cells than the header")
-                    break
-                if cell is None or cell == "":
-                    continue
-                if _NOT_UTF8.search(cell) or _NOT_UTF8.search(name):
-                    yield number, RecordInvalid("the line is not valid UTF-8")
-                    break
-                if name in LIST_FIELDS:
-                    data[name] = [item.strip() for item in cell.split(";") if item.strip()]
-                else:
-                    data[name] = cell
-            else:
-                try:
-                    yield number, record_from_builtins(data)
-                except RecordInvalid as exc:
-                    yield number, exc
-    except csv.Error as exc:
-        yield reader.line_num, RecordInvalid(f"invalid CSV: {exc}")
+        return record_from_builtins(data)
+    except RecordInvalid as exc:
+        return exc
 
 
 def import_file(
@@ -453,6 +531,10 @@ def import_file(
     connection.execute(f"PRAGMA cache_size = {-IMPORT_CACHE_KIB}")
     connection.execute(f"PRAGMA wal_autocheckpoint = {IMPORT_CHECKPOINT_PAGES}")
     with path.open("rb") as handle:
+        # Excel's "CSV UTF-8" and some editors start the file with a UTF-8 byte order mark,
+        # which would otherwise become part of the first column name or JSON line.
+        if handle.read(len(codecs.BOM_UTF8)) != codecs.BOM_UTF8:
+            handle.seek(0)
         records = iter_csv(handle) if kind == "csv" else iter_jsonl(handle)
         batch: list[dict] = []
         now = time.time()

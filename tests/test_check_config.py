@@ -100,3 +100,77 @@ def test_table_check_names_key_line(tmp_path: Path, extra: str, key: str, offset
 
     assert result.returncode == 2, result.stdout
     assert f"line {table_line + offset - 1}, key {key}: invalid" in result.stderr
+
+
+# (settings under [hq], fragment of the error). With each of these, `serve` stops or retries
+# for ever after it has started, so check-config must reject them first.
+HQ_CASES = [
+    pytest.param(
+        'store_id = "OTHER"\n',
+        "[hq] store_id 'OTHER' is not one of [stores] ids",
+        id="store-id-not-served",
+    ),
+    pytest.param(
+        'token_file = "{missing}"\n',
+        "[hq] token_file {missing} not found",
+        id="missing-token-file",
+    ),
+    pytest.param(
+        'ca_file = "{missing}"\n',
+        "[hq] ca_file {missing} not found",
+        id="missing-ca-file",
+    ),
+    pytest.param(
+        'client_cert_file = "{missing}"\n',
+        "[hq] client_cert_file {missing} not found",
+        id="missing-client-certificate",
+    ),
+    pytest.param(
+        'client_cert_file = "{present}"\nclient_key_file = "{missing}"\n',
+        "[hq] client_key_file {missing} not found",
+        id="missing-client-key",
+    ),
+]
+
+
+@pytest.mark.parametrize(("settings", "message"), HQ_CASES)
+def test_check_config_runs_hq_checks(tmp_path: Path, settings: str, message: str) -> None:
+    missing = tmp_path / "absent.pem"
+    present = tmp_path / "present.pem"
+    present.write_text("only its existence is checked\n", encoding="utf-8")
+    table = '[hq]\nurl = "http://127.0.0.1:9"\n' + settings.format(missing=missing, present=present)
+    config = write_config(tmp_path, free_port(), table)
+
+    result = run_cli("check-config", str(config))
+
+    assert result.returncode == 2, result.stdout
+    assert message.format(missing=missing) in result.stderr
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["http://", "http:///v1", "https://:8443/", "http://127.0.0.1:port/", "http://127.0.0.1:70000"],
+)
+def test_check_config_rejects_hq_url(tmp_path: Path, url: str) -> None:
+    config = write_config(tmp_path, free_port(), f'[hq]\nurl = "{url}"\n')
+    url_line = config.read_text(encoding="utf-8").splitlines().index(f'url = "{url}"') + 1
+
+    result = run_cli("check-config", str(config))
+
+    assert result.returncode == 2, result.stdout
+    assert f"line {url_line}, key hq.url: invalid url {url!r}" in result.stderr
+
+
+def test_check_config_accepts_hq_files(tmp_path: Path) -> None:
+    token = tmp_path / "hq.token"
+    token.write_text("token-from-hq\n", encoding="utf-8")
+    table = (
+        f'[hq]\nurl = "https://127.0.0.1:8443/"\nstore_id = "STORE-002"\ntoken_file = "{token}"\n'
+    )
+    config = write_config(tmp_path, free_port(), table)
+
+    result = run_cli("check-config", str(config))
+
+    assert result.returncode == 0, result.stderr
+    assert "configuration is valid" in result.stdout
+    assert "token-from-hq" not in result.stdout + result.stderr

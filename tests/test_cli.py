@@ -5,6 +5,7 @@ Each command runs as a real subprocess against real SQLite files in a temporary 
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import json
@@ -237,6 +238,13 @@ CSV_BAD_LINES: list[tuple[str, bytes, str, str | None]] = [
         "UTF-8",
         "KEY-CLI-REJECT-latin1",
     ),
+    (
+        # Python's csv module rejects a cell of more than 131,072 characters.
+        "cell over the size limit",
+        csv_line(good_record(9, key="KEY-CLI-REJECT-big-" + "0" * 200_000)),
+        "invalid CSV: field larger than field limit (131072)",
+        "KEY-CLI-REJECT-big",
+    ),
 ]
 
 
@@ -283,6 +291,66 @@ def test_import_reports_every_bad_line(config: Path) -> None:
     numbers = [int(match.group(1)) for match in pattern.finditer(result.stderr)]
     assert numbers == list(range(2, 2 + len(JSONL_BAD_LINES)))
     assert f"2 inserted, 0 updated, {len(JSONL_BAD_LINES)} rejected" in result.stdout
+
+
+# A record whose key cell opens a quote that the rest of its line does not close.
+OPEN_QUOTE_LINE = b'c-bad,"KEY-CLI-REJECT-quote,person-9,SHOPPER,ACTIVE,STORE-001,,,,,1\n'
+
+# (case, records after the open quote, fragment of the reason)
+OPEN_QUOTE_CASES = [
+    (
+        # The quote around "person,3" closes the open quote, so lines 3 to 5 parse as one row.
+        "closed on a later line",
+        [good_record(2), good_record(3, id="person,3")],
+        "a quoted cell in this record runs on to line 5",
+    ),
+    ("never closed", [good_record(2), good_record(3)], "is never closed"),
+    (
+        "open past the cell size limit",
+        [good_record(n) for n in range(2, 2502)],
+        "field larger than field limit (131072); a quoted cell in this record runs on to line",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("following", "reason"),
+    [pytest.param(*case[1:], id=case[0]) for case in OPEN_QUOTE_CASES],
+)
+def test_import_reads_on_after_open_quote(
+    config: Path, following: list[dict[str, Any]], reason: str
+) -> None:
+    source = config.parent / "records.csv"
+    body = csv_line(good_record(1)) + OPEN_QUOTE_LINE + b"".join(map(csv_line, following))
+    source.write_bytes(CSV_HEADER + body)
+
+    result = import_file(config, source)
+
+    assert result.returncode == 1
+    rejections = [line for line in result.stderr.splitlines() if ": rejected: " in line]
+    assert len(rejections) == 1, result.stderr
+    assert rejections[0].startswith(f"{source}:3: rejected: "), rejections[0]
+    assert reason in rejections[0]
+    assert "write a quote inside a cell as two quotes" in rejections[0]
+    assert "KEY-CLI-REJECT-quote" not in result.stdout + result.stderr
+    assert f"{1 + len(following)} inserted, 0 updated, 1 rejected" in result.stdout
+    assert count_rows(database_of(config), "identities") == 1 + len(following)
+
+
+@pytest.mark.parametrize("file_format", ["jsonl", "csv"])
+def test_import_accepts_bom_and_crlf(config: Path, file_format: str) -> None:
+    # Excel's "CSV UTF-8" starts the file with a byte order mark and ends lines with CRLF.
+    encode = csv_line if file_format == "csv" else jsonl_line
+    header = CSV_HEADER if file_format == "csv" else b""
+    body = header + encode(good_record(1)) + encode(good_record(2))
+    source = config.parent / f"records.{file_format}"
+    source.write_bytes(codecs.BOM_UTF8 + body.replace(b"\n", b"\r\n"))
+
+    result = import_file(config, source)
+
+    assert result.returncode == 0, result.stderr
+    assert "2 inserted, 0 updated, 0 rejected" in result.stdout
+    assert count_rows(database_of(config), "identities") == 2
 
 
 # --- import: counts and list fields ----------------------------------------------------------
