@@ -144,9 +144,8 @@ def _check_config(path: Path) -> int:
         # Imported here: daemon.hq pulls in the aiohttp client.
         from daemon.hq import settings_from_config
 
-        # `serve` makes this check when it starts the HQ sync, after it has reported READY,
-        # and exits when it fails. It covers [hq] store_id and the token, client
-        # certificate, client key and CA files.
+        # The same check `serve` makes before it reports READY: [hq] store_id and the
+        # token, client certificate, client key and CA files.
         settings_from_config(config, config.hq)
     print(f"{path}: configuration is valid")
     return 0

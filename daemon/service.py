@@ -58,6 +58,12 @@ async def serve(config: Config, config_path: Path | None = None) -> None:
     """Run the daemon until SIGTERM or SIGINT, then finish in-flight requests and stop."""
     check_listener_safety(config)
     security.log_listener_warnings(config)
+    if config.hq is not None:
+        # The sync starts after READY. Checking its settings here makes a wrong store_id or
+        # a missing HQ file exit before READY, which systemd reports as a failed start.
+        from daemon.hq import settings_from_config
+
+        settings_from_config(config, config.hq)
     # A migration or a full integrity check of millions of identities can outlast the
     # unit's start timeout (95 s to migrate 10,000,000 identities on the benchmark machine).
     with sdnotify.extending_timeout(

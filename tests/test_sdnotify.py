@@ -16,6 +16,8 @@ import pytest
 from structlog.testing import capture_logs
 
 from daemon import sdnotify
+from tests.conftest import free_port, write_config
+from tests.helpers_store import run_serve_until_exit
 
 RECEIVE_TIMEOUT = 10.0  # seconds; generous for a loaded 2-core machine
 
@@ -281,3 +283,21 @@ def test_extending_timeout_stops_at_its_limit(path_socket: socket.socket) -> Non
     path_socket.setblocking(False)
     assert path_socket.recv(8192) == b"STATUS=opening the database"
     assert_no_datagram(path_socket)
+
+
+def test_hq_settings_error_exits_before_ready(path_socket: socket.socket, tmp_path: Path) -> None:
+    # Under systemd a failure after READY=1 is a restart loop of a "started" unit.
+    config = write_config(
+        tmp_path, free_port(), '[hq]\nurl = "http://127.0.0.1:9"\nstore_id = "STORE-999"\n'
+    )
+
+    result = run_serve_until_exit(config)
+
+    path_socket.setblocking(False)
+    messages = []
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            messages.append(path_socket.recv(4096))
+    assert result.returncode == 2, result.stderr
+    assert "store_id" in result.stderr
+    assert not any(b"READY=1" in message for message in messages)
