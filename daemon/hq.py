@@ -14,6 +14,7 @@ import functools
 import json
 import os
 import sqlite3
+import ssl
 import sys
 import time
 import uuid
@@ -121,6 +122,8 @@ def settings_from_config(config: Config, hq: HqConfig) -> SyncSettings:
         path = getattr(hq, name)
         if path and not Path(path).is_file():
             raise ConfigError(f"[hq] {name} {path} not found: fix the path or remove the key")
+    if hq.url.startswith("https://"):
+        _check_tls_files(hq)
     return SyncSettings(
         url=hq.url,
         store_id=store_id,
@@ -148,6 +151,32 @@ def settings_from_config(config: Config, hq: HqConfig) -> SyncSettings:
         offline_after=hq.offline_after,
         clock_offset_threshold=hq.clock_offset_threshold,
     )
+
+
+def _check_tls_files(hq: HqConfig) -> None:
+    """Load the CA bundle and the client certificate as the HQ client will; raise ConfigError.
+
+    Without this, a certificate that does not match its key or a CA file that is not PEM
+    surfaced only when the sync client was built, as a traceback after start-up.
+    """
+    try:
+        context = ssl.create_default_context(cafile=hq.ca_file or None)
+    except (ssl.SSLError, OSError) as exc:
+        raise ConfigError(
+            f"[hq] ca_file {hq.ca_file} could not be loaded ({exc}): it must hold PEM"
+            " certificates of the CA that signs HQ's certificate"
+        ) from None
+    if not hq.client_cert_file:
+        return
+    try:
+        context.load_cert_chain(hq.client_cert_file, hq.client_key_file or None)
+    except (ssl.SSLError, OSError) as exc:
+        key = hq.client_key_file or "(the certificate file)"
+        raise ConfigError(
+            f"[hq] client_cert_file {hq.client_cert_file} and client_key_file {key} could not"
+            f" be loaded together ({exc}): both must be PEM, and the key must belong to the"
+            " certificate"
+        ) from None
 
 
 def read_token(token_file: str) -> str | None:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import free_port, run_cli, write_config
+from tests.tls_helpers import CertificateAuthority
 
 CASES = [
     pytest.param(
@@ -174,3 +176,36 @@ def test_check_config_accepts_hq_files(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "configuration is valid" in result.stdout
     assert "token-from-hq" not in result.stdout + result.stderr
+
+
+def mismatched_client_pair(directory: Path) -> str:
+    authority = CertificateAuthority(directory / "ca", "hq-client-ca")
+    first = authority.issue("store-001", file_stem="first")
+    second = authority.issue("store-001", file_stem="second")
+    return f'client_cert_file = "{first.cert_file}"\nclient_key_file = "{second.key_file}"\n'
+
+
+def ca_file_not_pem(directory: Path) -> str:
+    bundle = directory / "ca-bundle.pem"
+    bundle.write_text("not a certificate\n", encoding="utf-8")
+    return f'ca_file = "{bundle}"\n'
+
+
+# (settings written after an https url, key the error names)
+HQ_TLS_CASES: dict[str, tuple[Callable[[Path], str], str]] = {
+    "key of another certificate": (mismatched_client_pair, "[hq] client_cert_file"),
+    "CA file not PEM": (ca_file_not_pem, "[hq] ca_file"),
+}
+
+
+@pytest.mark.parametrize("kind", list(HQ_TLS_CASES))
+def test_check_config_loads_hq_tls_files(tmp_path: Path, kind: str) -> None:
+    make_settings, message = HQ_TLS_CASES[kind]
+    table = '[hq]\nurl = "https://127.0.0.1:8443/"\n' + make_settings(tmp_path)
+    config = write_config(tmp_path, free_port(), table)
+
+    result = run_cli("check-config", str(config))
+
+    assert result.returncode == 2, result.stdout
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
