@@ -56,6 +56,9 @@ def problem_response(
     )
     return web.Response(
         status=status,
+        # The status line says what the title says: Python's table still calls 422
+        # "Unprocessable Entity", the name RFC 9110 replaced with "Unprocessable Content".
+        reason=title,
         body=encode_problem(problem),
         content_type=PROBLEM_MEDIA_TYPE,
         headers=headers,

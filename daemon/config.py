@@ -72,7 +72,10 @@ class ServerConfig(_Section):
     client_timeout: Duration = Duration(10)
     """Maximum wait for a request body after its headers; a slower client gets 408."""
     max_line_size: int = 8190
-    """Maximum length of the request line and of each header line, in bytes; longer get 400."""
+    """Maximum length of the request line (method, path and version), in bytes; longer gets 400.
+
+    aiohttp applies it to the request line only; header lines are bounded by max_field_size.
+    """
     max_field_size: int = 8190
     """Maximum length of a header value, in bytes; longer ones get 400."""
 

@@ -307,8 +307,8 @@ def load_api_key(path: str) -> ApiKey:
         log.warning(
             "auth.key_file_exposed",
             path=str(resolved),
-            detail="other users can read or write this key file; chmod 0400 and chown it to the"
-            " service user",
+            detail="other users can read or write this key file; give it owner root, group"
+            " identity-connector and mode 0640 (docs/security.md)",
         )
     return ApiKey(digest=hashlib.sha256(key).digest(), fingerprint=fingerprint(key), path=path)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import socket
 import time
@@ -102,3 +103,25 @@ def test_invalid_body_log_names_fields_only(daemon: Daemon) -> None:
     assert len(lines) == 1
     assert lines[0]["fields"] == ["scanEvent.channel"]
     assert "SECRET-VALUE-7a3e" not in daemon.log_path.read_text(encoding="utf-8")
+
+
+def test_conflict_status_line_matches_title(daemon: Daemon) -> None:
+    first = scan_body("KEY-SHOPPER-5f1c2b")
+    second = scan_body("KEY-SHOPPER-other", scan_id=first["scanEvent"]["id"])
+    assert daemon.post_json(first).status == 200
+    connection = http.client.HTTPConnection("127.0.0.1", daemon.port, timeout=30)
+    try:
+        connection.request(
+            "POST",
+            "/v1/identity/scan",
+            json.dumps(second).encode(),
+            {"Content-Type": "application/json"},
+        )
+        response = connection.getresponse()
+        problem = json.loads(response.read())
+    finally:
+        connection.close()
+
+    assert response.status == 422
+    assert response.reason == "Unprocessable Content"
+    assert problem["title"] == response.reason
