@@ -21,18 +21,20 @@ from aiohttp import web
 from daemon import sdnotify, security
 from daemon.api import build_app
 from daemon.config import Config, ConfigError, HqConfig
-from daemon.hq import start_sync
+from daemon.hq import settings_from_config, start_sync
 from daemon.local import LOCAL_KEY
 from daemon.metrics import Metrics
 from daemon.resolver import Resolver, prune_decisions
 from daemon.runtime import Runtime
 from daemon.store import (
     CheckInterrupted,
+    ServeLock,
     Store,
     StoreError,
     check_integrity,
     check_marker,
     open_reader,
+    prepare_database_path,
 )
 
 log = structlog.get_logger(__name__)
@@ -61,9 +63,18 @@ async def serve(config: Config, config_path: Path | None = None) -> None:
     if config.hq is not None:
         # The sync starts after READY. Checking its settings here makes a wrong store_id or
         # a missing HQ file exit before READY, which systemd reports as a failed start.
-        from daemon.hq import settings_from_config
-
         settings_from_config(config, config.hq)
+    database = Path(config.database.path)
+    prepare_database_path(database)
+    serve_lock = ServeLock(database)
+    serve_lock.acquire()
+    try:
+        await _serve_database(config, config_path, database)
+    finally:
+        serve_lock.release()
+
+
+async def _serve_database(config: Config, config_path: Path | None, database: Path) -> None:
     # A migration or a full integrity check of millions of identities can outlast the
     # unit's start timeout (95 s to migrate 10,000,000 identities on the benchmark machine).
     with sdnotify.extending_timeout(
@@ -73,7 +84,7 @@ async def serve(config: Config, config_path: Path | None = None) -> None:
         "opening the database (integrity check, or migration after an upgrade)",
     ):
         store = Store.open(
-            Path(config.database.path),
+            database,
             config.database.secret_path,
             config.database.busy_timeout,
             config.database.synchronous,

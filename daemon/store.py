@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import fcntl
 import hashlib
 import hmac
 import json
@@ -422,6 +423,53 @@ def check_marker(path: Path) -> Path:
     return Path(str(path) + ".check-required")
 
 
+def prepare_database_path(path: Path) -> None:
+    """Check that ``path`` can name a database file and create its folder; raise StoreError."""
+    if path.name in ("", ".", "..") or (path.exists() and not path.is_file()):
+        raise StoreError(
+            f"database path {str(path)!r} is not a file: set [database] path to a database"
+            " file such as /var/lib/identity-connector/connector.sqlite3"
+        )
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StoreError(unopenable_message(path, exc)) from None
+
+
+class ServeLock:
+    """An advisory lock on ``<database>.serve-lock``, so one daemon at a time serves a database.
+
+    Two daemons on one database would be two writers: each would check, migrate and repair
+    the files under the other, and their pruning and uploads would race.
+    """
+
+    def __init__(self, database: Path) -> None:
+        self.database = database
+        self.path = Path(f"{database}.serve-lock")
+        self._descriptor: int | None = None
+
+    def acquire(self) -> None:
+        """Take the lock without waiting; raise StoreError when another daemon holds it."""
+        try:
+            descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise StoreError(unopenable_message(self.path, exc)) from None
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(descriptor)
+            raise StoreError(
+                f"another daemon is serving database {self.database} (it holds {self.path}):"
+                " stop it first, or give this one its own [database] path"
+            ) from None
+        self._descriptor = descriptor
+
+    def release(self) -> None:
+        if self._descriptor is not None:
+            os.close(self._descriptor)
+            self._descriptor = None
+
+
 def open_database(
     path: Path, busy_timeout: float, repair: bool = True
 ) -> tuple[sqlite3.Connection, CacheSlot, bool]:
@@ -434,15 +482,7 @@ def open_database(
     after start-up by ``check_integrity`` in a thread, unless an earlier background check
     failed and left the marker file.
     """
-    if path.name in ("", ".", "..") or (path.exists() and not path.is_file()):
-        raise StoreError(
-            f"database path {str(path)!r} is not a file: set [database] path to a database"
-            " file such as /var/lib/identity-connector/connector.sqlite3"
-        )
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise StoreError(unopenable_message(path, exc)) from None
+    prepare_database_path(path)
     marker = check_marker(path)
     check_all = marker.exists()
     size = path.stat().st_size if path.exists() else 0

@@ -173,7 +173,9 @@ def test_newer_database_rejected_untouched(tmp_path: Path, command: str, journal
     assert f"schema version {SCHEMA_VERSION + 1}" in result.stderr
     assert str(daemon.database) in result.stderr
     assert daemon.database.read_bytes() == before, "the refused database file was modified"
-    assert sorted(p.name for p in daemon.directory.iterdir()) == files_before
+    # `serve` takes its lock on an empty file of its own before it reads the database.
+    files_after = [p.name for p in daemon.directory.iterdir() if not p.name.endswith("serve-lock")]
+    assert sorted(files_after) == files_before
 
 
 # --- integrity check at start ------------------------------------------------------------
@@ -583,3 +585,19 @@ def test_no_raw_value_stored_or_logged(daemon: Daemon) -> None:
     assert find_values(log, needles) == [], "raw values in the daemon log"
     assert count_rows(daemon.database, "decisions") == len(scans)
     assert "UNKNOWN-LOOKUP-" not in lookup.stderr, "raw value in the log of `lookup`"
+
+
+def test_second_daemon_on_database_refused(daemon: Daemon, tmp_path: Path) -> None:
+    second = tmp_path / "second.toml"
+    second.write_text(
+        daemon.config.read_text(encoding="utf-8").replace(
+            f"port = {daemon.port}", f"port = {free_port()}"
+        ),
+        encoding="utf-8",
+    )
+
+    result = run_serve_until_exit(second)
+
+    assert result.returncode == 2, result.stderr
+    assert "another daemon is serving database" in result.stderr
+    assert daemon.scan(SAMPLE_RECORDS[0]["key"]).status == 200
