@@ -288,11 +288,34 @@ def openapi_document() -> dict[str, Any]:
                             "content": {"application/json": {"schema": response}},
                         },
                         "400": problem_response("The body breaks the contract; see errors."),
+                        "401": problem_response(
+                            "An API key is configured and the request carries none, several"
+                            " or an invalid one ([auth] api_key_header)."
+                        ),
+                        "403": problem_response(
+                            "The client is outside [auth] allow_networks, or its client"
+                            " certificate names none of [tls] client_names."
+                        ),
+                        "408": problem_response(
+                            "The body did not arrive within [server] client_timeout."
+                        ),
                         "413": problem_response("The body is larger than the configured limit."),
                         "415": problem_response("The body is not sent as application/json."),
                         "422": problem_response(
                             "The scanEvent.id was used before with a different payload."
                         ),
+                        "429": {
+                            **problem_response(
+                                "The client sent more than [auth] rate_limit requests per"
+                                " second or rate_burst at once."
+                            ),
+                            "headers": {
+                                "Retry-After": {
+                                    "description": "Seconds to wait before the next request.",
+                                    "schema": {"type": "integer", "minimum": 1},
+                                }
+                            },
+                        },
                         "500": problem_response("The connector failed; see its log."),
                     },
                 }

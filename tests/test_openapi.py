@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from daemon.api import openapi_bytes
 from tests.conftest import REPO, Daemon
 
@@ -34,3 +36,20 @@ def test_document_is_openapi_31_with_contract_limits() -> None:
     assert sorted(scan_event["channel"]["enum"]) == ["CONTACT", "OPTICAL", "RADIO"]
     assert scan_event["timestamp"]["format"] == "date-time"
     assert schemas["ResolveScanResponse"]["properties"]["id"]["maxLength"] == 255
+
+
+# Every status the scan endpoint answers with, from the admission checks to a server fault.
+SCAN_STATUSES = ["200", "400", "401", "403", "408", "413", "415", "422", "429", "500"]
+
+
+@pytest.mark.parametrize("status", SCAN_STATUSES)
+def test_scan_response_documented(status: str) -> None:
+    document = json.loads(COMMITTED.read_text())
+    responses = document["paths"]["/v1/identity/scan"]["post"]["responses"]
+    assert status in responses
+
+
+def test_rate_limit_documents_retry_after() -> None:
+    document = json.loads(COMMITTED.read_text())
+    too_many = document["paths"]["/v1/identity/scan"]["post"]["responses"]["429"]
+    assert "Retry-After" in too_many["headers"]
