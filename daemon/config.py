@@ -326,7 +326,9 @@ def load_config(path: Path | str) -> Config:
     """
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        # utf-8-sig drops the byte order mark that some Windows editors write, which TOML
+        # parsers reject as an invalid statement at line 1.
+        text = path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
         raise ConfigError(
             f"configuration file {path} not found: create it (see the configuration"

@@ -120,12 +120,18 @@ class BodyInvalid(Exception):
     """A body that is not a JSON object at all; the message gives the cause."""
 
 
+_UTF8_BOM = b"\xef\xbb\xbf"
+
+
 def decode_request(body: bytes) -> ResolveScanRequest:
     """Decode and validate a ResolveScan body.
 
     Raises BodyInvalid when the body is not a JSON object, and RequestInvalid listing every
-    offending field when it is one that breaks the contract.
+    offending field when it is one that breaks the contract. A UTF-8 byte order mark before
+    the JSON is ignored, as RFC 8259 allows.
     """
+    if body.startswith(_UTF8_BOM):
+        body = body[len(_UTF8_BOM) :]
     try:
         return _REQUEST_DECODER.decode(body)
     except msgspec.ValidationError:

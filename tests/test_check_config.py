@@ -209,3 +209,12 @@ def test_check_config_loads_hq_tls_files(tmp_path: Path, kind: str) -> None:
     assert result.returncode == 2, result.stdout
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_check_config_accepts_byte_order_mark(tmp_path: Path) -> None:
+    config = write_config(tmp_path, free_port())
+    config.write_bytes(b"\xef\xbb\xbf" + config.read_bytes())
+
+    result = run_cli("check-config", str(config))
+
+    assert result.returncode == 0, result.stderr

@@ -125,3 +125,12 @@ def test_conflict_status_line_matches_title(daemon: Daemon) -> None:
     assert response.status == 422
     assert response.reason == "Unprocessable Content"
     assert problem["title"] == response.reason
+
+
+def test_byte_order_mark_before_body_ignored(daemon: Daemon) -> None:
+    body = b"\xef\xbb\xbf" + json.dumps(scan_body("KEY-SHOPPER-5f1c2b")).encode()
+
+    reply = daemon.request("POST", "/v1/identity/scan", body, {"Content-Type": "application/json"})
+
+    assert reply.status == 200
+    assert reply.json()["action"] == "ACCEPT"
