@@ -8,6 +8,8 @@ import time
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from typing import Any, TypeVar
 from urllib.parse import quote
 
@@ -20,6 +22,7 @@ from sync.errors import (
     CursorExpired,
     HqAuthFailed,
     HqError,
+    HqRedirected,
     HqResponseInvalid,
     HqStatusError,
     HqUnreachable,
@@ -37,6 +40,15 @@ COUNT_HEADER = "Identity-Count"
 USER_AGENT = "identity-connector"
 # A valid record is a few KiB at most (its key is at most 1000 characters).
 MAX_SNAPSHOT_LINE_BYTES = 65536
+# Bytes a changes page may take per change that its ``limit`` allows. MAX_JSON_BODY_BYTES
+# more are allowed for the envelope, and the daemon stops reading a longer body.
+MAX_CHANGE_BYTES = MAX_SNAPSHOT_LINE_BYTES
+# Maximum body of a digest, lookup or events response, and of a changes page's envelope.
+MAX_JSON_BODY_BYTES = 1_048_576
+# Characters of a body that is not JSON (such as an HTML error page) quoted in the error.
+BODY_START_CHARS = 80
+# Statuses whose Retry-After header the retry delay honours.
+RETRY_AFTER_STATUSES = frozenset({429, 503})
 # Statuses a gateway or load balancer in front of HQ returns when HQ itself is down; they
 # count towards the offline state like a refused connection.
 UNAVAILABLE_STATUSES = frozenset({502, 503, 504})
@@ -146,16 +158,17 @@ class SnapshotStream:
         self.received = received
         if self.expected_count is not None and received != self.expected_count:
             raise HqResponseInvalid(
-                f"snapshot truncated: {received} records received,"
-                f" {COUNT_HEADER} announced {self.expected_count}"
+                f"snapshot has {received} records, but its {COUNT_HEADER} header announced"
+                f" {self.expected_count}"
             )
 
 
 class HqClient:
-    """One aiohttp session to HQ; every call reports its outcome to ``health``.
+    """One aiohttp session to HQ; every call reports to ``health`` whether HQ sent a response.
 
-    A call counts as a success only once its whole response was read and validated, so an
-    HQ that answers 200 with a broken body shows as degraded, not online.
+    Whether the work succeeded (a page applied, a rebuild finished, events accepted) is
+    reported by the loops, so an HQ that returns 200 with a broken body shows as degraded.
+    Redirects are not followed (see HqRedirected).
     """
 
     def __init__(self, settings: SyncSettings, health: HqHealth, clock: ClockEstimator) -> None:
@@ -209,7 +222,9 @@ class HqClient:
                 if response.status == 410:
                     raise CursorExpired("HQ expired the feed cursor (410 Gone)")
                 self._expect(response, "changes", 200)
-                page = await self._decode(response, "changes", _ChangesPage)
+                max_bytes = MAX_JSON_BODY_BYTES + limit * MAX_CHANGE_BYTES
+                page = await self._decode(response, "changes", _ChangesPage, max_bytes)
+            _check_page(page, limit)
             return ChangesPage(
                 cursor=page.cursor,
                 has_more=page.hasMore,
@@ -235,11 +250,10 @@ class HqClient:
                 stream = SnapshotStream(response, cursor, expected)
                 # HQ has responded. A stream of millions of records takes minutes, and HQ
                 # must not count as offline (no online lookups, an alert) until its end.
-                self.health.succeeded()
+                self.health.call_answered()
                 yield stream
         except HqError as exc:
             raise self._failed(exc) from None
-        self.health.succeeded()
 
     async def digest(self) -> Digest:
         async def call() -> Digest:
@@ -289,17 +303,16 @@ class HqClient:
     async def _observed(self, call: Awaitable[T]) -> T:
         try:
             result = await call
-        except CursorExpired:
-            # 410 is a valid response of a healthy HQ.
-            self.health.succeeded()
-            raise
         except HqError as exc:
             raise self._failed(exc) from None
-        self.health.succeeded()
+        self.health.call_answered()
         return result
 
     def _failed(self, error: HqError) -> HqError:
-        self.health.failed(error)
+        if error.reachable:
+            self.health.call_answered()
+        else:
+            self.health.call_unanswered(error)
         return error
 
     @asynccontextmanager
@@ -311,7 +324,7 @@ class HqClient:
         url = self._prefix + path
         sent_at = time.time()
         try:
-            response = await self._session.request(method, url, **kwargs)
+            response = await self._session.request(method, url, allow_redirects=False, **kwargs)
         except TimeoutError:
             raise HqUnreachable(
                 f"HQ {call} timed out after {self.settings.request_timeout:g} s"
@@ -323,6 +336,8 @@ class HqClient:
             self.clock.observe(response.headers.get("Date"), sent_at, time.time())
             if response.status in (401, 403):
                 raise HqAuthFailed(call, response.status)
+            if 300 <= response.status < 400:
+                raise HqRedirected(call, response.status, response.headers.get("Location"))
             yield response
         finally:
             response.release()
@@ -331,22 +346,89 @@ class HqClient:
     def _expect(response: aiohttp.ClientResponse, call: str, status: int) -> None:
         if response.status == status:
             return
-        error = HqStatusError(call, response.status)
+        error = HqStatusError(call, response.status, str(response.url.with_query(None)))
         error.reachable = response.status not in UNAVAILABLE_STATUSES
+        if response.status in RETRY_AFTER_STATUSES:
+            error.retry_after = _retry_after_seconds(response.headers.get("Retry-After"))
         raise error
 
-    @staticmethod
-    async def _decode(response: aiohttp.ClientResponse, call: str, kind: type[T]) -> T:
-        try:
-            body = await response.read()
-        except TimeoutError:
-            raise HqUnreachable(f"HQ {call} response stalled") from None
-        except aiohttp.ClientError as exc:
-            raise HqResponseInvalid(f"HQ {call} response was cut: {exc}") from None
+    async def _decode(
+        self,
+        response: aiohttp.ClientResponse,
+        call: str,
+        kind: type[T],
+        max_bytes: int = MAX_JSON_BODY_BYTES,
+    ) -> T:
+        body = await _read_body(response, call, max_bytes)
         try:
             return msgspec.json.decode(body, type=kind)
         except msgspec.DecodeError as exc:
-            raise HqResponseInvalid(f"HQ {call} response is invalid: {exc}") from None
+            raise HqResponseInvalid(
+                f"HQ {call} response is invalid: {exc} ({self._describe_body(response, body)})"
+            ) from None
+
+    def _describe_body(self, response: aiohttp.ClientResponse, body: bytes) -> str:
+        """Describe an invalid body by its Content-Type, and its start unless it is JSON.
+
+        A JSON body may carry identity keys, which are secrets, so only a body that does not
+        start like JSON (an HTML error page of a proxy, say) is quoted.
+        """
+        content_type = response.headers.get("Content-Type", "none")
+        description = f"Content-Type {content_type[:80]!r}, {len(body)} bytes"
+        text = body.lstrip()[:BODY_START_CHARS].decode("utf-8", errors="replace")
+        if not text or text[0] in "{[":
+            return description
+        if self.settings.token:
+            text = text.replace(self.settings.token, "<token>")
+        return f"{description}, starting {text!r}"
+
+
+def _check_page(page: _ChangesPage, limit: int) -> None:
+    if len(page.changes) > limit:
+        raise HqResponseInvalid(
+            f"HQ changes page has {len(page.changes)} changes, more than the limit={limit}"
+            " the daemon sent; HQ must return at most limit changes per page"
+        )
+    if not page.cursor:
+        raise HqResponseInvalid(
+            "HQ changes page has an empty cursor; HQ must return the cursor to continue from"
+        )
+
+
+async def _read_body(response: aiohttp.ClientResponse, call: str, max_bytes: int) -> bytes:
+    """Read a whole response body; raise HqResponseInvalid past ``max_bytes`` (decoded)."""
+    parts: list[bytes] = []
+    size = 0
+    try:
+        async for chunk in response.content.iter_any():
+            size += len(chunk)
+            if size > max_bytes:
+                raise HqResponseInvalid(
+                    f"HQ {call} response is longer than {max_bytes} bytes; the daemon stopped"
+                    " reading it"
+                )
+            parts.append(chunk)
+    except TimeoutError:
+        raise HqUnreachable(f"HQ {call} response stalled") from None
+    except aiohttp.ClientError as exc:
+        raise HqResponseInvalid(f"HQ {call} response was cut: {exc}") from None
+    return b"".join(parts)
+
+
+def _retry_after_seconds(text: str | None) -> float | None:
+    """Parse a Retry-After header (seconds or an HTTP date); None when absent or invalid."""
+    if not text:
+        return None
+    text = text.strip()
+    if text.isdigit():
+        return float(text)
+    try:
+        moment = parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return max(0.0, (moment - datetime.now(UTC)).total_seconds())
 
 
 def _to_change(change: _Put | _Remove) -> Change:

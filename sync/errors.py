@@ -6,10 +6,12 @@ from __future__ import annotations
 class HqError(Exception):
     """An HQ call that did not succeed.
 
-    ``reachable`` is False when HQ sent no HTTP response at all.
+    ``reachable`` is False when HQ sent no HTTP response at all. ``retry_after`` is the
+    delay in seconds that HQ asked for in a ``Retry-After`` header, or None.
     """
 
     reachable = True
+    retry_after: float | None = None
 
 
 class HqUnreachable(HqError):
@@ -21,8 +23,11 @@ class HqUnreachable(HqError):
 class HqStatusError(HqError):
     """HQ responded with a status code the contract does not allow for this call."""
 
-    def __init__(self, call: str, status: int) -> None:
-        super().__init__(f"HQ {call} returned HTTP {status}")
+    def __init__(self, call: str, status: int, url: str | None = None) -> None:
+        message = f"HQ {call} returned HTTP {status}"
+        if status == 404 and url:
+            message += f" for {url}; check [hq] url and [hq] store_id"
+        super().__init__(message)
         self.call = call
         self.status = status
 
@@ -35,6 +40,22 @@ class HqAuthFailed(HqStatusError):
         self.args = (
             f"HQ {call} returned HTTP {status}: HQ rejected the token or client certificate;"
             " check [hq] token_file and client_cert_file",
+        )
+
+
+class HqRedirected(HqStatusError):
+    """HQ responded with a redirect, which the daemon does not follow.
+
+    Following it would drop the Authorization header on another host, and turn a POST into
+    a GET on 301 and 302, so the error names the new address instead.
+    """
+
+    def __init__(self, call: str, status: int, location: str | None) -> None:
+        super().__init__(call, status)
+        target = repr(location[:200]) if location else "no Location header"
+        self.args = (
+            f"HQ {call} returned HTTP {status} redirecting to {target}; the daemon does not"
+            " follow redirects: set [hq] url to the final address",
         )
 
 

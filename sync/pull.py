@@ -126,11 +126,29 @@ class Puller:
         )
         self._say(f"rebuilt the cache: {count} identities")
 
+        await self._follow_snapshot_cursor(cursor, report)
         try:
             await self.reconcile(rebuild_on_mismatch=False)
         except HqError as exc:
             log.warning("sync.reconcile_failed", error=str(exc), after="rebuild")
         return count
+
+    async def _follow_snapshot_cursor(self, cursor: str, report: PullReport) -> None:
+        """Pull the changes made since the snapshot, from the snapshot's own cursor.
+
+        A 410 here means HQ handed out a cursor that it had already expired. Rebuilding at
+        once would download the snapshot again at every pull, so the pull fails instead:
+        HQ counts as degraded, and the next rebuild waits for the backoff.
+        """
+        try:
+            await self._follow_feed(cursor, report)
+        except CursorExpired:
+            raise HqResponseInvalid(
+                f"HQ returned 410 Gone to the first changes call after a rebuild, for the"
+                f" snapshot's own cursor {cursor[:64]!r}; HQ must keep the cursor of a new"
+                f" snapshot valid in its changes feed. The daemon rebuilds again after the"
+                f" backoff"
+            ) from None
 
     async def _stage_snapshot(self, report: PullReport) -> str:
         # One block is staged while the next is read and prepared, so at most two blocks

@@ -12,10 +12,10 @@ import structlog
 
 from sync.client import HqClient
 from sync.clock import ClockEstimator
-from sync.errors import HqError, HqUnreachable
+from sync.errors import HqError
 from sync.pull import Puller, PullReport
 from sync.settings import SyncSettings
-from sync.state import Backoff, HqHealth, HqState
+from sync.state import PULL, UPLOAD, Backoff, HqHealth, HqState
 from sync.store import SyncStore
 from sync.upload import Uploader, UploadReport
 
@@ -27,6 +27,9 @@ CLOCK_OFFSET_META_KEY = "hq_clock_offset"
 LAST_RECONCILE_META_KEY = "last_reconcile_at"
 # The clock offset is stored for `status` when it moved by more than this, in seconds.
 CLOCK_PERSIST_STEP = 0.5
+# Seconds between two log lines about lookups that timed out or failed; the lines between
+# are counted in the next one.
+LOOKUP_LOG_INTERVAL = 60.0
 
 
 @dataclass(slots=True)
@@ -54,6 +57,25 @@ class _FailureLog:
         self._last = None
 
 
+class _ThrottledLog:
+    """Logs an event at most once per ``interval`` seconds, counting the repeats between."""
+
+    def __init__(self, event: str, interval: float) -> None:
+        self.event = event
+        self.interval = interval
+        self._next_at = 0.0
+        self._suppressed = 0
+
+    def emit(self, **fields: Any) -> None:
+        now = time.monotonic()
+        if now < self._next_at:
+            self._suppressed += 1
+            return
+        log.warning(self.event, suppressed_since_last_line=self._suppressed, **fields)
+        self._suppressed = 0
+        self._next_at = now + self.interval
+
+
 class SyncService:
     """Runs the HQ sync for one store against a ``SyncStore`` the daemon provides."""
 
@@ -73,6 +95,8 @@ class SyncService:
         # Strong references: the event loop keeps only weak ones to running tasks.
         self._tasks: set[asyncio.Task[Any]] = set()
         self._wake_pull = asyncio.Event()
+        self._lookup_timeouts = _ThrottledLog("hq.lookup_timed_out", LOOKUP_LOG_INTERVAL)
+        self._lookup_failures = _ThrottledLog("hq.lookup_failed", LOOKUP_LOG_INTERVAL)
         self._persisted_offset: float | None = None
         self.state_listeners: list[Callable[[str], None]] = []
         """Called with the new state name at each change of the HQ state."""
@@ -127,9 +151,17 @@ class SyncService:
                     await self.puller.reconcile(report=pulled)
             except HqError as exc:
                 pull_error = exc
-            uploaded = await self.uploader.drain()
-            await self._persist_state()
+                self.health.attempt_failed(PULL, exc)
+            else:
+                self.health.attempt_succeeded(PULL)
+            try:
+                uploaded = await self.uploader.drain()
+            except HqError as exc:
+                self.health.attempt_failed(UPLOAD, exc)
+                raise
+            self.health.attempt_succeeded(UPLOAD)
         finally:
+            await self._persist_state()
             await self.client.close()
         return RunReport(pull=pulled, upload=uploaded, pull_error=pull_error)
 
@@ -139,6 +171,10 @@ class SyncService:
         None covers "not found" as well as an HQ that is offline, slow or failing, so the
         caller decides by its offline policy. The caller checks a record found and passes it
         to ``cache_looked_up``.
+
+        A lookup slower than ``lookup_timeout`` does not change the HQ state: HQ may serve
+        pulls and uploads well and only be slow to search, and marking it unavailable would
+        stop lookups and point operators at the network.
         """
         if not self.health.reachable:
             return None
@@ -146,13 +182,14 @@ class SyncService:
             async with asyncio.timeout(self.settings.lookup_timeout):
                 record = await self.client.lookup(key)
         except TimeoutError:
-            self.health.failed(
-                HqUnreachable(f"HQ lookup timed out after {self.settings.lookup_timeout:g} s")
+            self._lookup_timeouts.emit(
+                timeout_seconds=float(self.settings.lookup_timeout),
+                detail="HQ did not answer a lookup within lookup_timeout, so the decision"
+                " was made without HQ; HQ must answer lookups faster",
             )
-            log.info("hq.lookup_timed_out", timeout_seconds=self.settings.lookup_timeout)
             return None
         except HqError as exc:
-            log.info("hq.lookup_failed", error=str(exc))
+            self._lookup_failures.emit(error=str(exc))
             return None
         return record
 
@@ -186,18 +223,27 @@ class SyncService:
                     await self.puller.reconcile()
                     next_reconcile = time.monotonic() + self.settings.reconcile_interval
             except HqError as exc:
-                delay = backoff.next_delay()
+                self.health.attempt_failed(PULL, exc)
+                delay = self._retry_delay(backoff, exc)
                 failures.failed(exc, delay)
             except Exception as exc:
                 # A store failure (disk full, writer stopped) must not end the loop silently.
                 delay = backoff.next_delay()
                 log.exception("sync.pull_crashed", error=str(exc), retry_in_seconds=delay)
             else:
+                self.health.attempt_succeeded(PULL)
                 backoff.reset()
                 failures.succeeded()
                 delay = self.settings.pull_interval
             await self._persist_state()
             await self._sleep(delay)
+
+    def _retry_delay(self, backoff: Backoff, error: HqError) -> float:
+        """Return the next backoff delay, or HQ's Retry-After when longer, up to backoff_max."""
+        delay = backoff.next_delay()
+        if error.retry_after is not None:
+            delay = max(delay, min(error.retry_after, self.settings.backoff_max))
+        return delay
 
     async def _sleep(self, delay: float) -> None:
         try:
@@ -219,13 +265,17 @@ class SyncService:
                     next_trim = time.monotonic() + self.settings.outbox_trim_interval
                 if self.health.reachable:
                     report = await self.uploader.upload_once()
+                    # Nothing due also ends a failure: the events that failed are old, so
+                    # they would be due unless they left the outbox.
+                    self.health.attempt_succeeded(UPLOAD)
                     # A full batch means more may be waiting: send the next one at once.
                     if report is not None and report.sent >= self.settings.upload_batch_size:
                         delay = 0.0
                 backoff.reset()
                 failures.succeeded()
             except HqError as exc:
-                delay = backoff.next_delay()
+                self.health.attempt_failed(UPLOAD, exc)
+                delay = self._retry_delay(backoff, exc)
                 failures.failed(exc, delay)
             except Exception as exc:
                 delay = backoff.next_delay()
@@ -233,10 +283,9 @@ class SyncService:
             await asyncio.sleep(delay)
 
     def _state_changed(self, previous: HqState, current: HqState) -> None:
-        # The pull loop wakes at once when HQ returns, so the cache catches up without
-        # waiting out a long backoff.
-        if current is HqState.ONLINE:
-            self._wake_pull.set()
+        # The pull loop is not woken here. While HQ is offline only the pull loop calls it,
+        # so its own retries find HQ back. A wake when its own call made HQ online would
+        # skip the backoff after a rebuild that then failed.
         for listener in self.state_listeners:
             listener(current.value)
         # Only a started service persists from here; `sync --now` saves once at its end.

@@ -18,10 +18,10 @@ class HqState(StrEnum):
     """How HQ behaves, as the last calls saw it."""
 
     ONLINE = "online"
-    """The last call succeeded."""
+    """The last pull and upload attempts succeeded and HQ answers calls."""
     DEGRADED = "degraded"
-    """HQ answers, but with errors or invalid bodies, or fewer than ``offline_after`` calls in
-    a row found it unreachable."""
+    """The last pull or upload attempt failed, or fewer than ``offline_after`` calls in a row
+    found HQ unreachable."""
     OFFLINE = "offline"
     """``offline_after`` calls in a row got no HTTP answer at all."""
 
@@ -50,64 +50,110 @@ class Backoff:
 
 StateListener = Callable[[HqState, HqState], None]
 
+PULL = "pull"
+"""The work of the pull loop: changes, rebuilds from the snapshot and reconciliation."""
+UPLOAD = "upload"
+"""The work of the upload loop: event batches."""
+
 
 class HqHealth:
-    """Tracks the HQ state from call outcomes and logs each change that matters once.
+    """Tracks the HQ state from call outcomes and from the attempts of the pull and upload loops.
 
-    Going OFFLINE logs ``hq.unavailable``, HQ answering with errors logs ``hq.degraded``,
-    and the next success after either logs ``hq.available``. A single unreachable call
-    below ``offline_after`` changes the state to DEGRADED at debug level only, so a short
-    blip logs nothing.
+    The client reports each call: ``call_answered`` when HQ sent an HTTP response,
+    ``call_unanswered`` when it did not (or a gateway returned 502, 503 or 504). The loops
+    report each whole attempt with ``attempt_succeeded`` or ``attempt_failed``. The state is
+    OFFLINE after ``offline_after`` unanswered calls in a row, DEGRADED while the last pull
+    or upload attempt failed or a shorter run of calls went unanswered, and ONLINE otherwise.
+
+    Only a whole attempt clears its loop's failure. So a call that HQ answers inside an
+    attempt that then fails, such as a 410 before a broken snapshot, does not switch the
+    state to ONLINE and back. Lookups report only their calls, so they count towards OFFLINE
+    but never make HQ degraded.
+
+    Going OFFLINE logs ``hq.unavailable``, a failed attempt on an answering HQ logs
+    ``hq.degraded``, and the next ONLINE after either logs ``hq.available``. An unanswered
+    call below ``offline_after`` changes the state to DEGRADED at debug level only, so a
+    short blip logs nothing.
     """
 
     def __init__(self, offline_after: int, on_change: StateListener | None = None) -> None:
         self.offline_after = max(1, offline_after)
-        # The daemon starts as if HQ were away, so the first success logs hq.available
-        # and online lookups wait until one call has shown HQ reachable.
+        # The daemon starts as if HQ were away, so the first ONLINE logs hq.available and
+        # online lookups wait until one call has shown HQ reachable.
         self.state = HqState.OFFLINE
         self.since = time.time()
         self.unreachable_in_row = 0
         self.last_error: str | None = None
-        self.last_success_at: float | None = None
+        self.failing: dict[str, str] = {}
+        """The error of each loop whose last attempt failed, by loop (PULL or UPLOAD)."""
         self._on_change = on_change
         self._announced: HqState | None = None
+        self._announced_at = self.since
+        self._been_online = False
 
     @property
     def reachable(self) -> bool:
         return self.state is not HqState.OFFLINE
 
-    def succeeded(self) -> None:
-        first_success = self.last_success_at is None
+    def call_answered(self) -> None:
+        """Record a call that got an HTTP response, whatever its status."""
         self.unreachable_in_row = 0
-        self.last_error = None
-        self.last_success_at = time.time()
-        if self._announced is not None or first_success:
-            downtime = round(time.time() - self.since, 1)
-            # The state before the first success is only the assumption made at start.
-            previous = "none" if first_success else self.state.value
+        self._update()
+
+    def call_unanswered(self, error: HqError) -> None:
+        """Record a call that got no HTTP response, or 502, 503 or 504 from a gateway."""
+        self.unreachable_in_row += 1
+        self.last_error = str(error)
+        if self._target() is HqState.OFFLINE and self._announced is not HqState.OFFLINE:
+            log.warning("hq.unavailable", error=self.last_error, failures=self.unreachable_in_row)
+            self._announce(HqState.OFFLINE)
+        else:
+            log.debug("hq.call_failed", error=self.last_error, failures=self.unreachable_in_row)
+        self._update()
+
+    def attempt_succeeded(self, loop: str) -> None:
+        """Record a whole pull or upload attempt that succeeded; it clears the loop's failure."""
+        self.failing.pop(loop, None)
+        self._update()
+
+    def attempt_failed(self, loop: str, error: HqError) -> None:
+        """Record a failed pull or upload attempt; the state is DEGRADED until one succeeds.
+
+        The client has already counted an unanswered call, so ``error`` is not counted again.
+        """
+        self.failing[loop] = str(error)
+        self.last_error = str(error)
+        if error.reachable and self._announced is not HqState.DEGRADED:
+            log.warning("hq.degraded", error=self.last_error, loop=loop)
+            self._announce(HqState.DEGRADED)
+        self._update()
+
+    def _announce(self, state: HqState) -> None:
+        if self._announced is None:
+            self._announced_at = time.time()
+        self._announced = state
+
+    def _target(self) -> HqState:
+        if self.unreachable_in_row >= self.offline_after:
+            return HqState.OFFLINE
+        if self.failing or self.unreachable_in_row:
+            return HqState.DEGRADED
+        return HqState.ONLINE
+
+    def _update(self) -> None:
+        target = self._target()
+        if target is HqState.ONLINE and (self._announced is not None or not self._been_online):
+            # The state before HQ was first online is only the assumption made at start.
+            # Otherwise the announced state is reported, which a short DEGRADED between
+            # OFFLINE and ONLINE (HQ answers, the pull has not finished yet) does not hide.
+            previous = "none"
+            if self._been_online:
+                previous = (self._announced or self.state).value
+            downtime = round(time.time() - min(self.since, self._announced_at), 1)
             log.info("hq.available", previous_state=previous, after_seconds=downtime)
             self._announced = None
-        if self.state is not HqState.ONLINE:
-            self._set(HqState.ONLINE)
-
-    def failed(self, error: HqError) -> None:
-        self.last_error = str(error)
-        if error.reachable:
-            self.unreachable_in_row = 0
-            target = HqState.DEGRADED
-        else:
-            self.unreachable_in_row += 1
-            offline = self.unreachable_in_row >= self.offline_after
-            target = HqState.OFFLINE if offline else HqState.DEGRADED
-
-        if target is HqState.OFFLINE and self._announced is not HqState.OFFLINE:
-            log.warning("hq.unavailable", error=self.last_error, failures=self.unreachable_in_row)
-            self._announced = HqState.OFFLINE
-        elif error.reachable and self._announced is None:
-            log.warning("hq.degraded", error=self.last_error)
-            self._announced = HqState.DEGRADED
-        else:
-            log.debug("hq.call_failed", state=target.value, error=self.last_error)
+            self._been_online = True
+            self.last_error = None
         if target is not self.state:
             self._set(target)
 

@@ -66,7 +66,14 @@ class Uploader:
         sent_ids = {event.event_id for event in chosen}
         acknowledged = [event_id for event_id in dict.fromkeys(accepted) if event_id in sent_ids]
         unknown = len(set(accepted) - sent_ids)
-        deleted = await self.store.delete_events(acknowledged) if acknowledged else 0
+        if not acknowledged:
+            # Not an upload: last_upload_at stays, and the loop logs the failure and backs off.
+            self._say(f"uploaded {len(chosen)} events, HQ accepted none")
+            raise HqResponseInvalid(
+                f"HQ accepted none of the {len(chosen)} events sent (unknown ids in its"
+                f" answer: {unknown}); they stay in the outbox"
+            )
+        deleted = await self.store.delete_events(acknowledged)
         await self.store.set_meta({LAST_UPLOAD_META_KEY: repr(time.time())})
 
         log.info(
@@ -78,10 +85,6 @@ class Uploader:
             oldest_age_seconds=round(age, 1),
         )
         self._say(f"uploaded {len(chosen)} events, HQ accepted {len(acknowledged)}")
-        if not acknowledged:
-            raise HqResponseInvalid(
-                f"HQ accepted none of the {len(chosen)} events sent; they stay in the outbox"
-            )
         return UploadReport(sent=len(chosen), accepted=len(acknowledged), batches=1)
 
     def _fit_size(self, events: list[OutboxEvent]) -> list[OutboxEvent]:

@@ -30,6 +30,15 @@ SnapshotMode = Literal["ok", "cut", "invalid"]
 AckMode = Literal["all", "partial", "duplicate", "none"]
 
 
+@dataclass(frozen=True)
+class RawAnswer:
+    """A fixed answer that one call gets in place of its own (a redirect, an HTML page)."""
+
+    status: int
+    body: bytes = b""
+    headers: dict[str, str] = field(default_factory=dict)
+
+
 @dataclass
 class Control:
     """What a test can change while the fake HQ runs."""
@@ -55,6 +64,16 @@ class Control:
     """Record that every lookup returns, whatever its key, as a faulty HQ would."""
     stuck_cursor: bool = False
     """Changes pages return the cursor they were asked for, with hasMore true: an HQ bug."""
+    empty_cursor: bool = False
+    """Changes pages return the cursor "": an HQ bug."""
+    ignore_limit: bool = False
+    """Changes pages hold every change after the cursor, whatever the request's limit."""
+    snapshot_cursor_expired: bool = False
+    """The snapshot's Identity-Cursor is one that the changes feed answers with 410."""
+    snapshot_count: int | None = None
+    """Identity-Count header of the snapshot in place of the number of records, when set."""
+    raw_answers: dict[str, RawAnswer] = field(default_factory=dict)
+    """Answers by call name ("changes", "snapshot", "digest", "lookup", "events")."""
 
 
 @dataclass
@@ -65,6 +84,8 @@ class Received:
     repeats: int = 0
     """Events received again after they were stored (HQ drops them)."""
     requests: Counter = field(default_factory=Counter)
+    request_times: dict[str, list[float]] = field(default_factory=dict)
+    """``time.monotonic()`` of each request, by call name."""
     snapshot_lines_sent: int = 0
     lookups: list[str] = field(default_factory=list)
     authorization: set[str] = field(default_factory=set)
@@ -199,6 +220,7 @@ class FakeHq:
     async def _middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
         name = request.path.rsplit("/", 1)[-1]
         self.received.requests[name] += 1
+        self.received.request_times.setdefault(name, []).append(time.monotonic())
         self.received.authorization.add(request.headers.get("Authorization", ""))
         if self.is_down:
             # A connection opened before the outage: close it without an answer.
@@ -211,6 +233,10 @@ class FakeHq:
             await asyncio.sleep(self.control.delay)
         if self.control.fail_status is not None:
             return self._json({"title": "failing on purpose"}, status=self.control.fail_status)
+        raw = self.control.raw_answers.get(name)
+        if raw is not None:
+            headers = {"Date": self._date(), **raw.headers}
+            return web.Response(status=raw.status, body=raw.body, headers=headers)
         return await handler(request)
 
     def _date(self) -> str:
@@ -232,11 +258,13 @@ class FakeHq:
                 if int(epoch) != self.epoch:
                     return self._json({"title": "cursor expired"}, status=410)
                 position = int(text)
-            window = self.log[position : position + limit]
+            size = len(self.log) if self.control.ignore_limit else limit
+            window = self.log[position : position + size]
             end = position + len(window)
             stuck = self.control.stuck_cursor and cursor is not None
+            next_cursor = cursor if stuck else f"{self.epoch}.{end}"
             answer = {
-                "cursor": cursor if stuck else f"{self.epoch}.{end}",
+                "cursor": "" if self.control.empty_cursor else next_cursor,
                 "hasMore": stuck or end < len(self.log),
                 "changes": [
                     {"op": "PUT", "record": payload}
@@ -250,13 +278,15 @@ class FakeHq:
     async def _snapshot(self, request: web.Request) -> web.StreamResponse:
         with self.lock:
             records = [self.records[c] for c in sorted(self.records)]
-            cursor = f"{self.epoch}.{len(self.log)}"
+            epoch = self.epoch - 1 if self.control.snapshot_cursor_expired else self.epoch
+            cursor = f"{epoch}.{len(self.log)}"
         control = self.control
+        count = len(records) if control.snapshot_count is None else control.snapshot_count
         response = web.StreamResponse(
             headers={
                 "Content-Type": "application/x-ndjson",
                 "Identity-Cursor": cursor,
-                "Identity-Count": str(len(records)),
+                "Identity-Count": str(count),
                 "Date": self._date(),
             }
         )

@@ -165,3 +165,21 @@ def test_lookup_reply_after_a_pull_is_not_cached(tmp_path: Path) -> None:
 
     assert stored is False
     assert "c-late" not in versions
+
+
+def test_slow_lookups_keep_hq_online(daemon: Daemon, hq: FakeHq) -> None:
+    hq.control.lookup_delay = 0.6
+    keys = [f"KEY-SLOW-{number}" for number in range(4)]
+    for key in keys:
+        action, elapsed = timed_scan(daemon, key)
+        assert action == "REJECT"
+        assert elapsed < REPLY_BOUND
+
+    # offline_after is 2 in these tests: every lookup is still sent.
+    assert hq.received.lookups == keys
+    events = [line["event"] for line in daemon.log_lines()]
+    assert "hq.unavailable" not in events
+    assert meta(daemon.database, "hq_state") == "online"
+    timeouts = [line for line in daemon.log_lines() if line["event"] == "hq.lookup_timed_out"]
+    assert len(timeouts) == 1
+    assert timeouts[0]["timeout_seconds"] == 0.3

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import signal
 import time
@@ -15,6 +16,7 @@ from daemon.store import open_reader
 from tests.conftest import SAMPLE_RECORDS, Daemon, make_daemon, run_cli
 from tests.fakehq import (
     FakeHq,
+    RawAnswer,
     hq_config,
     local_versions,
     make_records,
@@ -446,6 +448,7 @@ def test_page_with_same_cursor_is_not_followed(synced: Daemon, hq: FakeHq) -> No
     # Retried with backoff (100-400 ms in these tests), not fetched in a tight loop.
     assert requests_in_a_second <= 12
     assert decided(synced, "KEY-SHOPPER-5f1c2b") == "ACCEPT"
+    assert meta(synced.database, "hq_state") == "degraded"
 
 
 @pytest.mark.parametrize("taken_in", ["feed", "snapshot"])
@@ -488,3 +491,165 @@ def test_hq_online_while_snapshot_streams(tmp_path: Path, hq: FakeHq) -> None:
 
     assert "sync.rebuild_started" in events
     assert "sync.rebuilt" not in events
+
+
+def log_events(daemon: Daemon, event: str) -> list[dict]:
+    return [line for line in daemon.log_lines() if line["event"] == event]
+
+
+def pull_failure(daemon: Daemon, text: str) -> dict:
+    """Wait for a sync.pull_failed line whose error contains ``text``, and return it."""
+    return wait_until(
+        lambda: next(
+            (line for line in log_events(daemon, "sync.pull_failed") if text in line["error"]),
+            None,
+        ),
+        what=f"sync.pull_failed with {text!r}",
+    )
+
+
+def states_during(daemon: Daemon, seconds: float) -> set[str | None]:
+    """Sample the HQ state that the daemon stores for `status`, every 50 ms."""
+    states = set()
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        states.add(meta(daemon.database, "hq_state"))
+        time.sleep(0.05)
+    return states
+
+
+@pytest.mark.parametrize("trigger", ["cursor-expired", "digest-mismatch"])
+def test_failed_rebuild_backs_off(tmp_path: Path, hq: FakeHq, trigger: str) -> None:
+    daemon = start_daemon(tmp_path, hq, extra='reconcile_interval = "300ms"')
+    try:
+        wait_until(lambda: caught_up(daemon, hq), what="the initial snapshot")
+        hq.control.snapshot_mode = "cut"
+        if trigger == "cursor-expired":
+            hq.expire_cursors()
+        else:
+            hq.change_silently({**SAMPLE_RECORDS[0], "version": 12})
+        wait_until(lambda: hq.received.requests["snapshot"] >= 3, what="two failed rebuilds")
+        available_before = len(log_events(daemon, "hq.available"))
+        snapshots_before = hq.received.requests["snapshot"]
+
+        states = states_during(daemon, 1.5)
+
+        # Backoff is 100-400 ms in these tests; a tight loop made hundreds of attempts.
+        assert hq.received.requests["snapshot"] - snapshots_before <= 10
+        assert states == {"degraded"}
+        assert len(log_events(daemon, "hq.available")) == available_before
+        assert len(log_events(daemon, "hq.degraded")) == 1
+    finally:
+        daemon.stop()
+
+
+def test_expired_snapshot_cursor_is_hq_fault(synced: Daemon, hq: FakeHq) -> None:
+    hq.control.snapshot_cursor_expired = True
+    hq.expire_cursors()
+
+    failure = pull_failure(synced, "snapshot's own cursor")
+    assert "HQ must keep the cursor of a new snapshot valid" in failure["error"]
+    assert states_during(synced, 1.0) == {"degraded"}
+    rebuilds = len(log_events(synced, "sync.rebuild_started"))
+    assert rebuilds >= 1
+
+    hq.control.snapshot_cursor_expired = False
+    wait_until(lambda: caught_up(synced, hq), what="the rebuild with a valid cursor")
+    wait_until(lambda: meta(synced.database, "hq_state") == "online", what="online")
+
+
+def test_page_over_limit_is_rejected(tmp_path: Path, hq: FakeHq) -> None:
+    daemon = start_daemon(tmp_path, hq, extra="pull_batch_size = 2")
+    try:
+        wait_until(lambda: caught_up(daemon, hq), what="the initial snapshot")
+        cursor = meta(daemon.database, "cursor")
+        hq.control.ignore_limit = True
+        hq.put(*make_records(5))
+
+        failure = pull_failure(daemon, "more than the limit=2")
+        assert "has 5 changes" in failure["error"]
+        assert meta(daemon.database, "cursor") == cursor
+        wait_until(lambda: meta(daemon.database, "hq_state") == "degraded", what="degraded")
+        assert log_events(daemon, "sync.batch_applied") == []
+    finally:
+        daemon.stop()
+
+
+def test_empty_page_cursor_is_rejected(synced: Daemon, hq: FakeHq) -> None:
+    cursor = meta(synced.database, "cursor")
+    hq.control.empty_cursor = True
+    hq.put({**SAMPLE_RECORDS[0], "version": 2})
+
+    pull_failure(synced, "empty cursor")
+    assert meta(synced.database, "cursor") == cursor
+    wait_until(lambda: meta(synced.database, "hq_state") == "degraded", what="degraded")
+
+
+def test_redirect_is_not_followed(synced: Daemon, hq: FakeHq) -> None:
+    elsewhere = f"http://localhost:{hq.port}/v1/stores/STORE-001/identities/elsewhere"
+    hq.control.raw_answers["changes"] = RawAnswer(307, headers={"Location": elsewhere})
+
+    failure = pull_failure(synced, "redirecting to")
+    assert elsewhere in failure["error"]
+    assert "set [hq] url to the final address" in failure["error"]
+    assert hq.received.requests["elsewhere"] == 0
+    wait_until(lambda: meta(synced.database, "hq_state") == "degraded", what="degraded")
+
+
+@pytest.mark.parametrize(
+    ("retry_after", "backoff_max", "min_gap", "max_gap"),
+    [("1", "3s", 0.9, 2.9), ("30", "400ms", 0.0, 1.5)],
+    ids=["honoured", "capped-by-backoff-max"],
+)
+def test_retry_after_sets_retry_delay(
+    tmp_path: Path,
+    hq: FakeHq,
+    retry_after: str,
+    backoff_max: str,
+    min_gap: float,
+    max_gap: float,
+) -> None:
+    directory = tmp_path / "daemon"
+    config = hq_config(hq, directory).replace(
+        'backoff_max = "400ms"', f'backoff_max = "{backoff_max}"'
+    )
+    daemon = make_daemon(directory, config, records=[])
+    daemon.start()
+    try:
+        wait_until(lambda: caught_up(daemon, hq), what="the initial snapshot")
+        answer = RawAnswer(429, b"{}", {"Retry-After": retry_after})
+        hq.control.raw_answers["changes"] = answer
+        first = hq.received.requests["changes"]
+        wait_until(lambda: hq.received.requests["changes"] >= first + 4, what="four retries")
+
+        times = hq.received.request_times["changes"][first : first + 4]
+        gaps = [later - earlier for earlier, later in itertools.pairwise(times)]
+        assert min(gaps) >= min_gap, gaps
+        assert max(gaps) <= max_gap, gaps
+    finally:
+        daemon.stop()
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["count-mismatch", "html-page", "not-found"],
+)
+def test_pull_failure_messages(synced: Daemon, hq: FakeHq, case: str) -> None:
+    if case == "count-mismatch":
+        hq.control.snapshot_count = 3
+        hq.expire_cursors()
+        expected = [f"snapshot has {len(hq.records)} records, but its Identity-Count header"]
+    elif case == "html-page":
+        page = b"<html><head><title>Sign in</title></head><body>" + b"x" * 200 + b"</body>"
+        headers = {"Content-Type": "text/html; charset=utf-8"}
+        hq.control.raw_answers["changes"] = RawAnswer(200, page, headers)
+        expected = ["Content-Type 'text/html; charset=utf-8'", "'<html><head><title>Sign in"]
+    else:
+        hq.control.fail_status = 404
+        expected = [f"HTTP 404 for {hq.url}/v1/stores/STORE-001/identities/changes; check"]
+
+    failure = pull_failure(synced, expected[0])
+    for text in expected:
+        assert text in failure["error"]
+    assert "truncated" not in failure["error"]
+    assert "x" * 81 not in failure["error"]

@@ -10,10 +10,25 @@ from email.utils import formatdate
 import pytest
 from structlog.testing import capture_logs
 
+from sync.client import _retry_after_seconds
 from sync.clock import ClockEstimator
 from sync.digest import compute_digest
-from sync.errors import HqResponseInvalid, HqStatusError, HqUnreachable
-from sync.state import Backoff, HqHealth, HqState
+from sync.errors import HqError, HqResponseInvalid, HqStatusError, HqUnreachable
+from sync.state import PULL, UPLOAD, Backoff, HqHealth, HqState
+
+
+def pull_failed(health: HqHealth, error: HqError) -> None:
+    """Report a failed pull attempt as the client and the pull loop do."""
+    if error.reachable:
+        health.call_answered()
+    else:
+        health.call_unanswered(error)
+    health.attempt_failed(PULL, error)
+
+
+def pull_succeeded(health: HqHealth) -> None:
+    health.call_answered()
+    health.attempt_succeeded(PULL)
 
 
 def test_backoff_doubles_within_jitter_and_caps() -> None:
@@ -35,10 +50,10 @@ def test_backoff_reset_starts_over() -> None:
 def test_health_logs_outage_once_and_return_once() -> None:
     health = HqHealth(offline_after=2)
     with capture_logs() as logs:
-        health.succeeded()
+        pull_succeeded(health)
         for _ in range(6):
-            health.failed(HqUnreachable("connection refused"))
-        health.succeeded()
+            pull_failed(health, HqUnreachable("connection refused"))
+        pull_succeeded(health)
     events = [entry["event"] for entry in logs if entry["log_level"] != "debug"]
     available = [entry for entry in logs if entry["event"] == "hq.available"]
 
@@ -60,9 +75,9 @@ def test_health_logs_outage_once_and_return_once() -> None:
 )
 def test_health_state_after_failures(errors: list, state: HqState) -> None:
     health = HqHealth(offline_after=3)
-    health.succeeded()
+    pull_succeeded(health)
     for error in errors:
-        health.failed(error)
+        pull_failed(health, error)
     assert health.state is state
 
 
@@ -71,7 +86,7 @@ def test_gateway_unavailable_statuses_count_as_unreachable() -> None:
     for _ in range(2):
         error = HqStatusError("changes", 503)
         error.reachable = False
-        health.failed(error)
+        pull_failed(health, error)
     assert health.state is HqState.OFFLINE
 
 
@@ -139,7 +154,7 @@ def test_health_logs_hq_down_at_start() -> None:
     health = HqHealth(offline_after=2)
     with capture_logs() as logs:
         for _ in range(4):
-            health.failed(HqUnreachable("connection refused"))
+            pull_failed(health, HqUnreachable("connection refused"))
     events = [entry["event"] for entry in logs if entry["log_level"] != "debug"]
 
     assert events == ["hq.unavailable"]
@@ -148,8 +163,59 @@ def test_health_logs_hq_down_at_start() -> None:
 
 def test_health_blip_logs_nothing() -> None:
     health = HqHealth(offline_after=3)
-    health.succeeded()
+    pull_succeeded(health)
     with capture_logs() as logs:
-        health.failed(HqUnreachable("connection reset"))
-        health.succeeded()
+        pull_failed(health, HqUnreachable("connection reset"))
+        pull_succeeded(health)
     assert [entry for entry in logs if entry["log_level"] != "debug"] == []
+
+
+def test_answered_call_in_failing_pull_keeps_degraded() -> None:
+    # A 410 that HQ returns before a broken snapshot must not switch the state to online.
+    health = HqHealth(offline_after=3)
+    pull_succeeded(health)
+    with capture_logs() as logs:
+        for _ in range(5):
+            health.call_answered()
+            pull_failed(health, HqResponseInvalid("snapshot cut"))
+            assert health.state is HqState.DEGRADED
+    events = [entry["event"] for entry in logs if entry["log_level"] != "debug"]
+
+    assert events == ["hq.degraded"]
+
+
+def test_failing_uploads_keep_degraded_while_pulls_work() -> None:
+    health = HqHealth(offline_after=3)
+    pull_succeeded(health)
+    health.call_answered()
+    health.attempt_failed(UPLOAD, HqStatusError("events", 500))
+    for _ in range(3):
+        pull_succeeded(health)
+        assert health.state is HqState.DEGRADED
+
+    health.call_answered()
+    health.attempt_succeeded(UPLOAD)
+    assert health.state is HqState.ONLINE
+
+
+def test_answered_lookups_do_not_end_degraded() -> None:
+    health = HqHealth(offline_after=3)
+    pull_failed(health, HqStatusError("changes", 500))
+    for _ in range(3):
+        health.call_answered()
+    assert health.state is HqState.DEGRADED
+
+
+@pytest.mark.parametrize(
+    ("header", "seconds"),
+    [("30", 30.0), (" 5 ", 5.0), ("soon", None), ("", None), (None, None), ("-3", None)],
+)
+def test_retry_after_seconds(header: str | None, seconds: float | None) -> None:
+    assert _retry_after_seconds(header) == seconds
+
+
+def test_retry_after_http_date() -> None:
+    header = formatdate(time.time() + 40, usegmt=True)
+    parsed = _retry_after_seconds(header)
+    assert parsed is not None
+    assert 38 <= parsed <= 41

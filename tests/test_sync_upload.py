@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import SAMPLE_RECORDS, Daemon, make_daemon
-from tests.fakehq import FakeHq, hq_config, meta, outbox_ids, wait_until
+from tests.fakehq import FakeHq, RawAnswer, hq_config, meta, outbox_ids, wait_until
 
 
 @pytest.fixture
@@ -158,5 +159,74 @@ def test_gzip_uploads_reach_hq(tmp_path: Path, hq: FakeHq) -> None:
     try:
         scan_many(daemon, 2)
         wait_until(lambda: len(hq.received.events) == 2, what="two gzip-compressed events")
+    finally:
+        daemon.stop()
+
+
+def log_events(daemon: Daemon, event: str) -> list[dict]:
+    return [line for line in daemon.log_lines() if line["event"] == event]
+
+
+def states_during(daemon: Daemon, seconds: float) -> set[str | None]:
+    """Sample the HQ state that the daemon stores for `status`, every 50 ms."""
+    states = set()
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        states.add(meta(daemon.database, "hq_state"))
+        time.sleep(0.05)
+    return states
+
+
+def test_failing_uploads_keep_state_degraded(tmp_path: Path, hq: FakeHq) -> None:
+    daemon = synced_daemon(tmp_path, hq)
+    try:
+        hq.control.raw_answers["events"] = RawAnswer(500, b"{}")
+        scan_many(daemon, 2)
+        wait_until(lambda: meta(daemon.database, "hq_state") == "degraded", what="degraded")
+        pulls_before = hq.received.requests["changes"]
+
+        # Pulls succeed every 200 ms meanwhile; the state must not go back to online.
+        assert states_during(daemon, 1.5) == {"degraded"}
+        assert hq.received.requests["changes"] > pulls_before
+        assert len(log_events(daemon, "hq.degraded")) == 1
+
+        del hq.control.raw_answers["events"]
+        wait_until(lambda: not outbox_ids(daemon.database), what="the outbox to drain")
+        wait_until(lambda: meta(daemon.database, "hq_state") == "online", what="online")
+    finally:
+        daemon.stop()
+
+
+def test_upload_accepted_none_is_not_an_upload(tmp_path: Path, hq: FakeHq) -> None:
+    hq.control.ack_mode = "none"
+    daemon = synced_daemon(tmp_path, hq)
+    try:
+        scan_many(daemon, 2)
+        wait_until(lambda: hq.received.event_posts >= 3, what="three upload attempts")
+
+        assert meta(daemon.database, "last_upload_at") is None
+        assert log_events(daemon, "sync.events_uploaded") == []
+        failures = log_events(daemon, "sync.upload_failed")
+        assert "HQ accepted none of the 2 events" in failures[0]["error"]
+        assert meta(daemon.database, "hq_state") == "degraded"
+    finally:
+        daemon.stop()
+
+
+def test_events_redirect_is_not_followed(tmp_path: Path, hq: FakeHq) -> None:
+    daemon = synced_daemon(tmp_path, hq)
+    try:
+        moved = f"{hq.url}/v1/stores/STORE-001/moved-events"
+        hq.control.raw_answers["events"] = RawAnswer(301, headers={"Location": moved})
+        scan_many(daemon, 1)
+        failure = wait_until(
+            lambda: next(iter(log_events(daemon, "sync.upload_failed")), None),
+            what="the failed upload",
+        )
+
+        assert f"HTTP 301 redirecting to {moved!r}" in failure["error"]
+        assert "set [hq] url to the final address" in failure["error"]
+        assert len(outbox_ids(daemon.database)) == 1
+        assert hq.received.requests["moved-events"] == 0
     finally:
         daemon.stop()
