@@ -125,6 +125,17 @@ class Puller:
             seconds=round(time.monotonic() - started, 2),
         )
         self._say(f"rebuilt the cache: {count} identities")
+        if count == 0:
+            # Legitimate only for a store that has no identities yet; after an export fault
+            # at HQ it leaves every gate to online lookups, and rejects all while offline.
+            log.warning(
+                "sync.cache_emptied",
+                reason=reason,
+                rejected=report.rejected,
+                detail="HQ's snapshot held no valid identity for this store: every key is"
+                " now decided by online lookups while HQ answers, and rejected while it does"
+                " not; check HQ's export for the store",
+            )
 
         await self._follow_snapshot_cursor(cursor, report)
         try:

@@ -653,3 +653,18 @@ def test_pull_failure_messages(synced: Daemon, hq: FakeHq, case: str) -> None:
         assert text in failure["error"]
     assert "truncated" not in failure["error"]
     assert "x" * 81 not in failure["error"]
+
+
+def test_empty_snapshot_warns(tmp_path: Path, hq: FakeHq) -> None:
+    daemon = start_daemon(tmp_path, hq, records=SAMPLE_RECORDS)
+    try:
+        wait_until(lambda: caught_up(daemon, hq), what="the initial snapshot")
+        hq.remove(*(record["credentialId"] for record in SAMPLE_RECORDS))
+        hq.expire_cursors()
+        wait_until(lambda: log_events(daemon, "sync.cache_emptied"), what="the warning")
+
+        assert local_versions(daemon.database) == {}
+        assert len(log_events(daemon, "sync.cache_emptied")) == 1
+        assert log_events(daemon, "sync.cache_emptied")[0]["level"] == "warning"
+    finally:
+        daemon.stop()
