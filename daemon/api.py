@@ -174,6 +174,16 @@ async def resolve_scan(request: web.Request) -> web.Response:
             "Unsupported Media Type",
             f"Content-Type {sent!r} is not JSON; send the body as application/json",
         )
+    charset = request.charset
+    if charset is not None and charset.lower() not in ("utf-8", "utf8"):
+        # RFC 8259 makes UTF-8 the only encoding of JSON between systems.
+        _log_invalid_request(request, "unsupported-media-type", charset=charset[:40])
+        return problem_response(
+            415,
+            "unsupported-media-type",
+            "Unsupported Media Type",
+            f"charset {charset[:40]!r} is not supported; send the JSON body in UTF-8",
+        )
     limit = config.server.max_body_size
     if request.content_length is not None and request.content_length > limit:
         raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=request.content_length)

@@ -306,7 +306,9 @@ def openapi_document() -> dict[str, Any]:
                             "The body did not arrive within [server] client_timeout."
                         ),
                         "413": problem_response("The body is larger than the configured limit."),
-                        "415": problem_response("The body is not sent as application/json."),
+                        "415": problem_response(
+                            "The body is not sent as application/json, or not in UTF-8."
+                        ),
                         "422": problem_response(
                             "The scanEvent.id was used before with a different payload."
                         ),

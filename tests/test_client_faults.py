@@ -134,3 +134,22 @@ def test_byte_order_mark_before_body_ignored(daemon: Daemon) -> None:
 
     assert reply.status == 200
     assert reply.json()["action"] == "ACCEPT"
+
+
+# (Content-Type, status): JSON travels in UTF-8 only (RFC 8259), with or without the parameter.
+CHARSET_CASES = [
+    ("application/json; charset=utf-8", 200),
+    ("application/json; charset=UTF-8", 200),
+    ("application/json", 200),
+    ("application/json; charset=iso-8859-1", 415),
+    ("application/json; charset=utf-16", 415),
+]
+
+
+@pytest.mark.parametrize(("content_type", "status"), CHARSET_CASES)
+def test_charset_other_than_utf8_is_415(
+    shared_daemon: Daemon, content_type: str, status: int
+) -> None:
+    reply = shared_daemon.post_json(scan_body("KEY-SHOPPER-5f1c2b"), content_type=content_type)
+
+    assert reply.status == status
