@@ -7,6 +7,8 @@ Schema that the OpenAPI document embeds, so the served document cannot drift fro
 from __future__ import annotations
 
 import datetime as dt
+import json
+import re
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -137,7 +139,8 @@ def decode_request(body: bytes) -> ResolveScanRequest:
     except msgspec.ValidationError:
         pass
     except msgspec.DecodeError as exc:
-        raise BodyInvalid(_describe_decode_error(body, exc)) from None
+        if not _OUT_OF_RANGE.search(str(exc)):
+            raise BodyInvalid(_describe_decode_error(body, exc)) from None
     except RecursionError:
         raise BodyInvalid("the JSON body is nested too deeply") from None
 
@@ -146,7 +149,7 @@ def decode_request(body: bytes) -> ResolveScanRequest:
         document = _ANY_DECODER.decode(body)
     except msgspec.DecodeError as exc:
         # The typed decoder can fail on the first value before it reaches trailing garbage.
-        raise BodyInvalid(_describe_decode_error(body, exc)) from None
+        document = _decode_huge_numbers(body, exc)
     except RecursionError:
         raise BodyInvalid("the JSON body is nested too deeply") from None
     if not isinstance(document, dict):
@@ -156,6 +159,23 @@ def decode_request(body: bytes) -> ResolveScanRequest:
     if not errors:  # pragma: no cover - the typed decoder and the walk agree
         errors.append(FieldError(field="(body)", message="does not match the request schema"))
     raise RequestInvalid(errors)
+
+
+_OUT_OF_RANGE = re.compile(r"(Integer value|Number) out of range")
+
+
+def _decode_huge_numbers(body: bytes, exc: msgspec.DecodeError) -> Any:
+    """Decode valid JSON whose numbers msgspec cannot hold, so the errors can name the field.
+
+    Python's json module reads such numbers as int or inf. Other decode errors, and integers
+    beyond its digit limit, raise BodyInvalid as before.
+    """
+    if not _OUT_OF_RANGE.search(str(exc)):
+        raise BodyInvalid(_describe_decode_error(body, exc)) from None
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError):
+        raise BodyInvalid(_describe_decode_error(body, exc)) from None
 
 
 def _describe_decode_error(body: bytes, exc: msgspec.DecodeError) -> str:

@@ -153,3 +153,27 @@ def test_charset_other_than_utf8_is_415(
     reply = shared_daemon.post_json(scan_body("KEY-SHOPPER-5f1c2b"), content_type=content_type)
 
     assert reply.status == status
+
+
+# (field, a JSON number too large for msgspec): valid JSON, so the answer names the field.
+HUGE_NUMBERS = [
+    ("scanEvent.value", "9" * 3000),
+    ("requestId", "1e99999"),
+]
+
+
+@pytest.mark.parametrize(("field", "number"), HUGE_NUMBERS, ids=["integer", "exponent"])
+def test_huge_number_names_field(shared_daemon: Daemon, field: str, number: str) -> None:
+    body = scan_body("KEY-SHOPPER-5f1c2b")
+    if field == "requestId":
+        body["requestId"] = "NUMBER"
+    else:
+        body["scanEvent"]["value"] = "NUMBER"
+    raw = json.dumps(body).replace('"NUMBER"', number).encode()
+
+    reply = shared_daemon.request(
+        "POST", "/v1/identity/scan", raw, {"Content-Type": "application/json"}
+    )
+
+    assert reply.status == 400
+    assert field in [error["field"] for error in reply.json()["errors"]]
