@@ -112,6 +112,7 @@ def device_table_error(tables: list[dict[str, Any]]) -> tuple[str, str] | None:
     """Return the dotted key and the problem of the first invalid device table, or None."""
     names: dict[str, int] = {}
     paths: dict[str, int] = {}
+    sources: dict[tuple[str, str], int] = {}
     for index, table in enumerate(tables):
         prefix = f"devices.{index}"
         kind = table.get("kind")
@@ -158,7 +159,26 @@ def device_table_error(tables: list[dict[str, Any]]) -> tuple[str, str] | None:
                     " one of the two tables or fix its path",
                 )
             paths[path] = index
+
+        source_key = _SHARED_SOURCE_KEYS.get(kind)
+        source = table.get(source_key) if source_key else None
+        if source_key and isinstance(source, str):
+            # The first table would grab the device (an exclusive grab for HID, the first
+            # matching reader for PC/SC), and the second would never get a scan.
+            if (kind, source) in sources:
+                return (
+                    f"{prefix}.{source_key}",
+                    f"duplicate {source_key} {source!r}: devices.{sources[(kind, source)]}"
+                    f" uses it already, so this table would never get a scan; remove one of"
+                    f" the two tables or make its {source_key} name another device",
+                )
+            sources[(kind, source)] = index
     return None
+
+
+# The key that picks the device of a kind whose tables must not share it; serial ports are
+# checked by their normalised path above.
+_SHARED_SOURCE_KEYS = {"hid": "match", "pcsc": "reader"}
 
 
 def _allowed_values_hint(kind: str, key: str) -> str:

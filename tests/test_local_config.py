@@ -123,6 +123,24 @@ CASES = [
         "duplicate path '/dev//ttyACM0': devices.0 reads it already",
     ),
     BadConfig(
+        "duplicate-hid-match",
+        '\n[[devices]]\nname = "h1"\nkind = "hid"\nstation = "x"\nmatch = "Wedge*"\n'
+        '\n[[devices]]\nname = "h2"\nkind = "hid"\nstation = "y"\nmatch = "Wedge*"\n',
+        "devices.2.match",
+        20,
+        "duplicate match 'Wedge*': devices.1 uses it already",
+        needs="evdev",
+    ),
+    BadConfig(
+        "duplicate-pcsc-reader",
+        '\n[[devices]]\nname = "r1"\nkind = "pcsc"\nstation = "x"\nreader = "ACS*"\n'
+        '\n[[devices]]\nname = "r2"\nkind = "pcsc"\nstation = "y"\nreader = "ACS*"\n',
+        "devices.2.reader",
+        20,
+        "duplicate reader 'ACS*': devices.1 uses it already",
+        needs="smartcard",
+    ),
+    BadConfig(
         "relative-path",
         '\n[[devices]]\nname = "s2"\nkind = "serial"\nstation = "x"\npath = "ttyACM1"\n',
         "devices.1.path",
