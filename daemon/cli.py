@@ -165,8 +165,9 @@ def _open_store(config: Config, must_exist: bool = False) -> Store:
         config.database.secret_path,
         config.database.busy_timeout,
         config.database.synchronous,
-        # The read-only commands report damage: repairing it is the daemon's job, and an
-        # empty cache would make lookup answer UNKNOWN_KEY for every value.
+        # The read-only commands report damage and an older schema: repairing and migrating
+        # are the daemon's job. An empty cache would make lookup answer UNKNOWN_KEY for every
+        # value, and a migration under a running daemon of the older release breaks it.
         repair=not must_exist,
     )
 

@@ -300,6 +300,20 @@ def _migrate_4(db: sqlite_utils.Database, path: Path) -> None:
     )
 
 
+def _older_schema_message(path: Path, version: int) -> str:
+    if version == 0:
+        return (
+            f"database {path} holds no connector data yet: import identities first, or start"
+            " the daemon"
+        )
+    return (
+        f"database {path} has schema version {version}, older than the {SCHEMA_VERSION} this"
+        " release uses, and this command leaves it as it is: a migration here would break a"
+        " daemon of the older release that still serves it. Restart the service (systemctl"
+        " restart identity-connector), which migrates it at start, then run the command again"
+    )
+
+
 def _newer_schema_message(path: Path, version: int) -> str:
     return (
         f"database {path} has schema version {version}, newer than the {SCHEMA_VERSION}"
@@ -475,8 +489,9 @@ def open_database(
 ) -> tuple[sqlite3.Connection, CacheSlot, bool]:
     """Open the database and its cache file, checking integrity and migrating.
 
-    With ``repair``, a corrupt database or cache file is moved aside and a missing cache file
-    replaced by an empty one; without it (the read-only commands) either raises StoreError.
+    With ``repair``, a corrupt database or cache file is moved aside, a missing cache file
+    replaced by an empty one and an older schema migrated. Without it (the read-only
+    commands) each of these raises StoreError and the files stay as they are.
     Returns the connection (without the cache attached), the cache file in use and whether
     the integrity check was deferred: a file larger than SYNC_CHECK_MAX_BYTES is checked
     after start-up by ``check_integrity`` in a thread, unless an earlier background check
@@ -491,14 +506,14 @@ def open_database(
         _move_corrupt_aside(path, repair)
 
     try:
-        connection = _connect_and_migrate(path, busy_timeout)
+        connection = _connect_and_migrate(path, busy_timeout, repair)
     except sqlite3.DatabaseError as exc:
         if not is_corruption(exc):
             raise StoreError(unopenable_message(path, exc)) from None
         # A file that is not a database at all fails here even when its check was deferred.
         log.error("store.unreadable", path=str(path), error=str(exc))
         _move_corrupt_aside(path, repair)
-        connection = _connect_and_migrate(path, busy_timeout)
+        connection = _connect_and_migrate(path, busy_timeout, repair)
         deferred = False
     try:
         slot, cache_deferred = _open_cache_file(connection, path, busy_timeout, check_all, repair)
@@ -594,7 +609,7 @@ def open_reader(path: Path, busy_timeout: float) -> sqlite3.Connection:
     return connection
 
 
-def _connect_and_migrate(path: Path, busy_timeout: float) -> sqlite3.Connection:
+def _connect_and_migrate(path: Path, busy_timeout: float, repair: bool) -> sqlite3.Connection:
     # Read the version before connect() switches the file to WAL, which rewrites its header:
     # a database from a newer release must be left byte for byte as it was.
     probe = sqlite3.connect(path, timeout=busy_timeout)
@@ -604,6 +619,8 @@ def _connect_and_migrate(path: Path, busy_timeout: float) -> sqlite3.Connection:
         probe.close()
     if version > SCHEMA_VERSION:
         raise StoreError(_newer_schema_message(path, version))
+    if version < SCHEMA_VERSION and not repair:
+        raise StoreError(_older_schema_message(path, version))
     connection = connect(path, busy_timeout)
     try:
         migrate(connection, path)
@@ -1033,8 +1050,8 @@ class Store:
     ) -> Store:
         """Open or create the database; ``synchronous`` applies to the writer's commits.
 
-        ``repair`` False makes a damaged database or a missing cache file an error instead
-        of moving it aside or replacing it (``open_database``).
+        ``repair`` False makes a damaged database, a missing cache file or an older schema
+        an error instead of moving aside, replacing or migrating it (``open_database``).
         """
         existed = path.exists() and path.stat().st_size > 0
         connection, slot, deferred = open_database(path, busy_timeout, repair)

@@ -125,6 +125,24 @@ def test_migration_from_older_version_keeps_rows(tmp_path: Path, version: int) -
     assert len(cachefile.cache_files(database)) == 1
 
 
+@pytest.mark.parametrize("command", ["status", "lookup"])
+def test_read_only_command_leaves_older_schema(tmp_path: Path, command: str) -> None:
+    # Between installing a release and restarting the service, the older daemon still
+    # serves the database: a migration by `status` would take its tables away.
+    config = write_config(tmp_path, free_port())
+    database = tmp_path / "connector.sqlite3"
+    make_old_database(database, SCHEMA_VERSION - 1)
+    before = database.read_bytes()
+    arguments = ["KEY-ANY"] if command == "lookup" else []
+
+    result = run_cli(command, "--config", str(config), *arguments)
+
+    assert result.returncode == 2, result.stdout
+    assert f"schema version {SCHEMA_VERSION - 1}, older than" in result.stderr
+    assert "systemctl restart identity-connector" in result.stderr
+    assert database.read_bytes() == before
+
+
 def make_newer_database(directory: Path, journal_mode: str) -> Daemon:
     """A populated database whose user_version is one past what this build supports."""
     daemon = make_daemon(directory)
