@@ -272,10 +272,17 @@ async def readyz(request: web.Request) -> web.Response:
             await asyncio.wait_for(store.writer.submit(_probe_job()), READY_PROBE_SECONDS)
             database_ok = store.writer.failure is None
     except Exception as exc:  # the reason goes to the log, not to the caller
+        if isinstance(exc, TimeoutError):
+            error = (
+                f"the probe commit did not finish within {READY_PROBE_SECONDS:g} s; another"
+                " process may hold the database's write lock"
+            )
+        else:
+            error = str(exc) or type(exc).__name__
         # A probe polls every few seconds, so one line a minute is enough.
         suppressed = _HEALTH_LOG_THROTTLE.admit("health.database_failed")
         if suppressed is not None:
-            log.warning("health.database_failed", error=str(exc), suppressed=suppressed)
+            log.warning("health.database_failed", error=error, suppressed=suppressed)
         database_ok = False
     if not database_ok:
         return web.json_response({"status": "not ready"}, status=503)

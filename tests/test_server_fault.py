@@ -81,3 +81,24 @@ def test_readyz_follows_a_locked_database(tmp_path: Path) -> None:
     assert scan_after.status == 200
     assert events.count("store.commit_failed") == 1
     assert events.count("store.commit_recovered") == 1
+
+
+def test_readyz_probe_timeout_names_cause(tmp_path: Path) -> None:
+    # With the default busy_timeout (5 s) the probe commit outlasts its 2 s wait.
+    daemon = make_daemon(tmp_path / "slow-lock")
+    daemon.start()
+    holder = sqlite3.connect(daemon.database, isolation_level=None, timeout=5)
+    try:
+        holder.execute("BEGIN IMMEDIATE")
+        scan_while_locked = daemon.scan("KEY-SHOPPER-5f1c2b")
+        ready_while_locked = daemon.request("GET", "/readyz").status
+        holder.execute("ROLLBACK")
+    finally:
+        holder.close()
+        daemon.stop()
+
+    failures = [line for line in daemon.log_lines() if line["event"] == "health.database_failed"]
+    assert scan_while_locked.status == 500
+    assert ready_while_locked == 503
+    assert len(failures) == 1
+    assert "write lock" in failures[0]["error"]
