@@ -28,16 +28,19 @@
 set -euo pipefail
 
 usage() {
-    cat <<'EOF'
+    cat <<EOF
 Usage: systemd/install.sh [OPTIONS]
 
 Install Identity Connector into ${DESTDIR:-}/opt/identity-connector and its
 systemd, sysusers, tmpfiles and udev files into ${DESTDIR:-}/etc.
 
+Environment: DESTDIR installs below that folder and runs nothing on the host;
+PYTHON names the interpreter for the virtual environment (3.11 or newer).
+
 Options:
   --wheel-dir DIR         install from the wheels in DIR only, without an
                           index (for a box without internet access; build DIR
-                          with `pip wheel -w DIR /path/to/checkout`)
+                          with \`pip wheel -w DIR /path/to/checkout\`)
   --no-deps               install the project without its dependencies, which
                           must then be present already (see the next option)
   --system-site-packages  let the virtual environment see the interpreter's

@@ -212,6 +212,20 @@ def test_install_rejects_unknown_option(
     assert list(tmp_path.iterdir()) == []
 
 
+def test_install_help_names_target(
+    installation: Installation, tmp_path: Path, fake_host_tools: tuple[Path, Path]
+) -> None:
+    result = run_script(
+        installation.source / "systemd" / "install.sh", tmp_path, fake_host_tools, "--help"
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert f"{tmp_path}/opt/identity-connector" in result.stdout
+    assert "`pip wheel -w DIR /path/to/checkout`" in result.stdout
+    assert "${" not in result.stdout
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_install_wheel_dir_reinstalls_same_version(
     installation: Installation,
     installed_copy: Path,
