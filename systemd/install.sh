@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install Identity Connector as a systemd service from this checkout.
 #
-# Usage: systemd/install.sh [--wheel-dir DIR] [--no-deps] [--system-site-packages]
+# Usage: systemd/install.sh [--wheel-dir DIR] [--extras LIST] [--no-deps]
+#                           [--system-site-packages]
 #
 # Environment:
 #   DESTDIR  install below this root instead of / (default: empty). With
@@ -41,6 +42,10 @@ Options:
   --wheel-dir DIR         install from the wheels in DIR only, without an
                           index (for a box without internet access; build DIR
                           with \`pip wheel -w DIR /path/to/checkout\`)
+  --extras LIST           also install the scanner drivers' packages: pcsc
+                          (pyscard, for PC/SC readers; building it needs swig
+                          and libpcsclite-dev), hid (evdev, for HID wedge
+                          scanners), or pcsc,hid
   --no-deps               install the project without its dependencies, which
                           must then be present already (see the next option)
   --system-site-packages  let the virtual environment see the interpreter's
@@ -63,6 +68,7 @@ UDEV_RULES_DIR=/etc/udev/rules.d
 SERVICE_GROUP=identity-connector
 
 wheel_dir=""
+extras=""
 venv_options=()
 pip_options=()
 
@@ -71,6 +77,17 @@ while [ $# -gt 0 ]; do
         --wheel-dir)
             [ $# -ge 2 ] || { echo "error: --wheel-dir needs a directory" >&2; exit 2; }
             wheel_dir=$(cd "$2" && pwd)
+            shift 2
+            ;;
+        --extras)
+            [ $# -ge 2 ] || { echo "error: --extras needs a list such as pcsc,hid" >&2; exit 2; }
+            case "$2" in
+                pcsc|hid|pcsc,hid|hid,pcsc) extras="[$2]" ;;
+                *)
+                    echo "error: --extras '$2' is invalid: use pcsc, hid or pcsc,hid" >&2
+                    exit 2
+                    ;;
+            esac
             shift 2
             ;;
         --no-deps)
@@ -131,10 +148,10 @@ install_program() {
     if [ -z "$wheel_dir" ]; then
         # pip rebuilds and reinstalls a project given as a directory even when
         # its version is unchanged; dependencies are upgraded only if needed.
-        "${pip[@]}" "${pip_options[@]}" "$SOURCE_DIR"
+        "${pip[@]}" "${pip_options[@]}" "$SOURCE_DIR$extras"
     else
         pip+=(--no-index --find-links "$wheel_dir")
-        "${pip[@]}" "${pip_options[@]}" identity-connector
+        "${pip[@]}" "${pip_options[@]}" "identity-connector$extras"
         # pip keeps an installed wheel of the same version, but two builds of
         # one checkout share the version, so reinstall the project alone.
         "${pip[@]}" --no-deps --force-reinstall identity-connector

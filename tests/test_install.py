@@ -428,3 +428,23 @@ def test_template_lists_every_key(config_module: Any, section: str) -> None:
 
     expected = {field.name for field in field_type.fields}
     assert sorted(expected - set(written)) == []
+
+
+@pytest.mark.parametrize("extras", ["bogus", "pcsc;hid", "pcsc,"])
+def test_install_rejects_unknown_extras(
+    installation: Installation,
+    tmp_path: Path,
+    fake_host_tools: tuple[Path, Path],
+    extras: str,
+) -> None:
+    result = run_script(
+        installation.source / "systemd" / "install.sh",
+        tmp_path,
+        fake_host_tools,
+        "--extras",
+        extras,
+    )
+
+    assert result.returncode == 2
+    assert f"--extras '{extras}' is invalid: use pcsc, hid or pcsc,hid" in result.stderr
+    assert list(tmp_path.iterdir()) == []
