@@ -146,6 +146,9 @@ install_program() {
 
     echo "Installing identity-connector into $venv"
     if [ -z "$wheel_dir" ]; then
+        # setuptools builds in the checkout's build/ folder and copies whatever it holds, so
+        # a module deleted upstream would stay installed after a git pull.
+        rm -rf "$SOURCE_DIR/build"
         # pip rebuilds and reinstalls a project given as a directory even when
         # its version is unchanged; dependencies are upgraded only if needed.
         "${pip[@]}" "${pip_options[@]}" "$SOURCE_DIR$extras"

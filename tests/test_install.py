@@ -83,6 +83,9 @@ def run_script(
     )
 
 
+STALE_MODULE = "stale_module_from_old_build.py"
+
+
 @pytest.fixture(scope="module")
 def installation(
     tmp_path_factory: pytest.TempPathFactory,
@@ -90,6 +93,10 @@ def installation(
     fake_host_tools: tuple[Path, Path],
 ) -> Installation:
     root = tmp_path_factory.mktemp("root")
+    # A build folder left by an earlier install, holding a module that was deleted since.
+    stale = source_copy / "build" / "lib" / "daemon" / STALE_MODULE
+    stale.parent.mkdir(parents=True, exist_ok=True)
+    stale.write_text("raise RuntimeError('deleted upstream')\n", encoding="utf-8")
 
     result = run_script(source_copy / "systemd" / "install.sh", root, fake_host_tools, "--no-deps")
 
@@ -210,6 +217,10 @@ def test_install_rejects_unknown_option(
     assert result.returncode == 2
     assert "unknown option '--bogus'" in result.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_install_ignores_stale_build_folder(installation: Installation) -> None:
+    assert list(installation.root.rglob(STALE_MODULE)) == []
 
 
 def test_install_help_names_target(
