@@ -86,6 +86,9 @@ class HqHealth:
         self.last_error: str | None = None
         self.failing: dict[str, str] = {}
         """The error of each loop whose last attempt failed, by loop (PULL or UPLOAD)."""
+        # Failing loops during whose failure HQ answered some call, such as the pull's while
+        # the upload times out: a further failure of theirs is HQ misbehaving, not an outage.
+        self._answered_while_failing: set[str] = set()
         self._on_change = on_change
         self._announced: HqState | None = None
         self._announced_at = self.since
@@ -98,6 +101,7 @@ class HqHealth:
     def call_answered(self) -> None:
         """Record a call that got an HTTP response, whatever its status."""
         self.unreachable_in_row = 0
+        self._answered_while_failing.update(self.failing)
         self._update()
 
     def call_unanswered(self, error: HqError) -> None:
@@ -114,6 +118,7 @@ class HqHealth:
     def attempt_succeeded(self, loop: str) -> None:
         """Record a whole pull or upload attempt that succeeded; it clears the loop's failure."""
         self.failing.pop(loop, None)
+        self._answered_while_failing.discard(loop)
         self._update()
 
     def attempt_failed(self, loop: str, error: HqError) -> None:
@@ -121,9 +126,16 @@ class HqHealth:
 
         The client has already counted an unanswered call, so ``error`` is not counted again.
         """
+        # An unanswered call alone may be the start of an outage, which hq.unavailable
+        # reports. Failing again while HQ answered other calls meanwhile is no outage.
+        answered_meanwhile = loop in self._answered_while_failing
         self.failing[loop] = str(error)
         self.last_error = str(error)
-        if error.reachable and self._announced is not HqState.DEGRADED:
+        if (
+            (error.reachable or answered_meanwhile)
+            and self._announced is not HqState.DEGRADED
+            and self._target() is not HqState.OFFLINE
+        ):
             log.warning("hq.degraded", error=self.last_error, loop=loop)
             self._announce(HqState.DEGRADED)
         self._update()

@@ -81,6 +81,38 @@ def test_health_state_after_failures(errors: list, state: HqState) -> None:
     assert health.state is state
 
 
+def test_health_logs_uploads_timing_out_while_pulls_work() -> None:
+    # Events that time out while the pull's calls are answered: HQ is degraded, not away.
+    health = HqHealth(offline_after=3)
+    pull_succeeded(health)
+    timeout = HqUnreachable("HQ events timed out after 3 s")
+    with capture_logs() as logs:
+        for _ in range(3):
+            health.call_unanswered(timeout)
+            health.attempt_failed(UPLOAD, timeout)
+            pull_succeeded(health)
+        health.call_answered()
+        health.attempt_succeeded(UPLOAD)
+    events = [
+        (entry["event"], entry.get("loop")) for entry in logs if entry["log_level"] != "debug"
+    ]
+
+    assert events == [("hq.degraded", "upload"), ("hq.available", None)]
+
+
+def test_health_outage_recovery_logs_no_degraded() -> None:
+    # A pull that failed during an outage and succeeds at HQ's return is no degraded HQ.
+    health = HqHealth(offline_after=2)
+    pull_succeeded(health)
+    with capture_logs() as logs:
+        for _ in range(3):
+            pull_failed(health, HqUnreachable("connection refused"))
+        pull_succeeded(health)
+    events = [entry["event"] for entry in logs if entry["log_level"] != "debug"]
+
+    assert events == ["hq.unavailable", "hq.available"]
+
+
 def test_gateway_unavailable_statuses_count_as_unreachable() -> None:
     health = HqHealth(offline_after=2)
     for _ in range(2):
