@@ -61,6 +61,7 @@ from daemon.snapshot_worker import (
 from daemon.store import (
     CURSOR_CHANGED_META_KEY,
     LAST_PULL_META_KEY,
+    LAST_REBUILD_META_KEY,
     OUTBOX_DROPPED_META_KEY,
     Identity,
     KeyHasher,
@@ -89,7 +90,6 @@ T = TypeVar("T")
 CURSOR_META_KEY = "cursor"
 # meta key: the rebuild that began last, as "<process id>-<random hex>".
 REBUILD_OWNER_META_KEY = "rebuild_owner"
-LAST_REBUILD_META_KEY = "last_rebuild_at"
 # Seconds to wait for the checkpoint thread to leave an old cache file after a switch; it
 # moves over at its next round, CHECKPOINT_INTERVAL apart.
 CACHE_SWITCH_WAIT_SECONDS = 2.0

@@ -14,6 +14,7 @@ from prometheus_client.registry import Collector
 from daemon.store import (
     CURSOR_CHANGED_META_KEY,
     LAST_PULL_META_KEY,
+    LAST_REBUILD_META_KEY,
     OUTBOX_DROPPED_META_KEY,
 )
 
@@ -109,9 +110,11 @@ class _StateCollector(Collector):
             oldest = reader.oldest_outbox_time()
             last_pull = reader.meta(LAST_PULL_META_KEY)
             cursor_changed = reader.meta(CURSOR_CHANGED_META_KEY)
+            last_rebuild = reader.meta(LAST_REBUILD_META_KEY)
             dropped = int(reader.meta(OUTBOX_DROPPED_META_KEY) or 0)
         except sqlite3.Error:
             depth, oldest, last_pull, cursor_changed, dropped = 0, None, None, None, 0
+            last_rebuild = None
         yield GaugeMetricFamily(
             "identity_connector_outbox_depth",
             "Audit events waiting for upload to HQ.",
@@ -138,6 +141,13 @@ class _StateCollector(Collector):
             "identity_connector_cursor_age_seconds",
             "Seconds since a pull last moved the sync cursor (-1 when never or no HQ).",
             value=now - float(cursor_changed) if cursor_changed else -1.0,
+        )
+        # A rebuild downloads HQ's whole snapshot: one after another (this age falling back
+        # to 0 again and again) means HQ's feed or digest disagrees with its snapshot.
+        yield GaugeMetricFamily(
+            "identity_connector_last_rebuild_age_seconds",
+            "Seconds since the cache was last rebuilt from HQ's snapshot (-1 when never).",
+            value=now - float(last_rebuild) if last_rebuild else -1.0,
         )
         yield GaugeMetricFamily(
             "identity_connector_cache_stale",

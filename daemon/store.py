@@ -46,6 +46,7 @@ OUTBOX_DROPPED_META_KEY = "outbox_dropped_total"
 # meta keys: when a pull from HQ last succeeded, and when one last moved the sync cursor.
 LAST_PULL_META_KEY = "last_pull_at"
 CURSOR_CHANGED_META_KEY = "cursor_changed_at"
+LAST_REBUILD_META_KEY = "last_rebuild_at"
 # meta key: the running daemon's process id and device health as JSON, for `status` and
 # `devices`. Written on each health change and deleted when the daemon stops.
 DEVICE_HEALTH_META_KEY = "device_health"

@@ -668,3 +668,13 @@ def test_empty_snapshot_warns(tmp_path: Path, hq: FakeHq) -> None:
         assert log_events(daemon, "sync.cache_emptied")[0]["level"] == "warning"
     finally:
         daemon.stop()
+
+
+def test_metrics_show_last_rebuild_age(synced: Daemon, hq: FakeHq) -> None:
+    reply = synced.request("GET", "/metrics")
+    families = {f.name: f for f in text_string_to_metric_families(reply.body.decode())}
+
+    age = families["identity_connector_last_rebuild_age_seconds"].samples[0].value
+
+    # The synced daemon rebuilt its cache from the snapshot at start, seconds ago.
+    assert 0 <= age < 60
