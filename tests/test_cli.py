@@ -10,6 +10,8 @@ import csv
 import io
 import json
 import re
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -742,3 +744,21 @@ def test_read_command_without_database(tmp_path: Path, command: list[str]) -> No
     assert result.returncode == 2
     assert "not found: import identities first" in result.stderr
     assert not (tmp_path / "connector.sqlite3").exists()
+
+
+def test_status_into_closed_pipe_is_quiet(config: Path, tmp_path: Path) -> None:
+    records = tmp_path / "records.jsonl"
+    records.write_bytes(jsonl_line(good_record(1)))
+    assert import_file(config, records).returncode == 0
+    command = [sys.executable, "-m", "daemon", "status", "--config", str(config)]
+
+    with subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO
+    ) as process:
+        assert process.stdout is not None and process.stderr is not None
+        process.stdout.close()  # the reader leaves before the first line, as `head -0` would
+        errors = process.stderr.read().decode()
+        returncode = process.wait(timeout=60)
+
+    assert "Traceback" not in errors
+    assert returncode == 141
