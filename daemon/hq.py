@@ -124,6 +124,8 @@ def settings_from_config(config: Config, hq: HqConfig) -> SyncSettings:
             raise ConfigError(f"[hq] {name} {path} not found: fix the path or remove the key")
     if hq.url.startswith("https://"):
         _check_tls_files(hq)
+    else:
+        _warn_plain_http(hq)
     return SyncSettings(
         url=hq.url,
         store_id=store_id,
@@ -151,6 +153,26 @@ def settings_from_config(config: Config, hq: HqConfig) -> SyncSettings:
         offline_after=hq.offline_after,
         clock_offset_threshold=hq.clock_offset_threshold,
     )
+
+
+def _warn_plain_http(hq: HqConfig) -> None:
+    """Warn about settings that plain HTTP ignores or exposes; none of them is an error."""
+    if hq.token_file:
+        log.warning(
+            "hq.token_over_plain_http",
+            url=hq.url,
+            detail="the bearer token travels unencrypted; use an https:// url for HQ",
+        )
+    ignored = [
+        name for name in ("ca_file", "client_cert_file", "client_key_file") if getattr(hq, name)
+    ]
+    if ignored:
+        log.warning(
+            "hq.tls_settings_ignored",
+            url=hq.url,
+            keys=ignored,
+            detail="an http:// url uses no TLS, so these keys have no effect",
+        )
 
 
 def _check_tls_files(hq: HqConfig) -> None:

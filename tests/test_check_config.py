@@ -218,3 +218,28 @@ def test_check_config_accepts_byte_order_mark(tmp_path: Path) -> None:
     result = run_cli("check-config", str(config))
 
     assert result.returncode == 0, result.stderr
+
+
+# ([hq] url, warning check-config prints about it)
+PLAIN_HTTP_CASES = [
+    ("http://127.0.0.1:9", "hq.token_over_plain_http"),
+    ("http://127.0.0.1:9", "hq.tls_settings_ignored"),
+    ("https://127.0.0.1:9", None),
+]
+
+
+@pytest.mark.parametrize(("url", "warning"), PLAIN_HTTP_CASES)
+def test_check_config_warns_plain_http_hq(tmp_path: Path, url: str, warning: str | None) -> None:
+    token = tmp_path / "hq.token"
+    token.write_text("token-from-hq\n", encoding="utf-8")
+    authority = CertificateAuthority(tmp_path / "ca", "hq-ca")
+    table = f'[hq]\nurl = "{url}"\ntoken_file = "{token}"\nca_file = "{authority.cert_file}"\n'
+    config = write_config(tmp_path, free_port(), table)
+
+    result = run_cli("check-config", str(config))
+
+    assert result.returncode == 0, result.stderr
+    if warning is None:
+        assert "plain_http" not in result.stderr and "ignored" not in result.stderr
+    else:
+        assert warning in result.stderr
