@@ -111,8 +111,12 @@ SYNC_LOCK_POLL_SECONDS = 1.0
 MAX_SKIPPED_RECORDS = 100_000
 
 
-def settings_from_config(config: Config, hq: HqConfig) -> SyncSettings:
-    """Build the sync settings, reading the bearer token; raise ConfigError when unusable."""
+def settings_from_config(config: Config, hq: HqConfig, warn: bool = True) -> SyncSettings:
+    """Build the sync settings, reading the bearer token; raise ConfigError when unusable.
+
+    ``warn`` False leaves out the warnings about plain HTTP, for a second build of the same
+    settings (`serve` checks them before READY and builds them again for the sync).
+    """
     store_id = hq.store_id or config.stores.ids[0]
     if store_id not in config.stores.ids:
         raise ConfigError(
@@ -124,7 +128,7 @@ def settings_from_config(config: Config, hq: HqConfig) -> SyncSettings:
             raise ConfigError(f"[hq] {name} {path} not found: fix the path or remove the key")
     if hq.url.startswith("https://"):
         _check_tls_files(hq)
-    else:
+    elif warn:
         _warn_plain_http(hq)
     return SyncSettings(
         url=hq.url,
@@ -1041,7 +1045,8 @@ async def start_sync(
     """
     if config.hq is None:
         return None
-    settings = settings_from_config(config, config.hq)
+    # `serve` built these settings before READY, with the warnings; this build is silent.
+    settings = settings_from_config(config, config.hq, warn=False)
     adapter = StoreAdapter(store)
     service = SyncService(settings, adapter)
     if on_state is not None:

@@ -52,6 +52,9 @@ class Puller:
         self.store = store
         self.progress = progress
         self.last_reconcile_at: float | None = None
+        # Events logged at their level since the last pull, rebuild or comparison that
+        # succeeded; their repeats on the retries in between go to debug level.
+        self._logged_while_failing: set[str] = set()
 
     async def pull(self) -> PullReport:
         """Pull every change up to HQ's latest cursor, rebuilding when there is no cursor yet
@@ -60,12 +63,13 @@ class Puller:
         cursor = self.store.cursor()
         if cursor is None:
             await self.rebuild("no cursor yet", report)
-            return report
-        try:
-            await self._follow_feed(cursor, report)
-        except CursorExpired:
-            log.warning("sync.cursor_expired", cursor=cursor)
-            await self.rebuild("cursor expired", report)
+        else:
+            try:
+                await self._follow_feed(cursor, report)
+            except CursorExpired:
+                self._log_once("warning", "sync.cursor_expired", cursor=cursor)
+                await self.rebuild("cursor expired", report)
+        self._logged_while_failing.clear()
         return report
 
     async def _follow_feed(self, cursor: str, report: PullReport) -> None:
@@ -102,7 +106,7 @@ class Puller:
         """Rebuild the cache from HQ's snapshot; return the new number of identities."""
         report = report if report is not None else PullReport()
         started = time.monotonic()
-        log.info("sync.rebuild_started", reason=reason)
+        self._log_once("info", "sync.rebuild_started", reason=reason)
         self._say(f"rebuilding the cache from HQ's snapshot ({reason})")
 
         await self.store.begin_rebuild()
@@ -221,9 +225,11 @@ class Puller:
         self.last_reconcile_at = time.time()
         if digest == remote.digest:
             log.info("sync.reconciled", identities=count, cursor=remote.cursor)
+            self._logged_while_failing.clear()
             return True
 
-        log.warning(
+        self._log_once(
+            "warning",
             "sync.digest_mismatch",
             local_count=count,
             hq_count=remote.count,
@@ -236,6 +242,16 @@ class Puller:
         if rebuild_on_mismatch:
             await self.rebuild("digest mismatch", report)
         return False
+
+    def _log_once(self, level: str, event: str, **fields: object) -> None:
+        """Log ``event`` at ``level``, or at debug level when it was logged since the last
+        success: a rebuild that keeps failing retries with backoff, and each retry would
+        repeat the same lines."""
+        if event in self._logged_while_failing:
+            log.debug(event, **fields)
+            return
+        self._logged_while_failing.add(event)
+        getattr(log, level)(event, **fields)
 
     def _say(self, message: str) -> None:
         if self.progress is not None:
