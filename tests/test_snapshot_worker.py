@@ -240,7 +240,9 @@ def test_broken_stream_is_reported_with_its_line(chunks: list[bytes], message: s
 
 def test_count_check_names_both_counts() -> None:
     stream = SnapshotStream(None, "1.0", 3)  # type: ignore[arg-type]
-    with pytest.raises(HqResponseInvalid, match="snapshot has 2 records, but its Identity-Count header announced 3"):
+    with pytest.raises(
+        HqResponseInvalid, match="snapshot has 2 records, but its Identity-Count header announced 3"
+    ):
         stream.check_count(2)
     stream.check_count(3)
 
