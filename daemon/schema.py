@@ -345,6 +345,18 @@ def openapi_document() -> dict[str, Any]:
                             },
                         },
                         "500": problem_response("The connector failed; see its log."),
+                        "503": {
+                            **problem_response(
+                                "The connector began to stop before the whole body arrived;"
+                                " send the request again."
+                            ),
+                            "headers": {
+                                "Retry-After": {
+                                    "description": "Seconds to wait before the next request.",
+                                    "schema": {"type": "integer", "minimum": 1},
+                                }
+                            },
+                        },
                     },
                 }
             },

@@ -8,6 +8,7 @@ changes nothing unless all of them load, so a bad file on SIGHUP keeps the runni
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import ipaddress
@@ -534,6 +535,9 @@ class Admission:
         self._problem = problem
         self._state = load_state(config)
         self._previous: AdmissionState | None = None
+        self.stopping = asyncio.Event()
+        """Set when the daemon begins to stop: aiohttp then drops the bytes that arrive on
+        open connections, so a body still on its way would never come."""
         self.ssl_context: ssl.SSLContext | None = None
         if config.tls is not None and self._state.tls_material is not None:
             self.ssl_context = build_server_context(config.tls, self._state.tls_material)
@@ -763,10 +767,32 @@ class Admission:
             and not request.content.is_eof()
         ):
             timeout = float(state.config.server.client_timeout)
+            reading = asyncio.ensure_future(request.read())
+            stopping = asyncio.ensure_future(self.stopping.wait())
             try:
-                async with asyncio.timeout(timeout):
-                    await request.read()
-            except TimeoutError:
+                await asyncio.wait(
+                    (reading, stopping), timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+                )
+            finally:
+                stopping.cancel()
+                if not reading.done():
+                    reading.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await reading
+            if reading.done() and not reading.cancelled():
+                reading.result()  # raises what the read raised, such as a broken encoding
+            elif self.stopping.is_set():
+                response = self._problem(
+                    503,
+                    "stopping",
+                    "Service Unavailable",
+                    "the connector is stopping and did not receive the whole request body;"
+                    " send the request again",
+                    headers={"Retry-After": "1"},
+                )
+                response.force_close()
+                return response
+            else:
                 peer = _peer_address(request)
                 self._log_rejection("request.body_timed_out", str(peer), timeout=timeout)
                 response = self._problem(

@@ -26,6 +26,7 @@ from daemon.local import LOCAL_KEY
 from daemon.metrics import Metrics
 from daemon.resolver import Resolver, prune_decisions
 from daemon.runtime import Runtime
+from daemon.security import ADMISSION_KEY
 from daemon.store import (
     CheckInterrupted,
     ServeLock,
@@ -186,6 +187,9 @@ async def _serve_with_store(config: Config, config_path: Path | None, store: Sto
             loop.add_signal_handler(signum, _signal_while_stopping, signum)
         # Drivers stop before the listener closes, so no scan is decided during the drain.
         await local.stop()
+        # aiohttp drops what arrives on open connections once it stops, so a request whose
+        # body is still on its way gets 503 at once instead of waiting out client_timeout.
+        app[ADMISSION_KEY].stopping.set()
         # Closes the listening socket first, then waits for in-flight handlers.
         await runner.cleanup()
         if hq is not None:

@@ -39,7 +39,7 @@ def test_document_is_openapi_31_with_contract_limits() -> None:
 
 
 # Every status the scan endpoint answers with, from the admission checks to a server fault.
-SCAN_STATUSES = ["200", "400", "401", "403", "408", "413", "415", "422", "429", "500"]
+SCAN_STATUSES = ["200", "400", "401", "403", "408", "413", "415", "422", "429", "500", "503"]
 
 
 @pytest.mark.parametrize("status", SCAN_STATUSES)
