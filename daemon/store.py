@@ -405,7 +405,7 @@ def is_corruption(exc: sqlite3.DatabaseError) -> bool:
     """Return whether SQLite failed because the file's content is damaged or not a database.
 
     Other failures (a folder or a missing folder, no permission, a read-only file system, a
-    full disk) say nothing about the content, so the file must not be moved aside for them.
+    full disk) tell nothing about the content, so the file must not be moved aside for them.
     """
     return getattr(exc, "sqlite_errorname", "") in ("SQLITE_CORRUPT", "SQLITE_NOTADB")
 

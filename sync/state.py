@@ -18,7 +18,7 @@ class HqState(StrEnum):
     """How HQ behaves, as the last calls saw it."""
 
     ONLINE = "online"
-    """The last pull and upload attempts succeeded and HQ answers calls."""
+    """The last pull and upload attempts succeeded and HQ responds to calls."""
     DEGRADED = "degraded"
     """The last pull or upload attempt failed, or fewer than ``offline_after`` calls in a row
     found HQ unreachable."""
@@ -86,7 +86,7 @@ class HqHealth:
         self.last_error: str | None = None
         self.failing: dict[str, str] = {}
         """The error of each loop whose last attempt failed, by loop (PULL or UPLOAD)."""
-        # Failing loops during whose failure HQ answered some call, such as the pull's while
+        # Failing loops during whose failure HQ responded to some call, such as the pull's while
         # the upload times out: a further failure of theirs is HQ misbehaving, not an outage.
         self._answered_while_failing: set[str] = set()
         self._on_change = on_change

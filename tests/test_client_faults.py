@@ -156,7 +156,7 @@ def test_charset_other_than_utf8_is_415(
     assert reply.status == status
 
 
-# (field, a JSON number too large for msgspec): valid JSON, so the answer names the field.
+# (field, a JSON number too large for msgspec): valid JSON, so the response names the field.
 HUGE_NUMBERS = [
     ("scanEvent.value", "9" * 3000),
     ("requestId", "1e99999"),
@@ -196,5 +196,5 @@ def test_body_on_its_way_at_stop_gets_503(daemon: Daemon) -> None:
     assert daemon.stop() == 0
     assert received.startswith(b"HTTP/1.1 503")
     assert b":stopping" in received
-    # client_timeout is 10 s: the answer must not wait for it.
+    # client_timeout is 10 s: the response must not wait for it.
     assert answered_after < 5
