@@ -84,10 +84,13 @@ remove "$PREFIX" \
     /etc/tmpfiles.d/identity-connector.conf \
     /etc/udev/rules.d/99-identity-connector.rules
 
+# Written by the administrator (operations.md, "Scanners"), so kept like the configuration.
+LOCAL_RULES=/etc/udev/rules.d/98-identity-connector-local.rules
+
 if [ "$purge" = yes ]; then
-    remove "$CONFIG_DIR" "$STATE_DIR" "$UNIT_PATH.d"
+    remove "$CONFIG_DIR" "$STATE_DIR" "$UNIT_PATH.d" "$LOCAL_RULES"
 else
-    for path in "$CONFIG_DIR" "$STATE_DIR" "$UNIT_PATH.d"; do
+    for path in "$CONFIG_DIR" "$STATE_DIR" "$UNIT_PATH.d" "$LOCAL_RULES"; do
         if [ -e "$DESTDIR$path" ]; then
             echo "Kept $DESTDIR$path (remove it with --purge)"
         fi

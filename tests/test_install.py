@@ -84,6 +84,7 @@ def run_script(
 
 
 STALE_MODULE = "stale_module_from_old_build.py"
+LOCAL_RULES = "etc/udev/rules.d/98-identity-connector-local.rules"
 
 
 @pytest.fixture(scope="module")
@@ -311,6 +312,8 @@ def test_uninstall_keeps_config_and_data(
     database.write_bytes(b"SQLite format 3\x00")
     config = installed_copy / "etc/identity-connector/config.toml"
     config_text = config.read_text()
+    local_rules = installed_copy / LOCAL_RULES
+    local_rules.write_text("# a scanner of this store\n")
 
     result = run_script(
         installed_copy / "opt/identity-connector/uninstall.sh", installed_copy, fake_host_tools
@@ -328,6 +331,7 @@ def test_uninstall_keeps_config_and_data(
     assert config.read_text() == config_text
     assert file_mode(config) == 0o640
     assert database.read_bytes() == b"SQLite format 3\x00"
+    assert local_rules.read_text() == "# a scanner of this store\n"
     assert "--purge" in result.stdout
 
 
@@ -340,6 +344,8 @@ def test_uninstall_purge_removes_config_and_data(
     drop_in = installed_copy / "etc/systemd/system/identity-connector.service.d"
     drop_in.mkdir()
     (drop_in / "override.conf").write_text("[Service]\n")
+    local_rules = installed_copy / LOCAL_RULES
+    local_rules.write_text("# a scanner of this store\n")
 
     result = run_script(
         installed_copy / "opt/identity-connector/uninstall.sh",
@@ -349,7 +355,7 @@ def test_uninstall_purge_removes_config_and_data(
     )
 
     assert result.returncode == 0, result.stdout + result.stderr
-    for removed in ("etc/identity-connector", "var/lib/identity-connector", drop_in):
+    for removed in ("etc/identity-connector", "var/lib/identity-connector", drop_in, local_rules):
         assert not (installed_copy / removed).exists(), removed
     assert not (installed_copy / "opt/identity-connector").exists()
 
