@@ -640,7 +640,11 @@ class Admission:
         return LogThrottle(auth.log_interval if auth is not None else 60.0)
 
     def _log_rejection(self, event: str, client: str, **fields: Any) -> None:
-        suppressed = self._log_throttle.admit(f"{event} {client}")
+        # One line per client, reason and key sent: during a key rotation each old key that a
+        # client still sends gets its own line, even from an address that several share.
+        reason = fields.get("reason", "")
+        key = fields.get("key_fingerprint") or ""
+        suppressed = self._log_throttle.admit(f"{event} {client} {reason} {key}")
         if suppressed is not None:
             log.warning(event, client=client, suppressed=suppressed, **fields)
 

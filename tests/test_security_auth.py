@@ -145,7 +145,7 @@ def test_rejection_log_rate_limited(key_daemon: SecureDaemon) -> None:
         send_with_headers(key_daemon, "/metrics", [("x-api-key", WRONG_KEY)], source=client)
     burst = rejections()
     time.sleep(1.2)
-    send_with_headers(key_daemon, "/metrics", [], source=client)
+    send_with_headers(key_daemon, "/metrics", [("x-api-key", WRONG_KEY)], source=client)
     after = rejections()
 
     assert len(burst) == 1
@@ -153,9 +153,28 @@ def test_rejection_log_rate_limited(key_daemon: SecureDaemon) -> None:
     assert burst[0]["key_fingerprint"] == short_hash(WRONG_KEY)
     assert burst[0]["suppressed"] == 0
     assert len(after) == 2
-    assert after[1]["reason"] == "missing"
-    assert after[1]["key_fingerprint"] is None
+    assert after[1]["key_fingerprint"] == short_hash(WRONG_KEY)
     assert after[1]["suppressed"] == 4
+
+
+def test_rejection_log_per_key_sent(key_daemon: SecureDaemon) -> None:
+    # Rotation: an address that sends two old keys, or an old key and none, shows each.
+    client = "127.0.0.4"
+    sent = [[("x-api-key", WRONG_KEY)], [("x-api-key", OLD_KEY)], []] * 2
+    for headers in sent:
+        send_with_headers(key_daemon, "/metrics", headers, source=client)
+
+    lines = [
+        (line["reason"], line["key_fingerprint"])
+        for line in key_daemon.log_lines()
+        if line.get("event") == "auth.rejected" and line.get("client") == client
+    ]
+
+    assert lines == [
+        ("invalid", short_hash(WRONG_KEY)),
+        ("invalid", short_hash(OLD_KEY)),
+        ("missing", None),
+    ]
 
 
 def test_api_key_rotation(tmp_path: Path) -> None:
