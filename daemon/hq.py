@@ -1123,7 +1123,15 @@ def sync_now(config: Config, store: Store) -> int:
             f"done: {pulled}, {pull.rejected} rejected; {report.upload.accepted} of"
             f" {report.upload.sent} events accepted"
         )
-        return 1 if report.pull.rejected or report.pull_error is not None else 0
+        if pull.mismatch_after_rebuild:
+            print(
+                "error: after the rebuild the cache still differs from HQ's digest (the"
+                " digest mismatch line above has both counts): HQ's snapshot and its digest"
+                " disagree, which HQ must fix",
+                file=sys.stderr,
+            )
+        failed = pull.rejected or pull.mismatch_after_rebuild or report.pull_error is not None
+        return 1 if failed else 0
 
     return asyncio.run(run())
 

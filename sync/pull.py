@@ -30,6 +30,8 @@ class PullReport:
     rebuilt: bool = False
     identities: int | None = None
     """Size of the cache after a rebuild."""
+    mismatch_after_rebuild: bool = False
+    """The comparison right after a rebuild still found the cache unlike HQ's records."""
 
 
 class Puller:
@@ -143,7 +145,8 @@ class Puller:
 
         await self._follow_snapshot_cursor(cursor, report)
         try:
-            await self.reconcile(rebuild_on_mismatch=False)
+            if not await self.reconcile(rebuild_on_mismatch=False):
+                report.mismatch_after_rebuild = True
         except HqError as exc:
             log.warning("sync.reconcile_failed", error=str(exc), after="rebuild")
         return count
@@ -264,6 +267,7 @@ def _merge(total: PullReport, part: PullReport) -> None:
     if part.rebuilt:
         total.rebuilt = True
         total.identities = part.identities
+        total.mismatch_after_rebuild = part.mismatch_after_rebuild
 
 
 def _add(report: PullReport, counts: ApplyCounts | PullReport) -> None:

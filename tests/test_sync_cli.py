@@ -201,3 +201,16 @@ def test_sync_now_uploads_when_pull_fails(tmp_path: Path, hq: FakeHq) -> None:
     assert "error: pull failed:" in result.stderr
     assert "1 of 1 events accepted" in result.stdout
     assert outbox_ids(daemon.database) == []
+
+
+def test_sync_now_fails_on_mismatch_after_rebuild(tmp_path: Path, hq: FakeHq) -> None:
+    # HQ's digest disagrees with its own snapshot, so the rebuild cannot make them agree.
+    hq.control.digest_salt = "disagree"
+    directory = tmp_path / "daemon"
+    daemon = make_daemon(directory, hq_config(hq, directory), records=[])
+
+    result = run_cli("sync", "--now", "--config", str(daemon.config))
+
+    assert result.returncode == 1, result.stdout
+    assert "cache rebuilt from the snapshot" in result.stdout
+    assert "after the rebuild the cache still differs from HQ's digest" in result.stderr
