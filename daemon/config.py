@@ -332,7 +332,8 @@ def load_config(path: Path | str) -> Config:
     except FileNotFoundError:
         raise ConfigError(
             f"configuration file {path} not found: create it (see the configuration"
-            " reference in README.md) or pass another with --config"
+            " reference in README.md) or name another file (--config FILE, or the file"
+            " argument of check-config)"
         ) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read configuration file {path}: {exc}") from None

@@ -538,8 +538,9 @@ def _open_cache_file(
         if not repair:
             raise StoreError(
                 f"the identity cache file {cache_path or '(none named)'} of database {path} is"
-                " missing: this command leaves it so; restore it from a backup, or start the"
-                " daemon, which replaces it with an empty cache for HQ sync or an import to fill"
+                " missing, and this command does not recreate it: restore it from a backup, or"
+                " start the daemon, which replaces it with an empty cache for HQ sync or an"
+                " import to fill"
             )
         log.error(
             "store.cache_file_missing",
