@@ -164,8 +164,8 @@ class Puller:
             raise HqResponseInvalid(
                 f"HQ returned 410 Gone to the first changes call after a rebuild, for the"
                 f" snapshot's own cursor {cursor[:64]!r}; HQ must keep the cursor of a new"
-                f" snapshot valid in its changes feed. The daemon rebuilds again after the"
-                f" backoff"
+                f" snapshot valid in its changes feed. The next pull (the daemon's, after its"
+                f" backoff, or the next sync --now) rebuilds again"
             ) from None
 
     async def _stage_snapshot(self, report: PullReport) -> str:
