@@ -132,8 +132,8 @@ class Puller:
         )
         self._say(f"rebuilt the cache: {count} identities")
         if count == 0:
-            # Legitimate only for a store that has no identities yet; after an export fault
-            # at HQ it leaves every gate to online lookups, and rejects all while offline.
+            # Legitimate only for a store that has no identities yet. After an export fault
+            # at HQ every gate depends on online lookups, and every key is rejected offline.
             log.warning(
                 "sync.cache_emptied",
                 reason=reason,

@@ -240,6 +240,7 @@ def test_check_config_warns_plain_http_hq(tmp_path: Path, url: str, warning: str
 
     assert result.returncode == 0, result.stderr
     if warning is None:
-        assert "plain_http" not in result.stderr and "ignored" not in result.stderr
+        assert "plain_http" not in result.stderr
+        assert "ignored" not in result.stderr
     else:
         assert warning in result.stderr

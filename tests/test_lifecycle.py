@@ -193,8 +193,8 @@ def test_sigterm_drain_loses_no_decision(daemon: Daemon) -> None:
     finally:
         connection.close()
     assert ok > 0
-    # A request whose body was still on its way when the daemon began to stop gets 503 and
-    # was never decided; every other request was decided and got 200.
+    # A request whose body was still on its way when the daemon began to stop gets 503, and
+    # it was never decided. Every other request was decided and got 200.
     assert set(statuses) <= {200, 503}
     assert stored == ok
 
