@@ -18,12 +18,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from email.utils import formatdate
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from aiohttp import web
 from aiohttp.web import ContentCoding
 
 from daemon import cachefile
+
+if TYPE_CHECKING:
+    from tests.conftest import Daemon
 
 TOKEN = "fake-hq-token-3c9d"
 SnapshotMode = Literal["ok", "cut", "invalid"]
@@ -419,6 +422,20 @@ def meta(database: Path, key: str) -> str | None:
     table = cachefile.meta_table(key)
     rows = query(database, f"SELECT value FROM {table} WHERE key = ?", (key,))
     return rows[0][0] if rows else None
+
+
+def log_events(daemon: Daemon, event: str) -> list[dict]:
+    return [line for line in daemon.log_lines() if line["event"] == event]
+
+
+def states_during(daemon: Daemon, seconds: float) -> set[str | None]:
+    """Sample the HQ state that the daemon stores for `status`, every 50 ms."""
+    states = set()
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        states.add(meta(daemon.database, "hq_state"))
+        time.sleep(0.05)
+    return states
 
 
 def local_versions(database: Path) -> dict[str, int]:

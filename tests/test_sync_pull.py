@@ -19,9 +19,11 @@ from tests.fakehq import (
     RawAnswer,
     hq_config,
     local_versions,
+    log_events,
     make_records,
     meta,
     query,
+    states_during,
     versions_of,
     wait_until,
 )
@@ -493,10 +495,6 @@ def test_hq_online_while_snapshot_streams(tmp_path: Path, hq: FakeHq) -> None:
     assert "sync.rebuilt" not in events
 
 
-def log_events(daemon: Daemon, event: str) -> list[dict]:
-    return [line for line in daemon.log_lines() if line["event"] == event]
-
-
 def pull_failure(daemon: Daemon, text: str) -> dict:
     """Wait for a sync.pull_failed line whose error contains ``text``, and return it."""
     return wait_until(
@@ -506,16 +504,6 @@ def pull_failure(daemon: Daemon, text: str) -> dict:
         ),
         what=f"sync.pull_failed with {text!r}",
     )
-
-
-def states_during(daemon: Daemon, seconds: float) -> set[str | None]:
-    """Sample the HQ state that the daemon stores for `status`, every 50 ms."""
-    states = set()
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        states.add(meta(daemon.database, "hq_state"))
-        time.sleep(0.05)
-    return states
 
 
 @pytest.mark.parametrize("trigger", ["cursor-expired", "digest-mismatch"])

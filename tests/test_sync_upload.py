@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import SAMPLE_RECORDS, Daemon, make_daemon
-from tests.fakehq import FakeHq, RawAnswer, hq_config, meta, outbox_ids, wait_until
+from tests.fakehq import (
+    FakeHq,
+    RawAnswer,
+    hq_config,
+    log_events,
+    meta,
+    outbox_ids,
+    states_during,
+    wait_until,
+)
 
 
 @pytest.fixture
@@ -161,20 +169,6 @@ def test_gzip_uploads_reach_hq(tmp_path: Path, hq: FakeHq) -> None:
         wait_until(lambda: len(hq.received.events) == 2, what="two gzip-compressed events")
     finally:
         daemon.stop()
-
-
-def log_events(daemon: Daemon, event: str) -> list[dict]:
-    return [line for line in daemon.log_lines() if line["event"] == event]
-
-
-def states_during(daemon: Daemon, seconds: float) -> set[str | None]:
-    """Sample the HQ state that the daemon stores for `status`, every 50 ms."""
-    states = set()
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        states.add(meta(daemon.database, "hq_state"))
-        time.sleep(0.05)
-    return states
 
 
 def test_failing_uploads_keep_state_degraded(tmp_path: Path, hq: FakeHq) -> None:
