@@ -56,7 +56,7 @@ def problem_response(
     )
     return web.Response(
         status=status,
-        # The status line says what the title says: Python's table still calls 422
+        # The status line repeats the title: Python's table still calls 422
         # "Unprocessable Entity", the name RFC 9110 replaced with "Unprocessable Content".
         reason=title,
         body=encode_problem(problem),
@@ -93,7 +93,7 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
             " Content-Encoding that matches its bytes",
         )
     except ConnectionResetError:
-        # The client closed the connection before its body arrived, so no answer can reach
+        # The client closed the connection before its body arrived, so no response can reach
         # it: not a server fault, and not counted as an HTTP error.
         log.info("request.client_disconnected", method=request.method, path=request.path)
         return web.Response(status=400)

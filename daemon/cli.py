@@ -173,7 +173,7 @@ def _open_store(config: Config, must_exist: bool = False) -> Store:
         config.database.busy_timeout,
         config.database.synchronous,
         # The read-only commands report damage and an older schema: repairing and migrating
-        # are the daemon's job. An empty cache would make lookup answer UNKNOWN_KEY for every
+        # are the daemon's job. An empty cache would make lookup return UNKNOWN_KEY for every
         # value, and a migration under a running daemon of the older release breaks it.
         repair=not must_exist,
     )
