@@ -118,9 +118,7 @@ def build_connection(path: Path) -> sqlite3.Connection:
     """
     connection = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     try:
-        connection.execute("PRAGMA journal_mode = MEMORY")
-        connection.execute("PRAGMA synchronous = OFF")
-        connection.execute(f"PRAGMA cache_size = {-BUILD_CACHE_KIB}")
+        _tune_for_build(connection)
         connection.execute("BEGIN")
         for sql in (IDENTITIES_TABLE_SQL, SKIPPED_TABLE_SQL, CACHE_META_TABLE_SQL):
             connection.execute(sql)
@@ -130,6 +128,29 @@ def build_connection(path: Path) -> sqlite3.Connection:
         connection.close()
         raise
     return connection
+
+
+def stage_connection(path: Path) -> sqlite3.Connection:
+    """Open a cache file that ``build_connection`` created, to add records to it.
+
+    The snapshot worker stages through such a connection in its own process, while the
+    daemon's builder connection stays open and idle until the worker has stopped.
+    """
+    if not path.is_file():
+        raise CacheFileMissing(str(path))
+    connection = sqlite3.connect(path, isolation_level=None)
+    try:
+        _tune_for_build(connection)
+    except BaseException:
+        connection.close()
+        raise
+    return connection
+
+
+def _tune_for_build(connection: sqlite3.Connection) -> None:
+    connection.execute("PRAGMA journal_mode = MEMORY")
+    connection.execute("PRAGMA synchronous = OFF")
+    connection.execute(f"PRAGMA cache_size = {-BUILD_CACHE_KIB}")
 
 
 def seal(connection: sqlite3.Connection, path: Path) -> None:

@@ -32,7 +32,6 @@ from daemon.config import Config, ConfigError, HqConfig
 from daemon.identities import (
     IdentityRecord,
     RecordInvalid,
-    RowBatch,
     cached_credentials,
     credential_id_of,
     identity_row,
@@ -42,9 +41,9 @@ from daemon.identities import (
     loggable_reason,
     record_from_builtins,
     remove_credentials,
+    stage_rows,
     upsert_rows,
     version_of,
-    write_rows,
 )
 from daemon.normalize import candidate_keys
 from daemon.policy import Reason, decide
@@ -80,7 +79,14 @@ from sync.service import (
     SyncService,
 )
 from sync.settings import OutboxOverflow, SyncSettings
-from sync.store import ApplyCounts, Change, OutboxEvent, OutboxStats, PreparedRecords
+from sync.store import (
+    ApplyCounts,
+    Change,
+    OutboxEvent,
+    OutboxStats,
+    PreparedRecords,
+    RebuildRestart,
+)
 from sync.upload import LAST_UPLOAD_META_KEY
 
 log = structlog.get_logger(__name__)
@@ -373,17 +379,6 @@ def _check_owner(connection: sqlite3.Connection, owner: str) -> None:
         )
 
 
-def stage_rows(connection: sqlite3.Connection, batch: RowBatch) -> None:
-    """Append packed records to a cache file being built; a later record of a credential wins."""
-    connection.execute("BEGIN")
-    try:
-        write_rows(connection, batch)
-    except BaseException:
-        connection.execute("ROLLBACK")
-        raise
-    connection.execute("COMMIT")
-
-
 def index_cache(connection: sqlite3.Connection) -> tuple[int, list[tuple[str, int, bytes]]]:
     """Add the unique key-hash index to a cache file being built.
 
@@ -546,6 +541,9 @@ class StoreAdapter:
         self._saved_switch_interval: float | None = None
         self._worker: SnapshotWorker | None = None
         self._worker_started = False
+        # Set when a worker died during a rebuild: the rebuild it restarts, and any after
+        # it until one succeeds, validate and stage in this process.
+        self._without_worker = False
         # Invalid snapshot records of the running rebuild, by credential, for the digest.
         self._skipped: dict[str, int | None] = {}
         # Credentials of the running rebuild whose key a later record took.
@@ -653,13 +651,16 @@ class StoreAdapter:
 
     async def prepare_lines(self, first_line: int, lines: bytes) -> PreparedRecords:
         block = Block(first_line=first_line, data=lines, updated_at=time.time())
-        if not self._worker_started:
+        if not self._worker_started and not self._without_worker:
             # Started with the first block, not with the rebuild: while HQ is unreachable,
             # every retried rebuild would start a process for nothing.
             self._worker_started = True
+            building = self._building
+            if building is None:
+                raise RuntimeError("no cache file is being built; the rebuild must start again")
             try:
                 self._worker = await SnapshotWorker.start(
-                    self.store.hasher.secret, STAGE_SLICE_RECORDS
+                    self.store.hasher.secret, STAGE_SLICE_RECORDS, building[1]
                 )
             except OSError as exc:
                 log.warning(
@@ -673,15 +674,23 @@ class StoreAdapter:
             try:
                 prepared = await self._worker.prepare(block)
             except WorkerFailed as exc:
-                # The block is still here: a rebuild that may have run for minutes goes on
-                # in the daemon process instead of starting over.
+                # The worker may have died halfway through writing a block, and the new
+                # file keeps its rollback journal in memory: what it holds is unknown.
                 log.warning(
                     "sync.worker_failed",
                     error=str(exc),
-                    action="validating the rest of this rebuild's records in the daemon"
-                    " process; the next rebuild starts a new worker",
+                    action="downloading HQ's snapshot again and rebuilding in the daemon"
+                    " process, which slows decisions until the rebuild ends; the rebuild"
+                    " after a successful one starts a new worker",
                 )
                 await self._close_worker()
+                self._without_worker = True
+                raise RebuildRestart(str(exc)) from None
+            if prepared.write_error is not None:
+                raise StoreError(
+                    f"the snapshot worker could not write the new cache file"
+                    f" {self._building_path()}: {prepared.write_error}"
+                )
         if prepared is None:
             prepared = await self._prepare_here(block)
         for rejected in prepared.rejected:
@@ -696,7 +705,7 @@ class StoreAdapter:
         if prepared.error is not None:
             raise HqResponseInvalid(prepared.error)
         counts = ApplyCounts(
-            put=sum(size for _rows, _hashes, size in prepared.batches),
+            put=prepared.staged + sum(size for _rows, _hashes, size in prepared.batches),
             rejected=len(prepared.rejected),
         )
         return PreparedRecords(
@@ -726,13 +735,21 @@ class StoreAdapter:
         return merge_prepared(parts, STAGE_SLICE_RECORDS)
 
     async def stage_records(self, prepared: PreparedRecords) -> None:
-        # One transaction per block in the builder thread; no decision waits for it.
+        # One transaction per block in the builder thread; no decision waits for it. A
+        # worker that wrote its block itself leaves no rows here.
         if self._building is None:
             raise RuntimeError("no cache file is being built; the rebuild must start again")
+        if not prepared.rows:
+            return
         connection, _path = self._building
         await self._build(stage_rows, connection, join_batches(prepared.rows))
 
+    def _building_path(self) -> str:
+        return "" if self._building is None else str(self._building[1])
+
     async def finish_rebuild(self, cursor: str, pulled_at: float) -> int:
+        # Stops the worker, which has written every block it replied to: the builder
+        # connection then has the file to itself.
         await self._end_rebuild()
         if self._building is None:
             raise RuntimeError("no cache file is being built; the rebuild must start again")
@@ -767,6 +784,7 @@ class StoreAdapter:
         # Unlinking a large file takes the file system tens of milliseconds: not on the loop.
         await self._build(cachefile.remove, old)
         log.info("sync.cache_file_switched", path=str(path), previous=str(old))
+        self._without_worker = False
         return count
 
     async def abandon_rebuild(self) -> None:

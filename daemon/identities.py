@@ -257,6 +257,17 @@ def write_rows(connection: sqlite3.Connection, batch: RowBatch, table: str = "id
     )
 
 
+def stage_rows(connection: sqlite3.Connection, batch: RowBatch) -> None:
+    """Append packed records to a cache file being built; a later record of a credential wins."""
+    connection.execute("BEGIN")
+    try:
+        write_rows(connection, batch)
+    except BaseException:
+        connection.execute("ROLLBACK")
+        raise
+    connection.execute("COMMIT")
+
+
 def upsert_rows(connection: sqlite3.Connection, rows: list[dict]) -> None:
     """Insert or replace rows by credential id and by key, inside the caller's transaction.
 

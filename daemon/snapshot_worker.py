@@ -1,12 +1,15 @@
-"""Snapshot lines validated and hashed in a process of their own during a rebuild.
+"""Snapshot lines validated, hashed and staged in a process of their own during a rebuild.
 
 A rebuild decodes, validates and hashes every record of HQ's snapshot: about 15 us of
 Python per record on the benchmark machine. Done in the daemon, that work shared the GIL
-with the event loop, so decisions waited behind it and the writer thread could not run
-alongside. The worker is a child process (``python -m daemon.snapshot_worker``) that reads
-blocks of complete lines on stdin and replies to each with the packed rows on stdout, so
-the daemon only streams bytes in and hands the packed rows to the thread that writes the new
-cache file.
+with the event loop, so decisions waited behind it. The worker is a child process
+(``python -m daemon.snapshot_worker``) that reads blocks of complete lines on stdin. When
+the daemon names the new cache file in its first frame, the worker writes each block's
+records into that file itself and replies with the counts only. So the daemon streams bytes
+in and no thread of it holds the GIL for the rebuild's rows: a builder thread that did
+held it in short stretches, and under SCHED_IDLE the kernel could stop that thread in the
+middle of one while the event loop waited for the GIL. Without a file, the worker replies
+with the packed rows, for the daemon to write.
 
 Frames in both directions are a 4-byte big-endian length and a msgpack body. The first
 frame to the worker carries the HMAC secret, which is why it is sent on the pipe and never
@@ -20,12 +23,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import sqlite3
 import sys
 import threading
+from pathlib import Path
 from typing import IO
 
 import msgspec
 
+from daemon import cachefile
 from daemon.identities import (
     EMPTY_KEY_REASON,
     IdentityRecord,
@@ -36,6 +42,7 @@ from daemon.identities import (
     keyed_record_from_builtins,
     loggable_reason,
     pack_records,
+    stage_rows,
     version_of,
 )
 from daemon.normalize import normalize_key
@@ -57,6 +64,9 @@ REAP_TIMEOUT_SECONDS = 1.0
 class Hello(msgspec.Struct, array_like=True):
     secret: bytes
     rows_per_batch: int
+    cache_path: str | None = None
+    """The cache file being built, made by ``cachefile.build_connection``; None to reply
+    with the packed rows instead of writing them."""
 
 
 class Block(msgspec.Struct, array_like=True):
@@ -84,6 +94,10 @@ class PreparedBlock(msgspec.Struct, array_like=True):
     rejected: list[Rejected]
     error: str | None = None
     """Reason the stream itself is broken (a line that is not a JSON object, or too long)."""
+    staged: int = 0
+    """Rows the worker wrote to the cache file itself; ``batches`` is then empty."""
+    write_error: str | None = None
+    """Why the worker could not write the block to the cache file (a full disk, say)."""
 
     def row_batches(self, updated_at: float) -> list[RowBatch]:
         return [RowBatch(rows, hashes, updated_at, size) for rows, hashes, size in self.batches]
@@ -222,11 +236,38 @@ def worker_main() -> int:
     hasher = KeyHasher(hello.secret)
     block_decoder = msgspec.msgpack.Decoder(Block)
     encoder = msgspec.msgpack.Encoder()
-    while (frame := _read_frame(stdin)) is not None:
-        result = prepare_block(block_decoder.decode(frame), hasher, hello.rows_per_batch)
-        stdout.write(_frame(encoder.encode(result)))
-        stdout.flush()
+    connection = None
+    if hello.cache_path is not None:
+        connection = cachefile.stage_connection(Path(hello.cache_path))
+    try:
+        while (frame := _read_frame(stdin)) is not None:
+            block = block_decoder.decode(frame)
+            result = prepare_block(block, hasher, hello.rows_per_batch)
+            if connection is not None:
+                result = stage_block(connection, result, block.updated_at)
+            stdout.write(_frame(encoder.encode(result)))
+            stdout.flush()
+    finally:
+        if connection is not None:
+            connection.close()
     return 0
+
+
+def stage_block(
+    connection: sqlite3.Connection, prepared: PreparedBlock, updated_at: float
+) -> PreparedBlock:
+    """Write a prepared block's rows in one transaction; return it with the rows counted.
+
+    A block whose stream broke is not written: the rebuild fails on it anyway.
+    """
+    if prepared.error is not None or not prepared.batches:
+        return msgspec.structs.replace(prepared, batches=[])
+    batch = join_batches(prepared.row_batches(updated_at))
+    try:
+        stage_rows(connection, batch)
+    except sqlite3.Error as exc:
+        return msgspec.structs.replace(prepared, batches=[], write_error=str(exc))
+    return msgspec.structs.replace(prepared, batches=[], staged=batch.size)
 
 
 class SnapshotWorker:
@@ -239,8 +280,13 @@ class SnapshotWorker:
         self._decoder = msgspec.msgpack.Decoder(PreparedBlock)
 
     @classmethod
-    async def start(cls, secret: bytes, rows_per_batch: int) -> SnapshotWorker:
-        """Start a worker; raise OSError when the process cannot be started."""
+    async def start(
+        cls, secret: bytes, rows_per_batch: int, cache_path: Path | None = None
+    ) -> SnapshotWorker:
+        """Start a worker; raise OSError when the process cannot be started.
+
+        With ``cache_path``, the worker writes the records into that file itself.
+        """
         process = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
@@ -250,7 +296,8 @@ class SnapshotWorker:
         )
         worker = cls(process)
         assert process.stdin is not None
-        process.stdin.write(_frame(worker._encoder.encode(Hello(secret, rows_per_batch))))
+        path = None if cache_path is None else str(cache_path)
+        process.stdin.write(_frame(worker._encoder.encode(Hello(secret, rows_per_batch, path))))
         return worker
 
     async def prepare(self, block: Block) -> PreparedBlock:

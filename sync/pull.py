@@ -12,7 +12,7 @@ import structlog
 from sync.client import HqClient
 from sync.errors import CursorExpired, HqError, HqResponseInvalid
 from sync.settings import SyncSettings
-from sync.store import ApplyCounts, PreparedRecords, SyncStore
+from sync.store import ApplyCounts, PreparedRecords, RebuildRestart, SyncStore
 
 log = structlog.get_logger(__name__)
 
@@ -111,15 +111,28 @@ class Puller:
         self._log_once("info", "sync.rebuild_started", reason=reason)
         self._say(f"rebuilding the cache from HQ's snapshot ({reason})")
 
-        await self.store.begin_rebuild()
-        try:
-            cursor = await self._stage_snapshot(report)
-            count = await self.store.finish_rebuild(cursor, time.time())
-        except Exception:
-            # The old cache stays in use; a crash here instead leaves the new file, which
-            # the next sync start deletes.
-            await self.store.abandon_rebuild()
-            raise
+        restarted = False
+        while True:
+            # Counts of this attempt only: a restarted attempt stages every record again.
+            staged = PullReport()
+            await self.store.begin_rebuild()
+            try:
+                cursor = await self._stage_snapshot(staged)
+                count = await self.store.finish_rebuild(cursor, time.time())
+            except RebuildRestart:
+                await self.store.abandon_rebuild()
+                if restarted:
+                    raise
+                restarted = True
+                self._say("downloading HQ's snapshot again (the records staged so far were lost)")
+                continue
+            except Exception:
+                # The old cache stays in use; a crash here instead leaves the new file,
+                # which the next sync start deletes.
+                await self.store.abandon_rebuild()
+                raise
+            break
+        _merge(report, staged)
         report.rebuilt = True
         report.identities = count
         log.info(

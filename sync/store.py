@@ -42,6 +42,14 @@ class PreparedRecords:
     """Records in the block, valid or not, for the check against HQ's announced count."""
 
 
+class RebuildRestart(Exception):
+    """The records staged so far are lost; the rebuild must begin again with a new snapshot.
+
+    The store raises it at most once per rebuild (its snapshot worker died, and with it
+    the rows it was writing), and stages the next attempt without that cause.
+    """
+
+
 @dataclass(frozen=True, slots=True)
 class OutboxEvent:
     seq: int
@@ -76,7 +84,8 @@ class SyncStore(Protocol):
         """Validate and hash a block of snapshot lines without the writer; log invalid records.
 
         ``first_line`` numbers the block's first line in the stream. Raise HqResponseInvalid
-        for a line that is not a JSON object or is too long.
+        for a line that is not a JSON object or is too long, and RebuildRestart when the
+        records staged so far are lost.
         """
         ...
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
+import sqlite3
 from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,7 @@ from daemon.snapshot_worker import (
 from daemon.store import KeyHasher, Store
 from sync.client import MAX_SNAPSHOT_LINE_BYTES, SnapshotStream
 from sync.errors import HqResponseInvalid
+from sync.store import RebuildRestart
 from tests.conftest import free_port
 
 SECRET = b"s" * 32
@@ -296,34 +299,124 @@ def worker_pids() -> list[int]:
 
 
 @pytest.mark.parametrize("event_loop", ["asyncio", "uvloop"])
-def test_rebuild_goes_on_when_worker_dies(
+def test_rebuild_restarts_without_worker_when_worker_dies(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], event_loop: str
 ) -> None:
+    """The worker wrote part of the new file when it died: the rebuild begins again, and
+    stages in the daemon process."""
     store = Store.open(tmp_path / "cache.sqlite3", tmp_path / "cache.key")
     adapter = StoreAdapter(store)
     first = b"".join(line(record(n)) for n in range(50))
     second = b"".join(line(record(n)) for n in range(50, 100)) + line(record(999, type="x"))
 
-    async def scenario() -> int:
+    async def scenario() -> tuple[str, list[int], int]:
         await adapter.begin_rebuild()
         await adapter.stage_records(await adapter.prepare_lines(1, first))
         (pid,) = worker_pids()
         os.kill(pid, signal.SIGKILL)
         # The loop notices the exit before the next block is written, as with a slow HQ.
         await asyncio.sleep(0.5)
+        try:
+            await adapter.prepare_lines(51, second)
+        except RebuildRestart as exc:
+            error = str(exc)
+        else:
+            error = "no error"
+        await adapter.abandon_rebuild()
+        await adapter.begin_rebuild()
+        await adapter.stage_records(await adapter.prepare_lines(1, first))
         prepared = await adapter.prepare_lines(51, second)
         assert (prepared.counts.put, prepared.counts.rejected) == (50, 1)
         await adapter.stage_records(prepared)
-        return await adapter.finish_rebuild("1.0", 1.0)
+        workers = worker_pids()
+        return error, workers, await adapter.finish_rebuild("1.0", 1.0)
 
     try:
         runner = uvloop.run if event_loop == "uvloop" else asyncio.run
-        assert runner(scenario()) == 100
-        assert credential_of_key(store, 77) == "c-77"
+        error, workers, count = runner(scenario())
+        found = credential_of_key(store, 77)
     finally:
         adapter.close()
         store.close()
+    assert "snapshot worker stopped" in error
+    assert workers == [], "the restarted rebuild started another worker"
+    assert count == 100
+    assert found == "c-77"
     assert "sync.worker_failed" in capsys.readouterr().out
+
+
+def test_rebuild_after_a_worker_death_uses_a_worker_again(tmp_path: Path) -> None:
+    store = Store.open(tmp_path / "cache.sqlite3", tmp_path / "cache.key")
+    adapter = StoreAdapter(store)
+    lines = b"".join(line(record(n)) for n in range(20))
+
+    async def rebuild() -> list[int]:
+        await adapter.begin_rebuild()
+        await adapter.stage_records(await adapter.prepare_lines(1, lines))
+        workers = worker_pids()
+        await adapter.finish_rebuild("1.0", 1.0)
+        return workers
+
+    async def scenario() -> tuple[list[int], list[int]]:
+        await adapter.begin_rebuild()
+        await adapter.prepare_lines(1, lines)
+        (pid,) = worker_pids()
+        os.kill(pid, signal.SIGKILL)
+        await asyncio.sleep(0.5)
+        with pytest.raises(RebuildRestart):
+            await adapter.prepare_lines(21, lines)
+        await adapter.abandon_rebuild()
+        return await rebuild(), await rebuild()
+
+    try:
+        restarted, next_one = run(scenario())
+    finally:
+        adapter.close()
+        store.close()
+    assert restarted == []
+    assert len(next_one) == 1
+
+
+def test_worker_writes_records_to_the_cache_file(tmp_path: Path) -> None:
+    path = tmp_path / "new.cache"
+    cachefile.build_connection(path).close()
+    lines = b"".join(line(record(n)) for n in range(5)) + line(record(9, type="x"))
+
+    async def scenario() -> PreparedBlock:
+        worker = await SnapshotWorker.start(SECRET, 2, path)
+        try:
+            return await worker.prepare(Block(1, lines, 5.0))
+        finally:
+            await worker.stop()
+
+    prepared = run(scenario())
+    with contextlib.closing(sqlite3.connect(path)) as connection:
+        rows = connection.execute(
+            "SELECT credential_id, key_hash, updated_at FROM identities ORDER BY rowid"
+        ).fetchall()
+    hasher = KeyHasher(SECRET)
+    expected = [(f"c-{n}", hasher.hash(normalize_key(f"{KEY}-{n}", None)), 5.0) for n in range(5)]
+    assert (prepared.staged, prepared.batches, len(prepared.rejected)) == (5, [], 1)
+    assert rows == expected
+
+
+def test_worker_reports_a_write_it_could_not_make(tmp_path: Path) -> None:
+    path = tmp_path / "new.cache"
+    cachefile.build_connection(path).close()
+
+    async def scenario() -> PreparedBlock:
+        worker = await SnapshotWorker.start(SECRET, 2, path)
+        try:
+            with contextlib.closing(sqlite3.connect(path)) as connection:
+                connection.execute("DROP TABLE identities")
+                connection.commit()
+            return await worker.prepare(Block(1, line(record(1)), 5.0))
+        finally:
+            await worker.stop()
+
+    prepared = run(scenario())
+    assert prepared.write_error is not None
+    assert "identities" in prepared.write_error
 
 
 def test_later_rebuild_stops_earlier_one(tmp_path: Path) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +16,7 @@ from tests.fakehq import (
     FakeHq,
     hq_config,
     local_versions,
+    log_events,
     make_records,
     meta,
     versions_of,
@@ -82,5 +85,37 @@ def test_kill_during_snapshot_rebuild(tmp_path: Path, hq: FakeHq) -> None:
         assert local_versions(daemon.database) == versions_of(hq.records)
         # The old file goes once every connection has moved to the new one.
         wait_until(lambda: cache_file_count(daemon) == 1, what="one cache file", timeout=10)
+    finally:
+        daemon.stop()
+
+
+def snapshot_worker_pids(daemon: Daemon) -> list[int]:
+    """Process ids of the daemon's snapshot worker processes."""
+    assert daemon.process is not None
+    pids = []
+    for task in Path(f"/proc/{daemon.process.pid}/task").iterdir():
+        for text in (task / "children").read_text().split():
+            with contextlib.suppress(FileNotFoundError):
+                if b"daemon.snapshot_worker" in Path(f"/proc/{text}/cmdline").read_bytes():
+                    pids.append(int(text))
+    return pids
+
+
+def test_worker_killed_during_rebuild(tmp_path: Path, hq: FakeHq) -> None:
+    """The worker that writes the new cache file dies: the daemon downloads the snapshot
+    again, rebuilds without a worker, and loses no record."""
+    hq.put(*make_records(BULK))
+    hq.control.snapshot_line_delay = 0.05
+    daemon = new_daemon(tmp_path, hq, "snapshot_batch_size = 1000", records=[])
+    daemon.start()
+    try:
+        wait_until(lambda: hq.received.snapshot_lines_sent >= 8000, what="part of the snapshot")
+        (pid,) = wait_until(lambda: snapshot_worker_pids(daemon), what="the worker")
+        os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: meta(daemon.database, "cursor") == hq.cursor(), what="the rebuild")
+        assert local_versions(daemon.database) == versions_of(hq.records)
+        assert hq.received.requests["snapshot"] == 2
+        assert len(log_events(daemon, "sync.worker_failed")) == 1
+        assert log_events(daemon, "sync.pull_crashed") == []
     finally:
         daemon.stop()
