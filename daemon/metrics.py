@@ -17,6 +17,7 @@ from daemon.store import (
     LAST_REBUILD_META_KEY,
     OUTBOX_DROPPED_META_KEY,
 )
+from sync.service import CLOCK_OFFSET_META_KEY, LAST_RECONCILE_META_KEY
 
 if TYPE_CHECKING:
     from daemon.runtime import Runtime
@@ -112,9 +113,11 @@ class _StateCollector(Collector):
             cursor_changed = reader.meta(CURSOR_CHANGED_META_KEY)
             last_rebuild = reader.meta(LAST_REBUILD_META_KEY)
             dropped = int(reader.meta(OUTBOX_DROPPED_META_KEY) or 0)
+            last_reconcile = _number(reader.meta(LAST_RECONCILE_META_KEY))
+            clock_offset = _number(reader.meta(CLOCK_OFFSET_META_KEY))
         except sqlite3.Error:
             depth, oldest, last_pull, cursor_changed, dropped = 0, None, None, None, 0
-            last_rebuild = None
+            last_rebuild = last_reconcile = clock_offset = None
         yield GaugeMetricFamily(
             "identity_connector_outbox_depth",
             "Audit events waiting for upload to HQ.",
@@ -148,6 +151,31 @@ class _StateCollector(Collector):
             "identity_connector_last_rebuild_age_seconds",
             "Seconds since the cache was last rebuilt from HQ's snapshot (-1 when never).",
             value=now - float(last_rebuild) if last_rebuild else -1.0,
+        )
+        yield GaugeMetricFamily(
+            "identity_connector_last_reconcile_age_seconds",
+            "Seconds since the cache was last compared with HQ's digest (-1 when never).",
+            value=now - last_reconcile if last_reconcile is not None else -1.0,
+        )
+        # No sample until HQ's Date headers gave an estimate.
+        offset = GaugeMetricFamily(
+            "identity_connector_hq_clock_offset_seconds",
+            "Estimated offset of HQ's clock from the box's (positive: HQ is ahead).",
+        )
+        if clock_offset is not None:
+            offset.add_metric([], clock_offset)
+        yield offset
+        hq_config = runtime.config.hq
+        uncertain = (
+            hq_config is not None
+            and clock_offset is not None
+            and abs(clock_offset) > hq_config.clock_offset_threshold
+        )
+        yield GaugeMetricFamily(
+            "identity_connector_clock_uncertain",
+            "1 when the clock offset from HQ exceeds [hq] clock_offset_threshold, so audit"
+            " events are flagged clockUncertain.",
+            value=1.0 if uncertain else 0.0,
         )
         yield GaugeMetricFamily(
             "identity_connector_cache_stale",
@@ -186,3 +214,13 @@ class _StateCollector(Collector):
             "Unix time the daemon started.",
             value=runtime.started_at,
         )
+
+
+def _number(text: str | None) -> float | None:
+    """A meta value as a number; None when missing or not a number."""
+    if text is None:
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        return None

@@ -11,6 +11,7 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import SAMPLE_RECORDS, Daemon, make_daemon, run_cli
 from tests.fakehq import (
@@ -124,8 +125,22 @@ def test_clock_offset_flags_events(tmp_path: Path, hq: FakeHq) -> None:
         assert "WARNING: clock differs from HQ's" in text
         warnings = [line for line in daemon.log_lines() if line["event"] == "hq.clock_offset"]
         assert len(warnings) == 1
+        samples = metric_samples(daemon)
+        assert 115 < samples["identity_connector_hq_clock_offset_seconds"] < 125
+        assert samples["identity_connector_clock_uncertain"] == 1.0
     finally:
         daemon.stop()
+
+
+def metric_samples(daemon: Daemon) -> dict[str, float]:
+    """The daemon's unlabelled metric samples, by name."""
+    reply = daemon.request("GET", "/metrics")
+    return {
+        sample.name: sample.value
+        for family in text_string_to_metric_families(reply.body.decode())
+        for sample in family.samples
+        if not sample.labels
+    }
 
 
 def test_sync_now_counts_records_rejected_by_a_rebuild(tmp_path: Path, hq: FakeHq) -> None:

@@ -668,6 +668,22 @@ def test_metrics_show_last_rebuild_age(synced: Daemon, hq: FakeHq) -> None:
     assert 0 <= age < 60
 
 
+def test_metrics_show_last_comparison_and_clock(synced: Daemon, hq: FakeHq) -> None:
+    # The comparison after the start's rebuild is saved at the end of that pull.
+    wait_until(lambda: meta(synced.database, "last_reconcile_at"), what="the saved comparison")
+    reply = synced.request("GET", "/metrics")
+    families = {f.name: f for f in text_string_to_metric_families(reply.body.decode())}
+
+    age = families["identity_connector_last_reconcile_age_seconds"].samples[0].value
+    offset = families["identity_connector_hq_clock_offset_seconds"].samples[0].value
+    uncertain = families["identity_connector_clock_uncertain"].samples[0].value
+
+    assert 0 <= age < 60
+    # The fake HQ shares this box's clock; its Date header has whole seconds.
+    assert abs(offset) < 2
+    assert uncertain == 0.0
+
+
 def test_failing_rebuild_logged_once(synced: Daemon, hq: FakeHq) -> None:
     hq.control.snapshot_mode = "cut"
     hq.expire_cursors()
