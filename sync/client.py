@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import gzip
 import ssl
 import time
@@ -330,7 +331,7 @@ class HqClient:
                 f"HQ {call} timed out after {self.settings.request_timeout:g} s"
             ) from None
         except aiohttp.ClientError as exc:
-            raise HqUnreachable(f"HQ {call} failed: {exc}") from None
+            raise HqUnreachable(f"HQ {call} failed: {exc}{_tls_hint(exc, self.settings)}") from None
 
         try:
             self.clock.observe(response.headers.get("Date"), sent_at, time.time())
@@ -413,6 +414,52 @@ async def _read_body(response: aiohttp.ClientResponse, call: str, max_bytes: int
     except aiohttp.ClientError as exc:
         raise HqResponseInvalid(f"HQ {call} response was cut: {exc}") from None
     return b"".join(parts)
+
+
+# Alerts in which a TLS server refuses the client's certificate, or the lack of one.
+_CLIENT_CERT_ALERTS = ("certificate required", "bad certificate", "unknown ca", "handshake failure")
+
+
+def _tls_hint(error: aiohttp.ClientError, settings: SyncSettings) -> str:
+    """Return what to check in the configuration after a failed https call, or ""."""
+    if not settings.base_url.startswith("https://"):
+        return ""
+    if isinstance(error, aiohttp.ClientConnectorCertificateError):
+        if settings.ca_file:
+            return (
+                "; HQ's certificate does not verify: check that [hq] ca_file holds the CA"
+                " that issued it, and that it names the host of [hq] url"
+            )
+        return (
+            "; HQ's certificate does not verify against the system's CAs: set [hq] ca_file"
+            " to the CA that issued it"
+        )
+    text = str(error).lower()
+    refused = (
+        isinstance(error, aiohttp.ServerDisconnectedError)
+        or (isinstance(error, aiohttp.ClientOSError) and error.errno == errno.ECONNRESET)
+        or (
+            isinstance(error, aiohttp.ClientSSLError)
+            and any(alert in text for alert in _CLIENT_CERT_ALERTS)
+        )
+    )
+    if not refused:
+        return ""
+    # A keep-alive connection that HQ closed is retried by aiohttp, so a disconnect or
+    # reset that reaches here came before any answer: over TLS, usually a refused
+    # certificate.
+    if settings.client_cert_file:
+        return (
+            "; HQ closed the TLS connection without an answer. When every call fails like"
+            " this, HQ does not accept the client certificate: check that [hq]"
+            " client_cert_file is the certificate HQ issued for this store, that"
+            " client_key_file is its key, and that it has not expired"
+        )
+    return (
+        "; HQ closed the TLS connection without an answer. When every call fails like"
+        " this, HQ requires a client certificate: set [hq] client_cert_file and"
+        " client_key_file"
+    )
 
 
 def _retry_after_seconds(text: str | None) -> float | None:

@@ -11,6 +11,7 @@ import asyncio
 import hashlib
 import json
 import sqlite3
+import ssl
 import threading
 import time
 from collections import Counter
@@ -101,8 +102,12 @@ class FakeHq:
     cursors raises the epoch, so every cursor handed out before gets 410 Gone.
     """
 
-    def __init__(self, store_id: str = "STORE-001") -> None:
+    def __init__(
+        self, store_id: str = "STORE-001", ssl_context: ssl.SSLContext | None = None
+    ) -> None:
         self.store_id = store_id
+        self.ssl_context = ssl_context
+        """Served over https with this context when set, else over http."""
         self.control = Control()
         self.received = Received()
         self.lock = threading.Lock()
@@ -120,7 +125,8 @@ class FakeHq:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        scheme = "http" if self.ssl_context is None else "https"
+        return f"{scheme}://127.0.0.1:{self.port}"
 
     def start(self) -> FakeHq:
         self._thread.start()
@@ -162,7 +168,13 @@ class FakeHq:
 
     async def _listen(self) -> None:
         assert self._runner is not None
-        self._site = web.TCPSite(self._runner, "127.0.0.1", self.port, reuse_address=True)
+        self._site = web.TCPSite(
+            self._runner,
+            "127.0.0.1",
+            self.port,
+            reuse_address=True,
+            ssl_context=self.ssl_context,
+        )
         await self._site.start()
         if not self.port:
             self.port = self._site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
