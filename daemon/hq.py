@@ -1137,6 +1137,8 @@ def sync_now(config: Config, store: Store) -> int:
             )
         else:
             pulled = f"{pull.put} put, {pull.removed} removed"
+        if report.pull_error is not None:
+            pulled = f"pull stopped by the error above after {pulled}"
         progress(
             f"done: {pulled}, {pull.rejected} rejected; {report.upload.accepted} of"
             f" {report.upload.sent} events accepted"

@@ -58,10 +58,14 @@ class Puller:
         # succeeded; their repeats on the retries in between go to debug level.
         self._logged_while_failing: set[str] = set()
 
-    async def pull(self) -> PullReport:
+    async def pull(self, report: PullReport | None = None) -> PullReport:
         """Pull every change up to HQ's latest cursor, rebuilding when there is no cursor yet
-        or HQ expired it."""
-        report = PullReport()
+        or HQ expired it.
+
+        Counts go into ``report`` as they are made, so a caller that passes one still has
+        them when the pull fails halfway.
+        """
+        report = report if report is not None else PullReport()
         cursor = self.store.cursor()
         if cursor is None:
             await self.rebuild("no cursor yet", report)

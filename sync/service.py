@@ -145,7 +145,7 @@ class SyncService:
         pull_error: HqError | None = None
         try:
             try:
-                pulled = await self.puller.pull()
+                await self.puller.pull(pulled)
                 if not pulled.rebuilt:
                     # A mismatch rebuilds here, and its counts belong in the report.
                     await self.puller.reconcile(report=pulled)

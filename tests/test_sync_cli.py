@@ -229,3 +229,18 @@ def test_sync_now_fails_on_mismatch_after_rebuild(tmp_path: Path, hq: FakeHq) ->
     assert result.returncode == 1, result.stdout
     assert "cache rebuilt from the snapshot" in result.stdout
     assert "after the rebuild the cache still differs from HQ's digest" in result.stderr
+
+
+def test_sync_now_reports_rebuild_before_a_failed_follow_up(tmp_path: Path, hq: FakeHq) -> None:
+    # HQ expires the snapshot's own cursor: the rebuild is in place when the pull fails.
+    hq.control.snapshot_cursor_expired = True
+    directory = tmp_path / "daemon"
+    daemon = make_daemon(directory, hq_config(hq, directory), records=[])
+
+    result = run_cli("sync", "--now", "--config", str(daemon.config))
+
+    assert result.returncode == 1
+    assert (
+        f"done: pull stopped by the error above after cache rebuilt from the snapshot with"
+        f" {len(hq.records)} identities"
+    ) in result.stdout
