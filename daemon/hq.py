@@ -69,6 +69,7 @@ from daemon.store import (
     StoreReader,
     connect,
 )
+from sync.client import KeyEncrypted, load_client_certificate
 from sync.digest import compute_digest
 from sync.errors import HqError, HqResponseInvalid
 from sync.service import (
@@ -120,8 +121,9 @@ MAX_SKIPPED_RECORDS = 100_000
 def settings_from_config(config: Config, hq: HqConfig, warn: bool = True) -> SyncSettings:
     """Build the sync settings, reading the bearer token; raise ConfigError when unusable.
 
-    ``warn`` False leaves out the warnings about plain HTTP, for a second build of the same
-    settings (`serve` checks them before READY and builds them again for the sync).
+    ``warn`` False leaves out the warnings about plain HTTP and a missing token, for a
+    second build of the same settings (`serve` checks them before READY and builds them
+    again for the sync).
     """
     store_id = hq.store_id or config.stores.ids[0]
     if store_id not in config.stores.ids:
@@ -139,7 +141,7 @@ def settings_from_config(config: Config, hq: HqConfig, warn: bool = True) -> Syn
     return SyncSettings(
         url=hq.url,
         store_id=store_id,
-        token=read_token(hq.token_file),
+        token=read_token(hq.token_file, warn),
         client_cert_file=hq.client_cert_file or None,
         client_key_file=hq.client_key_file or None,
         ca_file=hq.ca_file or None,
@@ -200,10 +202,17 @@ def _check_tls_files(hq: HqConfig) -> None:
         ) from None
     if not hq.client_cert_file:
         return
+    key = hq.client_key_file or "(the certificate file)"
     try:
-        context.load_cert_chain(hq.client_cert_file, hq.client_key_file or None)
+        load_client_certificate(context, hq.client_cert_file, hq.client_key_file or None)
+    except KeyEncrypted:
+        raise ConfigError(
+            f"[hq] client_key_file {key} is encrypted, and the daemon cannot ask for its"
+            f" passphrase: store the key without one, readable by the service user only, for"
+            f" example with `openssl pkey -in ENCRYPTED-KEY -out PLAIN-KEY`, and set"
+            f" client_key_file to the new file"
+        ) from None
     except (ssl.SSLError, OSError) as exc:
-        key = hq.client_key_file or "(the certificate file)"
         raise ConfigError(
             f"[hq] client_cert_file {hq.client_cert_file} and client_key_file {key} could not"
             f" be loaded together ({exc}): both must be PEM, and the key must belong to the"
@@ -211,10 +220,11 @@ def _check_tls_files(hq: HqConfig) -> None:
         ) from None
 
 
-def read_token(token_file: str) -> str | None:
+def read_token(token_file: str, warn: bool = True) -> str | None:
     """Read the HQ bearer token; None when no token file is configured."""
     if not token_file:
-        log.warning("hq.no_token", detail="[hq] token_file is not set; HQ calls carry no token")
+        if warn:
+            log.warning("hq.no_token", detail="[hq] token_file is not set; HQ calls carry no token")
         return None
     path = Path(token_file)
     try:

@@ -207,7 +207,9 @@ class HqClient:
             return True
         context = ssl.create_default_context(cafile=settings.ca_file or None)
         if settings.client_cert_file:
-            context.load_cert_chain(settings.client_cert_file, settings.client_key_file or None)
+            load_client_certificate(
+                context, settings.client_cert_file, settings.client_key_file or None
+            )
         return context
 
     async def changes(self, cursor: str | None, limit: int) -> ChangesPage:
@@ -331,7 +333,9 @@ class HqClient:
                 f"HQ {call} timed out after {self.settings.request_timeout:g} s"
             ) from None
         except aiohttp.ClientError as exc:
-            raise HqUnreachable(f"HQ {call} failed: {exc}{_tls_hint(exc, self.settings)}") from None
+            raise HqUnreachable(
+                f"HQ {call} failed: {_describe(exc, self.settings)}{_tls_hint(exc, self.settings)}"
+            ) from None
 
         try:
             self.clock.observe(response.headers.get("Date"), sent_at, time.time())
@@ -416,7 +420,34 @@ async def _read_body(response: aiohttp.ClientResponse, call: str, max_bytes: int
     return b"".join(parts)
 
 
-# Alerts in which a TLS server refuses the client's certificate, or the lack of one.
+class KeyEncrypted(Exception):
+    """The client key is encrypted, and the daemon has no passphrase to give OpenSSL."""
+
+
+def load_client_certificate(context: ssl.SSLContext, cert_file: str, key_file: str | None) -> None:
+    """Load HQ's client certificate and key into ``context``.
+
+    Raises KeyEncrypted for a key that needs a passphrase.
+
+    Without a password callback OpenSSL asks for the passphrase on the terminal, which a
+    service does not have.
+    """
+
+    def no_passphrase() -> bytes:
+        raise KeyEncrypted(key_file or cert_file)
+
+    context.load_cert_chain(cert_file, key_file, password=no_passphrase)
+
+
+def _describe(error: aiohttp.ClientError, settings: SyncSettings) -> str:
+    """aiohttp's text for a failed call, without its "ssl:default" where no TLS is used."""
+    text = str(error)
+    if not settings.base_url.startswith("https://"):
+        text = text.replace(" ssl:default", "")
+    return text
+
+
+# Alerts in which a TLS server rejects the client's certificate, or the lack of one.
 _CLIENT_CERT_ALERTS = ("certificate required", "bad certificate", "unknown ca", "handshake failure")
 
 
@@ -435,7 +466,7 @@ def _tls_hint(error: aiohttp.ClientError, settings: SyncSettings) -> str:
             " to the CA that issued it"
         )
     text = str(error).lower()
-    refused = (
+    rejected = (
         isinstance(error, aiohttp.ServerDisconnectedError)
         or (isinstance(error, aiohttp.ClientOSError) and error.errno == errno.ECONNRESET)
         or (
@@ -443,11 +474,11 @@ def _tls_hint(error: aiohttp.ClientError, settings: SyncSettings) -> str:
             and any(alert in text for alert in _CLIENT_CERT_ALERTS)
         )
     )
-    if not refused:
+    if not rejected:
         return ""
     # A keep-alive connection that HQ closed is retried by aiohttp, so a disconnect or
-    # reset that reaches here came before any answer: over TLS, usually a refused
-    # certificate.
+    # reset that reaches here came before any answer. Over TLS, that is usually a
+    # rejected certificate.
     if settings.client_cert_file:
         return (
             "; HQ closed the TLS connection without an answer. When every call fails like"

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import serialization
 
 from tests.conftest import free_port, run_cli, write_config
 from tests.tls_helpers import CertificateAuthority
@@ -185,6 +186,21 @@ def mismatched_client_pair(directory: Path) -> str:
     return f'client_cert_file = "{first.cert_file}"\nclient_key_file = "{second.key_file}"\n'
 
 
+def encrypted_client_key(directory: Path) -> str:
+    authority = CertificateAuthority(directory / "ca", "hq-client-ca")
+    client = authority.issue("store-001")
+    key = serialization.load_pem_private_key(client.key_pem, None)
+    encrypted = directory / "client-encrypted.key"
+    encrypted.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"passphrase"),
+        )
+    )
+    return f'client_cert_file = "{client.cert_file}"\nclient_key_file = "{encrypted}"\n'
+
+
 def ca_file_not_pem(directory: Path) -> str:
     bundle = directory / "ca-bundle.pem"
     bundle.write_text("not a certificate\n", encoding="utf-8")
@@ -195,6 +211,7 @@ def ca_file_not_pem(directory: Path) -> str:
 HQ_TLS_CASES: dict[str, tuple[Callable[[Path], str], str]] = {
     "key of another certificate": (mismatched_client_pair, "[hq] client_cert_file"),
     "CA file not PEM": (ca_file_not_pem, "[hq] ca_file"),
+    "encrypted client key": (encrypted_client_key, "is encrypted"),
 }
 
 
