@@ -118,6 +118,11 @@ class _StateCollector(Collector):
         except sqlite3.Error:
             depth, oldest, last_pull, cursor_changed, dropped = 0, None, None, None, 0
             last_rebuild = last_reconcile = clock_offset = None
+        if runtime.config.hq is None:
+            # A database that synced before keeps these in meta, but without [hq] nothing
+            # pulls or compares any more.
+            last_pull = cursor_changed = last_rebuild = None
+            last_reconcile = clock_offset = None
         yield GaugeMetricFamily(
             "identity_connector_outbox_depth",
             "Audit events waiting for upload to HQ.",

@@ -111,6 +111,7 @@ class SyncService:
 
     async def start(self) -> None:
         """Open the HTTP session and start the pull and upload loops."""
+        await self._forget_clock_offset()
         await self.client.open()
         self._spawn(self._pull_loop(), "hq-pull")
         self._spawn(self._upload_loop(), "hq-upload")
@@ -140,6 +141,7 @@ class SyncService:
         A failed pull is reported and the upload still runs: the events may reach HQ even
         when its identity feed fails. Raises HqError when the upload fails.
         """
+        await self._forget_clock_offset()
         await self.client.open()
         pulled = PullReport()
         pull_error: HqError | None = None
@@ -291,6 +293,14 @@ class SyncService:
         # Only a started service persists from here; `sync --now` saves once at its end.
         if self._tasks:
             self._spawn(self._persist_state(), "hq-persist-state")
+
+    async def _forget_clock_offset(self) -> None:
+        """Clear the offset an earlier run stored: this run flags events by its own estimate,
+        which has no value until HQ answers, and `status` must not warn from the old one."""
+        try:
+            await self.store.set_meta({CLOCK_OFFSET_META_KEY: ""})
+        except Exception as exc:
+            log.error("sync.state_not_saved", error=str(exc))
 
     async def _persist_state(self) -> None:
         values = {

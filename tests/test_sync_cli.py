@@ -18,6 +18,7 @@ from tests.fakehq import (
     FakeHq,
     hq_config,
     local_versions,
+    log_events,
     meta,
     outbox_ids,
     versions_of,
@@ -85,6 +86,8 @@ def test_sync_now_reports_unreachable_hq(tmp_path: Path, hq: FakeHq) -> None:
 
     assert result.returncode == 1
     assert "error: pull failed: HQ snapshot failed: Cannot connect" in result.stderr
+    # An http:// URL uses no TLS, so aiohttp's "ssl:default" would only mislead.
+    assert "ssl:" not in result.stderr
 
 
 def test_status_shows_hq_state(tmp_path: Path, hq: FakeHq) -> None:
@@ -125,6 +128,7 @@ def test_clock_offset_flags_events(tmp_path: Path, hq: FakeHq) -> None:
         assert "WARNING: clock differs from HQ's" in text
         warnings = [line for line in daemon.log_lines() if line["event"] == "hq.clock_offset"]
         assert len(warnings) == 1
+        assert warnings[0]["threshold_seconds"] == 5.0
         samples = metric_samples(daemon)
         assert 115 < samples["identity_connector_hq_clock_offset_seconds"] < 125
         assert samples["identity_connector_clock_uncertain"] == 1.0
@@ -244,3 +248,66 @@ def test_sync_now_reports_rebuild_before_a_failed_follow_up(tmp_path: Path, hq: 
         f"done: pull stopped by the error above after cache rebuilt from the snapshot with"
         f" {len(hq.records)} identities"
     ) in result.stdout
+
+
+def test_clock_offset_forgotten_at_restart(tmp_path: Path, hq: FakeHq) -> None:
+    """A restarted daemon flags events by its own estimate, so the stored one must not
+    make status or the metrics warn before HQ answers."""
+    hq.control.clock_offset = 120.0
+    directory = tmp_path / "daemon"
+    daemon = make_daemon(
+        directory, hq_config(hq, directory, 'clock_offset_threshold = "5s"'), records=[]
+    )
+    daemon.start()
+    wait_until(lambda: meta(daemon.database, "hq_clock_offset"), what="stored offset")
+    daemon.stop()
+    hq.down()
+
+    daemon.start()
+    try:
+        wait_until(lambda: meta(daemon.database, "hq_clock_offset") == "", what="offset cleared")
+        samples = metric_samples(daemon)
+        state = json.loads(run_cli("status", "--json", "--config", str(daemon.config)).stdout)
+    finally:
+        daemon.stop()
+    assert "identity_connector_hq_clock_offset_seconds" not in samples
+    assert samples["identity_connector_clock_uncertain"] == 0.0
+    assert state["clockOffsetSeconds"] is None
+
+
+HQ_AGE_GAUGES = (
+    "identity_connector_last_pull_age_seconds",
+    "identity_connector_cursor_age_seconds",
+    "identity_connector_last_rebuild_age_seconds",
+    "identity_connector_last_reconcile_age_seconds",
+)
+
+
+def test_metrics_without_hq_ignore_stored_sync_state(tmp_path: Path, hq: FakeHq) -> None:
+    daemon = start_synced(tmp_path, hq)
+    wait_until(lambda: meta(daemon.database, "last_reconcile_at"), what="a saved comparison")
+    daemon.stop()
+    text = daemon.config.read_text(encoding="utf-8")
+    daemon.config.write_text(text[: text.index("\n[hq]\n")] + "\n", encoding="utf-8")
+
+    daemon.start()
+    try:
+        samples = metric_samples(daemon)
+    finally:
+        daemon.stop()
+    assert {name: samples[name] for name in HQ_AGE_GAUGES} == dict.fromkeys(HQ_AGE_GAUGES, -1.0)
+    assert "identity_connector_hq_clock_offset_seconds" not in samples
+
+
+def test_missing_token_warned_once_at_start(tmp_path: Path, hq: FakeHq) -> None:
+    directory = tmp_path / "daemon"
+    table = hq_config(hq, directory).replace(f'token_file = "{directory / "hq-token"}"\n', "")
+    daemon = make_daemon(directory, table, records=[])
+    daemon.start()
+    try:
+        # The fake HQ rejects calls without its token, which shows the sync has started.
+        wait_until(lambda: log_events(daemon, "hq.degraded"), what="the rejected sync")
+        warnings = log_events(daemon, "hq.no_token")
+    finally:
+        daemon.stop()
+    assert len(warnings) == 1
