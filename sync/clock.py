@@ -26,7 +26,7 @@ class ClockEstimator:
     """
 
     def __init__(self, threshold: float) -> None:
-        self.threshold = threshold
+        self.threshold = float(threshold)
         self._samples: deque[float] = deque(maxlen=SAMPLES)
         self._warned = False
 

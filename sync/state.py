@@ -155,11 +155,12 @@ class HqHealth:
     def _update(self) -> None:
         target = self._target()
         if target is HqState.ONLINE and (self._announced is not None or not self._been_online):
-            # The state before HQ was first online is only the assumption made at start.
-            # Otherwise the announced state is reported, which a short DEGRADED between
+            # The state before HQ was first online is only the assumption made at start,
+            # unless hq.unavailable or hq.degraded reported another state. Otherwise the announced
+            # state is reported, which a short DEGRADED between
             # OFFLINE and ONLINE (HQ answers, the pull has not finished yet) does not hide.
             previous = "none"
-            if self._been_online:
+            if self._been_online or self._announced is not None:
                 previous = (self._announced or self.state).value
             downtime = round(time.time() - min(self.since, self._announced_at), 1)
             log.info("hq.available", previous_state=previous, after_seconds=downtime)

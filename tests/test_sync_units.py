@@ -100,6 +100,18 @@ def test_health_logs_uploads_timing_out_while_pulls_work() -> None:
     assert events == [("hq.degraded", "upload"), ("hq.available", None)]
 
 
+def test_health_outage_at_start_is_the_previous_state() -> None:
+    # HQ away from the start: hq.unavailable was logged, so its return names that state.
+    health = HqHealth(offline_after=2)
+    with capture_logs() as logs:
+        for _ in range(3):
+            pull_failed(health, HqUnreachable("connection refused"))
+        pull_succeeded(health)
+    available = [entry for entry in logs if entry["event"] == "hq.available"]
+
+    assert [entry["previous_state"] for entry in available] == ["offline"]
+
+
 def test_health_outage_recovery_logs_no_degraded() -> None:
     # A pull that failed during an outage and succeeds at HQ's return is no degraded HQ.
     health = HqHealth(offline_after=2)
