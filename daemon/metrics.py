@@ -17,7 +17,7 @@ from daemon.store import (
     LAST_REBUILD_META_KEY,
     OUTBOX_DROPPED_META_KEY,
 )
-from sync.service import CLOCK_OFFSET_META_KEY, LAST_RECONCILE_META_KEY
+from sync.service import LAST_RECONCILE_META_KEY
 
 if TYPE_CHECKING:
     from daemon.runtime import Runtime
@@ -114,15 +114,13 @@ class _StateCollector(Collector):
             last_rebuild = reader.meta(LAST_REBUILD_META_KEY)
             dropped = int(reader.meta(OUTBOX_DROPPED_META_KEY) or 0)
             last_reconcile = _number(reader.meta(LAST_RECONCILE_META_KEY))
-            clock_offset = _number(reader.meta(CLOCK_OFFSET_META_KEY))
         except sqlite3.Error:
             depth, oldest, last_pull, cursor_changed, dropped = 0, None, None, None, 0
-            last_rebuild = last_reconcile = clock_offset = None
+            last_rebuild = last_reconcile = None
         if runtime.config.hq is None:
             # A database that synced before keeps these in meta, but without [hq] nothing
             # pulls or compares any more.
-            last_pull = cursor_changed = last_rebuild = None
-            last_reconcile = clock_offset = None
+            last_pull = cursor_changed = last_rebuild = last_reconcile = None
         yield GaugeMetricFamily(
             "identity_connector_outbox_depth",
             "Audit events waiting for upload to HQ.",
@@ -162,7 +160,10 @@ class _StateCollector(Collector):
             "Seconds since the cache was last compared with HQ's digest (-1 when never).",
             value=now - last_reconcile if last_reconcile is not None else -1.0,
         )
-        # No sample until HQ's Date headers gave an estimate.
+        # The running sync's own estimate, which flags the audit events: no sample until
+        # HQ's Date headers gave one in this run.
+        hq = runtime.resolver.hq
+        clock_offset = hq.service.clock.offset if hq is not None else None
         offset = GaugeMetricFamily(
             "identity_connector_hq_clock_offset_seconds",
             "Estimated offset of HQ's clock from the box's (positive: HQ is ahead).",
@@ -170,17 +171,11 @@ class _StateCollector(Collector):
         if clock_offset is not None:
             offset.add_metric([], clock_offset)
         yield offset
-        hq_config = runtime.config.hq
-        uncertain = (
-            hq_config is not None
-            and clock_offset is not None
-            and abs(clock_offset) > hq_config.clock_offset_threshold
-        )
         yield GaugeMetricFamily(
             "identity_connector_clock_uncertain",
             "1 when the clock offset from HQ exceeds [hq] clock_offset_threshold, so audit"
             " events are flagged clockUncertain.",
-            value=1.0 if uncertain else 0.0,
+            value=1.0 if hq is not None and hq.clock_uncertain else 0.0,
         )
         yield GaugeMetricFamily(
             "identity_connector_cache_stale",

@@ -37,7 +37,10 @@ class ClockEstimator:
     @property
     def uncertain(self) -> bool:
         """Whether our clock is off from HQ's by more than the threshold."""
-        offset = self.offset
+        return self.exceeds(self.offset)
+
+    def exceeds(self, offset: float | None) -> bool:
+        """Return whether ``offset`` is over the threshold, so that events are flagged."""
         return offset is not None and abs(offset) > self.threshold
 
     def observe(self, date_header: str | None, sent_at: float, received_at: float) -> None:
@@ -63,6 +66,8 @@ class ClockEstimator:
                 detail="events are flagged clockUncertain until the clocks agree; check NTP",
             )
             self._warned = True
-        elif not self.uncertain and self._warned:
+        elif self._warned and abs(self.offset or 0.0) <= self.threshold - DATE_RESOLUTION:
+            # A second below the threshold, so that an offset near it, which the estimate's
+            # own error of up to a second moves across, does not log a line per sample.
             log.info("hq.clock_agrees", offset_seconds=round(self.offset or 0.0, 1))
             self._warned = False

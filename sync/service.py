@@ -308,9 +308,12 @@ class SyncService:
             HQ_STATE_SINCE_META_KEY: repr(self.health.since),
         }
         offset = self.clock.offset
+        # Also stored when it crosses the threshold, so that `status` warns when events
+        # start to be flagged and stops when they no longer are.
         if offset is not None and (
             self._persisted_offset is None
             or abs(offset - self._persisted_offset) > CLOCK_PERSIST_STEP
+            or self.clock.exceeds(offset) != self.clock.exceeds(self._persisted_offset)
         ):
             values[CLOCK_OFFSET_META_KEY] = repr(round(offset, 3))
             self._persisted_offset = offset

@@ -194,6 +194,21 @@ def test_clock_median_resists_one_outlier() -> None:
     assert clock.uncertain is False
 
 
+def test_clock_near_threshold_logs_no_flapping() -> None:
+    # Samples that fall either side of the threshold, as the Date header's rounding makes
+    # them: one warning, and no "agrees" line until the offset is clearly below it.
+    clock = ClockEstimator(threshold=10.0)
+    now = 1_700_000_000.0
+    with capture_logs() as logs:
+        for ahead in (11.0, 11.0, 11.0, 9.0, 9.0, 9.0, 11.0, 11.0, 11.0, 9.0, 9.0, 9.0):
+            clock.observe(formatdate(now + ahead, usegmt=True), now, now)
+        for _ in range(5):
+            clock.observe(formatdate(now, usegmt=True), now, now)
+    events = [entry["event"] for entry in logs]
+
+    assert events == ["hq.clock_offset", "hq.clock_agrees"]
+
+
 def test_health_logs_hq_down_at_start() -> None:
     health = HqHealth(offline_after=2)
     with capture_logs() as logs:
