@@ -248,16 +248,18 @@ class Puller:
             self._logged_while_failing.clear()
             return True
 
-        self._log_once(
-            "warning",
-            "sync.digest_mismatch",
-            local_count=count,
-            hq_count=remote.count,
-            cursor=remote.cursor,
-            action="rebuilding from the snapshot"
-            if rebuild_on_mismatch
-            else "none until the next reconciliation",
-        )
+        fields = {"local_count": count, "hq_count": remote.count, "cursor": remote.cursor}
+        if rebuild_on_mismatch:
+            self._log_once(
+                "warning", "sync.digest_mismatch", **fields, action="rebuilding from the snapshot"
+            )
+        else:
+            # Right after a rebuild, always at warning level: the mismatch that started the
+            # rebuild was logged under the same name, and this one says the rebuild did not
+            # help (HQ's snapshot and digest disagree).
+            log.warning(
+                "sync.digest_mismatch", **fields, action="none until the next reconciliation"
+            )
         self._say(f"digest mismatch: {count} identities here, {remote.count} at HQ")
         if rebuild_on_mismatch:
             await self.rebuild("digest mismatch", report)

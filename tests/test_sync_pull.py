@@ -180,6 +180,30 @@ def test_digest_mismatch_triggers_rebuild(tmp_path: Path, hq: FakeHq) -> None:
         daemon.stop()
 
 
+def test_mismatch_after_mismatch_rebuild_logged(tmp_path: Path, hq: FakeHq) -> None:
+    # HQ's digest disagrees with its own snapshot, so each rebuild leaves a mismatch, and
+    # the check after each rebuild must say so at warning level.
+    daemon = start_daemon(tmp_path, hq, extra='reconcile_interval = "300ms"')
+
+    def after_rebuild() -> list[dict]:
+        return [
+            line
+            for line in log_events(daemon, "sync.digest_mismatch")
+            if line["level"] == "warning" and line["action"] == "none until the next reconciliation"
+        ]
+
+    try:
+        wait_until(lambda: caught_up(daemon, hq), what="the initial snapshot")
+        hq.control.digest_salt = "disagree"
+        # The first may come from the check after the initial rebuild, if the salt was set
+        # before it ran; the second comes after a rebuild that a mismatch started.
+        wait_until(lambda: len(after_rebuild()) >= 2, what="two checks after rebuilds")
+        reasons = [line["reason"] for line in log_events(daemon, "sync.rebuilt")]
+    finally:
+        daemon.stop()
+    assert "digest mismatch" in reasons
+
+
 def test_snapshot_shared_key_goes_to_later_record(tmp_path: Path, hq: FakeHq) -> None:
     # The snapshot is sorted by credential id, so "c-takeover" follows "c-shopper".
     hq.put({**SAMPLE_RECORDS[0], "credentialId": "c-takeover", "id": "shopper-takeover"})
