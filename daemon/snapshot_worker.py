@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import sqlite3
 import sys
 import threading
@@ -30,6 +31,7 @@ from pathlib import Path
 from typing import IO
 
 import msgspec
+import structlog
 
 from daemon import cachefile
 from daemon.identities import (
@@ -48,6 +50,8 @@ from daemon.identities import (
 from daemon.normalize import normalize_key
 from daemon.store import KeyHasher
 
+log = structlog.get_logger(__name__)
+
 # Kept equal to sync.client's limit, which the daemon applies to the bytes it carries over
 # between blocks; the worker applies it to every whole line.
 MAX_LINE_BYTES = 65536
@@ -59,6 +63,9 @@ MAX_FRAME_BYTES = 256 * 1024 * 1024
 _HEADER_BYTES = 4
 # Seconds to wait for a worker that stopped responding to exit, for its exit status.
 REAP_TIMEOUT_SECONDS = 1.0
+# A reply to one block that takes longer than this is logged once; a block of 2,000
+# records takes tens of milliseconds on the benchmark machine.
+SLOW_REPLY_SECONDS = 30.0
 
 
 class Hello(msgspec.Struct, array_like=True):
@@ -308,24 +315,46 @@ class SnapshotWorker:
             try:
                 process.stdin.write(_frame(self._encoder.encode(block)))
                 await process.stdin.drain()
-                header = await process.stdout.readexactly(_HEADER_BYTES)
+                header = await self._read_header(process.stdout, block.first_line)
                 size = int.from_bytes(header, "big")
                 if size > MAX_FRAME_BYTES:
                     raise WorkerFailed(f"snapshot worker sent a {size}-byte frame")
                 body = await process.stdout.readexactly(size)
-            except (asyncio.IncompleteReadError, ConnectionError, RuntimeError) as exc:
+            except (asyncio.IncompleteReadError, ConnectionError, RuntimeError):
                 # uvloop raises RuntimeError for a write to the pipe of a worker that has
                 # exited, asyncio a ConnectionError.
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(process.wait(), REAP_TIMEOUT_SECONDS)
-                raise WorkerFailed(
-                    f"snapshot worker stopped (exit status {process.returncode}): {exc}; its"
-                    " error, if any, is in the log just before this line"
-                ) from None
+                raise WorkerFailed(_exit_description(process.returncode)) from None
             try:
                 return self._decoder.decode(body)
             except msgspec.DecodeError as exc:
                 raise WorkerFailed(f"snapshot worker sent an unreadable reply: {exc}") from None
+
+    async def _read_header(self, stdout: asyncio.StreamReader, first_line: int) -> bytes:
+        """Read a reply's length, logging once when the worker takes unusually long.
+
+        The worker runs at idle priority, so on a busy box a reply may take long, and it is
+        waited for. A worker that is stopped (SIGSTOP) or stuck would otherwise halt the
+        sync without a line in the log.
+        """
+        reading = asyncio.ensure_future(stdout.readexactly(_HEADER_BYTES))
+        try:
+            done, _pending = await asyncio.wait({reading}, timeout=SLOW_REPLY_SECONDS)
+        except asyncio.CancelledError:
+            reading.cancel()
+            raise
+        if not done:
+            log.warning(
+                "sync.worker_slow",
+                pid=self._process.pid,
+                first_line=first_line,
+                waited_seconds=SLOW_REPLY_SECONDS,
+                detail="the snapshot worker has not answered a block; the rebuild and the"
+                " sync wait for it. A busy box slows it (it runs at idle priority); a"
+                " stopped or stuck process needs a look",
+            )
+        return await reading
 
     def kill(self) -> None:
         """Stop the worker at once, without waiting for it, for a daemon that is stopping."""
@@ -336,6 +365,24 @@ class SnapshotWorker:
         """Stop the worker and reap it. It keeps nothing, so it is killed, not asked."""
         self.kill()
         await self._process.wait()
+
+
+def _exit_description(status: int | None) -> str:
+    """Describe how the worker ended, from its exit status (negative: the signal)."""
+    if status is None:
+        return "snapshot worker closed its pipes but is still running"
+    if status < 0:
+        try:
+            name = signal.Signals(-status).name
+        except ValueError:
+            name = f"signal {-status}"
+        return f"snapshot worker was killed by {name}"
+    if status == 0:
+        return "snapshot worker exited before it answered a block"
+    return (
+        f"snapshot worker exited with status {status}; its traceback, if any, is in the"
+        " daemon's standard error just before this line"
+    )
 
 
 if __name__ == "__main__":

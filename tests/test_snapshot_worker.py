@@ -17,8 +17,9 @@ import msgspec
 import pytest
 import uvloop
 from aiohttp import web
+from structlog.testing import capture_logs
 
-from daemon import cachefile
+from daemon import cachefile, snapshot_worker
 from daemon.hq import RebuildTakenOver, StoreAdapter
 from daemon.normalize import normalize_key
 from daemon.snapshot_worker import (
@@ -174,7 +175,29 @@ def test_worker_dead_process_raises() -> None:
             await worker.stop()
         return "no error"
 
-    assert "snapshot worker stopped" in run(scenario())
+    assert "snapshot worker was killed by SIGKILL" in run(scenario())
+
+
+def test_slow_worker_reply_logged_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(snapshot_worker, "SLOW_REPLY_SECONDS", 0.2)
+
+    async def scenario() -> PreparedBlock:
+        worker = await SnapshotWorker.start(SECRET, 2)
+        pid = worker._process.pid
+        try:
+            os.kill(pid, signal.SIGSTOP)
+            asyncio.get_running_loop().call_later(0.6, os.kill, pid, signal.SIGCONT)
+            return await worker.prepare(Block(1, line(record(1)), 1.0))
+        finally:
+            os.kill(pid, signal.SIGCONT)
+            await worker.stop()
+
+    with capture_logs() as logs:
+        prepared = run(scenario())
+    slow = [entry for entry in logs if entry["event"] == "sync.worker_slow"]
+
+    assert len(slow) == 1
+    assert prepared.received == 1
 
 
 async def stream_blocks(
@@ -338,7 +361,7 @@ def test_rebuild_restarts_without_worker_when_worker_dies(
     finally:
         adapter.close()
         store.close()
-    assert "snapshot worker stopped" in error
+    assert "snapshot worker was killed by SIGKILL" in error
     assert workers == [], "the restarted rebuild started another worker"
     assert count == 100
     assert found == "c-77"
