@@ -20,11 +20,12 @@ import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
 import structlog
+from cryptography import x509
 
 from daemon import cachefile
 from daemon.cachefile import AttachedCache
@@ -133,9 +134,11 @@ def settings_from_config(config: Config, hq: HqConfig, warn: bool = True) -> Syn
     for name in ("client_cert_file", "client_key_file", "ca_file"):
         path = getattr(hq, name)
         if path and not Path(path).is_file():
-            raise ConfigError(f"[hq] {name} {path} not found: fix the path or remove the key")
+            raise ConfigError(f"[hq] {name} {path} not found: fix the path or remove the setting")
     if hq.url.startswith("https://"):
         _check_tls_files(hq)
+        if warn and hq.client_cert_file:
+            _warn_client_cert_dates(hq.client_cert_file, datetime.now(UTC))
     elif warn:
         _warn_plain_http(hq)
     return SyncSettings(
@@ -187,6 +190,36 @@ def _warn_plain_http(hq: HqConfig) -> None:
         )
 
 
+def _warn_client_cert_dates(cert_file: str, now: datetime) -> None:
+    """Warn when the HQ client certificate is outside its validity period at ``now``.
+
+    HQ then rejects every call, but the gates keep working from the cache, so this is a
+    warning and not a reason to refuse to start.
+    """
+    try:
+        certificate = x509.load_pem_x509_certificate(Path(cert_file).read_bytes())
+    except (OSError, ValueError):
+        # OpenSSL loaded it in _check_tls_files; a form that cryptography does not read
+        # here only loses the warning.
+        return
+    if certificate.not_valid_after_utc < now:
+        log.warning(
+            "hq.client_cert_expired",
+            file=cert_file,
+            not_after=certificate.not_valid_after_utc.isoformat(),
+            detail="HQ rejects an expired client certificate, so every HQ call fails:"
+            " install the certificate HQ issued to replace it",
+        )
+    elif certificate.not_valid_before_utc > now:
+        log.warning(
+            "hq.client_cert_not_yet_valid",
+            file=cert_file,
+            not_before=certificate.not_valid_before_utc.isoformat(),
+            detail="HQ rejects the client certificate until then, so every HQ call fails:"
+            " check the box's clock",
+        )
+
+
 def _check_tls_files(hq: HqConfig) -> None:
     """Load the CA bundle and the client certificate as the HQ client will; raise ConfigError.
 
@@ -213,6 +246,12 @@ def _check_tls_files(hq: HqConfig) -> None:
             f" client_key_file to the new file"
         ) from None
     except (ssl.SSLError, OSError) as exc:
+        if not hq.client_key_file:
+            raise ConfigError(
+                f"[hq] client_key_file is not set, so the key must be in client_cert_file"
+                f" {hq.client_cert_file}, and none loaded from it ({exc}): set client_key_file"
+                f" to the file of the certificate's key"
+            ) from None
         raise ConfigError(
             f"[hq] client_cert_file {hq.client_cert_file} and client_key_file {key} could not"
             f" be loaded together ({exc}): both must be PEM, and the key must belong to the"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -201,6 +202,12 @@ def encrypted_client_key(directory: Path) -> str:
     return f'client_cert_file = "{client.cert_file}"\nclient_key_file = "{encrypted}"\n'
 
 
+def certificate_without_key(directory: Path) -> str:
+    authority = CertificateAuthority(directory / "ca", "hq-client-ca")
+    client = authority.issue("store-001")
+    return f'client_cert_file = "{client.cert_file}"\n'
+
+
 def ca_file_not_pem(directory: Path) -> str:
     bundle = directory / "ca-bundle.pem"
     bundle.write_text("not a certificate\n", encoding="utf-8")
@@ -212,6 +219,10 @@ HQ_TLS_CASES: dict[str, tuple[Callable[[Path], str], str]] = {
     "key of another certificate": (mismatched_client_pair, "[hq] client_cert_file"),
     "CA file not PEM": (ca_file_not_pem, "[hq] ca_file"),
     "encrypted client key": (encrypted_client_key, "is encrypted"),
+    "no key file, none in the certificate file": (
+        certificate_without_key,
+        "set client_key_file to the file of the certificate's key",
+    ),
 }
 
 
@@ -226,6 +237,35 @@ def test_check_config_loads_hq_tls_files(tmp_path: Path, kind: str) -> None:
     assert result.returncode == 2, result.stdout
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# (start of the client certificate's validity from now, warning check-config prints)
+CLIENT_CERT_DATE_CASES = [
+    (timedelta(days=-10), "hq.client_cert_expired"),
+    (timedelta(days=2), "hq.client_cert_not_yet_valid"),
+    (timedelta(days=-1), None),
+]
+
+
+@pytest.mark.parametrize(("valid_from", "warning"), CLIENT_CERT_DATE_CASES)
+def test_check_config_warns_client_cert_dates(
+    tmp_path: Path, valid_from: timedelta, warning: str | None
+) -> None:
+    authority = CertificateAuthority(tmp_path / "ca", "hq-client-ca")
+    client = authority.issue("store-001", valid_from=valid_from, valid_for=timedelta(days=7))
+    table = (
+        '[hq]\nurl = "https://127.0.0.1:8443/"\n'
+        f'client_cert_file = "{client.cert_file}"\nclient_key_file = "{client.key_file}"\n'
+    )
+    config = write_config(tmp_path, free_port(), table)
+
+    result = run_cli("check-config", str(config))
+
+    assert result.returncode == 0, result.stderr
+    if warning is None:
+        assert "hq.client_cert" not in result.stderr
+    else:
+        assert warning in result.stderr
 
 
 def test_check_config_accepts_byte_order_mark(tmp_path: Path) -> None:
