@@ -1181,13 +1181,15 @@ def sync_now(config: Config, store: Store) -> int:
             # the changes after it, "removed" only the changes after it.
             pulled = (
                 f"cache rebuilt from the snapshot with {pull.identities} identities;"
-                f" {pull.put} put (snapshot and later changes),"
-                f" {pull.removed} removed after the rebuild"
+                f" {pull.put} put in all (changes before the rebuild, the snapshot's records"
+                f" and changes after it), {pull.removed} removed"
             )
         else:
             pulled = f"{pull.put} put, {pull.removed} removed"
         if report.pull_error is not None:
             pulled = f"pull stopped by the error above after {pulled}"
+            if pull.rebuild_abandoned:
+                pulled += " (the failed rebuild was discarded: the cache in use is unchanged)"
         progress(
             f"done: {pulled}, {pull.rejected} rejected; {report.upload.accepted} of"
             f" {report.upload.sent} events accepted"

@@ -223,7 +223,7 @@ class HqClient:
                 response
             ):
                 if response.status == 410:
-                    raise CursorExpired("HQ expired the feed cursor (410 Gone)")
+                    raise CursorExpired("HQ expired the feed cursor (410 Gone)", cursor)
                 self._expect(response, "changes", 200)
                 max_bytes = MAX_JSON_BODY_BYTES + limit * MAX_CHANGE_BYTES
                 page = await self._decode(response, "changes", _ChangesPage, max_bytes)

@@ -65,3 +65,8 @@ class HqResponseInvalid(HqError):
 
 class CursorExpired(HqError):
     """HQ responded 410 Gone to a changes request: the feed must restart from a snapshot."""
+
+    def __init__(self, message: str, cursor: str | None = None) -> None:
+        super().__init__(message)
+        self.cursor = cursor
+        """The cursor that HQ answered 410 for."""

@@ -32,6 +32,8 @@ class PullReport:
     """Size of the cache after a rebuild."""
     mismatch_after_rebuild: bool = False
     """The comparison right after a rebuild still found the cache unlike HQ's records."""
+    rebuild_abandoned: bool = False
+    """A rebuild failed, so the cache in use kept its records and cursor."""
 
 
 class Puller:
@@ -72,8 +74,10 @@ class Puller:
         else:
             try:
                 await self._follow_feed(cursor, report)
-            except CursorExpired:
-                self._log_once("warning", "sync.cursor_expired", cursor=cursor)
+            except CursorExpired as exc:
+                # The feed may have moved past the cursor the pull started from.
+                expired = exc.cursor if exc.cursor is not None else cursor
+                self._log_once("warning", "sync.cursor_expired", cursor=expired)
                 await self.rebuild("cursor expired", report)
         self._logged_while_failing.clear()
         return report
@@ -134,6 +138,7 @@ class Puller:
                 # The old cache stays in use; a crash here instead leaves the new file,
                 # which the next sync start deletes.
                 await self.store.abandon_rebuild()
+                report.rebuild_abandoned = True
                 raise
             break
         _merge(report, staged)

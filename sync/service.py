@@ -231,7 +231,7 @@ class SyncService:
             except Exception as exc:
                 # A store failure (disk full, writer stopped) must not end the loop silently.
                 delay = backoff.next_delay()
-                log.exception("sync.pull_crashed", error=str(exc), retry_in_seconds=delay)
+                log.exception("sync.pull_crashed", error=str(exc), retry_in_seconds=round(delay, 1))
             else:
                 self.health.attempt_succeeded(PULL)
                 backoff.reset()
@@ -281,7 +281,9 @@ class SyncService:
                 failures.failed(exc, delay)
             except Exception as exc:
                 delay = backoff.next_delay()
-                log.exception("sync.upload_crashed", error=str(exc), retry_in_seconds=delay)
+                log.exception(
+                    "sync.upload_crashed", error=str(exc), retry_in_seconds=round(delay, 1)
+                )
             await asyncio.sleep(delay)
 
     def _state_changed(self, previous: HqState, current: HqState) -> None:

@@ -218,6 +218,7 @@ def test_sync_now_uploads_when_pull_fails(tmp_path: Path, hq: FakeHq) -> None:
 
     assert result.returncode == 1
     assert "error: pull failed:" in result.stderr
+    assert "the failed rebuild was discarded: the cache in use is unchanged" in result.stdout
     assert "1 of 1 events accepted" in result.stdout
     assert outbox_ids(daemon.database) == []
 
