@@ -311,7 +311,14 @@ def build_app(runtime: Runtime, metrics_registry: Metrics) -> web.Application:
         client_max_size=runtime.config.server.max_body_size,
     )
     app[RUNTIME_KEY] = runtime
-    app[ADMISSION_KEY] = Admission(runtime.config, problem_response)
+    admission = Admission(runtime.config, problem_response)
+    app[ADMISSION_KEY] = admission
+
+    def listener_certificate() -> bytes | None:
+        material = admission.state.tls_material
+        return material.chain if material is not None else None
+
+    runtime.certificates["gateway_tls"] = listener_certificate
     app[METRICS_KEY] = metrics_registry
     app[OPENAPI_KEY] = openapi_bytes()
     app.router.add_post(SCAN_PATH, resolve_scan)

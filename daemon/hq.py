@@ -25,10 +25,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import structlog
-from cryptography import x509
 
 from daemon import cachefile
 from daemon.cachefile import AttachedCache
+from daemon.certs import certificate_validity
 from daemon.config import Config, ConfigError, HqConfig
 from daemon.identities import (
     IdentityRecord,
@@ -197,24 +197,25 @@ def _warn_client_cert_dates(cert_file: str, now: datetime) -> None:
     warning and not a reason to refuse to start.
     """
     try:
-        certificate = x509.load_pem_x509_certificate(Path(cert_file).read_bytes())
-    except (OSError, ValueError):
-        # OpenSSL loaded it in _check_tls_files; a form that cryptography does not read
-        # here only loses the warning.
+        validity = certificate_validity(Path(cert_file).read_bytes())
+    except OSError:
         return
-    if certificate.not_valid_after_utc < now:
+    if validity is None:
+        return
+    problem = validity.problem(now)
+    if problem == "expired":
         log.warning(
             "hq.client_cert_expired",
             file=cert_file,
-            not_after=certificate.not_valid_after_utc.isoformat(),
+            not_after=validity.not_after.isoformat(),
             detail="HQ rejects an expired client certificate, so every HQ call fails:"
             " install the certificate HQ issued to replace it",
         )
-    elif certificate.not_valid_before_utc > now:
+    elif problem == "not_yet_valid":
         log.warning(
             "hq.client_cert_not_yet_valid",
             file=cert_file,
-            not_before=certificate.not_valid_before_utc.isoformat(),
+            not_before=validity.not_before.isoformat(),
             detail="HQ rejects the client certificate until then, so every HQ call fails:"
             " check the box's clock",
         )

@@ -11,6 +11,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from daemon.certs import certificate_validity
 from daemon.store import (
     CURSOR_CHANGED_META_KEY,
     LAST_PULL_META_KEY,
@@ -209,6 +210,18 @@ class _StateCollector(Collector):
             files.add_metric([name], size)
         yield files
 
+        certificates = GaugeMetricFamily(
+            "identity_connector_certificate_not_after_seconds",
+            "Unix time at which a certificate the daemon presents expires.",
+            labels=["certificate"],
+        )
+        for name, source in sorted(runtime.certificates.items()):
+            pem = source()
+            validity = certificate_validity(pem) if pem else None
+            if validity is not None:
+                certificates.add_metric([name], validity.not_after.timestamp())
+        yield certificates
+
         yield GaugeMetricFamily(
             "identity_connector_start_time_seconds",
             "Unix time the daemon started.",
@@ -217,7 +230,7 @@ class _StateCollector(Collector):
 
 
 def _number(text: str | None) -> float | None:
-    """A meta value as a number; None when missing or not a number."""
+    """Convert a meta value to a number; return None when it is missing or not a number."""
     if text is None:
         return None
     try:

@@ -47,6 +47,8 @@ class Runtime:
     """Reason the daemon stopped itself; ``serve`` then exits non-zero."""
     reload_hooks: list[ReloadHook] = field(default_factory=list)
     """Called with the new configuration after a reload; raising rejects the reload."""
+    certificates: dict[str, Callable[[], bytes | None]] = field(default_factory=dict)
+    """The PEM of each certificate the daemon presents, by name, as in use now."""
 
     def reload(self) -> bool:
         """Reread the configuration file; keep the running one when the new one is invalid."""

@@ -21,12 +21,14 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import structlog
 from aiohttp import web
 
+from daemon.certs import certificate_validity
 from daemon.config import AuthConfig, Config, ConfigError, ServerConfig, TlsConfig
 
 log = structlog.get_logger(__name__)
@@ -851,10 +853,25 @@ def _scratch_ca_context(tls: TlsConfig, state: AdmissionState) -> ssl.SSLContext
 
 
 def _log_tls_loaded(event: str, tls: TlsConfig, material: TlsMaterial) -> None:
+    validity = certificate_validity(material.chain)
     log.info(
         event,
         cert_file=tls.cert_file,
         certificate_fingerprint=material.certificate_fingerprint,
+        not_after=validity.not_after.isoformat() if validity is not None else None,
         client_certificates="required" if material.client_ca else "not requested",
         min_version=tls.min_version,
     )
+    problem = validity.problem(datetime.now(UTC)) if validity is not None else None
+    if problem is not None:
+        # The listener still serves it: a gateway that accepts it (a test client, a clock
+        # that is also off) keeps working, and IT can replace the file and reload.
+        log.warning(
+            f"tls.cert_{problem}",
+            cert_file=tls.cert_file,
+            not_before=validity.not_before.isoformat() if validity is not None else None,
+            not_after=validity.not_after.isoformat() if validity is not None else None,
+            detail="gateways reject this certificate in the TLS handshake: install a valid"
+            " one in [tls] cert_file and key_file and reload the service, or check the"
+            " box's clock",
+        )

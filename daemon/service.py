@@ -97,6 +97,19 @@ async def _serve_database(config: Config, config_path: Path | None, database: Pa
     log.info("server.stopped")
 
 
+def _export_hq_client_certificate(runtime: Runtime) -> None:
+    """Give the metrics the HQ client certificate, as the sync loads it once at its start."""
+    hq = runtime.config.hq
+    if hq is None or not hq.url.startswith("https://") or not hq.client_cert_file:
+        return
+    try:
+        pem = Path(hq.client_cert_file).read_bytes()
+    except OSError:
+        # settings_from_config has read it just before; a file gone since only loses this.
+        return
+    runtime.certificates["hq_client"] = lambda: pem
+
+
 async def _serve_with_store(config: Config, config_path: Path | None, store: Store) -> None:
     metrics = Metrics()
     runtime = Runtime(
@@ -106,6 +119,7 @@ async def _serve_with_store(config: Config, config_path: Path | None, store: Sto
         config_path=config_path,
     )
     metrics.attach(runtime)
+    _export_hq_client_certificate(runtime)
     app = build_app(runtime, metrics)
     admission = app[security.ADMISSION_KEY]
     runtime.reload_hooks.append(admission.apply)

@@ -12,6 +12,8 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from cryptography import x509
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.tls_helpers import (
     CertificateAuthority,
@@ -334,3 +336,60 @@ def test_failed_reload_keeps_certificate(
     assert "[tls]" in failed["error"]
     assert reply.status == 200
     assert still_served == served_der
+
+
+def not_after(issued: Issued) -> float:
+    return x509.load_der_x509_certificate(issued.der).not_valid_after_utc.timestamp()
+
+
+def certificate_samples(daemon: SecureDaemon) -> dict[str, float]:
+    reply = daemon.request("GET", "/metrics")
+    assert reply.status == 200, reply.body
+    return {
+        sample.labels["certificate"]: sample.value
+        for family in text_string_to_metric_families(reply.body.decode())
+        if family.name == "identity_connector_certificate_not_after_seconds"
+        for sample in family.samples
+    }
+
+
+def test_metrics_show_listener_certificate_expiry(
+    tls_daemon: tuple[SecureDaemon, CertificateAuthority],
+) -> None:
+    daemon, server_ca = tls_daemon
+    before = certificate_samples(daemon)
+    lines = len(daemon.log_lines())
+    renewed = server_ca.issue(
+        "connector-renewed.test", server=True, valid_for=timedelta(days=30), file_stem="server"
+    )
+    daemon.sighup()
+    daemon.wait_for_log("tls.reloaded", after=lines)
+
+    after = certificate_samples(daemon)
+
+    assert before["gateway_tls"] < after["gateway_tls"]
+    assert after["gateway_tls"] == not_after(renewed)
+
+
+def test_expired_listener_certificate_warned(tmp_path: Path) -> None:
+    server_ca = CertificateAuthority(tmp_path / "own-ca", "own-ca")
+    expired = server_ca.issue(
+        "connector.test",
+        server=True,
+        valid_from=timedelta(days=-10),
+        valid_for=timedelta(days=1),
+        file_stem="server",
+    )
+    key_file = write_api_key(tmp_path / "keys" / "gateway", API_KEY)
+    extra = (
+        f'[tls]\ncert_file = "{expired.cert_file}"\nkey_file = "{expired.key_file}"\n'
+        f'\n[auth]\napi_key_files = ["{key_file}"]\n'
+    )
+    daemon = make_secure_daemon(tmp_path / "daemon", extra, api_key=API_KEY)
+    # A client that verifies the certificate cannot reach /healthz, so no wait for it.
+    daemon.start(wait=False)
+    try:
+        warning = daemon.wait_for_log("tls.cert_expired")
+    finally:
+        daemon.stop()
+    assert warning["level"] == "warning"

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import ssl
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from cryptography import x509
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import SAMPLE_RECORDS, make_daemon, run_cli
 from tests.fakehq import FakeHq, hq_config, local_versions, versions_of
@@ -95,3 +98,29 @@ def test_tls_refusal_names_the_setting(
 
     assert code == 1
     assert hint in output
+
+
+def test_metrics_show_client_certificate_expiry(
+    tmp_path: Path, hq: FakeHq, authority: CertificateAuthority
+) -> None:
+    client = authority.issue(CLIENT_NAME, valid_for=timedelta(days=20))
+    tls = (
+        f'ca_file = "{authority.cert_file}"\n'
+        f'client_cert_file = "{client.cert_file}"\nclient_key_file = "{client.key_file}"\n'
+    )
+    directory = tmp_path / "daemon"
+    daemon = make_daemon(directory, hq_config(hq, directory, tls), records=[])
+    daemon.start()
+    try:
+        reply = daemon.request("GET", "/metrics")
+    finally:
+        daemon.stop()
+    samples = {
+        sample.labels["certificate"]: sample.value
+        for family in text_string_to_metric_families(reply.body.decode())
+        if family.name == "identity_connector_certificate_not_after_seconds"
+        for sample in family.samples
+    }
+    expected = x509.load_der_x509_certificate(client.der).not_valid_after_utc.timestamp()
+
+    assert samples == {"hq_client": expected}
