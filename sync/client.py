@@ -177,6 +177,9 @@ class HqClient:
         self.health = health
         self.clock = clock
         self._session: aiohttp.ClientSession | None = None
+        # Whether the last call got an HTTP response: then a TLS handshake worked, and a
+        # connection closed under the next call is not taken for a rejected certificate.
+        self._responded = False
         self._prefix = f"{settings.base_url}/v1/stores/{quote(settings.store_id, safe='')}"
 
     async def open(self) -> None:
@@ -333,10 +336,15 @@ class HqClient:
                 f"HQ {call} timed out after {self.settings.request_timeout:g} s"
             ) from None
         except aiohttp.ClientError as exc:
+            hint = _tls_hint(exc, self.settings, self._responded)
+            # The next failure in a row gets the hint: a certificate that expired or was
+            # revoked while the daemon ran fails every call from then on.
+            self._responded = False
             raise HqUnreachable(
-                f"HQ {call} failed: {_describe(exc, self.settings)}{_tls_hint(exc, self.settings)}"
+                f"HQ {call} failed: {_describe(exc, self.settings)}{hint}"
             ) from None
 
+        self._responded = True
         try:
             self.clock.observe(response.headers.get("Date"), sent_at, time.time())
             if response.status in (401, 403):
@@ -451,8 +459,11 @@ def _describe(error: aiohttp.ClientError, settings: SyncSettings) -> str:
 _CLIENT_CERT_ALERTS = ("certificate required", "bad certificate", "unknown ca", "handshake failure")
 
 
-def _tls_hint(error: aiohttp.ClientError, settings: SyncSettings) -> str:
-    """Return what to check in the configuration after a failed https call, or ""."""
+def _tls_hint(error: aiohttp.ClientError, settings: SyncSettings, responded: bool) -> str:
+    """Return what to check in the configuration after a failed https call, or "".
+
+    ``responded`` says whether the call before this one got an HTTP response.
+    """
     if not settings.base_url.startswith("https://"):
         return ""
     if isinstance(error, aiohttp.ClientConnectorCertificateError):
@@ -466,19 +477,18 @@ def _tls_hint(error: aiohttp.ClientError, settings: SyncSettings) -> str:
             " to the CA that issued it"
         )
     text = str(error).lower()
-    rejected = (
-        isinstance(error, aiohttp.ServerDisconnectedError)
-        or (isinstance(error, aiohttp.ClientOSError) and error.errno == errno.ECONNRESET)
-        or (
-            isinstance(error, aiohttp.ClientSSLError)
-            and any(alert in text for alert in _CLIENT_CERT_ALERTS)
-        )
+    # A connection closed or reset without an answer is, over TLS, usually a rejected
+    # certificate. Right after an answer, the handshake worked: the disconnect is more
+    # likely HQ restarting, or a keep-alive connection closed under a POST, which aiohttp
+    # does not retry.
+    dropped = isinstance(error, aiohttp.ServerDisconnectedError) or (
+        isinstance(error, aiohttp.ClientOSError) and error.errno == errno.ECONNRESET
     )
-    if not rejected:
+    alert = isinstance(error, aiohttp.ClientSSLError) and any(
+        name in text for name in _CLIENT_CERT_ALERTS
+    )
+    if not alert and not (dropped and not responded):
         return ""
-    # A keep-alive connection that HQ closed is retried by aiohttp, so a disconnect or
-    # reset that reaches here came before any answer. Over TLS, that is usually a
-    # rejected certificate.
     if settings.client_cert_file:
         return (
             "; HQ closed the TLS connection without an answer. When every call fails like"

@@ -7,13 +7,15 @@ import random
 import time
 from email.utils import formatdate
 
+import aiohttp
 import pytest
 from structlog.testing import capture_logs
 
-from sync.client import _retry_after_seconds
+from sync.client import _retry_after_seconds, _tls_hint
 from sync.clock import ClockEstimator
 from sync.digest import compute_digest
 from sync.errors import HqError, HqResponseInvalid, HqStatusError, HqUnreachable
+from sync.settings import SyncSettings
 from sync.state import PULL, UPLOAD, Backoff, HqHealth, HqState
 
 
@@ -278,3 +280,35 @@ def test_retry_after_http_date() -> None:
     parsed = _retry_after_seconds(header)
     assert parsed is not None
     assert 38 <= parsed <= 41
+
+
+# (URL, whether the call before got an answer, whether the error text gets the hint)
+DISCONNECT_HINT_CASES = [
+    ("https://hq.example", False, True),
+    ("https://hq.example", True, False),
+    ("http://hq.example", False, False),
+]
+
+
+@pytest.mark.parametrize(("url", "responded", "hinted"), DISCONNECT_HINT_CASES)
+def test_disconnect_hint_only_without_answer(url: str, responded: bool, hinted: bool) -> None:
+    # Right after an answer the handshake worked, so a dropped connection is no sign of a
+    # rejected certificate (a keep-alive connection closed under a POST, say).
+    settings = SyncSettings(url=url, store_id="STORE-001")
+    hint = _tls_hint(aiohttp.ServerDisconnectedError(), settings, responded)
+
+    assert ("client_cert_file" in hint) is hinted
+
+
+def test_clock_agrees_again_under_short_threshold() -> None:
+    # With a threshold of one second, the clocks must still be able to agree again, and a
+    # later drift must warn again.
+    clock = ClockEstimator(threshold=1.0)
+    now = 1_700_000_000.0
+    with capture_logs() as logs:
+        for ahead in [5.0] * 5 + [0.0] * 5 + [5.0] * 5:
+            # The Date header has whole seconds, so each estimate is off by up to a second.
+            clock.observe(formatdate(now + ahead - 0.5, usegmt=True), now, now)
+    events = [entry["event"] for entry in logs]
+
+    assert events == ["hq.clock_offset", "hq.clock_agrees", "hq.clock_offset"]
