@@ -27,6 +27,9 @@ class ClockEstimator:
 
     def __init__(self, threshold: float) -> None:
         self.threshold = float(threshold)
+        # A second, or half of a threshold shorter than two seconds, which would otherwise
+        # leave no offset at which the clocks count as agreeing again.
+        self._margin = min(DATE_RESOLUTION, self.threshold / 2)
         self._samples: deque[float] = deque(maxlen=SAMPLES)
         self._warned = False
 
@@ -66,8 +69,9 @@ class ClockEstimator:
                 detail="events are flagged clockUncertain until the clocks agree; check NTP",
             )
             self._warned = True
-        elif self._warned and abs(self.offset or 0.0) <= self.threshold - DATE_RESOLUTION:
-            # A second below the threshold, so that an offset near it, which the estimate's
-            # own error of up to a second moves across, does not log a line per sample.
+        elif self._warned and abs(self.offset or 0.0) <= self.threshold - self._margin:
+            # Below the threshold by a margin, so that an offset near it, which the
+            # estimate's own error of up to a second moves across, does not log a line per
+            # sample.
             log.info("hq.clock_agrees", offset_seconds=round(self.offset or 0.0, 1))
             self._warned = False
