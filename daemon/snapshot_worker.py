@@ -362,7 +362,12 @@ class SnapshotWorker:
             self._process.kill()
 
     async def stop(self) -> None:
-        """Stop the worker and reap it. It keeps nothing, so it is killed, not asked."""
+        """Stop the worker and reap it.
+
+        It is killed, not asked: it commits each block before it replies, so between blocks
+        it has nothing to lose, and a worker stopped halfway through a block writes to a
+        file that the caller then deletes.
+        """
         self.kill()
         await self._process.wait()
 

@@ -126,7 +126,6 @@ class Puller:
             await self.store.begin_rebuild()
             try:
                 cursor = await self._stage_snapshot(staged)
-                count = await self.store.finish_rebuild(cursor, time.time())
             except RebuildRestart:
                 await self.store.abandon_rebuild()
                 if restarted:
@@ -139,6 +138,13 @@ class Puller:
                 # which the next sync start deletes.
                 await self.store.abandon_rebuild()
                 report.rebuild_abandoned = True
+                raise
+            try:
+                count = await self.store.finish_rebuild(cursor, time.time())
+            except Exception:
+                # The switch to the new file may have committed before the failure, so
+                # whether the old cache is still in use is not known here.
+                await self.store.abandon_rebuild()
                 raise
             break
         _merge(report, staged)
@@ -240,7 +246,8 @@ class Puller:
         report = report if report is not None else PullReport()
         remote = await self.client.digest()
         if remote.cursor != self.store.cursor():
-            _merge(report, await self.pull())
+            # Into the caller's report, so its counts survive when this pull fails.
+            await self.pull(report)
             remote = await self.client.digest()
             if remote.cursor != self.store.cursor():
                 log.info("sync.reconcile_skipped", reason="HQ's cursor moved during the check")
