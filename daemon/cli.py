@@ -146,7 +146,9 @@ def _check_config(path: Path) -> int:
     )
     # The listener's exposure, and every key, certificate and CA file it would read.
     security.check_listener_safety(config)
-    security.load_state(config)
+    state = security.load_state(config)
+    if config.tls is not None and state.tls_material is not None:
+        security.warn_certificate_dates(config.tls, state.tls_material)
     if config.hq is not None:
         # Imported here: daemon.hq pulls in the aiohttp client.
         from daemon.hq import settings_from_config

@@ -862,16 +862,24 @@ def _log_tls_loaded(event: str, tls: TlsConfig, material: TlsMaterial) -> None:
         client_certificates="required" if material.client_ca else "not requested",
         min_version=tls.min_version,
     )
-    problem = validity.problem(datetime.now(UTC)) if validity is not None else None
-    if problem is not None:
-        # The listener still serves it: a gateway that accepts it (a test client, a clock
-        # that is also off) keeps working, and IT can replace the file and reload.
-        log.warning(
-            f"tls.cert_{problem}",
-            cert_file=tls.cert_file,
-            not_before=validity.not_before.isoformat() if validity is not None else None,
-            not_after=validity.not_after.isoformat() if validity is not None else None,
-            detail="gateways reject this certificate in the TLS handshake: install a valid"
-            " one in [tls] cert_file and key_file and reload the service, or check the"
-            " box's clock",
-        )
+    warn_certificate_dates(tls, material)
+
+
+def warn_certificate_dates(tls: TlsConfig, material: TlsMaterial) -> None:
+    """Warn when the listener's certificate is outside its validity period now."""
+    validity = certificate_validity(material.chain)
+    if validity is None:
+        return
+    problem = validity.problem(datetime.now(UTC))
+    if problem is None:
+        return
+    # The listener still serves it: a gateway that accepts it (a test client, a clock that
+    # is also off) keeps working, and IT can replace the file and reload.
+    log.warning(
+        f"tls.cert_{problem}",
+        cert_file=tls.cert_file,
+        not_before=validity.not_before.isoformat(),
+        not_after=validity.not_after.isoformat(),
+        detail="gateways reject this certificate in the TLS handshake: install a valid one"
+        " in [tls] cert_file and key_file and reload the service, or check the box's clock",
+    )

@@ -301,3 +301,23 @@ def test_check_config_warns_plain_http_hq(tmp_path: Path, url: str, warning: str
         assert "ignored" not in result.stderr
     else:
         assert warning in result.stderr
+
+
+def test_check_config_warns_expired_listener_certificate(tmp_path: Path) -> None:
+    authority = CertificateAuthority(tmp_path / "ca", "server-ca")
+    server = authority.issue(
+        "connector.test", server=True, valid_from=timedelta(days=-10), valid_for=timedelta(days=1)
+    )
+    key = tmp_path / "gateway.key"
+    key.write_text("check-config-key-0123456789abcdef\n", encoding="utf-8")
+    key.chmod(0o600)
+    table = (
+        f'[tls]\ncert_file = "{server.cert_file}"\nkey_file = "{server.key_file}"\n'
+        f'\n[auth]\napi_key_files = ["{key}"]\n'
+    )
+    config = write_config(tmp_path, free_port(), table)
+
+    result = run_cli("check-config", str(config))
+
+    assert result.returncode == 0, result.stderr
+    assert "tls.cert_expired" in result.stderr
