@@ -203,22 +203,16 @@ def _warn_client_cert_dates(cert_file: str, now: datetime) -> None:
     if validity is None:
         return
     problem = validity.problem(now)
-    if problem == "expired":
-        log.warning(
-            "hq.client_cert_expired",
-            file=cert_file,
-            not_after=validity.not_after.isoformat(),
-            detail="HQ rejects an expired client certificate, so every HQ call fails:"
-            " install the certificate HQ issued to replace it",
-        )
-    elif problem == "not_yet_valid":
-        log.warning(
-            "hq.client_cert_not_yet_valid",
-            file=cert_file,
-            not_before=validity.not_before.isoformat(),
-            detail="HQ rejects the client certificate until then, so every HQ call fails:"
-            " check the box's clock",
-        )
+    if problem is None:
+        return
+    log.warning(
+        f"hq.client_cert_{problem}",
+        file=cert_file,
+        not_before=validity.not_before.isoformat(),
+        not_after=validity.not_after.isoformat(),
+        detail="HQ rejects a client certificate outside these dates, so every HQ call fails:"
+        " install the certificate HQ issued to replace it, or check the box's clock",
+    )
 
 
 def _check_tls_files(hq: HqConfig) -> None:

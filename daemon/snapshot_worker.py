@@ -63,7 +63,7 @@ MAX_FRAME_BYTES = 256 * 1024 * 1024
 _HEADER_BYTES = 4
 # Seconds to wait for a worker that stopped responding to exit, for its exit status.
 REAP_TIMEOUT_SECONDS = 1.0
-# A reply to one block that takes longer than this is logged once; a block of 2,000
+# A reply to one block that takes longer than this is logged once. A block of 2,000
 # records takes tens of milliseconds on the benchmark machine.
 SLOW_REPLY_SECONDS = 30.0
 
@@ -104,7 +104,7 @@ class PreparedBlock(msgspec.Struct, array_like=True):
     staged: int = 0
     """Rows the worker wrote to the cache file itself; ``batches`` is then empty."""
     write_error: str | None = None
-    """Why the worker could not write the block to the cache file (a full disk, say)."""
+    """Reason the worker could not write the block to the cache file, such as a full disk."""
 
     def row_batches(self, updated_at: float) -> list[RowBatch]:
         return [RowBatch(rows, hashes, updated_at, size) for rows, hashes, size in self.batches]

@@ -437,8 +437,8 @@ def load_client_certificate(context: ssl.SSLContext, cert_file: str, key_file: s
 
     Raises KeyEncrypted for a key that needs a passphrase.
 
-    Without a password callback OpenSSL asks for the passphrase on the terminal, which a
-    service does not have.
+    Without a password callback OpenSSL prompts for the passphrase on the terminal, which
+    a service does not have.
     """
 
     def no_passphrase() -> bytes:
@@ -462,7 +462,7 @@ _CLIENT_CERT_ALERTS = ("certificate required", "bad certificate", "unknown ca", 
 def _tls_hint(error: aiohttp.ClientError, settings: SyncSettings, responded: bool) -> str:
     """Return what to check in the configuration after a failed https call, or "".
 
-    ``responded`` says whether the call before this one got an HTTP response.
+    ``responded`` is whether the call before this one got an HTTP response.
     """
     if not settings.base_url.startswith("https://"):
         return ""
@@ -477,8 +477,8 @@ def _tls_hint(error: aiohttp.ClientError, settings: SyncSettings, responded: boo
             " to the CA that issued it"
         )
     text = str(error).lower()
-    # A connection closed or reset without an answer is, over TLS, usually a rejected
-    # certificate. Right after an answer, the handshake worked: the disconnect is more
+    # A connection closed or reset without a response is, over TLS, usually a rejected
+    # certificate. Right after a response, the handshake worked: the disconnect is more
     # likely HQ restarting, or a keep-alive connection closed under a POST, which aiohttp
     # does not retry.
     dropped = isinstance(error, aiohttp.ServerDisconnectedError) or (

@@ -368,7 +368,7 @@ def test_rebuild_restarts_without_worker_when_worker_dies(
     assert "sync.worker_failed" in capsys.readouterr().out
 
 
-def test_rebuild_after_a_worker_death_uses_a_worker_again(tmp_path: Path) -> None:
+def test_rebuild_after_worker_death_uses_worker(tmp_path: Path) -> None:
     store = Store.open(tmp_path / "cache.sqlite3", tmp_path / "cache.key")
     adapter = StoreAdapter(store)
     lines = b"".join(line(record(n)) for n in range(20))

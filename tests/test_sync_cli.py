@@ -236,7 +236,7 @@ def test_sync_now_fails_on_mismatch_after_rebuild(tmp_path: Path, hq: FakeHq) ->
     assert "after the rebuild the cache still differs from HQ's digest" in result.stderr
 
 
-def test_sync_now_reports_rebuild_before_a_failed_follow_up(tmp_path: Path, hq: FakeHq) -> None:
+def test_sync_now_reports_rebuild_before_failure(tmp_path: Path, hq: FakeHq) -> None:
     # HQ expires the snapshot's own cursor: the rebuild is in place when the pull fails.
     hq.control.snapshot_cursor_expired = True
     directory = tmp_path / "daemon"
