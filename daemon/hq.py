@@ -194,7 +194,7 @@ def _warn_client_cert_dates(cert_file: str, now: datetime) -> None:
     """Warn when the HQ client certificate is outside its validity period at ``now``.
 
     HQ then rejects every call, but the gates keep working from the cache, so this is a
-    warning and not a reason to refuse to start.
+    warning, and the daemon still starts.
     """
     try:
         validity = certificate_validity(Path(cert_file).read_bytes())

@@ -69,4 +69,4 @@ class CursorExpired(HqError):
     def __init__(self, message: str, cursor: str | None = None) -> None:
         super().__init__(message)
         self.cursor = cursor
-        """The cursor that HQ answered 410 for."""
+        """The cursor of the request that HQ responded to with 410."""

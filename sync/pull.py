@@ -266,9 +266,9 @@ class Puller:
                 "warning", "sync.digest_mismatch", **fields, action="rebuilding from the snapshot"
             )
         else:
-            # Right after a rebuild, always at warning level: the mismatch that started the
-            # rebuild was logged under the same name, and this one says the rebuild did not
-            # help (HQ's snapshot and digest disagree).
+            # Right after a rebuild, always at warning level. The mismatch that started the
+            # rebuild was logged under the same name, and this one shows that the rebuild did
+            # not help: HQ's snapshot and digest disagree.
             log.warning(
                 "sync.digest_mismatch", **fields, action="none until the next reconciliation"
             )

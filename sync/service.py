@@ -297,8 +297,11 @@ class SyncService:
             self._spawn(self._persist_state(), "hq-persist-state")
 
     async def _forget_clock_offset(self) -> None:
-        """Clear the offset an earlier run stored: this run flags events by its own estimate,
-        which has no value until HQ answers, and `status` must not warn from the old one."""
+        """Clear the offset an earlier run stored.
+
+        This run flags events by its own estimate, which has no value until HQ responds, so
+        `status` must not warn from the old one.
+        """
         try:
             await self.store.set_meta({CLOCK_OFFSET_META_KEY: ""})
         except Exception as exc:

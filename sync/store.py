@@ -45,8 +45,9 @@ class PreparedRecords:
 class RebuildRestart(Exception):
     """The records staged so far are lost; the rebuild must begin again with a new snapshot.
 
-    The store raises it at most once per rebuild (its snapshot worker died, and with it
-    the rows it was writing), and stages the next attempt without that cause.
+    The store raises it when its snapshot worker died, and with it the rows it was writing.
+    It then stages the next attempt without a worker, so a rebuild restarts at most once;
+    ``Puller.rebuild`` raises it on a second time.
     """
 
 

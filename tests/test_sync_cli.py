@@ -253,7 +253,7 @@ def test_sync_now_reports_rebuild_before_failure(tmp_path: Path, hq: FakeHq) -> 
 
 def test_clock_offset_forgotten_at_restart(tmp_path: Path, hq: FakeHq) -> None:
     """A restarted daemon flags events by its own estimate, so the stored one must not
-    make status or the metrics warn before HQ answers."""
+    make status or the metrics warn before HQ responds."""
     hq.control.clock_offset = 120.0
     directory = tmp_path / "daemon"
     daemon = make_daemon(

@@ -182,7 +182,7 @@ def test_digest_mismatch_triggers_rebuild(tmp_path: Path, hq: FakeHq) -> None:
 
 def test_mismatch_after_mismatch_rebuild_logged(tmp_path: Path, hq: FakeHq) -> None:
     # HQ's digest disagrees with its own snapshot, so each rebuild leaves a mismatch, and
-    # the check after each rebuild must say so at warning level.
+    # the check after each rebuild must log it at warning level.
     daemon = start_daemon(tmp_path, hq, extra='reconcile_interval = "300ms"')
 
     def after_rebuild() -> list[dict]:
@@ -195,8 +195,8 @@ def test_mismatch_after_mismatch_rebuild_logged(tmp_path: Path, hq: FakeHq) -> N
     try:
         wait_until(lambda: caught_up(daemon, hq), what="the initial snapshot")
         hq.control.digest_salt = "disagree"
-        # The first may come from the check after the initial rebuild, if the salt was set
-        # before it ran; the second comes after a rebuild that a mismatch started.
+        # The first may come from the check after the initial rebuild, when the salt was set
+        # before it ran. The second comes after a rebuild that a mismatch started.
         wait_until(lambda: len(after_rebuild()) >= 2, what="two checks after rebuilds")
         reasons = [line["reason"] for line in log_events(daemon, "sync.rebuilt")]
     finally:

@@ -282,7 +282,7 @@ def test_retry_after_http_date() -> None:
     assert 38 <= parsed <= 41
 
 
-# (URL, whether the call before got an answer, whether the error text gets the hint)
+# (URL, whether the call before got a response, whether the error text gets the hint)
 DISCONNECT_HINT_CASES = [
     ("https://hq.example", False, True),
     ("https://hq.example", True, False),
@@ -292,8 +292,8 @@ DISCONNECT_HINT_CASES = [
 
 @pytest.mark.parametrize(("url", "responded", "hinted"), DISCONNECT_HINT_CASES)
 def test_disconnect_hint_only_without_answer(url: str, responded: bool, hinted: bool) -> None:
-    # Right after an answer the handshake worked, so a dropped connection is no sign of a
-    # rejected certificate (a keep-alive connection closed under a POST, say).
+    # Right after a response the handshake worked, so a dropped connection is no sign of a
+    # rejected certificate. It may be a keep-alive connection closed under a POST.
     settings = SyncSettings(url=url, store_id="STORE-001")
     hint = _tls_hint(aiohttp.ServerDisconnectedError(), settings, responded)
 
