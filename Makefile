@@ -5,10 +5,8 @@ BIN := $(VENV)/bin
 RUN_DIR := .run
 CONFIG := docs/examples/config.toml
 SAMPLE := docs/examples/identities.jsonl
-# The port of CONFIG's [server] table, for the curl call that `make run` prints.
-RUN_PORT = $(shell $(PYTHON) -c 'import sys, tomllib; print(tomllib.load(open(sys.argv[1], "rb")).get("server", {}).get("port", 8080))' $(CONFIG) 2>/dev/null || echo 8080)
 
-.PHONY: run test lint bench bench-extra soak clean
+.PHONY: run test lint bench bench-extra soak clean system-deps
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -20,8 +18,14 @@ $(VENV)/.installed-run: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e .
 	touch $@
 
-$(VENV)/.installed-test: pyproject.toml | $(BIN)/python
+# The Debian packages of the test suite. The tests need some at run time (pcscd,
+# systemd-analyze), so every make invocation that reaches the test install checks them once,
+# even when the stamp is up to date, and before the install, which compiles pyscard and evdev.
+# As an order-only prerequisite this phony target never makes the stamp out of date.
+system-deps:
 	bash tests/system-deps.sh
+
+$(VENV)/.installed-test: pyproject.toml | $(BIN)/python system-deps
 	$(BIN)/python -m pip install --quiet -e '.[test,pcsc,hid]'
 	touch $@ $(VENV)/.installed-run
 
@@ -31,14 +35,11 @@ run: $(VENV)/.installed-run
 	@echo
 	@echo "Try it from another terminal:"
 	@echo
-	@echo "  curl -s http://127.0.0.1:$(RUN_PORT)/v1/identity/scan \\"
-	@echo "    -H 'Content-Type: application/json' \\"
-	@echo "    -d '{\"requestId\": \"'\$$(cat /proc/sys/kernel/random/uuid)'\", \"storeId\": \"STORE-001\", \"scanEvent\": {\"id\": \"'\$$(cat /proc/sys/kernel/random/uuid)'\", \"timestamp\": \"'\$$(date -u +%Y-%m-%dT%H:%M:%SZ)'\", \"location\": \"ENTRY\", \"value\": \"SHOPPER-0001\", \"channel\": \"OPTICAL\"}}'"
+	@$(BIN)/identity-connector curl-example --config $(CONFIG)
 	@echo
 	$(BIN)/identity-connector serve --config $(CONFIG)
 
 test: $(VENV)/.installed-test
-	bash tests/system-deps.sh
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 

@@ -1,17 +1,25 @@
-"""The `identity-connector` command: serve, import, lookup, status, sync, devices, check-config."""
+"""The `identity-connector` command.
+
+Subcommands: serve, import, lookup, status, sync, devices, check-config and curl-example.
+"""
 
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import os
+import shlex
 import sys
 import time
+import traceback
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import uvloop
+from cryptography import x509
+from cryptography.x509.oid import NameOID
 
 from daemon import security
 from daemon.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
@@ -20,7 +28,7 @@ from daemon.journal import stdout_is_journal
 from daemon.logs import configure_logging
 from daemon.resolver import Resolver
 from daemon.schema import CHANNELS, LOCATIONS
-from daemon.store import LAST_PULL_META_KEY, Store, StoreError
+from daemon.store import LAST_PULL_META_KEY, Store, StoreError, parse_meta_time
 
 MAX_PRINTED_ERRORS = 100
 
@@ -80,11 +88,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = commands.add_parser("check-config", help="validate a configuration file")
     check.add_argument("file", type=Path)
+
+    with_config(
+        commands.add_parser(
+            "curl-example",
+            help="print a curl command that sends a sample scan to the configured listener",
+        )
+    )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Scripts parse the output of `status --json`, so its errors are JSON on stdout too.
+    errors_as_json = args.command == "status" and args.json
     try:
         if args.command == "check-config":
             return _check_config(args.file)
@@ -110,6 +127,9 @@ def main(argv: list[str] | None = None) -> int:
 
             print_device_inventory(config)
             return 0
+        if args.command == "curl-example":
+            print(_curl_example(config))
+            return 0
         if args.command == "sync":
             from daemon.hq import sync_now
 
@@ -120,6 +140,10 @@ def main(argv: list[str] | None = None) -> int:
                 store.close()
         return _status(config, args.json)
     except (ConfigError, StoreError) as exc:
+        if errors_as_json:
+            kind = "configuration" if isinstance(exc, ConfigError) else "database"
+            _print_json_error(str(exc), kind)
+            return 2
         # Under systemd the "<3>" prefix files the line at priority err, not info.
         prefix = "<3>" if stdout_is_journal(sys.stderr) else ""
         print(f"{prefix}error: {exc}", file=sys.stderr)
@@ -132,6 +156,26 @@ def main(argv: list[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 141
+    except Exception as exc:
+        if not errors_as_json:
+            raise
+        # The same exit status and traceback as without --json, where Python prints them.
+        traceback.print_exc()
+        message = (
+            f"unexpected {type(exc).__name__}: {exc}; the traceback is on standard error:"
+            " report it with the command and its output"
+        )
+        _print_json_error(message, "internal")
+        return 1
+
+
+def _print_json_error(message: str, kind: str) -> None:
+    """Print an error as the one JSON object of `status --json`.
+
+    ``kind`` is "configuration", "database" or "internal"; ``message`` is the text that
+    `status` without --json prints after "error: ", and it names the fix.
+    """
+    print(json.dumps({"error": message, "errorKind": kind}, indent=2))
 
 
 def _check_config(path: Path) -> int:
@@ -261,7 +305,8 @@ def _status(config: Config, as_json: bool) -> int:
         reader = store.reader
         now = time.time()
         oldest = reader.oldest_outbox_time()
-        last_pull = reader.meta(LAST_PULL_META_KEY)
+        stored_last_pull = reader.meta(LAST_PULL_META_KEY)
+        last_pull = parse_meta_time(stored_last_pull)
         state = {
             "database": str(store.path),
             "cacheFile": str(store.cache.path),
@@ -271,7 +316,7 @@ def _status(config: Config, as_json: bool) -> int:
             "outboxOldestAgeSeconds": round(now - oldest, 1) if oldest else None,
             "hq": config.hq.url if config.hq else None,
             "syncCursor": reader.meta("cursor"),
-            "lastPull": _iso(float(last_pull)) if last_pull else None,
+            "lastPull": _iso(last_pull) if last_pull is not None else None,
             "cacheStale": Resolver(store, config).cache_stale(now),
             **hq_status(reader, config, now),
             "devicesConfigured": [device.get("name", "(unnamed)") for device in config.devices],
@@ -298,7 +343,11 @@ def _status(config: Config, as_json: bool) -> int:
     else:
         print(f"hq:             {config.hq.url}")
         print(f"sync cursor:    {state['syncCursor'] or '(none yet)'}")
-        print(f"last pull:      {state['lastPull'] or 'never'}")
+        if state["lastPull"] is None and stored_last_pull:
+            # Written by hand or damaged: the daemon stores a Unix time.
+            print("last pull:      unknown: the stored time is not a valid Unix time")
+        else:
+            print(f"last pull:      {state['lastPull'] or 'never'}")
         cache = "STALE: only associates are accepted" if state["cacheStale"] else "fresh"
         print(f"cache:          {cache}")
         print_hq_status(state)
@@ -338,6 +387,120 @@ def _device_status(config: Config) -> dict[str, Any]:
             }
         )
     return {"devices": devices, "devicesHealthSource": source}
+
+
+# A key of docs/examples/identities.jsonl, which `make run` imports.
+CURL_EXAMPLE_VALUE = "SHOPPER-0001"
+
+
+def _curl_example(config: Config) -> str:
+    """Return a curl command that sends a sample scan to the listener, after `#` notes.
+
+    The request ids and the timestamp are shell substitutions, so each run of the command
+    is a new scan.
+    """
+    notes: list[str] = []
+    address = _client_address(config.server.host)
+    url_host = f"[{address}]" if ":" in address else address
+    port = str(config.server.port)
+    if config.server.port == 0:
+        port = "PORT"
+        notes.append(
+            "[server] port = 0 takes any free port: replace PORT with the port the daemon"
+            " listens on (`ss -ltnp` lists it)"
+        )
+
+    scheme = "http"
+    options: list[str] = []
+    if config.tls is not None:
+        scheme = "https"
+        # curl 7.68 and later, built with OpenSSL, accepts a certificate of the --cacert file
+        # as the end of the chain, so the listener's own certificate serves as the CA file.
+        cert_file = os.path.abspath(config.tls.cert_file)
+        options.append(f"--cacert {shlex.quote(cert_file)}")
+        name, note = _certificate_name_for_curl(cert_file, address)
+        if name is not None:
+            options.append(f"--connect-to {name}:{port}:{url_host}:{port}")
+            url_host = name
+        if note is not None:
+            notes.append(note)
+        if config.tls.client_ca_file:
+            options.append("--cert CLIENT.crt --key CLIENT.key")
+            notes.append(
+                "[tls] client_ca_file is set: replace CLIENT.crt and CLIENT.key with a client"
+                " certificate and its key that this CA issued"
+            )
+    if config.auth is not None and config.auth.api_key_files:
+        # Read from the file by the shell, so the key appears neither here nor in `ps`.
+        key_file = config.auth.api_key_files[0]
+        options.append(
+            f"-H @<(printf '%s: %s\\n' {shlex.quote(config.auth.api_key_header)}"
+            f' "$(cat {shlex.quote(key_file)})")'
+        )
+        if not Path(key_file).is_absolute():
+            notes.append(
+                f"the API key file {key_file} is relative to the service's credentials"
+                " directory: write its full path"
+            )
+
+    store_id = json.dumps(config.stores.ids[0]).replace("'", "'\\''")
+    new_uuid = "\"'$(cat /proc/sys/kernel/random/uuid)'\""
+    body = (
+        f'{{"requestId": {new_uuid}, "storeId": {store_id}, "scanEvent": {{"id": {new_uuid},'
+        ' "timestamp": "\'$(date -u +%Y-%m-%dT%H:%M:%SZ)\'", "location": "ENTRY",'
+        f' "value": "{CURL_EXAMPLE_VALUE}", "channel": "OPTICAL"}}}}'
+    )
+    lines = [f"# {note}" for note in notes]
+    lines.append(f"curl -s {scheme}://{url_host}:{port}/v1/identity/scan \\")
+    lines += [f"  {option} \\" for option in options]
+    lines.append("  -H 'Content-Type: application/json' \\")
+    lines.append(f"  -d '{body}'")
+    return "\n".join(lines)
+
+
+def _client_address(host: str) -> str:
+    """Return the address at which a client on the box reaches a listener on ``host``."""
+    if host in ("", "0.0.0.0"):
+        return "127.0.0.1"
+    if host == "::":
+        # asyncio and uvloop set IPV6_V6ONLY on a "::" listener, so it takes no IPv4 calls.
+        return "::1"
+    return host
+
+
+def _certificate_name_for_curl(cert_file: str, address: str) -> tuple[str | None, str | None]:
+    """Return a host name for curl to check when the certificate does not name ``address``.
+
+    Returns (None, None) when the certificate names ``address``, and (None, note) when it
+    names no host name that curl can call.
+    """
+    try:
+        certificate = x509.load_pem_x509_certificate(Path(cert_file).read_bytes())
+    except (OSError, ValueError) as exc:
+        return None, f"cannot read the certificate {cert_file} ({exc}): fix [tls] cert_file"
+    try:
+        names = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        host_names = names.get_values_for_type(x509.DNSName)
+        addresses = names.get_values_for_type(x509.IPAddress)
+    except x509.ExtensionNotFound:
+        # Without a subjectAltName curl checks the subject's common name.
+        common_names = certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        host_names = [str(attribute.value) for attribute in common_names]
+        addresses = []
+
+    try:
+        named = ipaddress.ip_address(address) in addresses
+    except ValueError:
+        named = address.lower() in (name.lower() for name in host_names)
+    if named:
+        return None, None
+    callable_names = [name for name in host_names if "*" not in name]
+    if callable_names:
+        return callable_names[0], None
+    return None, (
+        f"{cert_file} names neither {address} nor a host name without a wildcard, so curl"
+        f" rejects it: issue a certificate that names {address}"
+    )
 
 
 def _iso(timestamp: float) -> str:

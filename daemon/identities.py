@@ -72,6 +72,17 @@ _ENUM_VALUES: dict[str, tuple[str, ...]] = {
 }
 
 
+# A rejected enum value that an error message shows: one or more words of letters, as a
+# misspelt status or a type from another system is. A value with digits, other characters or
+# more than 20 characters could be a key in the wrong field (a CSV column mix-up), so the
+# message leaves it out.
+# NOTE: a key of at most 20 letters, without digits, in an enum field is shown.
+_SHOWN_ENUM_VALUE = re.compile(r"[A-Za-z]+(?:[ _-][A-Za-z]+)*")
+_SHOWN_ENUM_VALUE_MAX_CHARS = 20
+# msgspec quotes the value as Python's repr does: in double quotes when it contains a single one.
+_ENUM_ERROR = re.compile(r"Invalid enum value (?:'.*'|\".*\") at field (\w+)(?:\[(\d+)\])?", re.S)
+
+
 class RecordInvalid(ValueError):
     """A record that cannot be imported; the message never contains the key."""
 
@@ -127,16 +138,44 @@ def keyed_record_from_builtins(data: object) -> tuple[IdentityRecord, str]:
             record = msgspec.convert(data, IdentityRecord, strict=False)
     except msgspec.ValidationError as exc:
         message = str(exc).replace(" - at `$.", " at field ").replace("`$`", "").replace("`", "")
-        # msgspec quotes the offending enum value, which may be a misplaced key.
-        message = re.sub(r"Invalid enum value '.*'", "Invalid enum value", message, flags=re.S)
-        field = re.search(r"^Invalid enum value at field (\w+)", message)
-        if field is not None and field.group(1) in _ENUM_VALUES:
-            message += f"; use one of {', '.join(_ENUM_VALUES[field.group(1)])}"
+        enum_error = _ENUM_ERROR.fullmatch(message)
+        if enum_error is not None:
+            message = _describe_enum_error(data, enum_error.group(1), enum_error.group(2))
+        elif message.startswith("Invalid enum value"):
+            # A form this code does not parse may quote the value anywhere: keep none of it.
+            message = "Invalid enum value"
         raise RecordInvalid(message) from None
     key = normalize_key(record.key, record.channels)
     if not key:
         raise RecordInvalid(EMPTY_KEY_REASON)
     return record, key
+
+
+def _describe_enum_error(data: dict, field: str, index: str | None) -> str:
+    """Describe an invalid enum value with the values its field accepts.
+
+    msgspec quotes the value, which may be a misplaced key, so the message is rebuilt from
+    the record and shows the value only when it matches ``_SHOWN_ENUM_VALUE``.
+    """
+    value = data.get(field)
+    if index is not None:
+        value = value[int(index)] if isinstance(value, list) else None
+    place = field if index is None else f"{field}[{index}]"
+
+    value_shown = (
+        isinstance(value, str)
+        and len(value) <= _SHOWN_ENUM_VALUE_MAX_CHARS
+        and _SHOWN_ENUM_VALUE.fullmatch(value) is not None
+    )
+    if value_shown:
+        message = f"Invalid enum value {value!r} at field {place}"
+    else:
+        message = f"Invalid enum value at field {place}"
+    if field in _ENUM_VALUES:
+        message += f"; use one of {', '.join(_ENUM_VALUES[field])}"
+    if not value_shown:
+        message += " (the value is not shown, because it could be a key in the wrong field)"
+    return message
 
 
 def identity_row(record: IdentityRecord, hasher: KeyHasher, now: float) -> dict:

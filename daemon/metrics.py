@@ -7,6 +7,7 @@ import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
+import structlog
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
@@ -17,12 +18,17 @@ from daemon.store import (
     LAST_PULL_META_KEY,
     LAST_REBUILD_META_KEY,
     OUTBOX_DROPPED_META_KEY,
+    parse_meta_time,
 )
 from sync.service import LAST_RECONCILE_META_KEY
 
 if TYPE_CHECKING:
     from daemon.runtime import Runtime
+    from daemon.store import StoreReader
 
+log = structlog.get_logger(__name__)
+
+META_VALUE_LOGGED_CHARS = 40
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 HQ_STATES = ("not configured", "online", "degraded", "offline")
 
@@ -91,6 +97,9 @@ class _StateCollector(Collector):
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
+        # Meta keys whose invalid value was logged. Each is logged again only after it had
+        # a valid value, so a scrape every few seconds does not repeat the warning.
+        self._invalid_meta_keys: set[str] = set()
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         runtime = self.runtime
@@ -107,20 +116,21 @@ class _StateCollector(Collector):
             identities.add_metric([], runtime.identity_count)
         yield identities
 
+        depth, oldest, dropped = 0, None, 0
+        last_pull = cursor_changed = last_rebuild = last_reconcile = None
         try:
             depth = reader.count("outbox")
             oldest = reader.oldest_outbox_time()
-            last_pull = reader.meta(LAST_PULL_META_KEY)
-            cursor_changed = reader.meta(CURSOR_CHANGED_META_KEY)
-            last_rebuild = reader.meta(LAST_REBUILD_META_KEY)
-            dropped = int(reader.meta(OUTBOX_DROPPED_META_KEY) or 0)
-            last_reconcile = _number(reader.meta(LAST_RECONCILE_META_KEY))
-        except sqlite3.Error:
-            depth, oldest, last_pull, cursor_changed, dropped = 0, None, None, None, 0
-            last_rebuild = last_reconcile = None
-        if runtime.config.hq is None:
+            dropped = self._meta_count(reader, OUTBOX_DROPPED_META_KEY)
             # A database that synced before keeps these in meta, but without [hq] nothing
             # pulls or compares any more.
+            if runtime.config.hq is not None:
+                last_pull = self._meta_time(reader, LAST_PULL_META_KEY)
+                cursor_changed = self._meta_time(reader, CURSOR_CHANGED_META_KEY)
+                last_rebuild = self._meta_time(reader, LAST_REBUILD_META_KEY)
+                last_reconcile = self._meta_time(reader, LAST_RECONCILE_META_KEY)
+        except sqlite3.Error:
+            depth, oldest, dropped = 0, None, 0
             last_pull = cursor_changed = last_rebuild = last_reconcile = None
         yield GaugeMetricFamily(
             "identity_connector_outbox_depth",
@@ -132,34 +142,37 @@ class _StateCollector(Collector):
             "Age of the oldest audit event waiting for upload (0 when empty).",
             value=now - oldest if oldest else 0.0,
         )
-        yield CounterMetricFamily(
+        # An invalid stored count gives no sample: 0 would look like a counter reset.
+        dropped_events = CounterMetricFamily(
             "identity_connector_outbox_dropped_events",
             "Audit events deleted unsent because the outbox reached its bound.",
-            value=dropped,
         )
+        if dropped is not None:
+            dropped_events.add_metric([], dropped)
+        yield dropped_events
         # The same two ages as `status` (lastPullAgeSeconds and cursorAgeSeconds). A pull that
         # finds no change keeps the cursor, so only the first age shows whether HQ responds.
         yield GaugeMetricFamily(
             "identity_connector_last_pull_age_seconds",
             "Seconds since the last successful pull from HQ (-1 when never or no HQ).",
-            value=now - float(last_pull) if last_pull else -1.0,
+            value=_age(now, last_pull),
         )
         yield GaugeMetricFamily(
             "identity_connector_cursor_age_seconds",
             "Seconds since a pull last moved the sync cursor (-1 when never or no HQ).",
-            value=now - float(cursor_changed) if cursor_changed else -1.0,
+            value=_age(now, cursor_changed),
         )
         # A rebuild downloads HQ's whole snapshot: one after another (this age falling back
         # to 0 again and again) means HQ's feed or digest disagrees with its snapshot.
         yield GaugeMetricFamily(
             "identity_connector_last_rebuild_age_seconds",
             "Seconds since the cache was last rebuilt from HQ's snapshot (-1 when never).",
-            value=now - float(last_rebuild) if last_rebuild else -1.0,
+            value=_age(now, last_rebuild),
         )
         yield GaugeMetricFamily(
             "identity_connector_last_reconcile_age_seconds",
             "Seconds since the cache was last compared with HQ's digest (-1 when never).",
-            value=now - last_reconcile if last_reconcile is not None else -1.0,
+            value=_age(now, last_reconcile),
         )
         # The running sync's own estimate, which flags the audit events: no sample until
         # HQ's Date headers gave one in this run.
@@ -228,12 +241,40 @@ class _StateCollector(Collector):
             value=runtime.started_at,
         )
 
+    def _meta_time(self, reader: StoreReader, key: str) -> float | None:
+        """Read meta ``key`` as a Unix time; None when it is missing or invalid."""
+        text = reader.meta(key)
+        moment = parse_meta_time(text)
+        self._note_meta_value(key, text, valid=moment is not None)
+        return moment
 
-def _number(text: str | None) -> float | None:
-    """Convert a meta value to a number; return None when it is missing or not a number."""
-    if text is None:
-        return None
-    try:
-        return float(text)
-    except ValueError:
-        return None
+    def _meta_count(self, reader: StoreReader, key: str) -> int | None:
+        """Read meta ``key`` as a count, 0 when it is missing; None when it is invalid."""
+        text = reader.meta(key)
+        try:
+            count = int(text) if text else 0
+        except ValueError:
+            count = None
+        self._note_meta_value(key, text, valid=count is not None)
+        return count
+
+    def _note_meta_value(self, key: str, text: str | None, valid: bool) -> None:
+        """Log an invalid meta value once, until the key contains a valid value again."""
+        if not text or valid:
+            self._invalid_meta_keys.discard(key)
+            return
+        if key in self._invalid_meta_keys:
+            return
+        self._invalid_meta_keys.add(key)
+        # Meta contains times and counts that the daemon writes, never a key or a secret.
+        log.warning(
+            "metrics.meta_value_invalid",
+            key=key,
+            value=text[:META_VALUE_LOGGED_CHARS],
+            action="its metric reports -1 or no sample until the daemon writes the value again",
+        )
+
+
+def _age(now: float, moment: float | None) -> float:
+    """Return the seconds since ``moment``, or -1 when there is none."""
+    return now - moment if moment is not None else -1.0

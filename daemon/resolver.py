@@ -18,7 +18,15 @@ from daemon.metrics import Metrics
 from daemon.normalize import candidate_keys, strip_value
 from daemon.policy import Reason, ScanContext, Verdict, decide
 from daemon.schema import ResolveScanRequest, ResolveScanResponse, encode_response
-from daemon.store import LAST_PULL_META_KEY, Identity, KeyHasher, Rows, Store, StoredDecision
+from daemon.store import (
+    LAST_PULL_META_KEY,
+    Identity,
+    KeyHasher,
+    Rows,
+    Store,
+    StoredDecision,
+    parse_meta_time,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -58,10 +66,11 @@ class Resolver:
         """Return whether the stale-cache rule applies: HQ is configured but not pulled recently."""
         if self.config.hq is None:
             return False
-        last_pull = self.store.reader.meta(LAST_PULL_META_KEY)
+        # A damaged last-pull time counts as never pulled: the cache is stale until a pull.
+        last_pull = parse_meta_time(self.store.reader.meta(LAST_PULL_META_KEY))
         if last_pull is None:
             return True
-        return now - float(last_pull) > self.config.policy.max_cache_age
+        return now - last_pull > self.config.policy.max_cache_age
 
     def scan_context(
         self, store_id: str, location: str, channel: str, scanned_at: float, now: float

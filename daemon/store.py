@@ -18,6 +18,7 @@ import fcntl
 import hashlib
 import hmac
 import json
+import math
 import os
 import queue
 import secrets
@@ -61,6 +62,8 @@ WAL_RESTART_FRAMES = 16384
 RESTART_CATCH_UP_INTERVAL = 0.01
 RESTART_CATCH_UP_ROUNDS = 20
 CACHE_KIB = 64 * 1024
+# Latest Unix time that datetime can format: 9999-12-31T23:59:59Z.
+MAX_UNIX_TIME = 253402300799.0
 # SQLite's synchronous setting of the writer's connection, in `[database] synchronous`.
 SynchronousMode = Literal["normal", "full"]
 SYNCHRONOUS_MODES: tuple[str, ...] = get_args(SynchronousMode)
@@ -70,6 +73,23 @@ SYNCHRONOUS_MODES: tuple[str, ...] = get_args(SynchronousMode)
 READER_CACHE_KIB = 1024
 
 T = TypeVar("T")
+
+
+def parse_meta_time(text: str | None) -> float | None:
+    """Parse a Unix time stored in meta; None when it is missing, empty, invalid or out of range.
+
+    The range is the one datetime can format: from 1970 to the year 9999. A damaged or
+    hand-edited value must not fail a decision, a scrape or `status`.
+    """
+    if not text:
+        return None
+    try:
+        moment = float(text)
+    except ValueError:
+        return None
+    if not math.isfinite(moment) or not 0.0 <= moment <= MAX_UNIX_TIME:
+        return None
+    return moment
 
 
 class StoreError(Exception):

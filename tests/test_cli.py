@@ -9,19 +9,30 @@ import codecs
 import csv
 import io
 import json
+import os
 import re
+import shutil
+import signal
+import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from daemon import cachefile
 from tests.conftest import (
     REPO,
     SAMPLE_RECORDS,
+    START_TIMEOUT,
     Daemon,
     free_port,
     make_daemon,
@@ -29,6 +40,7 @@ from tests.conftest import (
     write_config,
 )
 from tests.helpers_store import count_rows, query_all
+from tests.tls_helpers import CertificateAuthority, write_api_key
 
 CSV_COLUMNS = [
     "credentialId", "key", "id", "type", "status", "stores",
@@ -762,3 +774,544 @@ def test_status_into_closed_pipe_is_quiet(config: Path, tmp_path: Path) -> None:
 
     assert "Traceback" not in errors
     assert returncode == 141
+
+
+# --- status --json errors ------------------------------------------------------------------
+
+# Bytes that SQLite reads as neither a database header nor a valid page.
+GARBAGE = bytes(range(256)) * 16
+
+
+@pytest.fixture(scope="module")
+def imported_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder with a database, its cache file and secret, to copy for each broken case."""
+    directory = tmp_path_factory.mktemp("imported")
+    config = write_config(directory, free_port())
+    records = directory / "records.jsonl"
+    records.write_bytes(jsonl_line(good_record(1)))
+    assert import_file(config, records).returncode == 0
+    return directory
+
+
+def set_user_version(path: Path, version: int) -> None:
+    connection = sqlite3.connect(path)
+    try:
+        connection.execute(f"PRAGMA user_version = {version}")
+        connection.commit()
+    finally:
+        connection.close()
+
+
+def cache_file_of(directory: Path) -> Path:
+    (path,) = cachefile.cache_files(directory / "connector.sqlite3")
+    return path
+
+
+def damage(path: Path) -> None:
+    """Overwrite a file after its first 100 bytes, which hold the SQLite header."""
+    with path.open("r+b") as handle:
+        handle.seek(100)
+        handle.write(GARBAGE)
+
+
+def drop_outbox(path: Path) -> None:
+    connection = sqlite3.connect(path)
+    try:
+        connection.execute("DROP TABLE outbox")
+        connection.commit()
+    finally:
+        connection.close()
+
+
+def config_missing(directory: Path) -> Path:
+    return directory / "absent.toml"
+
+
+def config_is_folder(directory: Path) -> Path:
+    (directory / "folder.toml").mkdir()
+    return directory / "folder.toml"
+
+
+def config_invalid_toml(directory: Path) -> Path:
+    config = directory / "config.toml"
+    config.write_text(config.read_text(encoding="utf-8") + "\nport = = 1\n", encoding="utf-8")
+    return config
+
+
+def config_unknown_key(directory: Path) -> Path:
+    config = directory / "config.toml"
+    text = config.read_text(encoding="utf-8")
+    config.write_text(text.replace("[logging]\n", "[logging]\nlevle = 1\n"), encoding="utf-8")
+    return config
+
+
+def database_missing(directory: Path) -> Path:
+    (directory / "connector.sqlite3").unlink()
+    return directory / "config.toml"
+
+
+def database_is_folder(directory: Path) -> Path:
+    for path in directory.glob("connector.sqlite3*"):
+        path.unlink()
+    (directory / "connector.sqlite3").mkdir()
+    return directory / "config.toml"
+
+
+def database_newer(directory: Path) -> Path:
+    set_user_version(directory / "connector.sqlite3", 99)
+    return directory / "config.toml"
+
+
+def database_older(directory: Path) -> Path:
+    set_user_version(directory / "connector.sqlite3", 1)
+    return directory / "config.toml"
+
+
+def database_damaged(directory: Path) -> Path:
+    damage(directory / "connector.sqlite3")
+    return directory / "config.toml"
+
+
+def database_without_table(directory: Path) -> Path:
+    drop_outbox(directory / "connector.sqlite3")
+    return directory / "config.toml"
+
+
+def cache_file_missing(directory: Path) -> Path:
+    cache_file_of(directory).unlink()
+    return directory / "config.toml"
+
+
+def cache_file_damaged(directory: Path) -> Path:
+    damage(cache_file_of(directory))
+    return directory / "config.toml"
+
+
+def cache_file_newer(directory: Path) -> Path:
+    set_user_version(cache_file_of(directory), 99)
+    return directory / "config.toml"
+
+
+def secret_missing(directory: Path) -> Path:
+    (directory / "connector.sqlite3.key").unlink()
+    return directory / "config.toml"
+
+
+def secret_invalid(directory: Path) -> Path:
+    (directory / "connector.sqlite3.key").write_text("not hex\n", encoding="ascii")
+    return directory / "config.toml"
+
+
+# (case, breakage, exit status, errorKind, fragment of the message)
+STATUS_ERRORS: list[tuple[str, Callable[[Path], Path], int, str, str]] = [
+    ("config missing", config_missing, 2, "configuration", "absent.toml not found"),
+    ("config unreadable", config_is_folder, 2, "configuration", "cannot read configuration"),
+    ("config invalid TOML", config_invalid_toml, 2, "configuration", "invalid TOML"),
+    ("config unknown key", config_unknown_key, 2, "configuration", "logging.levle"),
+    ("database missing", database_missing, 2, "database", "import identities first"),
+    ("database a folder", database_is_folder, 2, "database", "is not a file"),
+    ("database newer", database_newer, 2, "database", "schema version 99, newer"),
+    ("database older", database_older, 2, "database", "schema version 1, older"),
+    ("database damaged", database_damaged, 2, "database", "is damaged"),
+    ("cache file missing", cache_file_missing, 2, "database", "is missing"),
+    ("cache file damaged", cache_file_damaged, 2, "database", "is damaged"),
+    ("cache file newer", cache_file_newer, 2, "database", "schema version 99, newer"),
+    ("secret missing", secret_missing, 2, "database", "connector.sqlite3.key not found"),
+    ("secret invalid", secret_invalid, 2, "database", "connector.sqlite3.key is invalid"),
+    ("table missing", database_without_table, 1, "internal", "no such table: outbox"),
+]
+
+
+@pytest.mark.parametrize(
+    ("breakage", "status", "kind", "fragment"),
+    [pytest.param(*case[1:], id=case[0]) for case in STATUS_ERRORS],
+)
+def test_status_json_reports_error(
+    imported_folder: Path,
+    tmp_path: Path,
+    breakage: Callable[[Path], Path],
+    status: int,
+    kind: str,
+    fragment: str,
+) -> None:
+    directory = tmp_path / "copy"
+    shutil.copytree(imported_folder, directory)
+    write_config(directory, free_port())
+    config = breakage(directory)
+
+    text = run_cli("status", "--config", str(config))
+    as_json = run_cli("status", "--config", str(config), "--json")
+
+    assert as_json.returncode == status, as_json.stderr
+    error = json.loads(as_json.stdout)
+    assert set(error) == {"error", "errorKind"}
+    assert error["errorKind"] == kind
+    assert fragment in error["error"]
+    assert text.returncode == status, text.stderr
+    assert text.stdout == ""
+    if kind == "internal":
+        assert "Traceback" in as_json.stderr
+        assert fragment in text.stderr
+    else:
+        assert f"error: {error['error']}\n" in text.stderr
+
+
+def test_status_json_without_error(imported_folder: Path, tmp_path: Path) -> None:
+    directory = tmp_path / "copy"
+    shutil.copytree(imported_folder, directory)
+    config = write_config(directory, free_port())
+
+    result = run_cli("status", "--config", str(config), "--json")
+
+    assert result.returncode == 0, result.stderr
+    assert "error" not in json.loads(result.stdout)
+
+
+def hq_table(directory: Path) -> str:
+    """An [hq] table whose HQ is never called: `status` only reads the database."""
+    token = directory / "hq-token"
+    token.write_text("token-for-status-only\n", encoding="utf-8")
+    return f'[hq]\nurl = "http://127.0.0.1:9"\ntoken_file = "{token}"\n'
+
+
+@pytest.mark.parametrize(
+    "with_hq",
+    [
+        pytest.param(False, id="without hq"),
+        pytest.param(True, id="with hq"),
+    ],
+)
+def test_status_with_invalid_last_pull(
+    imported_folder: Path, tmp_path: Path, with_hq: bool
+) -> None:
+    directory = tmp_path / "copy"
+    shutil.copytree(imported_folder, directory)
+    config = write_config(directory, free_port(), hq_table(directory) if with_hq else "")
+    connection = sqlite3.connect(cache_file_of(directory))
+    try:
+        connection.execute(
+            "INSERT INTO cache_meta (key, value) VALUES ('last_pull_at', 'yesterday')"
+        )
+        connection.commit()
+    finally:
+        connection.close()
+
+    text = run_cli("status", "--config", str(config))
+    as_json = run_cli("status", "--config", str(config), "--json")
+
+    assert text.returncode == 0, text.stderr
+    assert as_json.returncode == 0, as_json.stderr
+    assert json.loads(as_json.stdout)["lastPull"] is None
+    if with_hq:
+        assert "last pull:      unknown: the stored time is not a valid Unix time" in text.stdout
+
+
+# --- import: rejected enum values ------------------------------------------------------------
+
+# (case, format, changes to a good record, text the rejection must show, value it must not show)
+ENUM_VALUE_CASES: list[tuple[str, str, dict[str, Any], str, str | None]] = [
+    (
+        "status from another system",
+        "jsonl",
+        {"status": "PAUSED"},
+        "Invalid enum value 'PAUSED' at field status; use one of ACTIVE, SUSPENDED, REVOKED",
+        None,
+    ),
+    (
+        "type in lower case",
+        "csv",
+        {"type": "shopper"},
+        "Invalid enum value 'shopper' at field type; use one of SHOPPER,",
+        None,
+    ),
+    (
+        "second channel",
+        "csv",
+        {"channels": ["OPTICAL", "NFC"]},
+        "Invalid enum value 'NFC' at field channels[1]; use one of OPTICAL, RADIO, CONTACT",
+        None,
+    ),
+    (
+        "location of words",
+        "jsonl",
+        {"locations": ["Back Door"]},
+        "Invalid enum value 'Back Door' at field locations[0]; use one of ENTRY,",
+        None,
+    ),
+    (
+        "key with digits as type",
+        "csv",
+        {"type": "QR-7731-0042"},
+        "Invalid enum value at field type; use one of SHOPPER, ASSOCIATE, CASH, LOYALTY (the"
+        " value is not shown",
+        "QR-7731-0042",
+    ),
+    (
+        # msgspec quotes a value with a single quote in double quotes.
+        "key with a quote as status",
+        "jsonl",
+        {"status": "KEY'quote'secret"},
+        "Invalid enum value at field status; use one of ACTIVE,",
+        "quote'secret",
+    ),
+    (
+        "key of many letters as channel",
+        "jsonl",
+        {"channels": ["ABCDEFGHIJKLMNOPQRSTUVWXYZ"]},
+        "Invalid enum value at field channels[0]; use one of OPTICAL,",
+        "ABCDEFGHIJKLMNOPQRSTUVWXYZ",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("file_format", "changes", "shown", "hidden"),
+    [pytest.param(*case[1:], id=case[0]) for case in ENUM_VALUE_CASES],
+)
+def test_import_names_rejected_enum_value(
+    config: Path, file_format: str, changes: dict[str, Any], shown: str, hidden: str | None
+) -> None:
+    encode = csv_line if file_format == "csv" else jsonl_line
+    header = CSV_HEADER if file_format == "csv" else b""
+    source = config.parent / f"records.{file_format}"
+    source.write_bytes(header + encode(good_record(1, **changes)))
+
+    result = import_file(config, source)
+
+    assert result.returncode == 1
+    (rejection,) = [line for line in result.stderr.splitlines() if ": rejected: " in line]
+    assert shown in rejection
+    if hidden is not None:
+        assert hidden not in result.stdout + result.stderr
+
+
+# --- curl-example and make run -----------------------------------------------------------------
+
+SHOPPER_0001 = good_record(1, key="SHOPPER-0001", id="shopper-0001")
+NAMED_HOST = "connector.store.example"
+CURL_TIMEOUT = 20.0
+
+
+def self_signed_server(directory: Path, names: list[x509.GeneralName]) -> tuple[Path, Path]:
+    """Write a self-signed server certificate for ``names`` and its key; return both files."""
+    directory.mkdir(parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "identity-connector")])
+    now = datetime.now(UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(days=1))
+        .not_valid_after(now + timedelta(days=7))
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    cert_file = directory / "server.crt"
+    key_file = directory / "server.key"
+    cert_file.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    key_file.chmod(0o600)
+    return cert_file, key_file
+
+
+def tls_for_loopback(directory: Path) -> tuple[str, Path]:
+    """A [tls] table whose certificate a CA issued for localhost, 127.0.0.1 and ::1."""
+    server = CertificateAuthority(directory / "ca", "curl-ca").issue("server", server=True)
+    table = f'[tls]\ncert_file = "{server.cert_file}"\nkey_file = "{server.key_file}"\n'
+    return table, server.cert_file
+
+
+def tls_for_host_name(directory: Path) -> tuple[str, Path]:
+    """A [tls] table whose self-signed certificate names only NAMED_HOST."""
+    cert_file, key_file = self_signed_server(directory / "named", [x509.DNSName(NAMED_HOST)])
+    return f'[tls]\ncert_file = "{cert_file}"\nkey_file = "{key_file}"\n', cert_file
+
+
+def curl_example(config: Path) -> str:
+    result = run_cli("curl-example", "--config", str(config))
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def set_host(config: Path, host: str) -> None:
+    text = config.read_text(encoding="utf-8")
+    config.write_text(text.replace('host = "127.0.0.1"', f'host = "{host}"'), encoding="utf-8")
+
+
+def test_curl_example_plain_http(tmp_path: Path) -> None:
+    config = write_config(tmp_path, 18123)
+
+    command = curl_example(config)
+
+    assert "curl -s http://127.0.0.1:18123/v1/identity/scan \\\n" in command
+    assert "--cacert" not in command
+    assert '"storeId": "STORE-001"' in command
+
+
+def test_curl_example_tls_names_address(tmp_path: Path) -> None:
+    table, cert_file = tls_for_loopback(tmp_path)
+    config = write_config(tmp_path, 18124, table)
+
+    command = curl_example(config)
+
+    assert "curl -s https://127.0.0.1:18124/v1/identity/scan \\\n" in command
+    assert f"  --cacert {cert_file} \\\n" in command
+    assert "--connect-to" not in command
+
+
+def test_curl_example_tls_names_host(tmp_path: Path) -> None:
+    table, _cert_file = tls_for_host_name(tmp_path)
+    config = write_config(tmp_path, 18125, table)
+
+    command = curl_example(config)
+
+    assert f"curl -s https://{NAMED_HOST}:18125/v1/identity/scan \\\n" in command
+    assert f"  --connect-to {NAMED_HOST}:18125:127.0.0.1:18125 \\\n" in command
+
+
+def test_curl_example_any_port(tmp_path: Path) -> None:
+    config = write_config(tmp_path, 0)
+
+    command = curl_example(config)
+
+    assert "curl -s http://127.0.0.1:PORT/v1/identity/scan" in command
+    assert command.startswith("# [server] port = 0 takes any free port: replace PORT")
+
+
+def test_curl_example_ipv6_host(tmp_path: Path) -> None:
+    config = write_config(tmp_path, 18126)
+    set_host(config, "::1")
+
+    command = curl_example(config)
+
+    assert "curl -s http://[::1]:18126/v1/identity/scan" in command
+
+
+def test_curl_example_client_certificate(tmp_path: Path) -> None:
+    table, _cert_file = tls_for_loopback(tmp_path)
+    client_ca = CertificateAuthority(tmp_path / "clients", "client-ca")
+    table += f'client_ca_file = "{client_ca.cert_file}"\n'
+    config = write_config(tmp_path, 18127, table)
+
+    command = curl_example(config)
+
+    assert "  --cert CLIENT.crt --key CLIENT.key \\\n" in command
+    assert "# [tls] client_ca_file is set: replace CLIENT.crt and CLIENT.key" in command
+
+
+def test_curl_example_api_key(tmp_path: Path) -> None:
+    key_file = write_api_key(tmp_path / "keys" / "gateway", "curl-example-key-5d0c7a")
+    config = write_config(tmp_path, 18128, f'[auth]\napi_key_files = ["{key_file}"]\n')
+
+    command = curl_example(config)
+
+    assert f"""  -H @<(printf '%s: %s\\n' x-api-key "$(cat {key_file})") \\\n""" in command
+    assert "curl-example-key-5d0c7a" not in command
+
+
+def run_until_answered(command: str) -> subprocess.CompletedProcess[str]:
+    """Run a printed curl command until the listener answers it, for up to CURL_TIMEOUT."""
+    deadline = time.monotonic() + CURL_TIMEOUT
+    while True:
+        result = subprocess.run(
+            ["bash", "-c", command], capture_output=True, text=True, timeout=CURL_TIMEOUT
+        )
+        # curl exits 7 while nothing listens on the port yet.
+        if result.returncode != 7 or time.monotonic() > deadline:
+            return result
+        time.sleep(0.2)
+
+
+def no_tls(directory: Path) -> tuple[str, Path | None]:
+    return "", None
+
+
+def tls_host_name_and_api_key(directory: Path) -> tuple[str, Path | None]:
+    table, cert_file = tls_for_host_name(directory)
+    key_file = write_api_key(directory / "keys" / "gateway", "curl-example-key-91ab3e")
+    return table + f'\n[auth]\napi_key_files = ["{key_file}"]\n', cert_file
+
+
+LISTENERS: list[tuple[str, Callable[[Path], tuple[str, Path | None]]]] = [
+    ("plain", no_tls),
+    ("tls", tls_for_loopback),
+    ("tls for a host name, api key", tls_host_name_and_api_key),
+]
+needs_curl = pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+
+
+@needs_curl
+@pytest.mark.parametrize("listener", [pytest.param(case[1], id=case[0]) for case in LISTENERS])
+def test_curl_example_gets_accept(
+    tmp_path: Path, listener: Callable[[Path], tuple[str, Path | None]]
+) -> None:
+    table, _cert_file = listener(tmp_path)
+    daemon = make_daemon(tmp_path / "daemon", table, records=[SHOPPER_0001])
+    command = curl_example(daemon.config)
+    daemon.start(wait=False)
+    try:
+        result = run_until_answered(command)
+    finally:
+        daemon.stop()
+
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["action"] == "ACCEPT"
+
+
+def make_would_install() -> bool:
+    """Return whether `make run` would install packages first: its stamp is out of date."""
+    query = subprocess.run(["make", "-q", ".venv/.installed-run"], cwd=REPO, check=False)
+    return query.returncode != 0
+
+
+@needs_curl
+@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+def test_make_run_prints_working_curl(tmp_path: Path) -> None:
+    if make_would_install():
+        pytest.skip("the virtual environment's stamp is out of date, so make would install")
+    table, cert_file = tls_for_loopback(tmp_path)
+    config = write_config(tmp_path, free_port(), table)
+    output = tmp_path / "make-run.out"
+
+    with output.open("wb") as sink:
+        process = subprocess.Popen(
+            ["make", "-s", "run", f"CONFIG={config}"],
+            cwd=REPO,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        printed = wait_for_curl_command(output, process)
+        result = run_until_answered(printed)
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=30)
+
+    assert f"--cacert {cert_file}" in printed
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["action"] == "ACCEPT"
+
+
+def wait_for_curl_command(output: Path, process: subprocess.Popen[bytes]) -> str:
+    """Return the curl command that `make run` printed, from its first line to the -d line."""
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        lines = output.read_text(encoding="utf-8", errors="replace").splitlines()
+        starts = [n for n, line in enumerate(lines) if line.startswith("curl ")]
+        ends = [n for n, line in enumerate(lines) if line.startswith("  -d '")]
+        if starts and ends:
+            return "\n".join(lines[starts[0] : ends[0] + 1])
+        assert process.poll() is None, "\n".join(lines)
+        time.sleep(0.1)
+    raise AssertionError(f"make run printed no curl command:\n{output.read_text()}")

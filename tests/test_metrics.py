@@ -1,0 +1,127 @@
+"""The /metrics scrape of a real daemon whose database contains invalid meta values."""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from daemon import cachefile
+from tests.conftest import Daemon, make_daemon
+from tests.fakehq import FakeHq, hq_config, log_events
+
+# The meta keys of the sync ages and the outbox drop count, each with a valid value.
+VALID_META = {
+    "last_pull_at": repr(time.time() - 100.0),
+    "cursor_changed_at": repr(time.time() - 200.0),
+    "last_rebuild_at": repr(time.time() - 300.0),
+    "last_reconcile_at": repr(time.time() - 400.0),
+    "outbox_dropped_total": "3",
+}
+
+# (case, meta key, invalid value, metric, sample expected: -1.0, or None for no sample)
+INVALID_META_CASES: list[tuple[str, str, str, str, float | None]] = [
+    (
+        "last pull not a number",
+        "last_pull_at",
+        "yesterday",
+        "identity_connector_last_pull_age_seconds",
+        -1.0,
+    ),
+    (
+        "cursor change not a number",
+        "cursor_changed_at",
+        "yesterday",
+        "identity_connector_cursor_age_seconds",
+        -1.0,
+    ),
+    (
+        "rebuild infinite",
+        "last_rebuild_at",
+        "1e400",
+        "identity_connector_last_rebuild_age_seconds",
+        -1.0,
+    ),
+    (
+        "reconcile not a number",
+        "last_reconcile_at",
+        "nan",
+        "identity_connector_last_reconcile_age_seconds",
+        -1.0,
+    ),
+    (
+        "drop count not a number",
+        "outbox_dropped_total",
+        "many",
+        "identity_connector_outbox_dropped_events_total",
+        None,
+    ),
+]
+
+
+@pytest.fixture
+def hq_down() -> Iterator[FakeHq]:
+    """A fake HQ that does not listen, so that no pull replaces the meta values."""
+    server = FakeHq().start()
+    server.down()
+    yield server
+    server.close()
+
+
+def set_meta(database: Path, values: dict[str, str]) -> None:
+    """Write meta values into the database or its cache file, wherever each key lives."""
+    with contextlib.closing(sqlite3.connect(database)) as connection:
+        cache = database.with_name(cachefile.pointer(connection) or "")
+        for key, value in values.items():
+            path = cache if cachefile.meta_table(key) == "cache_meta" else database
+            with contextlib.closing(sqlite3.connect(path)) as target:
+                target.execute(
+                    f"INSERT INTO {cachefile.meta_table(key)} (key, value) VALUES (?, ?)"
+                    " ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                    (key, value),
+                )
+                target.commit()
+
+
+def scrape(daemon: Daemon) -> dict[str, float]:
+    """Return the unlabelled samples of one scrape, by name; fail on a failed scrape."""
+    reply = daemon.request("GET", "/metrics")
+    assert reply.status == 200, reply.body
+    return {
+        sample.name: sample.value
+        for family in text_string_to_metric_families(reply.body.decode())
+        for sample in family.samples
+        if not sample.labels
+    }
+
+
+def case_params() -> Iterator[object]:
+    for case, key, value, metric, expected in INVALID_META_CASES:
+        yield pytest.param(key, value, metric, expected, id=case)
+
+
+@pytest.mark.parametrize(("key", "value", "metric", "expected"), list(case_params()))
+def test_invalid_meta_value_keeps_scrape(
+    tmp_path: Path, hq_down: FakeHq, key: str, value: str, metric: str, expected: float | None
+) -> None:
+    directory = tmp_path / "daemon"
+    daemon = make_daemon(directory, hq_config(hq_down, directory), records=[])
+    set_meta(daemon.database, {**VALID_META, key: value})
+
+    daemon.start()
+    try:
+        first = scrape(daemon)
+        second = scrape(daemon)
+    finally:
+        daemon.stop()
+
+    assert first.get(metric) == expected
+    assert second.get(metric) == expected
+    assert first["identity_connector_outbox_depth"] == 0.0
+    warnings = log_events(daemon, "metrics.meta_value_invalid")
+    assert [line["key"] for line in warnings] == [key]
