@@ -12,6 +12,7 @@ import contextlib
 import fcntl
 import functools
 import json
+import math
 import os
 import sqlite3
 import ssl
@@ -52,6 +53,7 @@ from daemon.resolver import Evaluation, Resolver
 from daemon.snapshot_worker import (
     Block,
     PreparedBlock,
+    Rejected,
     SnapshotWorker,
     WorkerFailed,
     merge_prepared,
@@ -515,8 +517,18 @@ def trim_outbox(
         )
     dropped = connection.total_changes - before
     if dropped:
-        total = int(_meta(connection, OUTBOX_DROPPED_META_KEY) or 0) + dropped
-        _set_meta(connection, {OUTBOX_DROPPED_META_KEY: str(total)})
+        stored = _meta(connection, OUTBOX_DROPPED_META_KEY)
+        try:
+            previous = int(stored) if stored else 0
+        except ValueError:
+            # A damaged count must not fail the trim, which keeps the outbox bounded.
+            log.warning(
+                "outbox.dropped_count_invalid",
+                value=stored[:40],
+                action="counting dropped events again from 0",
+            )
+            previous = 0
+        _set_meta(connection, {OUTBOX_DROPPED_META_KEY: str(previous + dropped)})
     return dropped
 
 
@@ -592,6 +604,9 @@ class StoreAdapter:
         self._skipped: dict[str, int | None] = {}
         # Credentials of the running rebuild whose key a later record took.
         self._displaced: dict[str, tuple[int, bytes]] = {}
+        # Snapshot records of the running rebuild logged as rejected, so that an attempt
+        # restarted after the worker died does not log them again.
+        self._logged_rejections: set[tuple[str | None, int, str]] = set()
         self._rebuild_owner = ""
 
     def close(self) -> None:
@@ -677,7 +692,7 @@ class StoreAdapter:
             )
         )
 
-    async def begin_rebuild(self) -> None:
+    async def begin_rebuild(self, restart: bool = False) -> None:
         await self._build(self._drop_build)
         self._rebuild_owner = f"{os.getpid()}-{uuid.uuid4().hex}"
         await self.store.writer.submit(
@@ -692,6 +707,8 @@ class StoreAdapter:
         self._worker_started = False
         self._skipped = {}
         self._displaced = {}
+        if not restart:
+            self._logged_rejections = set()
 
     async def prepare_lines(self, first_line: int, lines: bytes) -> PreparedRecords:
         block = Block(first_line=first_line, data=lines, updated_at=time.time())
@@ -731,19 +748,16 @@ class StoreAdapter:
                 self._without_worker = True
                 raise RebuildRestart(str(exc)) from None
             if prepared.write_error is not None:
+                # The directory, not the new file, which the rebuild deletes: the text is
+                # then the same at each retry, and the pull loop logs repeats in one line.
                 raise StoreError(
-                    f"the snapshot worker could not write the new cache file"
-                    f" {self._building_path()}: {prepared.write_error}"
+                    f"the snapshot worker could not write a new cache file in"
+                    f" {self.store.path.parent}: {prepared.write_error}"
                 )
         if prepared is None:
             prepared = await self._prepare_here(block)
         for rejected in prepared.rejected:
-            log.warning(
-                "sync.record_rejected",
-                line=rejected.line,
-                credential_id=loggable_id(rejected.credential_id),
-                reason=rejected.reason,
-            )
+            self._log_rejected(rejected)
             if rejected.credential_id is not None and len(self._skipped) < MAX_SKIPPED_RECORDS:
                 self._skipped[rejected.credential_id] = rejected.version
         if prepared.error is not None:
@@ -756,6 +770,23 @@ class StoreAdapter:
             counts=counts,
             rows=prepared.row_batches(block.updated_at),
             received=prepared.received,
+        )
+
+    def _log_rejected(self, rejected: Rejected) -> None:
+        # A record without a credential id is known by its line instead. HQ may have
+        # changed the snapshot before a restarted attempt, which then logs what is new.
+        line = rejected.line if rejected.credential_id is None else 0
+        key = (rejected.credential_id, line, rejected.reason)
+        if key in self._logged_rejections:
+            return
+        # NOTE: past this bound, a restarted attempt logs the records again.
+        if len(self._logged_rejections) < MAX_SKIPPED_RECORDS:
+            self._logged_rejections.add(key)
+        log.warning(
+            "sync.record_rejected",
+            line=rejected.line,
+            credential_id=loggable_id(rejected.credential_id),
+            reason=rejected.reason,
         )
 
     async def _prepare_here(self, block: Block) -> PreparedBlock:
@@ -787,9 +818,6 @@ class StoreAdapter:
             return
         connection, _path = self._building
         await self._build(stage_rows, connection, join_batches(prepared.rows))
-
-    def _building_path(self) -> str:
-        return "" if self._building is None else str(self._building[1])
 
     async def finish_rebuild(self, cursor: str, pulled_at: float) -> int:
         # Stops the worker, which has written every block it replied to: the builder
@@ -1120,7 +1148,13 @@ async def start_sync(
 
 
 def sync_now(config: Config, store: Store) -> int:
-    """Run `identity-connector sync --now`: pull and upload once, printing progress."""
+    """Run `identity-connector sync --now`: pull and upload once, printing progress.
+
+    Returns the exit status. It is 0 on success, and 2 on a configuration error or a
+    database error outside the pull. It is 1 when another process syncs, an HQ call failed,
+    the pull failed (on HQ or on the database, such as a full disk), records were rejected,
+    or the cache still differs from HQ after a rebuild.
+    """
     if config.hq is None:
         print(
             "error: no [hq] table in the configuration; there is nothing to sync with",
@@ -1168,7 +1202,7 @@ def sync_now(config: Config, store: Store) -> int:
             adapter.close()
             lock.release()
         if report.pull_error is not None:
-            print(f"error: pull failed: {report.pull_error}", file=sys.stderr)
+            print(_pull_failure_message(report.pull_error, store.path), file=sys.stderr)
         pull = report.pull
         if pull.rebuilt:
             # The records the old cache lost in a rebuild are not counted as removed, so
@@ -1202,6 +1236,25 @@ def sync_now(config: Config, store: Store) -> int:
     return asyncio.run(run())
 
 
+def _pull_failure_message(error: Exception, database: Path) -> str:
+    """Return the line `sync --now` prints for a failed pull: what failed and what to do."""
+    if isinstance(error, HqError):
+        return f"error: pull failed: {error}"
+    if isinstance(error, (sqlite3.Error, StoreError, OSError)):
+        return (
+            f"error: pull failed on the database {database} or its identity cache file:"
+            f" {error}. Free disk space in {database.parent} (a rebuild needs room for a"
+            f" second copy of the cache), check that this user can write there, and run"
+            f" sync --now again"
+        )
+    # Not a fault of HQ or of the disk: the traceback goes to the log for a bug report.
+    log.error("sync.pull_crashed", error=str(error), exc_info=error)
+    return (
+        f"error: pull failed: {type(error).__name__}: {error} (the sync.pull_crashed log line"
+        f" has the traceback)"
+    )
+
+
 def hq_status(reader: StoreReader, config: Config, now: float) -> dict[str, Any]:
     """Return the HQ fields of `status`: state, cursor age, uploads, drops and the clock."""
     if config.hq is None:
@@ -1210,9 +1263,11 @@ def hq_status(reader: StoreReader, config: Config, now: float) -> dict[str, Any]
     def number(key: str) -> float | None:
         text = reader.meta(key)
         try:
-            return float(text) if text is not None else None
+            value = float(text) if text is not None else None
         except ValueError:
             return None
+        # "nan" and "inf" parse, but int() and round() raise on them.
+        return value if value is not None and math.isfinite(value) else None
 
     def age(key: str) -> float | None:
         moment = number(key)

@@ -22,6 +22,7 @@ from sync.clock import ClockEstimator
 from sync.errors import (
     CursorExpired,
     HqAuthFailed,
+    HqBodyIncomplete,
     HqError,
     HqRedirected,
     HqResponseInvalid,
@@ -143,9 +144,9 @@ class SnapshotStream:
             raise HqUnreachable(
                 f"snapshot stream stalled after line {first_line + lines - 1}"
             ) from None
-        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
-            raise HqResponseInvalid(
-                f"snapshot stream cut after line {first_line + lines - 1}: {exc}"
+        except aiohttp.ClientError as exc:
+            raise _body_incomplete(
+                "snapshot", self._response, exc, f" after {first_line + lines - 1} complete lines"
             ) from None
         if tail:
             raise HqResponseInvalid(
@@ -409,7 +410,10 @@ def _check_page(page: _ChangesPage, limit: int) -> None:
 
 
 async def _read_body(response: aiohttp.ClientResponse, call: str, max_bytes: int) -> bytes:
-    """Read a whole response body; raise HqResponseInvalid past ``max_bytes`` (decoded)."""
+    """Read a whole response body; raise HqResponseInvalid past ``max_bytes`` (decoded).
+
+    Raises HqBodyIncomplete when the body ends early or its framing does not decode.
+    """
     parts: list[bytes] = []
     size = 0
     try:
@@ -424,8 +428,23 @@ async def _read_body(response: aiohttp.ClientResponse, call: str, max_bytes: int
     except TimeoutError:
         raise HqUnreachable(f"HQ {call} response stalled") from None
     except aiohttp.ClientError as exc:
-        raise HqResponseInvalid(f"HQ {call} response was cut: {exc}") from None
+        raise _body_incomplete(call, response, exc) from None
     return b"".join(parts)
+
+
+def _body_incomplete(
+    call: str, response: aiohttp.ClientResponse, error: aiohttp.ClientError, where: str = ""
+) -> HqBodyIncomplete:
+    """Describe a failed read of a response body by the URL path, without the query."""
+    path = response.url.path
+    if isinstance(error, aiohttp.ClientPayloadError):
+        # aiohttp's text names its parser's error, such as "TransferEncodingError: 400,
+        # message=...", which reads like an HTTP 400 from HQ.
+        return HqBodyIncomplete(
+            f"HQ {call} response body from {path} ended early or was malformed{where}"
+        )
+    # A connection error's own text ("Connection reset by peer") describes the failure.
+    return HqBodyIncomplete(f"HQ {call} response body from {path} ended early{where}: {error}")
 
 
 class KeyEncrypted(Exception):

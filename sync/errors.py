@@ -63,6 +63,14 @@ class HqResponseInvalid(HqError):
     """HQ responded 200 with a body or stream that breaks the contract (invalid or truncated)."""
 
 
+class HqBodyIncomplete(HqError):
+    """A response body from HQ was cut short, or its HTTP framing was malformed.
+
+    HQ sent a status and headers, then the connection broke or the chunked or gzip framing
+    did not decode. HQ or the network may be at fault, and the loops retry after the backoff.
+    """
+
+
 class CursorExpired(HqError):
     """HQ responded 410 Gone to a changes request: the feed must restart from a snapshot."""
 

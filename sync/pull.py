@@ -123,7 +123,7 @@ class Puller:
         while True:
             # Counts of this attempt only: a restarted attempt stages every record again.
             staged = PullReport()
-            await self.store.begin_rebuild()
+            await self.store.begin_rebuild(restart=restarted)
             try:
                 cursor = await self._stage_snapshot(staged)
             except RebuildRestart:

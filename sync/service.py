@@ -36,8 +36,9 @@ LOOKUP_LOG_INTERVAL = 60.0
 class RunReport:
     pull: PullReport
     upload: UploadReport
-    pull_error: HqError | None = None
-    """The error that failed the pull, after which the upload still ran."""
+    pull_error: Exception | None = None
+    """The error that failed the pull, after which the upload still ran: an HqError, or a
+    failure of the store (a full disk, say) or of the daemon's own code."""
 
 
 class _FailureLog:
@@ -55,6 +56,48 @@ class _FailureLog:
 
     def succeeded(self) -> None:
         self._last = None
+
+
+class _CrashLog:
+    """Logs a loop's failures on something other than HQ, such as a full disk.
+
+    The first failure, and a failure with another error, log the traceback at error level.
+    A repeat of the same error logs one warning line with the count of repeats, because a
+    disk that stays full fails every retry in the same way. The first success after a
+    failure logs ``recovered_event`` at info level.
+    """
+
+    def __init__(self, event: str, recovered_event: str) -> None:
+        self.event = event
+        self.recovered_event = recovered_event
+        self._last: tuple[type, str] | None = None
+        self._repeats = 0
+        self._failures = 0
+
+    def failed(self, error: Exception, retry_in: float) -> None:
+        key = (type(error), str(error))
+        self._failures += 1
+        retry_in_seconds = round(retry_in, 1)
+        if key == self._last:
+            self._repeats += 1
+            log.warning(
+                self.event,
+                error=str(error),
+                repeats=self._repeats,
+                retry_in_seconds=retry_in_seconds,
+            )
+            return
+        self._last = key
+        self._repeats = 0
+        log.error(self.event, error=str(error), retry_in_seconds=retry_in_seconds, exc_info=error)
+
+    def succeeded(self) -> None:
+        if self._last is None:
+            return
+        log.info(self.recovered_event, previous_error=self._last[1], failed_attempts=self._failures)
+        self._last = None
+        self._repeats = 0
+        self._failures = 0
 
 
 class _ThrottledLog:
@@ -139,12 +182,15 @@ class SyncService:
         """Pull to the latest cursor, reconcile, and upload the whole outbox, in the foreground.
 
         A failed pull is reported and the upload still runs: the events may reach HQ even
-        when its identity feed fails. Raises HqError when the upload fails.
+        when its identity feed fails, or when the store cannot take a new cache file. A
+        failure other than HQ's leaves the HQ state as it is, as in the pull loop. Raises
+        HqError when the upload fails, and the store's error when the upload cannot read or
+        delete the outbox.
         """
         await self._forget_clock_offset()
         await self.client.open()
         pulled = PullReport()
-        pull_error: HqError | None = None
+        pull_error: Exception | None = None
         try:
             try:
                 await self.puller.pull(pulled)
@@ -154,6 +200,9 @@ class SyncService:
             except HqError as exc:
                 pull_error = exc
                 self.health.attempt_failed(PULL, exc)
+            except Exception as exc:
+                # A store failure such as a full disk: the caller reports it.
+                pull_error = exc
             else:
                 self.health.attempt_succeeded(PULL)
             try:
@@ -215,6 +264,7 @@ class SyncService:
     async def _pull_loop(self) -> None:
         backoff = Backoff(self.settings.backoff_initial, self.settings.backoff_max)
         failures = _FailureLog("sync.pull_failed")
+        crashes = _CrashLog("sync.pull_crashed", "sync.pull_recovered")
         next_reconcile = 0.0
         while True:
             try:
@@ -231,11 +281,12 @@ class SyncService:
             except Exception as exc:
                 # A store failure (disk full, writer stopped) must not end the loop silently.
                 delay = backoff.next_delay()
-                log.exception("sync.pull_crashed", error=str(exc), retry_in_seconds=round(delay, 1))
+                crashes.failed(exc, delay)
             else:
                 self.health.attempt_succeeded(PULL)
                 backoff.reset()
                 failures.succeeded()
+                crashes.succeeded()
                 delay = self.settings.pull_interval
             await self._persist_state()
             await self._sleep(delay)
@@ -258,6 +309,7 @@ class SyncService:
     async def _upload_loop(self) -> None:
         backoff = Backoff(self.settings.backoff_initial, self.settings.backoff_max)
         failures = _FailureLog("sync.upload_failed")
+        crashes = _CrashLog("sync.upload_crashed", "sync.upload_recovered")
         next_trim = 0.0
         while True:
             delay = self.settings.upload_interval
@@ -275,15 +327,14 @@ class SyncService:
                         delay = 0.0
                 backoff.reset()
                 failures.succeeded()
+                crashes.succeeded()
             except HqError as exc:
                 self.health.attempt_failed(UPLOAD, exc)
                 delay = self._retry_delay(backoff, exc)
                 failures.failed(exc, delay)
             except Exception as exc:
                 delay = backoff.next_delay()
-                log.exception(
-                    "sync.upload_crashed", error=str(exc), retry_in_seconds=round(delay, 1)
-                )
+                crashes.failed(exc, delay)
             await asyncio.sleep(delay)
 
     def _state_changed(self, previous: HqState, current: HqState) -> None:

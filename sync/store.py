@@ -77,8 +77,12 @@ class SyncStore(Protocol):
         """Apply changes in order, store ``cursor`` and ``last_pull_at``, in one transaction."""
         ...
 
-    async def begin_rebuild(self) -> None:
-        """Start an empty cache file, dropping what an interrupted rebuild of this process left."""
+    async def begin_rebuild(self, restart: bool = False) -> None:
+        """Start an empty cache file, dropping what an interrupted rebuild of this process left.
+
+        ``restart`` is True for the attempt after a RebuildRestart, which reads the snapshot
+        again: invalid records already logged by the rebuild are not logged again.
+        """
         ...
 
     async def prepare_lines(self, first_line: int, lines: bytes) -> PreparedRecords:

@@ -2,7 +2,8 @@
 
 It runs in a background thread with its own event loop. Tests steer it through plain
 attributes and methods (outage, slowness, error statuses, cut or invalid snapshot streams,
-cursor expiry, partial and duplicate acknowledgements) and read what it received.
+responses cut mid-body, cursor expiry, partial and duplicate acknowledgements) and read what
+it received.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
 TOKEN = "fake-hq-token-3c9d"
 SnapshotMode = Literal["ok", "cut", "invalid"]
 AckMode = Literal["all", "partial", "duplicate", "none"]
+Framing = Literal["chunked", "content-length"]
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,12 @@ class Control:
     """Changes pages hold every change after the cursor, whatever the request's limit."""
     snapshot_cursor_expired: bool = False
     """The snapshot's Identity-Cursor is one that the changes feed answers with 410."""
+    expired_cursors: set[str] = field(default_factory=set)
+    """Cursors that the changes feed rejects with 410 Gone, whatever their epoch."""
+    cut_calls: set[str] = field(default_factory=set)
+    """Calls ("changes", "digest", ...) whose response stops halfway through its body."""
+    cut_framing: Framing = "chunked"
+    """How a cut response frames its body: chunked, or with the whole body's Content-Length."""
     snapshot_count: int | None = None
     """Identity-Count header of the snapshot in place of the number of records, when set."""
     raw_answers: dict[str, RawAnswer] = field(default_factory=dict)
@@ -252,7 +260,25 @@ class FakeHq:
         if raw is not None:
             headers = {"Date": self._date(), **raw.headers}
             return web.Response(status=raw.status, body=raw.body, headers=headers)
+        if name in self.control.cut_calls:
+            return await self._cut(request, await handler(request))
         return await handler(request)
+
+    async def _cut(self, request: web.Request, answer: web.Response) -> web.StreamResponse:
+        """Send the status, the headers and half of ``answer``'s body, then close."""
+        body = bytes(answer.body or b"")
+        response = web.StreamResponse(
+            status=answer.status,
+            headers={"Content-Type": answer.content_type, "Date": self._date()},
+        )
+        if self.control.cut_framing == "content-length":
+            response.content_length = len(body)
+        await response.prepare(request)
+        await response.write(body[: len(body) // 2])
+        # close, not abort: the half that was written reaches the client first.
+        assert request.transport is not None
+        request.transport.close()
+        return response
 
     def _date(self) -> str:
         return formatdate(time.time() + self.control.clock_offset, usegmt=True)
@@ -270,7 +296,7 @@ class FakeHq:
                 position = 0
             else:
                 epoch, _, text = cursor.partition(".")
-                if int(epoch) != self.epoch:
+                if int(epoch) != self.epoch or cursor in self.control.expired_cursors:
                     return self._json({"title": "cursor expired"}, status=410)
                 position = int(text)
             size = len(self.log) if self.control.ignore_limit else limit

@@ -6,6 +6,8 @@ import fcntl
 import json
 import os
 import re
+import subprocess
+import sys
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
@@ -13,12 +15,14 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import SAMPLE_RECORDS, Daemon, make_daemon, run_cli
+from daemon import cachefile
+from tests.conftest import REPO, SAMPLE_RECORDS, Daemon, make_daemon, run_cli
 from tests.fakehq import (
     FakeHq,
     hq_config,
     local_versions,
     log_events,
+    make_records,
     meta,
     outbox_ids,
     versions_of,
@@ -221,6 +225,45 @@ def test_sync_now_uploads_when_pull_fails(tmp_path: Path, hq: FakeHq) -> None:
     assert "the failed rebuild was discarded: the cache in use is unchanged" in result.stdout
     assert "1 of 1 events accepted" in result.stdout
     assert outbox_ids(daemon.database) == []
+
+
+def run_cli_on_small_disk(max_file_bytes: int, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run the command line with no file it writes allowed past ``max_file_bytes``.
+
+    ``ulimit -f`` (in 512-byte blocks) makes a write past the size fail with EFBIG, which
+    SQLite reports as "disk I/O error", as a full disk fails a write (with ENOSPC).
+    """
+    limited = f'ulimit -f {max_file_bytes // 512} && exec "$0" "$@"'
+    return subprocess.run(
+        ["sh", "-c", limited, sys.executable, "-m", "daemon", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
+
+
+def test_sync_now_reports_store_failure_and_uploads(tmp_path: Path, hq: FakeHq) -> None:
+    daemon = start_synced(tmp_path, hq)
+    hq.down()
+    assert daemon.scan("KEY-ASSOCIATE-8e2d11").status == 200
+    daemon.stop()
+    hq.up()
+    # The rebuild's new cache file outgrows 256 KiB with these records.
+    hq.put(*make_records(5000))
+    hq.expire_cursors()
+
+    result = run_cli_on_small_disk(256 * 1024, "sync", "--now", "--config", str(daemon.config))
+
+    assert result.returncode == 1, result.stderr
+    assert "error: pull failed on the database" in result.stderr
+    assert "the snapshot worker could not write a new cache file" in result.stderr
+    assert f"Free disk space in {daemon.directory} " in result.stderr
+    assert "the failed rebuild was discarded: the cache in use is unchanged" in result.stdout
+    assert "1 of 1 events accepted" in result.stdout
+    assert outbox_ids(daemon.database) == []
+    assert len(cachefile.cache_files(daemon.database)) == 1
+    assert "c-cash" in local_versions(daemon.database)
 
 
 def test_sync_now_fails_on_mismatch_after_rebuild(tmp_path: Path, hq: FakeHq) -> None:

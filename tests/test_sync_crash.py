@@ -1,12 +1,18 @@
-"""kill -9 in the middle of a batch apply or a snapshot rebuild: cursor and data agree."""
+"""kill -9 in the middle of a batch apply or a snapshot rebuild: cursor and data agree.
+
+Also store faults under the sync loops: a disk too small for a rebuild, a locked database.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import resource
 import signal
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -24,6 +30,20 @@ from tests.fakehq import (
 )
 
 BULK = 30000
+# Snapshot records that fail validation (their type is unknown); they sort before the bulk
+# records, so they are in the snapshot's first block.
+INVALID_RECORDS = [
+    {
+        "credentialId": f"a-invalid-{number}",
+        "key": f"KEY-INVALID-{number}-5e",
+        "id": f"invalid-{number}",
+        "type": "NOBODY",
+        "status": "ACTIVE",
+        "stores": ["STORE-001"],
+        "version": 1,
+    }
+    for number in range(2)
+]
 
 
 @pytest.fixture
@@ -103,19 +123,119 @@ def snapshot_worker_pids(daemon: Daemon) -> list[int]:
 
 def test_worker_killed_during_rebuild(tmp_path: Path, hq: FakeHq) -> None:
     """The worker that writes the new cache file dies: the daemon downloads the snapshot
-    again, rebuilds without a worker, and loses no record."""
-    hq.put(*make_records(BULK))
+    again, rebuilds without a worker, loses no record, and logs each invalid record once."""
+    hq.put(*INVALID_RECORDS, *make_records(BULK))
+    valid = {c: r for c, r in hq.records.items() if not c.startswith("a-invalid-")}
     hq.control.snapshot_line_delay = 0.05
     daemon = new_daemon(tmp_path, hq, "snapshot_batch_size = 1000", records=[])
     daemon.start()
     try:
         wait_until(lambda: hq.received.snapshot_lines_sent >= 8000, what="part of the snapshot")
+        wait_until(
+            lambda: len(log_events(daemon, "sync.record_rejected")) == len(INVALID_RECORDS),
+            what="the invalid records of the first download",
+        )
         (pid,) = wait_until(lambda: snapshot_worker_pids(daemon), what="the worker")
         os.kill(pid, signal.SIGKILL)
-        wait_until(lambda: meta(daemon.database, "cursor") == hq.cursor(), what="the rebuild")
-        assert local_versions(daemon.database) == versions_of(hq.records)
+        wait_until(lambda: log_events(daemon, "sync.rebuilt"), what="the rebuild")
+        assert meta(daemon.database, "cursor") == hq.cursor()
+        assert local_versions(daemon.database) == versions_of(valid)
         assert hq.received.requests["snapshot"] == 2
         assert len(log_events(daemon, "sync.worker_failed")) == 1
         assert log_events(daemon, "sync.pull_crashed") == []
     finally:
         daemon.stop()
+
+    rejected = [line["credential_id"] for line in log_events(daemon, "sync.record_rejected")]
+    assert rejected == ["a-invalid-0", "a-invalid-1"]
+    (rebuilt,) = log_events(daemon, "sync.rebuilt")
+    assert rebuilt["rejected"] == len(INVALID_RECORDS)
+
+
+def limit_file_size(pid: int, max_bytes: int) -> None:
+    """Let process ``pid``, and the processes it starts from now on, write no file past
+    ``max_bytes``. A write past it fails with EFBIG, as a write to a full disk fails."""
+    _soft, hard = resource.prlimit(pid, resource.RLIMIT_FSIZE)
+    resource.prlimit(pid, resource.RLIMIT_FSIZE, (max_bytes, hard))
+
+
+def assert_logged_once_then_counted(crashes: list[dict[str, Any]], error: str) -> None:
+    """Check the crash lines of one loop: a traceback first, then one-line repeats."""
+    first, *repeats = crashes
+    assert error in first["error"]
+    assert first["level"] == "error"
+    assert "Traceback" in first["exception"]
+    assert len(repeats) >= 2
+    assert [line["error"] for line in repeats] == [first["error"]] * len(repeats)
+    assert [line["level"] for line in repeats] == ["warning"] * len(repeats)
+    assert [line.get("exception") for line in repeats] == [None] * len(repeats)
+    assert [line["repeats"] for line in repeats] == list(range(1, len(repeats) + 1))
+
+
+def test_rebuild_on_full_disk_logs_traceback_once(tmp_path: Path, hq: FakeHq) -> None:
+    hq.put(*SAMPLE_RECORDS)
+    daemon = new_daemon(tmp_path, hq, "", records=[])
+    daemon.start()
+    try:
+        wait_until(lambda: meta(daemon.database, "cursor") == hq.cursor(), what="the snapshot")
+        assert daemon.process is not None
+        pid = daemon.process.pid
+        # The new cache file of 10000 records outgrows 512 KiB, and the files the daemon
+        # has written so far (database, cache file, log) are smaller.
+        limit_file_size(pid, 512 * 1024)
+        hq.put(*make_records(10000))
+        hq.expire_cursors()
+        wait_until(
+            lambda: len(log_events(daemon, "sync.pull_crashed")) >= 4, what="four failed rebuilds"
+        )
+        limit_file_size(pid, resource.RLIM_INFINITY)
+        wait_until(lambda: log_events(daemon, "sync.pull_recovered"), what="the rebuild")
+        assert meta(daemon.database, "cursor") == hq.cursor()
+    finally:
+        daemon.stop()
+
+    crashes = log_events(daemon, "sync.pull_crashed")
+    assert_logged_once_then_counted(crashes, "the snapshot worker could not write")
+    (recovered,) = log_events(daemon, "sync.pull_recovered")
+    assert recovered["previous_error"] == crashes[0]["error"]
+    assert recovered["failed_attempts"] == len(crashes)
+
+
+def test_locked_database_logs_traceback_once(tmp_path: Path, hq: FakeHq) -> None:
+    hq.put(*SAMPLE_RECORDS)
+    daemon = new_daemon(tmp_path, hq, "", records=[])
+    # Every commit of the daemon fails after 0.2 s while the test holds the write lock.
+    text = daemon.config.read_text(encoding="utf-8")
+    daemon.config.write_text(
+        text.replace("[database]\n", '[database]\nbusy_timeout = "0.2s"\n'), "utf-8"
+    )
+    daemon.start()
+    holder = sqlite3.connect(daemon.database, isolation_level=None, timeout=5)
+    try:
+        wait_until(lambda: meta(daemon.database, "cursor") == hq.cursor(), what="the snapshot")
+        holder.execute("BEGIN IMMEDIATE")
+        wait_until(
+            lambda: (
+                len(log_events(daemon, "sync.pull_crashed")) >= 3
+                and len(log_events(daemon, "sync.upload_crashed")) >= 3
+            ),
+            what="three failed pulls and uploads",
+        )
+        holder.execute("ROLLBACK")
+        wait_until(
+            lambda: (
+                log_events(daemon, "sync.pull_recovered")
+                and log_events(daemon, "sync.upload_recovered")
+            ),
+            what="both loops to succeed again",
+        )
+    finally:
+        holder.close()
+        daemon.stop()
+
+    for loop in ("pull", "upload"):
+        crashes = log_events(daemon, f"sync.{loop}_crashed")
+        assert_logged_once_then_counted(crashes, "database is locked")
+        (recovered,) = log_events(daemon, f"sync.{loop}_recovered")
+        assert recovered["level"] == "info"
+        assert recovered["failed_attempts"] == len(crashes)

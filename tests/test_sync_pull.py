@@ -149,6 +149,29 @@ def test_invalid_record_in_feed_is_skipped(synced: Daemon, hq: FakeHq) -> None:
     assert rejected[0]["credential_id"] == "c-bad"
 
 
+def test_cursor_expired_logs_rejected_cursor(tmp_path: Path, hq: FakeHq) -> None:
+    daemon = start_daemon(tmp_path, hq, extra="pull_batch_size = 2")
+    try:
+        # The initial pull ends with this comparison. Changes made before its end go to the
+        # changes call that follows the snapshot, and a 410 there is reported as HQ's fault.
+        wait_until(lambda: log_events(daemon, "sync.reconciled"), what="the initial pull")
+        start = meta(daemon.database, "cursor")
+        assert start is not None
+        # The fake HQ's cursors are "<epoch>.<position>". The pull gets a page of two
+        # changes, and HQ responds 410 to the cursor of that page, not to the first one.
+        epoch, position = start.split(".")
+        rejected = f"{epoch}.{int(position) + 2}"
+        hq.control.expired_cursors = {rejected}
+        hq.put(*make_records(4))
+        wait_until(lambda: caught_up(daemon, hq), what="the rebuild after 410")
+    finally:
+        daemon.stop()
+
+    (expired,) = log_events(daemon, "sync.cursor_expired")
+    assert expired["cursor"] == rejected
+    assert hq.received.requests["snapshot"] == 2
+
+
 def test_cursor_expiry_mid_run_rebuilds(synced: Daemon, hq: FakeHq) -> None:
     hq.put({**SAMPLE_RECORDS[1], "version": 9})
     hq.expire_cursors()
@@ -252,7 +275,10 @@ def test_initial_snapshot_removes_imported_extras(tmp_path: Path, hq: FakeHq) ->
 
 @pytest.mark.parametrize(
     ("mode", "logged"),
-    [("cut", "snapshot stream cut"), ("invalid", "is not valid JSON")],
+    [
+        ("cut", "snapshot response body from /v1/stores/STORE-001/identities/snapshot ended early"),
+        ("invalid", "is not valid JSON"),
+    ],
 )
 def test_broken_snapshot_keeps_old_cache(
     tmp_path: Path, hq: FakeHq, mode: str, logged: str
@@ -528,6 +554,26 @@ def pull_failure(daemon: Daemon, text: str) -> dict:
         ),
         what=f"sync.pull_failed with {text!r}",
     )
+
+
+@pytest.mark.parametrize("framing", ["chunked", "content-length"])
+def test_cut_page_body_is_retried(synced: Daemon, hq: FakeHq, framing: str) -> None:
+    cursor = meta(synced.database, "cursor")
+    hq.control.cut_framing = framing  # type: ignore[assignment]
+    hq.control.cut_calls = {"changes"}
+    hq.put({**SAMPLE_RECORDS[0], "version": 2})
+
+    failure = pull_failure(synced, "response body")
+    # aiohttp's own text ("TransferEncodingError: 400, message=...") reads like an HTTP 400
+    # from HQ, and the request's query is left out.
+    path = "/v1/stores/STORE-001/identities/changes"
+    assert failure["error"] == f"HQ changes response body from {path} ended early or was malformed"
+    assert meta(synced.database, "cursor") == cursor
+    wait_until(lambda: meta(synced.database, "hq_state") == "degraded", what="degraded")
+
+    hq.control.cut_calls = set()
+    wait_until(lambda: caught_up(synced, hq), what="the retried pull")
+    assert local_versions(synced.database)["c-shopper"] == 2
 
 
 @pytest.mark.parametrize("trigger", ["cursor-expired", "digest-mismatch"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -158,6 +159,23 @@ def test_outbox_bound_drops_and_counts(
         assert dropped[0]["policy"] == overflow
         metrics = daemon.request("GET", "/metrics").body.decode()
         assert "identity_connector_outbox_dropped_events_total 3.0" in metrics.splitlines()
+    finally:
+        daemon.stop()
+
+
+def test_outbox_bound_with_invalid_dropped_count(tmp_path: Path, hq: FakeHq) -> None:
+    daemon = synced_daemon(tmp_path, hq, "outbox_max_events = 5")
+    try:
+        hq.down()
+        with sqlite3.connect(daemon.database) as connection:
+            connection.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES ('outbox_dropped_total', 'x')"
+            )
+        scan_many(daemon, 8)
+        wait_until(lambda: meta(daemon.database, "outbox_dropped_total") == "3", what="trim")
+
+        assert len(outbox_ids(daemon.database)) == 5
+        assert len(log_events(daemon, "outbox.dropped_count_invalid")) == 1
     finally:
         daemon.stop()
 
