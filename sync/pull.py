@@ -188,12 +188,22 @@ class Puller:
         """
         try:
             await self._follow_feed(cursor, report)
-        except CursorExpired:
+        except CursorExpired as exc:
+            retry = (
+                "The next pull (the daemon's, after its backoff, or the next sync --now)"
+                " rebuilds again"
+            )
+            if exc.cursor is None or exc.cursor == cursor:
+                raise HqResponseInvalid(
+                    f"HQ returned 410 Gone to the first changes call after a rebuild, for the"
+                    f" snapshot's own cursor {cursor[:64]!r}; HQ must keep the cursor of a new"
+                    f" snapshot valid in its changes feed. {retry}"
+                ) from None
             raise HqResponseInvalid(
-                f"HQ returned 410 Gone to the first changes call after a rebuild, for the"
-                f" snapshot's own cursor {cursor[:64]!r}; HQ must keep the cursor of a new"
-                f" snapshot valid in its changes feed. The next pull (the daemon's, after its"
-                f" backoff, or the next sync --now) rebuilds again"
+                f"HQ returned 410 Gone to a changes call after a rebuild, for the cursor"
+                f" {exc.cursor[:64]!r} that its previous page had just returned (the snapshot's"
+                f" cursor was {cursor[:64]!r}); HQ must keep the cursors it returns valid in its"
+                f" changes feed. {retry}"
             ) from None
 
     async def _stage_snapshot(self, report: PullReport) -> str:

@@ -616,6 +616,27 @@ def test_expired_snapshot_cursor_is_hq_fault(synced: Daemon, hq: FakeHq) -> None
     wait_until(lambda: meta(synced.database, "hq_state") == "online", what="online")
 
 
+def test_expired_page_cursor_after_rebuild(tmp_path: Path, hq: FakeHq) -> None:
+    # 600 records make the snapshot pause after its first 500 lines, and four changes made
+    # meanwhile give two pages of the feed that follows it.
+    hq.put(*make_records(600))
+    snapshot_cursor = f"{hq.epoch}.{len(hq.log)}"
+    second_page_cursor = f"{hq.epoch}.{len(hq.log) + 2}"
+    hq.control.snapshot_line_delay = 1.0
+    hq.control.expired_cursors = {second_page_cursor}
+    daemon = start_daemon(tmp_path, hq, extra="pull_batch_size = 2")
+    try:
+        wait_until(lambda: hq.received.snapshot_lines_sent >= 500, what="the snapshot's start")
+        hq.put(*make_records(4, prefix="late"))
+
+        failure = pull_failure(daemon, "its previous page had just returned")
+    finally:
+        daemon.stop()
+
+    assert repr(second_page_cursor) in failure["error"]
+    assert f"the snapshot's cursor was {snapshot_cursor!r}" in failure["error"]
+
+
 def test_page_over_limit_is_rejected(tmp_path: Path, hq: FakeHq) -> None:
     daemon = start_daemon(tmp_path, hq, extra="pull_batch_size = 2")
     try:
