@@ -74,22 +74,17 @@ class _CrashLog:
         self._repeats = 0
         self._failures = 0
 
-    def failed(self, error: Exception, retry_in: float) -> None:
+    def failed(self, error: Exception, **fields: Any) -> None:
+        """Log ``error`` with ``fields``, such as the seconds until the next retry."""
         key = (type(error), str(error))
         self._failures += 1
-        retry_in_seconds = round(retry_in, 1)
         if key == self._last:
             self._repeats += 1
-            log.warning(
-                self.event,
-                error=str(error),
-                repeats=self._repeats,
-                retry_in_seconds=retry_in_seconds,
-            )
+            log.warning(self.event, error=str(error), repeats=self._repeats, **fields)
             return
         self._last = key
         self._repeats = 0
-        log.error(self.event, error=str(error), retry_in_seconds=retry_in_seconds, exc_info=error)
+        log.error(self.event, error=str(error), exc_info=error, **fields)
 
     def succeeded(self) -> None:
         if self._last is None:
@@ -141,6 +136,8 @@ class SyncService:
         self._lookup_timeouts = _ThrottledLog("hq.lookup_timed_out", LOOKUP_LOG_INTERVAL)
         self._lookup_failures = _ThrottledLog("hq.lookup_failed", LOOKUP_LOG_INTERVAL)
         self._persisted_offset: float | None = None
+        # A full disk fails every save of the sync state in the same way.
+        self._save_failures = _CrashLog("sync.state_not_saved", "sync.state_saved")
         self.state_listeners: list[Callable[[str], None]] = []
         """Called with the new state name at each change of the HQ state."""
 
@@ -281,7 +278,7 @@ class SyncService:
             except Exception as exc:
                 # A store failure (disk full, writer stopped) must not end the loop silently.
                 delay = backoff.next_delay()
-                crashes.failed(exc, delay)
+                crashes.failed(exc, retry_in_seconds=round(delay, 1))
             else:
                 self.health.attempt_succeeded(PULL)
                 backoff.reset()
@@ -334,7 +331,7 @@ class SyncService:
                 failures.failed(exc, delay)
             except Exception as exc:
                 delay = backoff.next_delay()
-                crashes.failed(exc, delay)
+                crashes.failed(exc, retry_in_seconds=round(delay, 1))
             await asyncio.sleep(delay)
 
     def _state_changed(self, previous: HqState, current: HqState) -> None:
@@ -356,7 +353,9 @@ class SyncService:
         try:
             await self.store.set_meta({CLOCK_OFFSET_META_KEY: ""})
         except Exception as exc:
-            log.error("sync.state_not_saved", error=str(exc))
+            self._save_failures.failed(exc)
+        else:
+            self._save_failures.succeeded()
 
     async def _persist_state(self) -> None:
         values = {
@@ -378,4 +377,6 @@ class SyncService:
         try:
             await self.store.set_meta(values)
         except Exception as exc:
-            log.error("sync.state_not_saved", error=str(exc))
+            self._save_failures.failed(exc)
+        else:
+            self._save_failures.succeeded()

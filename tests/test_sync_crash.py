@@ -218,16 +218,18 @@ def test_locked_database_logs_traceback_once(tmp_path: Path, hq: FakeHq) -> None
             lambda: (
                 len(log_events(daemon, "sync.pull_crashed")) >= 3
                 and len(log_events(daemon, "sync.upload_crashed")) >= 3
+                and len(log_events(daemon, "sync.state_not_saved")) >= 3
             ),
-            what="three failed pulls and uploads",
+            what="three failed pulls, uploads and state saves",
         )
         holder.execute("ROLLBACK")
         wait_until(
             lambda: (
                 log_events(daemon, "sync.pull_recovered")
                 and log_events(daemon, "sync.upload_recovered")
+                and log_events(daemon, "sync.state_saved")
             ),
-            what="both loops to succeed again",
+            what="both loops and the state save to succeed again",
         )
     finally:
         holder.close()
@@ -239,3 +241,6 @@ def test_locked_database_logs_traceback_once(tmp_path: Path, hq: FakeHq) -> None
         (recovered,) = log_events(daemon, f"sync.{loop}_recovered")
         assert recovered["level"] == "info"
         assert recovered["failed_attempts"] == len(crashes)
+    assert_logged_once_then_counted(log_events(daemon, "sync.state_not_saved"), "locked")
+    (saved,) = log_events(daemon, "sync.state_saved")
+    assert saved["level"] == "info"
