@@ -1203,6 +1203,8 @@ def sync_now(config: Config, store: Store) -> int:
             lock.release()
         if report.pull_error is not None:
             print(_pull_failure_message(report.pull_error, store.path), file=sys.stderr)
+        if report.upload_error is not None:
+            print(f"error: upload failed: {report.upload_error}", file=sys.stderr)
         pull = report.pull
         if pull.rebuilt:
             # The records the old cache lost in a rebuild are not counted as removed, so
@@ -1219,10 +1221,10 @@ def sync_now(config: Config, store: Store) -> int:
             pulled = f"pull stopped by the error above after {pulled}"
             if pull.rebuild_abandoned:
                 pulled += " (the failed rebuild was discarded: the cache in use is unchanged)"
-        progress(
-            f"done: {pulled}, {pull.rejected} rejected; {report.upload.accepted} of"
-            f" {report.upload.sent} events accepted"
-        )
+        uploaded = f"{report.upload.accepted} of {report.upload.sent} events accepted"
+        if report.upload_error is not None:
+            uploaded = f"upload stopped by the error above after {uploaded}"
+        progress(f"done: {pulled}, {pull.rejected} rejected; {uploaded}")
         if pull.mismatch_after_rebuild:
             print(
                 "error: after the rebuild the cache still differs from HQ's digest (the"
@@ -1230,7 +1232,12 @@ def sync_now(config: Config, store: Store) -> int:
                 " disagree, which HQ must fix",
                 file=sys.stderr,
             )
-        failed = pull.rejected or pull.mismatch_after_rebuild or report.pull_error is not None
+        failed = (
+            pull.rejected
+            or pull.mismatch_after_rebuild
+            or report.pull_error is not None
+            or report.upload_error is not None
+        )
         return 1 if failed else 0
 
     return asyncio.run(run())

@@ -39,6 +39,8 @@ class RunReport:
     pull_error: Exception | None = None
     """The error that failed the pull, after which the upload still ran: an HqError, or a
     failure of the store (a full disk, say) or of the daemon's own code."""
+    upload_error: HqError | None = None
+    """The HQ error that stopped the upload; ``upload`` counts the batches sent before it."""
 
 
 class _FailureLog:
@@ -180,9 +182,9 @@ class SyncService:
 
         A failed pull is reported and the upload still runs: the events may reach HQ even
         when its identity feed fails, or when the store cannot take a new cache file. A
-        failure other than HQ's leaves the HQ state as it is, as in the pull loop. Raises
-        HqError when the upload fails, and the store's error when the upload cannot read or
-        delete the outbox.
+        failure other than HQ's leaves the HQ state as it is, as in the pull loop. An HQ
+        error of the upload is reported too; the store's error raises when the upload
+        cannot read or delete the outbox.
         """
         await self._forget_clock_offset()
         await self.client.open()
@@ -202,16 +204,21 @@ class SyncService:
                 pull_error = exc
             else:
                 self.health.attempt_succeeded(PULL)
+            uploaded = UploadReport()
+            upload_error: HqError | None = None
             try:
-                uploaded = await self.uploader.drain()
+                await self.uploader.drain(uploaded)
             except HqError as exc:
+                upload_error = exc
                 self.health.attempt_failed(UPLOAD, exc)
-                raise
-            self.health.attempt_succeeded(UPLOAD)
+            else:
+                self.health.attempt_succeeded(UPLOAD)
         finally:
             await self._persist_state()
             await self.client.close()
-        return RunReport(pull=pulled, upload=uploaded, pull_error=pull_error)
+        return RunReport(
+            pull=pulled, upload=uploaded, pull_error=pull_error, upload_error=upload_error
+        )
 
     async def lookup(self, key: str) -> dict[str, Any] | None:
         """Ask HQ for a key within ``lookup_timeout``; return the record or None.

@@ -98,9 +98,13 @@ class Uploader:
             chosen.append(event)
         return chosen
 
-    async def drain(self) -> UploadReport:
-        """Upload batch after batch until the outbox is empty; for `sync --now`."""
-        total = UploadReport()
+    async def drain(self, total: UploadReport | None = None) -> UploadReport:
+        """Upload batch after batch until the outbox is empty; for `sync --now`.
+
+        Counts go into ``total`` as batches succeed, so a caller that passes one keeps them
+        when a later batch raises.
+        """
+        total = UploadReport() if total is None else total
         while True:
             report = await self.upload_once(force=True)
             if report is None:

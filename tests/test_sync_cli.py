@@ -227,6 +227,21 @@ def test_sync_now_uploads_when_pull_fails(tmp_path: Path, hq: FakeHq) -> None:
     assert outbox_ids(daemon.database) == []
 
 
+def test_sync_now_reports_pull_and_upload_failures(tmp_path: Path, hq: FakeHq) -> None:
+    daemon = start_synced(tmp_path, hq)
+    hq.down()
+    assert daemon.scan("KEY-ASSOCIATE-8e2d11").status == 200
+    daemon.stop()
+
+    result = run_cli("sync", "--now", "--config", str(daemon.config))
+
+    assert result.returncode == 1
+    assert "error: pull failed: " in result.stderr
+    assert "error: upload failed: " in result.stderr
+    assert "upload stopped by the error above after 0 of 0 events accepted" in result.stdout
+    assert len(outbox_ids(daemon.database)) == 1
+
+
 def run_cli_on_small_disk(max_file_bytes: int, *args: str) -> subprocess.CompletedProcess[str]:
     """Run the command line with no file it writes allowed past ``max_file_bytes``.
 
