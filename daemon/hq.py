@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
 import functools
 import json
@@ -71,6 +72,8 @@ from daemon.store import (
     StoreError,
     StoreReader,
     connect,
+    parse_meta_count,
+    parse_meta_time,
 )
 from sync.client import KeyEncrypted, load_client_certificate
 from sync.digest import compute_digest
@@ -518,13 +521,12 @@ def trim_outbox(
     dropped = connection.total_changes - before
     if dropped:
         stored = _meta(connection, OUTBOX_DROPPED_META_KEY)
-        try:
-            previous = int(stored) if stored else 0
-        except ValueError:
+        previous = parse_meta_count(stored)
+        if previous is None:
             # A damaged count must not fail the trim, which keeps the outbox bounded.
             log.warning(
                 "outbox.dropped_count_invalid",
-                value=stored[:40],
+                value=(stored or "")[:40],
                 action="counting dropped events again from 0",
             )
             previous = 0
@@ -1202,9 +1204,9 @@ def sync_now(config: Config, store: Store) -> int:
             adapter.close()
             lock.release()
         if report.pull_error is not None:
-            print(_pull_failure_message(report.pull_error, store.path), file=sys.stderr)
+            print(_failure_message("pull", report.pull_error, store.path), file=sys.stderr)
         if report.upload_error is not None:
-            print(f"error: upload failed: {report.upload_error}", file=sys.stderr)
+            print(_failure_message("upload", report.upload_error, store.path), file=sys.stderr)
         pull = report.pull
         if pull.rebuilt:
             # The records the old cache lost in a rebuild are not counted as removed, so
@@ -1232,6 +1234,9 @@ def sync_now(config: Config, store: Store) -> int:
                 " disagree, which HQ must fix",
                 file=sys.stderr,
             )
+        if report.upload_error is not None and _is_store_error(report.upload_error):
+            # The outbox could not be read or emptied: a database error outside the pull.
+            return 2
         failed = (
             pull.rejected
             or pull.mismatch_after_rebuild
@@ -1243,23 +1248,59 @@ def sync_now(config: Config, store: Store) -> int:
     return asyncio.run(run())
 
 
-def _pull_failure_message(error: Exception, database: Path) -> str:
-    """Return the line `sync --now` prints for a failed pull: what failed and what to do."""
+def _failure_message(step: str, error: Exception, database: Path) -> str:
+    """Return the line `sync --now` prints when ``step`` ("pull" or "upload") failed."""
     if isinstance(error, HqError):
-        return f"error: pull failed: {error}"
-    if isinstance(error, (sqlite3.Error, StoreError, OSError)):
+        return f"error: {step} failed: {error}"
+    if _is_store_error(error):
         return (
-            f"error: pull failed on the database {database} or its identity cache file:"
-            f" {error}. Free disk space in {database.parent} (a rebuild needs room for a"
-            f" second copy of the cache), check that this user can write there, and run"
-            f" sync --now again"
+            f"error: {step} failed on the database {database} or its identity cache file:"
+            f" {error}. {_store_failure_advice(error, database)}, and run sync --now again"
         )
     # Not a fault of HQ or of the disk: the traceback goes to the log for a bug report.
-    log.error("sync.pull_crashed", error=str(error), exc_info=error)
+    log.error(f"sync.{step}_crashed", error=str(error), exc_info=error)
     return (
-        f"error: pull failed: {type(error).__name__}: {error} (the sync.pull_crashed log line"
-        f" has the traceback)"
+        f"error: {step} failed: {type(error).__name__}: {error} (the sync.{step}_crashed log"
+        f" line has the traceback)"
     )
+
+
+def _is_store_error(error: Exception) -> bool:
+    return isinstance(error, (sqlite3.Error, StoreError, OSError))
+
+
+def _store_failure_advice(error: Exception, database: Path) -> str:
+    """Name what to do about a store error, from its SQLite result code, errno or text.
+
+    The snapshot worker's errors reach this process as text only (in a StoreError).
+    """
+    text = str(error)
+    code = getattr(error, "sqlite_errorcode", None)
+    primary = code & 0xFF if isinstance(code, int) else None
+    number = getattr(error, "errno", None)
+    if primary == sqlite3.SQLITE_BUSY or "database is locked" in text:
+        return (
+            "Another process holds the database's write lock, such as an import: wait until it ends"
+        )
+    if (
+        primary in (sqlite3.SQLITE_READONLY, sqlite3.SQLITE_PERM, sqlite3.SQLITE_CANTOPEN)
+        or number in (errno.EACCES, errno.EPERM, errno.EROFS)
+        or "readonly database" in text
+    ):
+        return (
+            f"Check that this user can write to {database.parent} and its files (run"
+            f" sync --now as the service's user)"
+        )
+    if (
+        primary in (sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR)
+        or number in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+        or any(sign in text for sign in ("disk is full", "disk I/O error", "No space left"))
+    ):
+        return (
+            f"Free disk space in {database.parent} (a rebuild needs room for a second copy"
+            f" of the cache)"
+        )
+    return "Check the files with `identity-connector status`"
 
 
 def hq_status(reader: StoreReader, config: Config, now: float) -> dict[str, Any]:
@@ -1267,29 +1308,28 @@ def hq_status(reader: StoreReader, config: Config, now: float) -> dict[str, Any]
     if config.hq is None:
         return {}
 
-    def number(key: str) -> float | None:
-        text = reader.meta(key)
-        try:
-            value = float(text) if text is not None else None
-        except ValueError:
-            return None
-        # "nan" and "inf" parse, but int() and round() raise on them.
-        return value if value is not None and math.isfinite(value) else None
-
     def age(key: str) -> float | None:
-        moment = number(key)
+        moment = parse_meta_time(reader.meta(key), now)
         return round(now - moment, 1) if moment is not None else None
 
-    offset = number(CLOCK_OFFSET_META_KEY)
+    offset_text = reader.meta(CLOCK_OFFSET_META_KEY)
+    try:
+        offset = float(offset_text) if offset_text else None
+    except ValueError:
+        offset = None
+    # "nan" and "inf" parse, but no clock differs from HQ's by them.
+    if offset is not None and not math.isfinite(offset):
+        offset = None
     return {
         "hqState": reader.meta(HQ_STATE_META_KEY),
-        "hqStateSince": _local_time(number(HQ_STATE_SINCE_META_KEY)),
+        "hqStateSince": _local_time(parse_meta_time(reader.meta(HQ_STATE_SINCE_META_KEY), now)),
         "cursorAgeSeconds": age(CURSOR_CHANGED_META_KEY),
         "lastPullAgeSeconds": age(LAST_PULL_META_KEY),
         "lastUploadAgeSeconds": age(LAST_UPLOAD_META_KEY),
         "lastReconcileAgeSeconds": age(LAST_RECONCILE_META_KEY),
         "lastRebuildAgeSeconds": age(LAST_REBUILD_META_KEY),
-        "outboxDropped": int(number(OUTBOX_DROPPED_META_KEY) or 0),
+        # None when the stored count is invalid; the next dropped event starts it again.
+        "outboxDropped": parse_meta_count(reader.meta(OUTBOX_DROPPED_META_KEY)),
         "outboxMaxEvents": config.hq.outbox_max_events,
         "skippedRecords": reader.connection.execute(
             "SELECT count(*) FROM skipped_records"

@@ -18,6 +18,7 @@ from daemon.store import (
     LAST_PULL_META_KEY,
     LAST_REBUILD_META_KEY,
     OUTBOX_DROPPED_META_KEY,
+    parse_meta_count,
     parse_meta_time,
 )
 from sync.service import LAST_RECONCILE_META_KEY
@@ -125,12 +126,13 @@ class _StateCollector(Collector):
             # A database that synced before keeps these in meta, but without [hq] nothing
             # pulls or compares any more.
             if runtime.config.hq is not None:
-                last_pull = self._meta_time(reader, LAST_PULL_META_KEY)
-                cursor_changed = self._meta_time(reader, CURSOR_CHANGED_META_KEY)
-                last_rebuild = self._meta_time(reader, LAST_REBUILD_META_KEY)
-                last_reconcile = self._meta_time(reader, LAST_RECONCILE_META_KEY)
+                last_pull = self._meta_time(reader, LAST_PULL_META_KEY, now)
+                cursor_changed = self._meta_time(reader, CURSOR_CHANGED_META_KEY, now)
+                last_rebuild = self._meta_time(reader, LAST_REBUILD_META_KEY, now)
+                last_reconcile = self._meta_time(reader, LAST_RECONCILE_META_KEY, now)
         except sqlite3.Error:
-            depth, oldest, dropped = 0, None, 0
+            # No dropped count rather than 0, which would look like a counter reset.
+            depth, oldest, dropped = 0, None, None
             last_pull = cursor_changed = last_rebuild = last_reconcile = None
         yield GaugeMetricFamily(
             "identity_connector_outbox_depth",
@@ -241,20 +243,17 @@ class _StateCollector(Collector):
             value=runtime.started_at,
         )
 
-    def _meta_time(self, reader: StoreReader, key: str) -> float | None:
+    def _meta_time(self, reader: StoreReader, key: str, now: float) -> float | None:
         """Read meta ``key`` as a Unix time; None when it is missing or invalid."""
         text = reader.meta(key)
-        moment = parse_meta_time(text)
+        moment = parse_meta_time(text, now)
         self._note_meta_value(key, text, valid=moment is not None)
         return moment
 
     def _meta_count(self, reader: StoreReader, key: str) -> int | None:
         """Read meta ``key`` as a count, 0 when it is missing; None when it is invalid."""
         text = reader.meta(key)
-        try:
-            count = int(text) if text else 0
-        except ValueError:
-            count = None
+        count = parse_meta_count(text)
         self._note_meta_value(key, text, valid=count is not None)
         return count
 

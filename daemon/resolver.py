@@ -67,7 +67,7 @@ class Resolver:
         if self.config.hq is None:
             return False
         # A damaged last-pull time counts as never pulled: the cache is stale until a pull.
-        last_pull = parse_meta_time(self.store.reader.meta(LAST_PULL_META_KEY))
+        last_pull = parse_meta_time(self.store.reader.meta(LAST_PULL_META_KEY), now)
         if last_pull is None:
             return True
         return now - last_pull > self.config.policy.max_cache_age

@@ -64,6 +64,12 @@ RESTART_CATCH_UP_ROUNDS = 20
 CACHE_KIB = 64 * 1024
 # Latest Unix time that datetime can format: 9999-12-31T23:59:59Z.
 MAX_UNIX_TIME = 253402300799.0
+# Seconds a stored time may lie ahead of the clock. The daemon stores times from its own
+# clock, so a time ahead comes from the clock stepping back, and a step of more than a day
+# is far less likely than a damaged value.
+META_TIME_MAX_AHEAD = 86400.0
+# Largest count the meta table holds: SQLite's largest integer.
+MAX_META_COUNT = 2**63 - 1
 # SQLite's synchronous setting of the writer's connection, in `[database] synchronous`.
 SynchronousMode = Literal["normal", "full"]
 SYNCHRONOUS_MODES: tuple[str, ...] = get_args(SynchronousMode)
@@ -75,11 +81,12 @@ READER_CACHE_KIB = 1024
 T = TypeVar("T")
 
 
-def parse_meta_time(text: str | None) -> float | None:
+def parse_meta_time(text: str | None, now: float | None = None) -> float | None:
     """Parse a Unix time stored in meta; None when it is missing, empty, invalid or out of range.
 
-    The range is the one datetime can format: from 1970 to the year 9999. A damaged or
-    hand-edited value must not fail a decision, a scrape or `status`.
+    The range is the one datetime can format: from 1970 to the year 9999, and with ``now``,
+    no later than META_TIME_MAX_AHEAD after it. A damaged or hand-edited value must not fail
+    a decision, a scrape or `status`, nor keep the cache fresh forever.
     """
     if not text:
         return None
@@ -89,7 +96,20 @@ def parse_meta_time(text: str | None) -> float | None:
         return None
     if not math.isfinite(moment) or not 0.0 <= moment <= MAX_UNIX_TIME:
         return None
+    if now is not None and moment > now + META_TIME_MAX_AHEAD:
+        return None
     return moment
+
+
+def parse_meta_count(text: str | None) -> int | None:
+    """Parse a count stored in meta: 0 when it is missing, None when it is invalid."""
+    if not text:
+        return 0
+    try:
+        count = int(text)
+    except ValueError:
+        return None
+    return count if 0 <= count <= MAX_META_COUNT else None
 
 
 class StoreError(Exception):

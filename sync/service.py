@@ -39,8 +39,9 @@ class RunReport:
     pull_error: Exception | None = None
     """The error that failed the pull, after which the upload still ran: an HqError, or a
     failure of the store (a full disk, say) or of the daemon's own code."""
-    upload_error: HqError | None = None
-    """The HQ error that stopped the upload; ``upload`` counts the batches sent before it."""
+    upload_error: Exception | None = None
+    """The error that stopped the upload, of HQ or of the store; ``upload`` counts the
+    batches sent before it."""
 
 
 class _FailureLog:
@@ -182,9 +183,8 @@ class SyncService:
 
         A failed pull is reported and the upload still runs: the events may reach HQ even
         when its identity feed fails, or when the store cannot take a new cache file. A
-        failure other than HQ's leaves the HQ state as it is, as in the pull loop. An HQ
-        error of the upload is reported too; the store's error raises when the upload
-        cannot read or delete the outbox.
+        failure other than HQ's leaves the HQ state as it is, as in the pull loop. A failed
+        upload is reported the same way.
         """
         await self._forget_clock_offset()
         await self.client.open()
@@ -205,12 +205,15 @@ class SyncService:
             else:
                 self.health.attempt_succeeded(PULL)
             uploaded = UploadReport()
-            upload_error: HqError | None = None
+            upload_error: Exception | None = None
             try:
                 await self.uploader.drain(uploaded)
             except HqError as exc:
                 upload_error = exc
                 self.health.attempt_failed(UPLOAD, exc)
+            except Exception as exc:
+                # A store failure such as a locked outbox: the caller reports it.
+                upload_error = exc
             else:
                 self.health.attempt_succeeded(UPLOAD)
         finally:
@@ -317,11 +320,15 @@ class SyncService:
         next_trim = 0.0
         while True:
             delay = self.settings.upload_interval
+            # A round that touches neither the outbox nor HQ does not end a crash streak.
+            attempted = False
             try:
                 if time.monotonic() >= next_trim:
+                    attempted = True
                     await self.uploader.trim()
                     next_trim = time.monotonic() + self.settings.outbox_trim_interval
                 if self.health.reachable:
+                    attempted = True
                     report = await self.uploader.upload_once()
                     # Nothing due also ends a failure: the events that failed are old, so
                     # they would be due unless they left the outbox.
@@ -331,7 +338,8 @@ class SyncService:
                         delay = 0.0
                 backoff.reset()
                 failures.succeeded()
-                crashes.succeeded()
+                if attempted:
+                    crashes.succeeded()
             except HqError as exc:
                 self.health.attempt_failed(UPLOAD, exc)
                 delay = self._retry_delay(backoff, exc)

@@ -462,6 +462,27 @@ def meta(database: Path, key: str) -> str | None:
     return rows[0][0] if rows else None
 
 
+def set_meta(database: Path, values: dict[str, str]) -> None:
+    """Write meta values into the database or its cache file, wherever each key lives."""
+    connection = sqlite3.connect(database)
+    try:
+        cache = database.with_name(cachefile.pointer(connection) or "")
+    finally:
+        connection.close()
+    for key, value in values.items():
+        path = cache if cachefile.meta_table(key) == "cache_meta" else database
+        target = sqlite3.connect(path)
+        try:
+            target.execute(
+                f"INSERT INTO {cachefile.meta_table(key)} (key, value) VALUES (?, ?)"
+                " ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                (key, value),
+            )
+            target.commit()
+        finally:
+            target.close()
+
+
 def log_events(daemon: Daemon, event: str) -> list[dict]:
     return [line for line in daemon.log_lines() if line["event"] == event]
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,9 +9,8 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from daemon import cachefile
 from tests.conftest import Daemon, make_daemon
-from tests.fakehq import FakeHq, hq_config, log_events
+from tests.fakehq import FakeHq, hq_config, log_events, set_meta
 
 # The meta keys of the sync ages and the outbox drop count, each with a valid value.
 VALID_META = {
@@ -71,21 +68,6 @@ def hq_down() -> Iterator[FakeHq]:
     server.down()
     yield server
     server.close()
-
-
-def set_meta(database: Path, values: dict[str, str]) -> None:
-    """Write meta values into the database or its cache file, wherever each key lives."""
-    with contextlib.closing(sqlite3.connect(database)) as connection:
-        cache = database.with_name(cachefile.pointer(connection) or "")
-        for key, value in values.items():
-            path = cache if cachefile.meta_table(key) == "cache_meta" else database
-            with contextlib.closing(sqlite3.connect(path)) as target:
-                target.execute(
-                    f"INSERT INTO {cachefile.meta_table(key)} (key, value) VALUES (?, ?)"
-                    " ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-                    (key, value),
-                )
-                target.commit()
 
 
 def scrape(daemon: Daemon) -> dict[str, float]:

@@ -6,6 +6,7 @@ import fcntl
 import json
 import os
 import re
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -25,6 +26,7 @@ from tests.fakehq import (
     make_records,
     meta,
     outbox_ids,
+    set_meta,
     versions_of,
     wait_until,
 )
@@ -111,6 +113,35 @@ def test_status_shows_hq_state(tmp_path: Path, hq: FakeHq) -> None:
     text = run_cli("status", "--config", str(daemon.config)).stdout
     # The first sync rebuilt the cache from HQ's snapshot.
     assert re.search(r"^last rebuild: +\d+ s ago$", text, re.MULTILINE), text
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "field", "expected"),
+    [
+        ("last_pull_at", "200000000000", "lastPullAgeSeconds", None),
+        ("last_pull_at", "200000000000", "cacheStale", True),
+        ("last_pull_at", "-100", "lastPullAgeSeconds", None),
+        ("hq_state_since", "1e300", "hqStateSince", None),
+        ("last_upload_at", "nan", "lastUploadAgeSeconds", None),
+        ("outbox_dropped_total", "many", "outboxDropped", None),
+        ("outbox_dropped_total", "1e30", "outboxDropped", None),
+        ("hq_clock_offset", "inf", "clockOffsetSeconds", None),
+    ],
+)
+def test_status_with_invalid_sync_meta(
+    tmp_path: Path, hq: FakeHq, key: str, value: str, field: str, expected: object
+) -> None:
+    directory = tmp_path / "daemon"
+    daemon = make_daemon(directory, hq_config(hq, directory), records=[])
+    assert run_cli("sync", "--now", "--config", str(daemon.config)).returncode == 0
+    set_meta(daemon.database, {key: value})
+
+    result = run_cli("status", "--json", "--config", str(daemon.config))
+    text = run_cli("status", "--config", str(daemon.config))
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert json.loads(result.stdout)[field] == expected
+    assert text.returncode == 0, text.stderr
 
 
 def test_clock_offset_flags_events(tmp_path: Path, hq: FakeHq) -> None:
@@ -239,6 +270,32 @@ def test_sync_now_reports_pull_and_upload_failures(tmp_path: Path, hq: FakeHq) -
     assert "error: pull failed: " in result.stderr
     assert "error: upload failed: " in result.stderr
     assert "upload stopped by the error above after 0 of 0 events accepted" in result.stdout
+    assert len(outbox_ids(daemon.database)) == 1
+
+
+def test_sync_now_reports_locked_database(tmp_path: Path, hq: FakeHq) -> None:
+    daemon = start_synced(tmp_path, hq)
+    hq.down()
+    assert daemon.scan("KEY-ASSOCIATE-8e2d11").status == 200
+    daemon.stop()
+    hq.up()
+    hq.put(*make_records(3))
+    text = daemon.config.read_text(encoding="utf-8")
+    daemon.config.write_text(
+        text.replace("[database]\n", '[database]\nbusy_timeout = "0.2s"\n'), "utf-8"
+    )
+    holder = sqlite3.connect(daemon.database, isolation_level=None, timeout=5)
+    try:
+        holder.execute("BEGIN IMMEDIATE")
+        result = run_cli("sync", "--now", "--config", str(daemon.config))
+    finally:
+        holder.close()
+
+    assert result.returncode == 2, result.stderr
+    assert "error: pull failed on the database" in result.stderr
+    assert "error: upload failed on the database" in result.stderr
+    assert "Another process holds the database's write lock" in result.stderr
+    assert "Free disk space" not in result.stderr
     assert len(outbox_ids(daemon.database)) == 1
 
 

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import resource
 import signal
 import sqlite3
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -244,3 +246,44 @@ def test_locked_database_logs_traceback_once(tmp_path: Path, hq: FakeHq) -> None
     assert_logged_once_then_counted(log_events(daemon, "sync.state_not_saved"), "locked")
     (saved,) = log_events(daemon, "sync.state_saved")
     assert saved["level"] == "info"
+
+
+def hq_state_metric(daemon: Daemon) -> str:
+    """Return the HQ state that /metrics reports: the sync's state, not the one announced."""
+    body = daemon.request("GET", "/metrics").body.decode()
+    (state,) = re.findall(r'identity_connector_hq_state\{state="([a-z ]+)"\} 1\.0', body)
+    return state
+
+
+def test_upload_crash_not_recovered_while_idle(tmp_path: Path, hq: FakeHq) -> None:
+    hq.put(*SAMPLE_RECORDS)
+    # The trim runs once at start only, so a round while HQ is offline attempts nothing.
+    daemon = new_daemon(tmp_path, hq, "", records=[])
+    text = daemon.config.read_text(encoding="utf-8")
+    text = text.replace('outbox_trim_interval = "200ms"', 'outbox_trim_interval = "1h"')
+    daemon.config.write_text(
+        text.replace("[database]\n", '[database]\nbusy_timeout = "0.2s"\n'), "utf-8"
+    )
+    daemon.start()
+    holder = sqlite3.connect(daemon.database, isolation_level=None, timeout=5)
+    try:
+        wait_until(lambda: meta(daemon.database, "cursor") == hq.cursor(), what="the snapshot")
+        hq.down()
+        wait_until(lambda: hq_state_metric(daemon) == "offline", what="HQ offline")
+        assert daemon.scan("KEY-ASSOCIATE-8e2d11").status == 200
+        # HQ accepts the event, and deleting it from the locked outbox fails.
+        holder.execute("BEGIN IMMEDIATE")
+        hq.up()
+        wait_until(lambda: log_events(daemon, "sync.upload_crashed"), what="a failed upload")
+        hq.down()
+        wait_until(lambda: hq_state_metric(daemon) == "offline", what="HQ offline again")
+        time.sleep(1.0)
+        recovered_while_locked = log_events(daemon, "sync.upload_recovered")
+        holder.execute("ROLLBACK")
+        hq.up()
+        wait_until(lambda: log_events(daemon, "sync.upload_recovered"), what="the upload")
+    finally:
+        holder.close()
+        daemon.stop()
+
+    assert recovered_while_locked == []
