@@ -6,10 +6,8 @@ Subcommands: serve, import, lookup, status, sync, devices, check-config and curl
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import json
 import os
-import shlex
 import sys
 import time
 import traceback
@@ -18,17 +16,22 @@ from pathlib import Path
 from typing import Any
 
 import uvloop
-from cryptography import x509
-from cryptography.x509.oid import NameOID
 
 from daemon import security
 from daemon.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
+from daemon.curl_example import curl_example
 from daemon.identities import import_file
 from daemon.journal import stdout_is_journal
 from daemon.logs import configure_logging
 from daemon.resolver import Resolver
 from daemon.schema import CHANNELS, LOCATIONS
-from daemon.store import LAST_PULL_META_KEY, Store, StoreError, parse_meta_time
+from daemon.store import (
+    LAST_PULL_META_KEY,
+    META_TIME_MAX_AHEAD,
+    Store,
+    StoreError,
+    parse_meta_time,
+)
 
 MAX_PRINTED_ERRORS = 100
 
@@ -128,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
             print_device_inventory(config)
             return 0
         if args.command == "curl-example":
-            print(_curl_example(config))
+            print(curl_example(config))
             return 0
         if args.command == "sync":
             from daemon.hq import sync_now
@@ -172,8 +175,10 @@ def main(argv: list[str] | None = None) -> int:
 def _print_json_error(message: str, kind: str) -> None:
     """Print an error as the one JSON object of `status --json`.
 
-    ``kind`` is "configuration", "database" or "internal"; ``message`` is the text that
-    `status` without --json prints after "error: ", and it names the fix.
+    ``kind`` is "configuration", "database" or "internal". For the first two, ``message`` is
+    the text that `status` without --json prints after "error: ", and it names the fix. For
+    "internal", it names the exception, and the caller prints the traceback to standard
+    error, where `status` without --json prints only the traceback.
     """
     print(json.dumps({"error": message, "errorKind": kind}, indent=2))
 
@@ -306,7 +311,8 @@ def _status(config: Config, as_json: bool) -> int:
         now = time.time()
         oldest = reader.oldest_outbox_time()
         stored_last_pull = reader.meta(LAST_PULL_META_KEY)
-        last_pull = parse_meta_time(stored_last_pull)
+        # Parsed as the daemon parses it, so a time far ahead of the clock counts as invalid.
+        last_pull = parse_meta_time(stored_last_pull, now)
         state = {
             "database": str(store.path),
             "cacheFile": str(store.cache.path),
@@ -345,7 +351,12 @@ def _status(config: Config, as_json: bool) -> int:
         print(f"sync cursor:    {state['syncCursor'] or '(none yet)'}")
         if state["lastPull"] is None and stored_last_pull:
             # Written by hand or damaged: the daemon stores a Unix time.
-            print("last pull:      unknown: the stored time is not a valid Unix time")
+            ahead = META_TIME_MAX_AHEAD / 3600
+            print(
+                "last pull:      unknown: the stored time is not a valid Unix time, or lies"
+                f" more than {ahead:.0f} hours ahead of the clock. The next successful pull"
+                " replaces it, and until then the cache counts as stale"
+            )
         else:
             print(f"last pull:      {state['lastPull'] or 'never'}")
         cache = "STALE: only associates are accepted" if state["cacheStale"] else "fresh"
@@ -387,120 +398,6 @@ def _device_status(config: Config) -> dict[str, Any]:
             }
         )
     return {"devices": devices, "devicesHealthSource": source}
-
-
-# A key of docs/examples/identities.jsonl, which `make run` imports.
-CURL_EXAMPLE_VALUE = "SHOPPER-0001"
-
-
-def _curl_example(config: Config) -> str:
-    """Return a curl command that sends a sample scan to the listener, after `#` notes.
-
-    The request ids and the timestamp are shell substitutions, so each run of the command
-    is a new scan.
-    """
-    notes: list[str] = []
-    address = _client_address(config.server.host)
-    url_host = f"[{address}]" if ":" in address else address
-    port = str(config.server.port)
-    if config.server.port == 0:
-        port = "PORT"
-        notes.append(
-            "[server] port = 0 takes any free port: replace PORT with the port the daemon"
-            " listens on (`ss -ltnp` lists it)"
-        )
-
-    scheme = "http"
-    options: list[str] = []
-    if config.tls is not None:
-        scheme = "https"
-        # curl 7.68 and later, built with OpenSSL, accepts a certificate of the --cacert file
-        # as the end of the chain, so the listener's own certificate serves as the CA file.
-        cert_file = os.path.abspath(config.tls.cert_file)
-        options.append(f"--cacert {shlex.quote(cert_file)}")
-        name, note = _certificate_name_for_curl(cert_file, address)
-        if name is not None:
-            options.append(f"--connect-to {name}:{port}:{url_host}:{port}")
-            url_host = name
-        if note is not None:
-            notes.append(note)
-        if config.tls.client_ca_file:
-            options.append("--cert CLIENT.crt --key CLIENT.key")
-            notes.append(
-                "[tls] client_ca_file is set: replace CLIENT.crt and CLIENT.key with a client"
-                " certificate and its key that this CA issued"
-            )
-    if config.auth is not None and config.auth.api_key_files:
-        # Read from the file by the shell, so the key appears neither here nor in `ps`.
-        key_file = config.auth.api_key_files[0]
-        options.append(
-            f"-H @<(printf '%s: %s\\n' {shlex.quote(config.auth.api_key_header)}"
-            f' "$(cat {shlex.quote(key_file)})")'
-        )
-        if not Path(key_file).is_absolute():
-            notes.append(
-                f"the API key file {key_file} is relative to the service's credentials"
-                " directory: write its full path"
-            )
-
-    store_id = json.dumps(config.stores.ids[0]).replace("'", "'\\''")
-    new_uuid = "\"'$(cat /proc/sys/kernel/random/uuid)'\""
-    body = (
-        f'{{"requestId": {new_uuid}, "storeId": {store_id}, "scanEvent": {{"id": {new_uuid},'
-        ' "timestamp": "\'$(date -u +%Y-%m-%dT%H:%M:%SZ)\'", "location": "ENTRY",'
-        f' "value": "{CURL_EXAMPLE_VALUE}", "channel": "OPTICAL"}}}}'
-    )
-    lines = [f"# {note}" for note in notes]
-    lines.append(f"curl -s {scheme}://{url_host}:{port}/v1/identity/scan \\")
-    lines += [f"  {option} \\" for option in options]
-    lines.append("  -H 'Content-Type: application/json' \\")
-    lines.append(f"  -d '{body}'")
-    return "\n".join(lines)
-
-
-def _client_address(host: str) -> str:
-    """Return the address at which a client on the box reaches a listener on ``host``."""
-    if host in ("", "0.0.0.0"):
-        return "127.0.0.1"
-    if host == "::":
-        # asyncio and uvloop set IPV6_V6ONLY on a "::" listener, so it takes no IPv4 calls.
-        return "::1"
-    return host
-
-
-def _certificate_name_for_curl(cert_file: str, address: str) -> tuple[str | None, str | None]:
-    """Return a host name for curl to check when the certificate does not name ``address``.
-
-    Returns (None, None) when the certificate names ``address``, and (None, note) when it
-    names no host name that curl can call.
-    """
-    try:
-        certificate = x509.load_pem_x509_certificate(Path(cert_file).read_bytes())
-    except (OSError, ValueError) as exc:
-        return None, f"cannot read the certificate {cert_file} ({exc}): fix [tls] cert_file"
-    try:
-        names = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        host_names = names.get_values_for_type(x509.DNSName)
-        addresses = names.get_values_for_type(x509.IPAddress)
-    except x509.ExtensionNotFound:
-        # Without a subjectAltName curl checks the subject's common name.
-        common_names = certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-        host_names = [str(attribute.value) for attribute in common_names]
-        addresses = []
-
-    try:
-        named = ipaddress.ip_address(address) in addresses
-    except ValueError:
-        named = address.lower() in (name.lower() for name in host_names)
-    if named:
-        return None, None
-    callable_names = [name for name in host_names if "*" not in name]
-    if callable_names:
-        return callable_names[0], None
-    return None, (
-        f"{cert_file} names neither {address} nor a host name without a wildcard, so curl"
-        f" rejects it: issue a certificate that names {address}"
-    )
 
 
 def _iso(timestamp: float) -> str:

@@ -72,10 +72,10 @@ _ENUM_VALUES: dict[str, tuple[str, ...]] = {
 }
 
 
-# A rejected enum value that an error message shows: one or more words of letters, as a
-# misspelt status or a type from another system is. A value with digits, other characters or
-# more than 20 characters could be a key in the wrong field (a CSV column mix-up), so the
-# message leaves it out.
+# A rejected enum value that an error message shows, once leading and trailing whitespace is
+# stripped: one or more words of letters, as a misspelt status or a type from another system
+# is. A value with digits, other characters or more than 20 characters could be a key in the
+# wrong field (a CSV column mix-up), so the message leaves it out.
 # NOTE: a key of at most 20 letters, without digits, in an enum field is shown.
 _SHOWN_ENUM_VALUE = re.compile(r"[A-Za-z]+(?:[ _-][A-Za-z]+)*")
 _SHOWN_ENUM_VALUE_MAX_CHARS = 20
@@ -155,27 +155,38 @@ def _describe_enum_error(data: dict, field: str, index: str | None) -> str:
     """Describe an invalid enum value with the values its field accepts.
 
     msgspec quotes the value, which may be a misplaced key, so the message is rebuilt from
-    the record and shows the value only when it matches ``_SHOWN_ENUM_VALUE``.
+    the record. It shows the value only when the value, without leading and trailing
+    whitespace, matches ``_SHOWN_ENUM_VALUE``.
     """
     value = data.get(field)
     if index is not None:
         value = value[int(index)] if isinstance(value, list) else None
     place = field if index is None else f"{field}[{index}]"
+    allowed = _ENUM_VALUES.get(field, ())
+    use_one_of = f"; use one of {', '.join(allowed)}" if allowed else ""
 
+    stripped = value.strip() if isinstance(value, str) else None
+    if value == "":
+        return f"Invalid enum value at field {place}, which is empty{use_one_of}"
+    if stripped == "":
+        return f"Invalid enum value at field {place}, which contains only whitespace{use_one_of}"
     value_shown = (
-        isinstance(value, str)
-        and len(value) <= _SHOWN_ENUM_VALUE_MAX_CHARS
-        and _SHOWN_ENUM_VALUE.fullmatch(value) is not None
+        stripped is not None
+        and len(stripped) <= _SHOWN_ENUM_VALUE_MAX_CHARS
+        and _SHOWN_ENUM_VALUE.fullmatch(stripped) is not None
     )
-    if value_shown:
-        message = f"Invalid enum value {value!r} at field {place}"
-    else:
-        message = f"Invalid enum value at field {place}"
-    if field in _ENUM_VALUES:
-        message += f"; use one of {', '.join(_ENUM_VALUES[field])}"
     if not value_shown:
-        message += " (the value is not shown, because it could be a key in the wrong field)"
-    return message
+        return (
+            f"Invalid enum value at field {place}{use_one_of} (the value is not shown,"
+            " because it could be a key in the wrong field)"
+        )
+    # repr makes visible the whitespace that a CSV cell or a padded export leaves around it.
+    if stripped != value and stripped in allowed:
+        return (
+            f"Invalid enum value {value!r} at field {place}; remove the whitespace around"
+            f" {stripped}"
+        )
+    return f"Invalid enum value {value!r} at field {place}{use_one_of}"
 
 
 def identity_row(record: IdentityRecord, hasher: KeyHasher, now: float) -> dict:

@@ -14,11 +14,13 @@ import re
 import shutil
 import signal
 import sqlite3
+import ssl
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
+from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
 
@@ -953,6 +955,7 @@ def test_status_json_reports_error(
         assert "Traceback" in as_json.stderr
         assert fragment in text.stderr
     else:
+        assert "error: " not in as_json.stderr
         assert f"error: {error['error']}\n" in text.stderr
 
 
@@ -974,15 +977,20 @@ def hq_table(directory: Path) -> str:
     return f'[hq]\nurl = "http://127.0.0.1:9"\ntoken_file = "{token}"\n'
 
 
+def ten_days_ahead() -> str:
+    return str(time.time() + 10 * 86400)
+
+
 @pytest.mark.parametrize(
-    "with_hq",
+    ("with_hq", "stored"),
     [
-        pytest.param(False, id="without hq"),
-        pytest.param(True, id="with hq"),
+        pytest.param(False, lambda: "yesterday", id="without hq"),
+        pytest.param(True, lambda: "yesterday", id="with hq"),
+        pytest.param(True, ten_days_ahead, id="with hq, ten days ahead"),
     ],
 )
 def test_status_with_invalid_last_pull(
-    imported_folder: Path, tmp_path: Path, with_hq: bool
+    imported_folder: Path, tmp_path: Path, with_hq: bool, stored: Callable[[], str]
 ) -> None:
     directory = tmp_path / "copy"
     shutil.copytree(imported_folder, directory)
@@ -990,7 +998,7 @@ def test_status_with_invalid_last_pull(
     connection = sqlite3.connect(cache_file_of(directory))
     try:
         connection.execute(
-            "INSERT INTO cache_meta (key, value) VALUES ('last_pull_at', 'yesterday')"
+            "INSERT INTO cache_meta (key, value) VALUES ('last_pull_at', ?)", (stored(),)
         )
         connection.commit()
     finally:
@@ -1004,6 +1012,10 @@ def test_status_with_invalid_last_pull(
     assert json.loads(as_json.stdout)["lastPull"] is None
     if with_hq:
         assert "last pull:      unknown: the stored time is not a valid Unix time" in text.stdout
+        assert "The next successful pull replaces it" in text.stdout
+        assert "until then the cache counts as stale" in text.stdout
+        assert "cache:          STALE" in text.stdout
+        assert json.loads(as_json.stdout)["cacheStale"] is True
 
 
 # --- import: rejected enum values ------------------------------------------------------------
@@ -1061,6 +1073,56 @@ ENUM_VALUE_CASES: list[tuple[str, str, dict[str, Any], str, str | None]] = [
         "Invalid enum value at field channels[0]; use one of OPTICAL,",
         "ABCDEFGHIJKLMNOPQRSTUVWXYZ",
     ),
+    (
+        "empty status",
+        "jsonl",
+        {"status": ""},
+        "Invalid enum value at field status, which is empty; use one of ACTIVE,",
+        None,
+    ),
+    (
+        "empty channel",
+        "jsonl",
+        {"channels": ["OPTICAL", ""]},
+        "Invalid enum value at field channels[1], which is empty; use one of OPTICAL,",
+        None,
+    ),
+    (
+        "status of spaces",
+        "csv",
+        {"status": "   "},
+        "Invalid enum value at field status, which contains only whitespace; use one of ACTIVE,",
+        None,
+    ),
+    (
+        "allowed status with trailing space",
+        "csv",
+        {"status": "ACTIVE "},
+        "Invalid enum value 'ACTIVE ' at field status; remove the whitespace around ACTIVE",
+        None,
+    ),
+    (
+        "allowed location after a tab",
+        "jsonl",
+        {"locations": ["\tEXIT"]},
+        "Invalid enum value '\\tEXIT' at field locations[0]; remove the whitespace around EXIT",
+        None,
+    ),
+    (
+        "padded type from another system",
+        "jsonl",
+        {"type": " Visitor "},
+        "Invalid enum value ' Visitor ' at field type; use one of SHOPPER,",
+        None,
+    ),
+    (
+        "padded key as type",
+        "csv",
+        {"type": " QR-7731-0042 "},
+        "Invalid enum value at field type; use one of SHOPPER, ASSOCIATE, CASH, LOYALTY (the"
+        " value is not shown",
+        "QR-7731-0042",
+    ),
 ]
 
 
@@ -1094,11 +1156,24 @@ CURL_TIMEOUT = 20.0
 
 def self_signed_server(directory: Path, names: list[x509.GeneralName]) -> tuple[Path, Path]:
     """Write a self-signed server certificate for ``names`` and its key; return both files."""
+    return self_signed_certificate(directory, [x509.SubjectAlternativeName(names)])
+
+
+def self_signed_certificate(
+    directory: Path,
+    extensions: list[x509.ExtensionType],
+    common_name: str = "identity-connector",
+    edit_der: Callable[[bytes], bytes] = lambda der: der,
+) -> tuple[Path, Path]:
+    """Write a self-signed server certificate with ``extensions`` and its key.
+
+    ``edit_der`` changes the signed DER bytes, to write a certificate that no builder makes.
+    """
     directory.mkdir(parents=True, exist_ok=True)
     key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "identity-connector")])
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
     now = datetime.now(UTC)
-    certificate = (
+    builder = (
         x509.CertificateBuilder()
         .subject_name(subject)
         .issuer_name(subject)
@@ -1106,13 +1181,15 @@ def self_signed_server(directory: Path, names: list[x509.GeneralName]) -> tuple[
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - timedelta(days=1))
         .not_valid_after(now + timedelta(days=7))
-        .add_extension(x509.SubjectAlternativeName(names), critical=False)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .sign(key, hashes.SHA256())
     )
+    for extension in extensions:
+        builder = builder.add_extension(extension, critical=False)
+    certificate = builder.sign(key, hashes.SHA256())
+    der = edit_der(certificate.public_bytes(serialization.Encoding.DER))
     cert_file = directory / "server.crt"
     key_file = directory / "server.key"
-    cert_file.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    cert_file.write_text(ssl.DER_cert_to_PEM_cert(der), encoding="ascii")
     key_file.write_bytes(
         key.private_bytes(
             serialization.Encoding.PEM,
@@ -1194,7 +1271,7 @@ def test_curl_example_ipv6_host(tmp_path: Path) -> None:
 
     command = curl_example(config)
 
-    assert "curl -s http://[::1]:18126/v1/identity/scan" in command
+    assert "curl -s 'http://[::1]:18126/v1/identity/scan' \\\n" in command
 
 
 def test_curl_example_client_certificate(tmp_path: Path) -> None:
@@ -1217,6 +1294,330 @@ def test_curl_example_api_key(tmp_path: Path) -> None:
 
     assert f"""  -H @<(printf '%s: %s\\n' x-api-key "$(cat {key_file})") \\\n""" in command
     assert "curl-example-key-5d0c7a" not in command
+
+
+# --- curl-example: notes, wildcard names and damaged certificates ----------------------------
+
+WILDCARD_HOST = "connector.store.example"
+# A subjectAltName extension whose DER ends early: cryptography raises ValueError on it.
+TRUNCATED_SAN = x509.UnrecognizedExtension(
+    x509.oid.ExtensionOID.SUBJECT_ALTERNATIVE_NAME, b"\x30\x03\x82\x05ab"
+)
+# The DER of the OIDs of issuerAltName (2.5.29.18) and subjectAltName (2.5.29.17).
+ISSUER_ALT_NAME_OID = bytes.fromhex("0603551d12")
+SUBJECT_ALT_NAME_OID = bytes.fromhex("0603551d11")
+
+
+def tls_table(cert_file: Path, key_file: Path) -> str:
+    return (
+        f"[tls]\ncert_file = {json.dumps(str(cert_file))}\nkey_file = {json.dumps(str(key_file))}\n"
+    )
+
+
+def wildcard_config(pattern: str, host: str) -> Callable[[Path], Path]:
+    """Return a builder of a TLS configuration listening on ``host``, certified for ``pattern``."""
+
+    def build(directory: Path) -> Path:
+        cert_file, key_file = self_signed_server(directory / "tls", [x509.DNSName(pattern)])
+        config = write_config(directory, 18140, tls_table(cert_file, key_file))
+        set_host(config, host)
+        return config
+
+    return build
+
+
+def damaged_san_config(directory: Path) -> Path:
+    cert_file, key_file = self_signed_certificate(directory / "tls", [TRUNCATED_SAN])
+    return write_config(directory, 18141, tls_table(cert_file, key_file))
+
+
+def duplicate_san_config(directory: Path) -> Path:
+    cert_file, key_file = self_signed_certificate(
+        directory / "tls",
+        [
+            x509.SubjectAlternativeName([x509.DNSName(NAMED_HOST)]),
+            x509.IssuerAlternativeName([x509.DNSName(NAMED_HOST)]),
+        ],
+        edit_der=lambda der: der.replace(ISSUER_ALT_NAME_OID, SUBJECT_ALT_NAME_OID),
+    )
+    return write_config(directory, 18142, tls_table(cert_file, key_file))
+
+
+def api_key_config(directory: Path) -> Path:
+    key_file = write_api_key(directory / "keys" / "gateway", "curl-example-key-0b77e2")
+    return write_config(directory, 18143, f'[auth]\napi_key_files = ["{key_file}"]\n')
+
+
+def plain_config(directory: Path) -> Path:
+    return write_config(directory, 18144)
+
+
+# (case, configuration builder, URL the command calls, texts of `#` notes, texts of no note)
+CURL_NOTE_CASES: list[tuple[str, Callable[[Path], Path], str, list[str], list[str]]] = [
+    (
+        "wildcard names the host",
+        wildcard_config("*.store.example", WILDCARD_HOST),
+        f"https://{WILDCARD_HOST}:18140/v1/identity/scan",
+        [],
+        ["curl rejects it", "--connect-to"],
+    ),
+    (
+        "wildcard with capitals and a final dot",
+        wildcard_config("*.Store.Example.", WILDCARD_HOST.upper()),
+        f"https://{WILDCARD_HOST.upper()}:18140/v1/identity/scan",
+        [],
+        ["curl rejects it"],
+    ),
+    (
+        "wildcard of one dot",
+        wildcard_config("*.example", "connector.example"),
+        "https://connector.example:18140/v1/identity/scan",
+        ["names neither connector.example nor a host name without a wildcard, so curl rejects"],
+        [],
+    ),
+    (
+        "wildcard for two labels",
+        wildcard_config("*.store.example", f"gate.{WILDCARD_HOST}"),
+        f"https://gate.{WILDCARD_HOST}:18140/v1/identity/scan",
+        ["so curl rejects it"],
+        [],
+    ),
+    (
+        "wildcard for an IP address",
+        wildcard_config("*.store.example", "127.0.0.1"),
+        "https://127.0.0.1:18140/v1/identity/scan",
+        ["names neither 127.0.0.1 nor a host name without a wildcard, so curl rejects it"],
+        [],
+    ),
+    (
+        "subjectAltName that does not parse",
+        damaged_san_config,
+        "https://127.0.0.1:18141/v1/identity/scan",
+        ["cannot read the names in the certificate", "fix [tls] cert_file"],
+        [],
+    ),
+    (
+        "subjectAltName twice",
+        duplicate_san_config,
+        "https://127.0.0.1:18142/v1/identity/scan",
+        ["cannot read the names in the certificate", "Duplicate 2.5.29.17 extension"],
+        [],
+    ),
+    (
+        "api key needs bash",
+        api_key_config,
+        "http://127.0.0.1:18143/v1/identity/scan",
+        ["run this command in bash", "sh (dash) rejects"],
+        [],
+    ),
+    (
+        "plain http needs no bash",
+        plain_config,
+        "http://127.0.0.1:18144/v1/identity/scan",
+        [],
+        ["bash"],
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("build", "url", "notes", "absent"),
+    [pytest.param(*case[1:], id=case[0]) for case in CURL_NOTE_CASES],
+)
+def test_curl_example_notes(
+    tmp_path: Path,
+    build: Callable[[Path], Path],
+    url: str,
+    notes: list[str],
+    absent: list[str],
+) -> None:
+    command = curl_example(build(tmp_path))
+
+    comments = "\n".join(line for line in command.splitlines() if line.startswith("#"))
+    assert f"curl -s {url} \\\n" in command
+    for note in notes:
+        assert note in comments
+    for text in absent:
+        assert text not in command
+    if not notes:
+        assert comments == ""
+
+
+# --- curl-example: values that a shell would run ----------------------------------------------
+
+# Each run of a printed command in these tests creates this file if the shell runs a
+# command hidden in a configuration value or a certificate name.
+INJECTED_FILE = "INJECTED"
+# Replaces curl: it writes its arguments, each ended by a NUL byte, to $CURL_ARGUMENTS,
+# and the file that an -H @FILE argument names to $CURL_HEADERS.
+FAKE_CURL = """#!/bin/bash
+for argument in "$@"; do
+    printf '%s\\0' "$argument" >> "$CURL_ARGUMENTS"
+    case $argument in
+        @*) cat "${argument#@}" >> "$CURL_HEADERS" ;;
+    esac
+done
+"""
+
+
+def host_config(host: str) -> Callable[[Path], Path]:
+    """Return a builder of a plain configuration whose [server] host is ``host``."""
+
+    def build(directory: Path) -> Path:
+        config = write_config(directory, 18150)
+        text = config.read_text(encoding="utf-8")
+        config.write_text(
+            text.replace('host = "127.0.0.1"', f"host = {json.dumps(host)}"), encoding="utf-8"
+        )
+        return config
+
+    return build
+
+
+def certificate_names_config(names: list[str]) -> Callable[[Path], Path]:
+    """Return a builder of a TLS configuration whose certificate has these DNS names."""
+
+    def build(directory: Path) -> Path:
+        dns_names: list[x509.GeneralName] = [x509.DNSName(name) for name in names]
+        cert_file, key_file = self_signed_server(directory / "tls", dns_names)
+        return write_config(directory, 18151, tls_table(cert_file, key_file))
+
+    return build
+
+
+def common_name_config(directory: Path) -> Path:
+    cert_file, key_file = self_signed_certificate(
+        directory / "tls", [], common_name=f"box\ntouch {INJECTED_FILE};"
+    )
+    return write_config(directory, 18152, tls_table(cert_file, key_file))
+
+
+def quoted_cert_file_config(directory: Path) -> Path:
+    cert_file, key_file = self_signed_server(
+        directory / f"it's $(touch {INJECTED_FILE})", [x509.IPAddress(IPv4Address("127.0.0.1"))]
+    )
+    return write_config(directory, 18153, tls_table(cert_file, key_file))
+
+
+def quoted_api_key_config(directory: Path) -> Path:
+    key_file = write_api_key(
+        directory / f"key's `touch {INJECTED_FILE}`" / "gateway", "curl-example-key-4e19aa"
+    )
+    auth = (
+        '[auth]\napi_key_header = "x-key-$HOME-`true`"\n'
+        f"api_key_files = {json.dumps([str(key_file)])}\n"
+    )
+    return write_config(directory, 18154, auth)
+
+
+# (case, configuration builder, arguments curl must get, header lines it must read, notes)
+CURL_SHELL_CASES: list[tuple[str, Callable[[Path], Path], list[str], str, list[str]]] = [
+    (
+        "host with a semicolon",
+        host_config(f"box;touch {INJECTED_FILE};"),
+        ["http://HOST:18150/v1/identity/scan"],
+        "",
+        [f"[server] host = 'box;touch {INJECTED_FILE};' is neither a host name nor an IP"],
+    ),
+    (
+        "host with a command substitution",
+        host_config(f"$(touch {INJECTED_FILE})"),
+        ["http://HOST:18150/v1/identity/scan"],
+        "",
+        ["replace HOST with the address the daemon listens on"],
+    ),
+    (
+        "host with a line break",
+        host_config(f"box\ntouch {INJECTED_FILE};"),
+        ["http://HOST:18150/v1/identity/scan"],
+        "",
+        [f"[server] host = 'box\\ntouch {INJECTED_FILE};'"],
+    ),
+    (
+        "certificate name with a semicolon",
+        certificate_names_config([f"box;touch {INJECTED_FILE};", NAMED_HOST]),
+        [
+            f"https://{NAMED_HOST}:18151/v1/identity/scan",
+            f"{NAMED_HOST}:18151:127.0.0.1:18151",
+        ],
+        "",
+        [f"names 'box;touch {INJECTED_FILE};', which the command leaves out"],
+    ),
+    (
+        "certificate name with backquotes only",
+        certificate_names_config([f"`touch {INJECTED_FILE}`"]),
+        ["https://127.0.0.1:18151/v1/identity/scan"],
+        "",
+        [f"names '`touch {INJECTED_FILE}`', which the command leaves out", "curl rejects it"],
+    ),
+    (
+        "common name with a line break",
+        common_name_config,
+        ["https://127.0.0.1:18152/v1/identity/scan"],
+        "",
+        [f"names 'box\\ntouch {INJECTED_FILE};', which the command leaves out"],
+    ),
+    (
+        "certificate file with a quote",
+        quoted_cert_file_config,
+        ["https://127.0.0.1:18153/v1/identity/scan", "--cacert"],
+        "",
+        [],
+    ),
+    (
+        "api key file with a quote",
+        quoted_api_key_config,
+        ["http://127.0.0.1:18154/v1/identity/scan"],
+        "x-key-$HOME-`true`: curl-example-key-4e19aa\n",
+        ["run this command in bash"],
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("build", "arguments", "headers", "notes"),
+    [pytest.param(*case[1:], id=case[0]) for case in CURL_SHELL_CASES],
+)
+def test_curl_example_blocks_injection(
+    tmp_path: Path,
+    build: Callable[[Path], Path],
+    arguments: list[str],
+    headers: str,
+    notes: list[str],
+) -> None:
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    (fake_bin / "curl").write_text(FAKE_CURL, encoding="utf-8")
+    (fake_bin / "curl").chmod(0o755)
+    (tmp_path / "config").mkdir()
+    command = curl_example(build(tmp_path / "config"))
+    work = tmp_path / "work"
+    work.mkdir()
+    environment = {
+        **os.environ,
+        "PATH": f"{fake_bin}:{os.environ['PATH']}",
+        "CURL_ARGUMENTS": str(tmp_path / "arguments"),
+        "CURL_HEADERS": str(tmp_path / "headers"),
+    }
+
+    result = subprocess.run(
+        ["bash", "-c", command], cwd=work, env=environment, capture_output=True, text=True
+    )
+
+    assert not (work / INJECTED_FILE).exists()
+    assert list(work.iterdir()) == []
+    assert result.returncode == 0, result.stderr
+    received = (tmp_path / "arguments").read_text(encoding="utf-8").split("\0")[:-1]
+    for argument in arguments:
+        assert argument in received
+    if "--cacert" in arguments:
+        cert_file = received[received.index("--cacert") + 1]
+        assert Path(cert_file).is_file()
+    if headers:
+        assert (tmp_path / "headers").read_text(encoding="utf-8") == headers
+    comments = [line for line in command.splitlines() if line.startswith("#")]
+    for note in notes:
+        assert any(note in comment for comment in comments), comments
 
 
 def run_until_answered(command: str) -> subprocess.CompletedProcess[str]:
