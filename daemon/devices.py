@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fnmatch
 import http.client
 import importlib
 import json
@@ -15,6 +16,7 @@ import os
 import re
 import sqlite3
 import sys
+import time
 import typing
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -172,6 +174,10 @@ def device_table_error(tables: list[dict[str, Any]]) -> tuple[str, str] | None:
                     f" uses it already, so this table would never get a scan; remove one of"
                     f" the two tables or make its {source_key} name another device",
                 )
+            if kind == "pcsc":
+                overlap = _reader_overlap_error(source, sources, tables)
+                if overlap is not None:
+                    return f"{prefix}.{source_key}", overlap
             sources[(kind, source)] = index
     return None
 
@@ -179,6 +185,37 @@ def device_table_error(tables: list[dict[str, Any]]) -> tuple[str, str] | None:
 # The key that picks the device of a kind whose tables must not share it; serial ports are
 # checked by their normalised path above.
 _SHARED_SOURCE_KEYS = {"hid": "match", "pcsc": "reader"}
+
+_GLOB_CHARACTERS = frozenset("*?[")
+
+
+def _reader_overlap_error(
+    reader: str, earlier: dict[tuple[str, str], int], tables: list[dict[str, Any]]
+) -> str | None:
+    """Describe how the PC/SC ``reader`` glob overlaps an earlier table's, or return None.
+
+    Only a glob that matches another table's literal reader name is caught. Two different
+    globs may match one reader name that does not exist yet (``Virtual PCD*`` and
+    ``*00 00``), which cannot be decided without that name. The driver then lets the first
+    table that opens such a reader read it alone.
+    """
+    is_glob = not _GLOB_CHARACTERS.isdisjoint(reader)
+    for (kind, other), index in earlier.items():
+        if kind != "pcsc":
+            continue
+        other_is_glob = not _GLOB_CHARACTERS.isdisjoint(other)
+        if is_glob and not other_is_glob and fnmatch.fnmatchcase(other, reader):
+            overlap = f"glob {reader!r} matches the reader {other!r}"
+        elif other_is_glob and not is_glob and fnmatch.fnmatchcase(reader, other):
+            overlap = f"reader {reader!r} is matched by the glob {other!r}"
+        else:
+            continue
+        return (
+            f"{overlap} of devices.{index} ({tables[index]['name']!r}), so both tables would"
+            " read that reader and decide each card twice; make the two patterns disjoint,"
+            " for example by writing the full reader name in each table"
+        )
+    return None
 
 
 def _allowed_values_hint(kind: str, key: str) -> str:
@@ -315,12 +352,16 @@ class DeviceManager:
 
         attempt = 0
         while True:
+            started = time.monotonic()
             try:
                 await driver.run(sink)
                 error = "driver stopped without an error"
             except Exception as exc:
                 error = f"driver failed: {exc!r}"
                 log.exception("device.driver_failed", device=device.name, attempt=attempt)
+            # A driver that ran for longer than the longest delay failed anew, not again.
+            if time.monotonic() - started >= RESTART_DELAY_MAX:
+                attempt = 0
             self._on_health(device, Health(device.name, available=False, error=error))
             await sleep_backoff(attempt, RESTART_DELAY, RESTART_DELAY_MAX)
             attempt += 1

@@ -93,6 +93,8 @@ class LocalScanning:
         self._tasks: list[asyncio.Task[None]] = []
         self._health_writer: asyncio.Task[None] | None = None
         self._health_changed = False
+        # The feedback write of each device that has not finished yet, by device name.
+        self._feedback_tasks: dict[str, asyncio.Task[None]] = {}
 
     @property
     def config(self) -> Config:
@@ -115,6 +117,10 @@ class LocalScanning:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await self.manager.stop()
+        feedback, self._feedback_tasks = list(self._feedback_tasks.values()), {}
+        for task in feedback:
+            task.cancel()
+        await asyncio.gather(*feedback, return_exceptions=True)
         self.hub.close()
         writer, self._health_writer = self._health_writer, None
         if writer is not None:
@@ -270,7 +276,7 @@ class LocalScanning:
         # The decision is committed before the scanner gives its feedback, so a crash right
         # after the beep cannot lose the audit event.
         await self._record(device, event, now)
-        await self._feedback(device, driver, accepted)
+        self._start_feedback(device, driver, accepted)
         self._count(evaluation)
         log.info(
             "scan.decided",
@@ -337,6 +343,22 @@ class LocalScanning:
                 resolver, evaluation, scan.value, store_id, LOCATION, scan.channel, scanned_at, now
             )
         return evaluation
+
+    def _start_feedback(self, device: DeviceConfig, driver: Driver, accepted: bool) -> None:
+        """Send the feedback in a task of its own, so the driver reads the next scan at once.
+
+        A scanner that does not take its feedback bytes (flow control holding them back) would
+        otherwise delay every scan by the driver's write timeout. While one feedback of a
+        device is still being written, the next is skipped: a beep late by a scan or more
+        would mislead the associate.
+        """
+        running = self._feedback_tasks.get(device.name)
+        if running is not None and not running.done():
+            log.debug("device.feedback_skipped", device=device.name, reason="previous write busy")
+            return
+        self._feedback_tasks[device.name] = asyncio.get_running_loop().create_task(
+            self._feedback(device, driver, accepted), name=f"feedback-{device.name}"
+        )
 
     async def _feedback(self, device: DeviceConfig, driver: Driver, accepted: bool) -> None:
         try:

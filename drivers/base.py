@@ -70,9 +70,20 @@ class Driver(Protocol):
         ...
 
 
+# Doublings past this many always reach any cap: 2**64 times a millisecond is far longer
+# than any setting. Without the limit, base * 2**attempt raises OverflowError once attempt
+# passes 1023, which a scanner left unplugged for hours reaches.
+MAX_BACKOFF_DOUBLINGS = 64
+
+
+def backoff_delay(attempt: int, base: float, cap: float) -> float:
+    """Return base * 2**attempt seconds, capped at ``cap``, for any attempt number."""
+    return min(cap, base * 2.0 ** min(attempt, MAX_BACKOFF_DOUBLINGS))
+
+
 async def sleep_backoff(attempt: int, base: float, cap: float) -> None:
-    """Sleep base * 2**attempt seconds, capped, between reconnect attempts."""
-    await asyncio.sleep(min(cap, base * (2**attempt)))
+    """Sleep ``backoff_delay`` seconds between reconnect attempts."""
+    await asyncio.sleep(backoff_delay(attempt, base, cap))
 
 
 # Durations in settings: seconds as a number, or a string of number-unit pairs

@@ -19,6 +19,7 @@ import os
 import stat
 import termios
 import threading
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -576,6 +577,9 @@ class SerialDriver:
             None if settings.silence_timeout is None else parse_duration(settings.silence_timeout)
         )
         self._drop_log = LogThrottle(DROP_LOG_INTERVAL)
+        self._feedback_log = LogThrottle(DROP_LOG_INTERVAL)
+        self._feedback_failures = 0
+        """Failed feedback writes since the last serial.feedback_failed line."""
 
         # The lock keeps a feedback write in a worker thread from using a
         # descriptor that the run loop has closed and the kernel has reused.
@@ -629,9 +633,17 @@ class SerialDriver:
         try:
             written = await asyncio.to_thread(self._write_feedback, data)
         except (serial.SerialException, OSError) as error:
-            log.warning(
-                "serial.feedback_failed", device=self.name, accepted=accepted, error=str(error)
-            )
+            self._feedback_failures += 1
+            # A scanner that never takes its feedback bytes fails every write the same way.
+            if self._feedback_log.allow("feedback_failed", time.monotonic()):
+                log.warning(
+                    "serial.feedback_failed",
+                    device=self.name,
+                    accepted=accepted,
+                    error=str(error),
+                    failures_since_last_line=self._feedback_failures,
+                )
+                self._feedback_failures = 0
             return
         if not written:
             log.debug("serial.feedback_skipped", device=self.name, reason="port not open")

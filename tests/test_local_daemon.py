@@ -16,6 +16,7 @@ import select
 import signal
 import socket
 import sqlite3
+import termios
 import threading
 import time
 import tty
@@ -85,6 +86,10 @@ class PtyScanner:
             if readable:
                 received += os.read(self.master, size - len(received))
         return received
+
+    def hold_output(self, held: bool) -> None:
+        """Stop or restart the daemon's writes to the scanner, as flow control (XOFF) does."""
+        termios.tcflow(self._slave, termios.TCOOFF if held else termios.TCOON)
 
     def unplug(self) -> None:
         if self.master < 0:
@@ -214,7 +219,16 @@ RECORDS = [
 # Short session and debounce times, so expiry and the close-by-badge read fit the suite's budget.
 SESSION_TIMEOUT = 3.0
 DEBOUNCE = 0.5
-DEVICES = ["unattended", "sessions", "renewal", "debounce", "health", "replace", "dropped"]
+DEVICES = [
+    "unattended",
+    "sessions",
+    "renewal",
+    "debounce",
+    "health",
+    "replace",
+    "dropped",
+    "feedback",
+]
 
 
 def device_table(name: str, link: Path) -> str:
@@ -409,6 +423,35 @@ def test_repeated_value_counts_once(rig: Rig) -> None:
     assert len(shopper_decisions) == 1
     assert scanner.read_feedback(2) == GOOD_READ * 2
     assert scanner.read_feedback(1, timeout=0.3) == b""
+
+
+def test_held_feedback_does_not_delay_scans(rig: Rig) -> None:
+    scanner = rig.scanners["feedback"]
+    scanner.hold_output(True)
+    try:
+        mark = rig.stream.mark()
+        scanner.scan(SHOPPER)
+        rig.decided("feedback", "shopper-1", mark)
+        # The driver waits 1 s for a held feedback write; the next scan must not.
+        sent = scanner.scan(LOYALTY)
+        rig.decided("feedback", "loyalty-1", mark)
+        decided_after = time.monotonic() - sent
+        # A second write that fails after the first one did gets no line of its own.
+        time.sleep(1.2)
+        scanner.scan(CASH)
+        rig.decided("feedback", "cash-1", mark)
+        time.sleep(1.3)
+    finally:
+        scanner.hold_output(False)
+    scanner.read_feedback(8, timeout=0.5)
+
+    assert decided_after < 0.8
+    failures = [
+        line
+        for line in rig.daemon.log_lines()
+        if line.get("event") == "serial.feedback_failed" and line.get("device") == "dev-feedback"
+    ]
+    assert len(failures) == 1
 
 
 def test_repeat_after_window_counts(rig: Rig) -> None:

@@ -18,7 +18,7 @@ import serial
 import structlog
 
 from drivers import serial as serial_driver
-from drivers.base import Dropped, parse_duration
+from drivers.base import Dropped, backoff_delay, parse_duration
 from drivers.serial import (
     MAX_FRAME_LENGTH_LIMIT,
     DroppedFrame,
@@ -765,6 +765,27 @@ def test_driver_open_error_keeps_backoff(
     # The backoff opens at 0, 0.2, 0.6 and 1.4 s. The short retry, which applies only to a
     # missing path, would open about 20 times.
     assert driver.stats.failed_opens <= 4
+
+
+@pytest.mark.parametrize(
+    ("attempt", "seconds"), [(0, 1.0), (3, 8.0), (5, 32.0), (6, 60.0), (1024, 60.0), (10**6, 60.0)]
+)
+def test_backoff_delay_capped(attempt: int, seconds: float) -> None:
+    assert backoff_delay(attempt, 1.0, 60.0) == seconds
+
+
+def test_driver_backoff_past_1024_attempts(run_driver: RunDriver, tmp_path: Path) -> None:
+    regular_file = tmp_path / "not-a-tty"
+    regular_file.write_bytes(b"")
+    settings = make_settings(str(regular_file), reconnect_delay=0.001, reconnect_delay_max=0.001)
+    driver = SerialDriver(settings)
+
+    async def scenario() -> None:
+        async with run_driver(driver) as recorder:
+            # 2**1024 seconds is more than a float holds: the delay must stay at its cap.
+            await recorder.until(lambda: driver.stats.failed_opens > 1100, timeout=20.0)
+
+    asyncio.run(scenario())
 
 
 @pytest.mark.parametrize("through_link", [False, True], ids=["file", "link"])
