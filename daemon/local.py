@@ -10,6 +10,7 @@ the stream, and reads that a driver dropped go to the metrics.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import json
@@ -77,6 +78,11 @@ def _iso(timestamp: float) -> str:
     return datetime.fromtimestamp(timestamp, UTC).isoformat().replace("+00:00", "Z")
 
 
+# Feedback writes of one device that may wait behind a write still in progress. A burst of
+# scans gets a beep each, while a scanner that holds its writes back does not collect a queue.
+MAX_PENDING_FEEDBACK = 4
+
+
 class LocalScanning:
     """The station logic, the device drivers and the event stream of one running daemon."""
 
@@ -93,8 +99,11 @@ class LocalScanning:
         self._tasks: list[asyncio.Task[None]] = []
         self._health_writer: asyncio.Task[None] | None = None
         self._health_changed = False
-        # The feedback write of each device that has not finished yet, by device name.
-        self._feedback_tasks: dict[str, asyncio.Task[None]] = {}
+        # Feedback writes not finished yet, and per device their count and the lock that
+        # keeps them in scan order.
+        self._feedback_tasks: set[asyncio.Task[None]] = set()
+        self._feedback_pending: collections.Counter[str] = collections.Counter()
+        self._feedback_locks: dict[str, asyncio.Lock] = {}
 
     @property
     def config(self) -> Config:
@@ -117,7 +126,7 @@ class LocalScanning:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await self.manager.stop()
-        feedback, self._feedback_tasks = list(self._feedback_tasks.values()), {}
+        feedback, self._feedback_tasks = list(self._feedback_tasks), set()
         for task in feedback:
             task.cancel()
         await asyncio.gather(*feedback, return_exceptions=True)
@@ -348,17 +357,29 @@ class LocalScanning:
         """Send the feedback in a task of its own, so the driver reads the next scan at once.
 
         A scanner that does not take its feedback bytes (flow control holding them back) would
-        otherwise delay every scan by the driver's write timeout. While one feedback of a
-        device is still being written, the next is skipped: a beep late by a scan or more
-        would mislead the associate.
+        otherwise delay every scan by the driver's write timeout. Writes of one device run in
+        scan order. Past MAX_PENDING_FEEDBACK unfinished writes the feedback is skipped,
+        because a beep that late would be taken for a later scan's.
         """
-        running = self._feedback_tasks.get(device.name)
-        if running is not None and not running.done():
-            log.debug("device.feedback_skipped", device=device.name, reason="previous write busy")
+        if self._feedback_pending[device.name] >= MAX_PENDING_FEEDBACK:
+            log.debug("device.feedback_skipped", device=device.name, reason="writes pending")
             return
-        self._feedback_tasks[device.name] = asyncio.get_running_loop().create_task(
-            self._feedback(device, driver, accepted), name=f"feedback-{device.name}"
+        self._feedback_pending[device.name] += 1
+        task = asyncio.get_running_loop().create_task(
+            self._feedback_in_order(device, driver, accepted), name=f"feedback-{device.name}"
         )
+        self._feedback_tasks.add(task)
+        task.add_done_callback(self._feedback_tasks.discard)
+
+    async def _feedback_in_order(
+        self, device: DeviceConfig, driver: Driver, accepted: bool
+    ) -> None:
+        lock = self._feedback_locks.setdefault(device.name, asyncio.Lock())
+        try:
+            async with lock:
+                await self._feedback(device, driver, accepted)
+        finally:
+            self._feedback_pending[device.name] -= 1
 
     async def _feedback(self, device: DeviceConfig, driver: Driver, accepted: bool) -> None:
         try:
