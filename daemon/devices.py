@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import msgspec
+import msgspec.inspect
 import structlog
 
 from daemon.store import DEVICE_HEALTH_META_KEY
@@ -128,14 +129,19 @@ def device_table_error(tables: list[dict[str, Any]]) -> tuple[str, str] | None:
         except DriverUnavailable:
             # NOTE: without the optional package only name and station are checked here; the
             # device then reports itself unavailable, and the gateway keeps being served.
-            problem = _common_key_error(table)
-            if problem is not None:
-                return f"{prefix}.{problem[0]}", problem[1]
+            pass
         except msgspec.ValidationError as error:
             key, detail = _describe(str(error), table)
             if key is not None and detail.startswith("Invalid enum value"):
                 detail += _allowed_values_hint(kind, key)
+            elif key is not None and detail.startswith("Expected `"):
+                # msgspec names the type it expected, such as "Expected `int`, got `str`".
+                detail = _expected_value_message(kind, key, table.get(key)) or detail
             return (f"{prefix}.{key}" if key else prefix), detail
+
+        problem = _common_key_error(table)
+        if problem is not None:
+            return f"{prefix}.{problem[0]}", problem[1]
 
         name = table["name"]
         if name in names:
@@ -195,9 +201,9 @@ def _reader_overlap_error(
     """Describe how the PC/SC ``reader`` glob overlaps an earlier table's, or return None.
 
     Only a glob that matches another table's literal reader name is caught. Two different
-    globs may match one reader name that does not exist yet (``Virtual PCD*`` and
-    ``*00 00``), which cannot be decided without that name. The driver then lets the first
-    table that opens such a reader read it alone.
+    globs, such as ``ACS*`` and ``*PICC*``, overlap only if a reader whose name both match
+    is plugged in, which the configuration cannot show. The PC/SC driver then lets the
+    first table that opens such a reader read it alone.
     """
     is_glob = not _GLOB_CHARACTERS.isdisjoint(reader)
     for (kind, other), index in earlier.items():
@@ -230,17 +236,104 @@ def _allowed_values_hint(kind: str, key: str) -> str:
     return f"; use one of {', '.join(str(value) for value in typing.get_args(annotation))}"
 
 
+def _expected_value_message(kind: str, key: str, value: Any) -> str | None:
+    """Build the error for a value of the wrong type, or None for a key of unknown type."""
+    try:
+        settings_class = _settings_class(kind)
+    except DriverUnavailable:
+        return None
+    info = msgspec.inspect.type_info(settings_class)
+    assert isinstance(info, msgspec.inspect.StructType)
+    field = next((field for field in info.fields if field.name == key), None)
+    if field is None:
+        return None
+
+    annotation = typing.get_type_hints(settings_class).get(key)
+    if typing.get_origin(annotation) is Literal:
+        # The annotation keeps the order the settings class declares, and msgspec sorts it.
+        expected = "one of " + ", ".join(_toml_value(v) for v in typing.get_args(annotation))
+    else:
+        expected = _describe_type(field.type, field.default)
+    if expected is None:
+        return None
+    return f"invalid value {_toml_value(value)}: {key} must be {expected}"
+
+
+def _describe_type(field_type: msgspec.inspect.Type, default: Any) -> str | None:
+    """Describe the values of a settings type, such as "an integer of 1 or more, such as 2048"."""
+    inspect = msgspec.inspect
+    options = field_type.types if isinstance(field_type, inspect.UnionType) else (field_type,)
+    # TOML has no null, so an optional key is either left out or set to the other type.
+    options = tuple(option for option in options if not isinstance(option, inspect.NoneType))
+    if {type(option) for option in options} == {inspect.FloatType, inspect.StrType}:
+        # The drivers' Duration type, which drivers.base.parse_duration reads.
+        return 'a duration: a number of seconds, or a string such as "500ms", "1.5s" or "1m30s"'
+    if len(options) != 1:
+        return None
+
+    [option] = options
+    if isinstance(option, inspect.BoolType):
+        return "true or false"
+    if isinstance(option, inspect.ListType) and isinstance(option.item_type, inspect.StrType):
+        return "a list of strings"
+    if isinstance(option, inspect.IntType):
+        expected = "an integer" + _describe_range(option)
+    elif isinstance(option, inspect.FloatType):
+        expected = "a number"
+    elif isinstance(option, inspect.StrType):
+        expected = "a non-empty string" if option.min_length else "a string"
+    else:
+        return None
+    # A default of 0 or "" usually means "off", which makes a poor example.
+    if default is not msgspec.NODEFAULT and default:
+        expected += f", such as {_toml_value(default)}"
+    return expected
+
+
+def _describe_range(int_type: msgspec.inspect.IntType) -> str:
+    """Return " from 50 to 4000000", " of 1 or more" or "" for an integer's bounds."""
+    lowest = int_type.ge
+    if lowest is None and int_type.gt is not None:
+        lowest = int_type.gt + 1
+    highest = int_type.le
+    if highest is None and int_type.lt is not None:
+        highest = int_type.lt - 1
+    if lowest is not None and highest is not None:
+        return f" from {lowest} to {highest}"
+    if lowest is not None:
+        return f" of {lowest} or more"
+    if highest is not None:
+        return f" of {highest} or less"
+    return ""
+
+
+def _toml_value(value: Any) -> str:
+    """Format a configuration value for a message: TOML's true and false, else Python's repr."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return repr(value)
+
+
 def _common_key_error(table: dict[str, Any]) -> tuple[str, str] | None:
     for key in ("name", "station"):
         value = table.get(key)
         if not isinstance(value, str) or not value:
             return key, "missing or empty: set it to a non-empty string"
+        unprintable = next((character for character in value if not character.isprintable()), None)
+        if unprintable is not None:
+            # A newline would split log lines, and other control characters garble metric
+            # labels and the output of the devices command.
+            return key, (
+                f"invalid {key} {value!r}: it contains the non-printable character"
+                f" U+{ord(unprintable):04X}; use letters, digits, spaces and punctuation only"
+            )
     return None
 
 
 _AT_KEY = re.compile(r"^(.*) - at `\$\.([A-Za-z0-9_]+)")
 _NAMED_FIELD = re.compile(r"(?:unknown|missing required) field `([A-Za-z0-9_]+)`")
 _KEY_PREFIX = re.compile(r"^([A-Za-z0-9_]+): ")
+_INVALID_KEY = re.compile(r"^invalid ([A-Za-z0-9_]+) ")
 
 
 def _describe(message: str, table: dict[str, Any]) -> tuple[str | None, str]:
@@ -256,6 +349,10 @@ def _describe(message: str, table: dict[str, Any]) -> tuple[str | None, str]:
     match = _KEY_PREFIX.match(message)
     if match and match.group(1) in table:
         return match.group(1), message[match.end() :]
+    # Messages such as "invalid reader '': ..." start with the key they are about.
+    match = _INVALID_KEY.match(message)
+    if match and match.group(1) in table:
+        return match.group(1), message
     # Messages such as "invalid duration 'x': ..." name the value rather than the key.
     for key, value in table.items():
         if re.search(rf"\b{re.escape(key)}\b", message) or (

@@ -8,6 +8,7 @@ verdict back through ``feedback`` for devices that can beep or blink.
 from __future__ import annotations
 
 import asyncio
+import math
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -111,8 +112,30 @@ def parse_duration(value: float | str) -> float:
             )
         seconds = sum(float(number) * _DURATION_UNITS[unit] for number, unit in parts)
 
+    if not math.isfinite(seconds):
+        # TOML writes inf and nan as numbers, and a string of enough digits adds up to inf.
+        raise ValueError(f"invalid duration {value!r}: use a finite number of seconds")
     if seconds < 0:
-        raise ValueError(f"invalid duration {value!r}: must not be negative")
+        raise ValueError(
+            f"invalid duration {value!r}: remove the minus sign, because a duration cannot be"
+            " negative"
+        )
+    return seconds
+
+
+def parse_duration_setting(key: str, value: float | str) -> float:
+    """Convert the duration setting ``key`` to seconds, raising a ValueError that starts with it."""
+    try:
+        return parse_duration(value)
+    except ValueError as error:
+        raise ValueError(f"{key}: {error}") from None
+
+
+def parse_positive_duration_setting(key: str, value: float | str, reason: str) -> float:
+    """Convert the duration setting ``key`` to seconds, rejecting 0 with ``reason`` as the cause."""
+    seconds = parse_duration_setting(key, value)
+    if seconds == 0:
+        raise ValueError(f"{key}: invalid duration {value!r}: use more than 0, because {reason}")
     return seconds
 
 

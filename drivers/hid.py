@@ -30,6 +30,7 @@ from drivers.base import (
     LogThrottle,
     Scan,
     parse_duration,
+    parse_positive_duration_setting,
     wait_readable,
 )
 from drivers.keymaps import LAYOUTS, DeadKey, Layout
@@ -65,14 +66,16 @@ class HidSettings(DeviceSettings, tag="hid"):
     max_scan_length: Annotated[int, msgspec.Meta(gt=0)] = 2048
 
     def __post_init__(self) -> None:
-        for key in ("poll_interval", "partial_timeout"):
-            try:
-                seconds = parse_duration(getattr(self, key))
-            except ValueError as error:
-                raise ValueError(f"{key}: {error}") from None
-            if seconds <= 0:
-                raise ValueError(f"{key}: must be longer than zero")
-            setattr(self, key, seconds)
+        self.poll_interval = parse_positive_duration_setting(
+            "poll_interval",
+            self.poll_interval,
+            "the driver would list the input devices without pause while none matches",
+        )
+        self.partial_timeout = parse_positive_duration_setting(
+            "partial_timeout",
+            self.partial_timeout,
+            "a scan would be dropped as incomplete between two of its keystrokes",
+        )
 
 
 @dataclass(frozen=True, slots=True)

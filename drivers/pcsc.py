@@ -22,17 +22,27 @@ from __future__ import annotations
 
 import asyncio
 import fnmatch
-import re
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal, TypeVar
 
-import msgspec
 import structlog
 
-from drivers.base import Channel, Dropped, EventSink, Health, Scan, sleep_backoff
+from drivers.base import (
+    Channel,
+    DeviceSettings,
+    Dropped,
+    Duration,
+    EventSink,
+    Health,
+    Scan,
+    parse_duration,
+    parse_duration_setting,
+    parse_positive_duration_setting,
+    sleep_backoff,
+)
 
 try:
     from smartcard import scard
@@ -79,30 +89,20 @@ ACR122U_NAME_GLOB = "*ACR122*"
 # reach the ACR122U's LED and buzzer when no card is on the reader.
 CCID_ESCAPE_FUNCTION = 3500
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m)\s*$")
-_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0}
+# Maximum poll_interval, in seconds. pcsc-lite carries the wait of SCardGetStatusChange
+# to pcscd as a 32-bit count of milliseconds (uint32_t timeOut in winscard_msg.h), so a
+# wait of 2**32 ms (about 49.7 days) or more cannot reach pcscd as set. A day stays far
+# inside that and still rechecks readers from /etc/reader.conf.d/, which never notify.
+MAX_POLL_INTERVAL = 24 * 3600.0
 
 SkipReason = Literal[
     "uid_random", "uid_missing", "uid_length_invalid", "card_removed", "read_failed"
 ]
 
 
-def parse_duration(text: str) -> float:
-    """Convert "500ms", "2s" or "1m" to seconds, raising ValueError on any other form."""
-    match = _DURATION.match(text)
-    if match is None:
-        raise ValueError(
-            f'invalid duration {text!r}: write a number and a unit, one of ms, s, m (e.g. "500ms")'
-        )
-    return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
-
-
-class PcscSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+class PcscSettings(DeviceSettings, tag="pcsc"):
     """One ``[[devices]]`` table with ``kind = "pcsc"``."""
 
-    name: str
-    kind: Literal["pcsc"]
-    station: str
     reader: str
     """Glob on the PC/SC reader name, e.g. "ACS ACR122U*"; the first match in name order wins."""
     uid_byte_order: Literal["msb", "lsb"] = "msb"
@@ -111,22 +111,41 @@ class PcscSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """Channel of the scans; auto detects contactless cards by their PC/SC Part 3 ATR."""
     feedback: Literal["auto", "acr122u", "off"] = "auto"
     """auto: ACR122U LED/buzzer commands when the reader name matches *ACR122*."""
-    poll_interval: str = "500ms"
+    poll_interval: Duration = "500ms"
     """Maximum length of one wait on pcscd; the reader list is rechecked at least this often."""
-    reconnect_delay: str = "500ms"
+    reconnect_delay: Duration = "500ms"
     """First wait before re-establishing a lost PC/SC context; doubles on every failure."""
-    reconnect_delay_max: str = "30s"
+    reconnect_delay_max: Duration = "30s"
     """Cap of that doubling wait."""
 
     def __post_init__(self) -> None:
-        if not self.name:
-            raise ValueError("invalid name '': give each device a unique name")
         if not self.reader:
             raise ValueError("invalid reader '': give a reader name glob such as \"ACS ACR122U*\"")
-        for field in ("poll_interval", "reconnect_delay", "reconnect_delay_max"):
-            seconds = parse_duration(getattr(self, field))
-            if seconds <= 0:
-                raise ValueError(f"invalid {field} {getattr(self, field)!r}: use more than 0")
+
+        poll_interval = parse_positive_duration_setting(
+            "poll_interval", self.poll_interval, "each wait on pcscd would return at once"
+        )
+        if poll_interval > MAX_POLL_INTERVAL:
+            raise ValueError(
+                f"poll_interval: invalid duration {self.poll_interval!r}: use 24h or less,"
+                " because pcscd takes the wait as a 32-bit count of milliseconds"
+            )
+        self.poll_interval = poll_interval
+        reconnect_delay = parse_positive_duration_setting(
+            "reconnect_delay",
+            self.reconnect_delay,
+            "the wait doubles from this value, so 0 reconnects to pcscd without pause",
+        )
+        reconnect_delay_max = parse_duration_setting(
+            "reconnect_delay_max", self.reconnect_delay_max
+        )
+        if reconnect_delay_max < reconnect_delay:
+            raise ValueError(
+                f"reconnect_delay_max: invalid duration {self.reconnect_delay_max!r}: must not"
+                f" be shorter than reconnect_delay ({reconnect_delay:g}s)"
+            )
+        self.reconnect_delay = reconnect_delay
+        self.reconnect_delay_max = reconnect_delay_max
 
     @property
     def poll_seconds(self) -> float:
@@ -249,12 +268,11 @@ class _Session:
             raise PcscError(describe_result("SCardListReaders", hresult))
         return list(readers)
 
-    def find_reader(self) -> tuple[str | None, int]:
-        """Return the first reader matching the glob (or None) and how many matched."""
-        matches = sorted(
+    def find_readers(self) -> list[str]:
+        """Return the readers matching the glob, in name order."""
+        return sorted(
             name for name in self.list_readers() if fnmatch.fnmatchcase(name, self._settings.reader)
         )
-        return (matches[0] if matches else None), len(matches)
 
     def wait_for_change(
         self, states: list[tuple[str, int]], timeout: float
@@ -339,8 +357,19 @@ def transmit_with_follow_ups(card: Any, protocol: int, apdu: Sequence[int]) -> l
     return collected + list(response)
 
 
+# The driver that reads each reader, by reader name. Two [[devices]] tables whose globs
+# match one reader would otherwise both decide every card on it. Every driver of the
+# daemon runs in its one event loop and claims or releases a reader only on that loop,
+# between two awaits, so no lock is needed.
+_reader_owners: dict[str, PcscDriver] = {}
+
+
 class PcscDriver:
-    """Reads card UIDs from the PC/SC reader that the settings' glob selects."""
+    """Reads card UIDs from the PC/SC reader that the settings' glob selects.
+
+    The driver claims the reader it watches, and a driver whose glob matches a reader that
+    another driver claimed leaves it alone until that driver releases it.
+    """
 
     def __init__(self, settings: PcscSettings) -> None:
         if scard is None:
@@ -356,7 +385,13 @@ class PcscDriver:
         self._feedback_executor: ThreadPoolExecutor | None = None
         self._session = _Session(settings)
         self._available: bool | None = None
+        self._error: str | None = None
+        self._error_is_conflict = False
         self._reader: str | None = None
+        self._claimed: str | None = None
+        # Readers that another device owned at the last search, with that device, so each
+        # conflict is logged once instead of at every poll.
+        self._conflicts_logged: dict[str, PcscDriver] = {}
 
     async def run(self, sink: EventSink) -> None:
         """Watch the reader until cancelled, re-establishing the PC/SC context when it is lost."""
@@ -369,7 +404,10 @@ class PcscDriver:
                     await self._call(self._session.establish)
                     reader = await self._wait_for_reader(sink)
                     attempt = 0
-                    await self._watch_reader(reader, sink)
+                    try:
+                        await self._watch_reader(reader, sink)
+                    finally:
+                        self._release_reader()
                 except ReaderGone as error:
                     await self._set_health(sink, False, f"reader {self._reader!r}: {error}")
                     self._reader = None
@@ -396,6 +434,7 @@ class PcscDriver:
                     )
                     attempt += 1
         finally:
+            self._release_reader()
             self._stop_worker()
 
     def _stop_worker(self) -> None:
@@ -415,11 +454,21 @@ class PcscDriver:
         assert self._executor is not None, "run() owns the worker thread"
         return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
 
-    async def _set_health(self, sink: EventSink, available: bool, error: str | None = None) -> None:
-        """Send a health change and log it once per transition, never on repeats."""
-        if available == self._available:
+    async def _set_health(
+        self, sink: EventSink, available: bool, error: str | None = None, *, conflict: bool = False
+    ) -> None:
+        """Send a health change and log it once per transition, never on repeats.
+
+        A transition is a change of availability. While unavailable, a change of the error
+        counts too when the old or the new error is a reader owned by another device
+        (``conflict``), so the health names the owner for as long as it keeps the reader.
+        """
+        error_changed = error != self._error and (conflict or self._error_is_conflict)
+        if available == self._available and (available or not error_changed):
             return
         self._available = available
+        self._error = None if available else error
+        self._error_is_conflict = conflict and not available
         if available:
             log.info("device.available", device=self.name, reader=self._reader)
         else:
@@ -427,24 +476,44 @@ class PcscDriver:
         await sink(Health(device=self.name, available=available, error=error))
 
     async def _wait_for_reader(self, sink: EventSink) -> str:
-        """Return the matching reader's name, waiting for pcscd to list one."""
+        """Claim the first matching reader that no other device reads, and return its name.
+
+        Waits for pcscd to list such a reader. A reader that another device owns is checked
+        again at least every poll_interval, so it is taken soon after that device lets go.
+        """
         pnp_state = scard.SCARD_STATE_UNAWARE
         while True:
-            reader, match_count = await self._call(self._session.find_reader)
-            if reader is not None:
-                if match_count > 1:
+            matches = await self._call(self._session.find_readers)
+            owned_by_others = self._readers_owned_by_others(matches)
+            self._log_conflicts(owned_by_others)
+            free = [reader for reader in matches if reader not in owned_by_others]
+            if free:
+                reader = free[0]
+                if len(matches) > 1:
                     log.warning(
                         "pcsc.reader_ambiguous",
                         device=self.name,
                         glob=self.settings.reader,
-                        matches=match_count,
+                        matches=len(matches),
                         reader=reader,
                     )
-                self._reader = reader
+                self._claim_reader(reader)
                 await self._set_health(sink, True)
                 return reader
 
-            await self._set_health(sink, False, f"no PC/SC reader matches {self.settings.reader!r}")
+            if owned_by_others:
+                reader, owner = next(iter(owned_by_others.items()))
+                await self._set_health(
+                    sink,
+                    False,
+                    f"reader {reader!r} is read by device {owner.name!r}, whose reader glob"
+                    f" {owner.settings.reader!r} matches it too; make the two globs disjoint",
+                    conflict=True,
+                )
+            else:
+                await self._set_health(
+                    sink, False, f"no PC/SC reader matches {self.settings.reader!r}"
+                )
             # pcscd wakes this wait when a hot-plugged (USB) reader arrives. Readers
             # from reader.conf never notify, so the poll timeout rechecks the list.
             changes = await self._call(
@@ -454,6 +523,40 @@ class PcscDriver:
             )
             if changes:
                 pnp_state = changes[0][1] & ~scard.SCARD_STATE_CHANGED
+
+    def _readers_owned_by_others(self, readers: list[str]) -> dict[str, PcscDriver]:
+        """Return the readers among ``readers`` that another driver claimed, with that driver."""
+        owned = {}
+        for reader in readers:
+            owner = _reader_owners.get(reader)
+            if owner is not None and owner is not self:
+                owned[reader] = owner
+        return owned
+
+    def _log_conflicts(self, owned_by_others: dict[str, PcscDriver]) -> None:
+        """Warn once about each reader that another device owns, until that device lets go."""
+        for reader, owner in owned_by_others.items():
+            if self._conflicts_logged.get(reader) is not owner:
+                log.warning(
+                    "pcsc.reader_in_use",
+                    device=self.name,
+                    reader=reader,
+                    owner=owner.name,
+                    detail="the reader globs of both devices match this reader, so only the"
+                    " owner reads it; make the two globs disjoint",
+                )
+        self._conflicts_logged = dict(owned_by_others)
+
+    def _claim_reader(self, reader: str) -> None:
+        _reader_owners[reader] = self
+        self._claimed = reader
+        self._reader = reader
+
+    def _release_reader(self) -> None:
+        """Let other drivers take the claimed reader; ``_reader`` stays for messages."""
+        reader, self._claimed = self._claimed, None
+        if reader is not None and _reader_owners.get(reader) is self:
+            del _reader_owners[reader]
 
     async def _watch_reader(self, reader: str, sink: EventSink) -> None:
         """Read each card presented on ``reader``; raises ReaderGone or PcscError to stop."""

@@ -39,6 +39,8 @@ from drivers.base import (
     LogThrottle,
     Scan,
     parse_duration,
+    parse_duration_setting,
+    parse_positive_duration_setting,
     sleep_backoff,
     wait_readable,
 )
@@ -92,12 +94,26 @@ MISSING_PATH_RETRY = 2.0
 # the memory that a line sending noise without a terminator can take.
 MAX_FRAME_LENGTH_LIMIT = 131072
 
+# Range of baudrate: Linux's lowest and highest standard rates (B50 and B4000000), which
+# are also the ends of pyserial 3.5's Serial.BAUDRATES. pyserial sets a rate in between that
+# has no B constant as a custom rate (BOTHER), and raises OverflowError at every open for a
+# rate above 2**31 - 1. A USB CDC-ACM scanner gets the rate as the 32-bit dwDTERate of
+# SET_LINE_CODING and most ignore it. No barcode scanner runs faster than 4,000,000 baud.
+MIN_BAUDRATE = 50
+MAX_BAUDRATE = 4_000_000
+
+# Minimum silence_timeout, in seconds. Each silence this long closes and reopens the port,
+# and the open discards input that arrived meanwhile, so a scan sent during a reopen is
+# lost. The floor limits that to 10 reopens a second on an idle line; at 0 the driver
+# reopens the port in a loop. A link that died without an error needs no faster check.
+MIN_SILENCE_TIMEOUT = 0.1
+
 
 class SerialSettings(DeviceSettings, tag="serial"):
     """One ``[[devices]]`` table with ``kind = "serial"``."""
 
     path: Annotated[str, msgspec.Meta(min_length=1)]
-    baudrate: Annotated[int, msgspec.Meta(gt=0)] = 9600
+    baudrate: Annotated[int, msgspec.Meta(ge=MIN_BAUDRATE, le=MAX_BAUDRATE)] = 9600
     bytesize: Literal[5, 6, 7, 8] = 8
     parity: Literal["none", "even", "odd", "mark", "space"] = "none"
     stopbits: float = 1.0
@@ -122,10 +138,26 @@ class SerialSettings(DeviceSettings, tag="serial"):
     bad_read_feedback: str | None = None
 
     def __post_init__(self) -> None:
-        for key in ("idle_gap", "partial_timeout", "reconnect_delay", "reconnect_delay_max"):
-            setattr(self, key, _parse_setting(key, getattr(self, key)))
+        idle_gap = parse_positive_duration_setting(
+            "idle_gap", self.idle_gap, "a frame would end at every pause between two reads"
+        )
+        partial_timeout = parse_positive_duration_setting(
+            "partial_timeout", self.partial_timeout, "every frame would be dropped as incomplete"
+        )
+        reconnect_delay = parse_positive_duration_setting(
+            "reconnect_delay",
+            self.reconnect_delay,
+            "the wait doubles from this value, so 0 reopens a lost port without pause",
+        )
+        reconnect_delay_max = parse_duration_setting(
+            "reconnect_delay_max", self.reconnect_delay_max
+        )
+        self.idle_gap = idle_gap
+        self.partial_timeout = partial_timeout
+        self.reconnect_delay = reconnect_delay
+        self.reconnect_delay_max = reconnect_delay_max
         if self.silence_timeout is not None:
-            self.silence_timeout = _parse_setting("silence_timeout", self.silence_timeout)
+            self.silence_timeout = _check_silence_timeout(self.silence_timeout, idle_gap)
 
         if not os.path.isabs(self.path):
             raise ValueError(
@@ -152,17 +184,37 @@ class SerialSettings(DeviceSettings, tag="serial"):
         for key in ("good_read_feedback", "bad_read_feedback"):
             _parse_hex(key, getattr(self, key))
 
-        if parse_duration(self.partial_timeout) <= parse_duration(self.idle_gap):
-            raise ValueError("partial_timeout: must be longer than idle_gap")
-        if parse_duration(self.reconnect_delay_max) < parse_duration(self.reconnect_delay):
-            raise ValueError("reconnect_delay_max: must not be shorter than reconnect_delay")
+        if partial_timeout <= idle_gap:
+            raise ValueError(
+                f"partial_timeout: invalid duration {partial_timeout:g}s: use more than"
+                f" idle_gap ({idle_gap:g}s)"
+            )
+        if reconnect_delay_max < reconnect_delay:
+            raise ValueError(
+                f"reconnect_delay_max: invalid duration {reconnect_delay_max:g}s: must not"
+                f" be shorter than reconnect_delay ({reconnect_delay:g}s)"
+            )
 
 
-def _parse_setting(key: str, value: float | str) -> float:
-    try:
-        return parse_duration(value)
-    except ValueError as error:
-        raise ValueError(f"{key}: {error}") from None
+def _check_silence_timeout(value: float | str, idle_gap: float) -> float:
+    """Convert silence_timeout to seconds, raising ValueError when its reopens would lose scans."""
+    seconds = parse_duration_setting("silence_timeout", value)
+    if seconds < MIN_SILENCE_TIMEOUT:
+        raise ValueError(
+            f"silence_timeout: invalid duration {value!r}: use"
+            f" {MIN_SILENCE_TIMEOUT * 1000:g}ms or more, because each"
+            " silence this long closes and reopens the port, and a scan that arrives during"
+            " a reopen is lost"
+        )
+    if seconds < idle_gap:
+        # A frame that ends on idle_gap of silence would still be in the decoder when the
+        # reopen resets it.
+        raise ValueError(
+            f"silence_timeout: invalid duration {value!r}: use idle_gap ({idle_gap:g}s) or"
+            " more, because a frame that ends after idle_gap of silence is lost when the port"
+            " is reopened before then"
+        )
+    return seconds
 
 
 def _parse_hex(key: str, value: str | None) -> bytes:

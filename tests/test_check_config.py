@@ -321,3 +321,187 @@ def test_check_config_warns_expired_listener_certificate(tmp_path: Path) -> None
 
     assert result.returncode == 0, result.stderr
     assert "tls.cert_expired" in result.stderr
+
+
+# Keys that select the device of each kind. Every other key keeps its default.
+DEVICE_SOURCES = {
+    "serial": {"path": '"/dev/ttyACM0"'},
+    "pcsc": {"reader": '"ACS ACR122U*"'},
+    "hid": {"match": '"Example Scanner*"'},
+}
+
+# Python module that each kind's driver needs. Without it, only name and station are checked.
+DRIVER_MODULES = {"serial": "serial", "pcsc": "smartcard", "hid": "evdev"}
+
+
+def device_table(kind: str, settings: dict[str, str], name: str = "scanner-1") -> list[str]:
+    """Return the lines of a [[devices]] table, with ``settings`` mapping keys to TOML values."""
+    keys = {"name": f'"{name}"', "kind": f'"{kind}"', "station": '"station-1"'}
+    keys |= DEVICE_SOURCES[kind]
+    keys |= settings
+    return ["[[devices]]", *(f"{key} = {value}" for key, value in keys.items())]
+
+
+# (kind, settings as TOML values, key the error names, fragment of the error that the
+# check-config output must contain): one row per cause of a rejected device setting.
+DEVICE_SETTING_CASES = [
+    pytest.param(
+        "serial",
+        {"silence_timeout": '"0s"'},
+        "silence_timeout",
+        "invalid duration '0s': use 100ms or more, because",
+        id="serial-silence-timeout-zero",
+    ),
+    pytest.param(
+        "serial",
+        {"idle_gap": '"500ms"', "silence_timeout": '"200ms"'},
+        "silence_timeout",
+        "invalid duration '200ms': use idle_gap (0.5s) or more",
+        id="serial-silence-timeout-below-idle-gap",
+    ),
+    pytest.param(
+        "serial",
+        {"reconnect_delay": '"0s"'},
+        "reconnect_delay",
+        "invalid duration '0s': use more than 0",
+        id="serial-reconnect-delay-zero",
+    ),
+    pytest.param(
+        "serial",
+        {"idle_gap": "0"},
+        "idle_gap",
+        "invalid duration 0.0: use more than 0",
+        id="serial-idle-gap-zero",
+    ),
+    pytest.param(
+        "serial",
+        {"partial_timeout": '"0ms"'},
+        "partial_timeout",
+        "invalid duration '0ms': use more than 0",
+        id="serial-partial-timeout-zero",
+    ),
+    pytest.param(
+        "serial",
+        {"idle_gap": "inf"},
+        "idle_gap",
+        "invalid duration inf: use a finite number",
+        id="serial-duration-infinite",
+    ),
+    pytest.param(
+        "serial",
+        {"baudrate": "99999999999"},
+        "baudrate",
+        "invalid value 99999999999: baudrate must be an integer from 50 to 4000000",
+        id="serial-baudrate-too-high",
+    ),
+    pytest.param(
+        "serial",
+        {"baudrate": '"fast"'},
+        "baudrate",
+        "invalid value 'fast': baudrate must be an integer from 50 to 4000000, such as 9600",
+        id="serial-baudrate-not-integer",
+    ),
+    pytest.param(
+        "serial",
+        {"aim_ids": '"yes"'},
+        "aim_ids",
+        "invalid value 'yes': aim_ids must be true or false",
+        id="serial-flag-not-boolean",
+    ),
+    pytest.param(
+        "serial",
+        {"name": '"scanner\\n1"'},
+        "name",
+        "invalid name 'scanner\\n1': it contains the non-printable character U+000A",
+        id="name-with-newline",
+    ),
+    pytest.param(
+        "serial",
+        {"station": '"station\\t1"'},
+        "station",
+        "invalid station 'station\\t1': it contains the non-printable character U+0009",
+        id="station-with-tab",
+    ),
+    pytest.param(
+        "pcsc",
+        {"reader": '""'},
+        "reader",
+        "invalid reader '': give a reader name glob",
+        id="pcsc-reader-empty",
+    ),
+    pytest.param(
+        "pcsc",
+        {"poll_interval": "true"},
+        "poll_interval",
+        "invalid value true: poll_interval must be a duration",
+        id="pcsc-duration-not-duration",
+    ),
+    pytest.param(
+        "pcsc",
+        {"poll_interval": '"25h"'},
+        "poll_interval",
+        "invalid duration '25h': use 24h or less",
+        id="pcsc-poll-interval-too-long",
+    ),
+    pytest.param(
+        "pcsc",
+        {"reconnect_delay": '"2m"', "reconnect_delay_max": '"1m"'},
+        "reconnect_delay_max",
+        "must not be shorter than reconnect_delay",
+        id="pcsc-reconnect-delay-max-too-short",
+    ),
+    pytest.param(
+        "hid",
+        {"max_scan_length": '"long"'},
+        "max_scan_length",
+        "invalid value 'long': max_scan_length must be an integer of 1 or more, such as 2048",
+        id="hid-integer-not-integer",
+    ),
+    pytest.param(
+        "hid",
+        {"poll_interval": "nan"},
+        "poll_interval",
+        "invalid duration nan: use a finite number",
+        id="hid-duration-not-a-number",
+    ),
+]
+
+
+@pytest.mark.parametrize(("kind", "settings", "key", "fix"), DEVICE_SETTING_CASES)
+def test_check_config_rejects_device_setting(
+    tmp_path: Path, kind: str, settings: dict[str, str], key: str, fix: str
+) -> None:
+    pytest.importorskip(DRIVER_MODULES[kind])
+    table = device_table(kind, settings)
+    config = write_config(tmp_path, free_port(), "\n".join(table) + "\n")
+    lines = config.read_text(encoding="utf-8").splitlines()
+    key_line = lines.index(next(line for line in table if line.startswith(f"{key} ="))) + 1
+
+    result = run_cli("check-config", str(config))
+
+    assert result.returncode == 2, result.stdout
+    assert f"line {key_line}, key devices.0.{key}: " in result.stderr
+    assert fix in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+# Duration forms that every device kind accepts: seconds as a TOML number, or a string of
+# number-unit pairs.
+DURATION_FORMS = ["1", "2.5", '"250ms"', '"1m30s"', '"1h"']
+
+
+@pytest.mark.parametrize("value", DURATION_FORMS)
+def test_check_config_accepts_device_durations(tmp_path: Path, value: str) -> None:
+    pytest.importorskip(DRIVER_MODULES["pcsc"])
+    pytest.importorskip(DRIVER_MODULES["hid"])
+    tables = [
+        device_table("serial", {"partial_timeout": value}, name="serial-1"),
+        device_table("pcsc", {"poll_interval": value}, name="pcsc-1"),
+        device_table("hid", {"poll_interval": value}, name="hid-1"),
+    ]
+    text = "\n\n".join("\n".join(table) for table in tables)
+    config = write_config(tmp_path, free_port(), text + "\n")
+
+    result = run_cli("check-config", str(config))
+
+    assert result.returncode == 0, result.stderr

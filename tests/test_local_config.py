@@ -48,7 +48,7 @@ CASES = [
         'baudrate = "fast"\n',
         "devices.1.baudrate",
         15,
-        "Expected `int`",
+        "invalid value 'fast': baudrate must be an integer from 50 to 4000000, such as 9600",
     ),
     BadConfig(
         "missing-kind",
@@ -99,7 +99,7 @@ CASES = [
         '\n[[devices]]\nname = "s2"\nkind = "serial"\nstation = ""\npath = "/p"\n',
         "devices.1.station",
         13,
-        "length >= 1",
+        "invalid value '': station must be a non-empty string",
     ),
     BadConfig(
         "duplicate-name",
@@ -153,7 +153,7 @@ CASES = [
         "max_frame_length = 100000000\n",
         "devices.1.max_frame_length",
         15,
-        "Expected `int` <= 131072",
+        "invalid value 100000000: max_frame_length must be an integer from 1 to 131072",
     ),
     BadConfig(
         "serial-enum",

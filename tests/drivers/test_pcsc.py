@@ -11,8 +11,9 @@ import signal
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -21,6 +22,7 @@ from structlog.testing import capture_logs
 
 pytest.importorskip("smartcard", reason="pyscard is not installed: pip install '.[pcsc]'")
 
+from daemon.devices import NOT_STARTED, device_table_error
 from drivers.base import Dropped, Event, Health, Scan
 from drivers.pcsc import (
     ACR122U_ACCEPTED_APDU,
@@ -28,6 +30,7 @@ from drivers.pcsc import (
     PcscDriver,
     PcscSettings,
 )
+from tests.conftest import Daemon, free_port, make_daemon, run_cli, write_config
 from tests.drivers import vpcd
 
 if TYPE_CHECKING:
@@ -495,3 +498,276 @@ def test_settings_defaults() -> None:
     assert settings.poll_seconds == 0.5
     assert settings.reconnect_seconds == 0.5
     assert settings.reconnect_max_seconds == 30.0
+
+
+# --- One reader, one device table --------------------------------------------------------
+
+OWNER = "station-1-reader-a"
+SECOND = "station-1-reader-b"
+# Both globs match "Virtual PCD 00 00" and nothing else among vpcd's two readers, and
+# neither is a literal name, so check-config accepts the pair.
+OWNER_GLOB = "Virtual PCD 00 0[0]"
+SECOND_GLOB = "Virtual PCD*00 00"
+SECOND_VPCD_READER = "Virtual PCD 00 01"
+
+
+def reader_in_use_warnings(logs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [entry for entry in logs if entry["event"] == "pcsc.reader_in_use"]
+
+
+def test_second_driver_skips_claimed_reader(pcscd: Pcscd) -> None:
+    async def scenario() -> None:
+        card = vpcd.VirtualCard(vpcd.MIFARE_CLASSIC_ATR, vpcd.uid_card("04A1B2C3"))
+        owner_stack = AsyncExitStack()
+        owner = await owner_stack.enter_async_context(
+            running_driver(make_settings(name=OWNER, reader=OWNER_GLOB))
+        )
+        try:
+            assert (await owner.next_health()).available
+
+            with capture_logs() as logs:
+                async with running_driver(make_settings(name=SECOND, reader=SECOND_GLOB)) as second:
+                    skipped = await second.next_health()
+                    # Ten polls of 100 ms: the conflict is still logged once.
+                    await second.assert_quiet()
+
+                    async with presented(card, settle=False):
+                        assert (await owner.next_scan()).value == "04A1B2C3"
+                        await second.assert_quiet()
+
+                        # The owner stops, so the second driver takes the reader and
+                        # reads the card left on it.
+                        await owner_stack.aclose()
+                        took_over = await second.next_health()
+                        assert (await second.next_scan()).value == "04A1B2C3"
+        finally:
+            await owner_stack.aclose()
+
+        assert not skipped.available
+        assert skipped.error == (
+            f"reader {vpcd.VPCD_READER!r} is read by device {OWNER!r}, whose reader glob"
+            f" {OWNER_GLOB!r} matches it too; make the two globs disjoint"
+        )
+        assert took_over.available
+        warnings = reader_in_use_warnings(logs)
+        assert len(warnings) == 1
+        assert warnings[0]["device"] == SECOND
+        assert warnings[0]["owner"] == OWNER
+        assert warnings[0]["reader"] == vpcd.VPCD_READER
+        assert card.commands.count(vpcd.GET_UID) == 2
+
+    run(scenario)
+
+
+def test_glob_skips_claimed_reader_for_next(pcscd: Pcscd) -> None:
+    async def scenario() -> None:
+        async with running_driver(make_settings(name=OWNER, reader=OWNER_GLOB)) as owner:
+            assert (await owner.next_health()).available
+
+            with capture_logs() as logs:
+                async with running_driver(
+                    make_settings(name=SECOND, reader="Virtual PCD*")
+                ) as second:
+                    available = await second.next_health()
+                    async with presented(
+                        vpcd.VirtualCard(vpcd.MIFARE_CLASSIC_ATR, vpcd.uid_card("04A1B2C3"))
+                    ):
+                        assert (await owner.next_scan()).value == "04A1B2C3"
+                        await second.assert_quiet()
+
+        assert available.available
+        readers = [entry["reader"] for entry in logs if entry["event"] == "device.available"]
+        assert readers == [SECOND_VPCD_READER]
+        warnings = reader_in_use_warnings(logs)
+        assert [(entry["device"], entry["owner"]) for entry in warnings] == [(SECOND, OWNER)]
+
+    run(scenario)
+
+
+@pytest.mark.parametrize(
+    ("first_reader", "second_reader", "message_part"),
+    [
+        pytest.param(
+            "Virtual PCD*", "Virtual PCD 00 00",
+            "reader 'Virtual PCD 00 00' is matched by the glob 'Virtual PCD*' of devices.0"
+            " ('desk-a')",
+            id="literal-after-glob",
+        ),
+        pytest.param(
+            "Virtual PCD 00 00", "Virtual PCD 00 0?",
+            "glob 'Virtual PCD 00 0?' matches the reader 'Virtual PCD 00 00' of devices.0"
+            " ('desk-a')",
+            id="glob-after-literal",
+        ),
+        pytest.param(
+            "ACS ACR122U PICC Interface 00 00", "ACS ACR122U [P]ICC*",
+            "glob 'ACS ACR122U [P]ICC*' matches the reader",
+            id="character-class-glob",
+        ),
+        pytest.param(
+            "Virtual PCD*", "Virtual PCD*", "duplicate reader 'Virtual PCD*'", id="equal-globs"
+        ),
+    ],
+)  # fmt: skip
+def test_overlapping_readers_rejected(
+    first_reader: str, second_reader: str, message_part: str
+) -> None:
+    tables = [
+        {"name": "desk-a", "kind": "pcsc", "station": "DESK", "reader": first_reader},
+        {"name": "desk-b", "kind": "pcsc", "station": "DESK", "reader": second_reader},
+    ]
+
+    problem = device_table_error(tables)
+
+    assert problem is not None
+    key, detail = problem
+    assert key == "devices.1.reader"
+    assert message_part in detail
+    if "duplicate" not in message_part:
+        assert detail.endswith(
+            "make the two patterns disjoint, for example by writing the"
+            " full reader name in each table"
+        )
+
+
+@pytest.mark.parametrize(
+    ("first_reader", "second_reader"),
+    [
+        pytest.param("Virtual PCD 00 00", "Virtual PCD 00 01", id="two-literal-names"),
+        pytest.param("Virtual PCD 00 0[0]", "Virtual PCD 00 01", id="glob-missing-literal"),
+        # Both match "Virtual PCD 00 00", but which names exist is known only at run time.
+        pytest.param(OWNER_GLOB, SECOND_GLOB, id="two-different-globs"),
+    ],
+)
+def test_disjoint_or_undecidable_readers_accepted(first_reader: str, second_reader: str) -> None:
+    tables = [
+        {"name": "desk-a", "kind": "pcsc", "station": "DESK", "reader": first_reader},
+        {"name": "desk-b", "kind": "pcsc", "station": "DESK", "reader": second_reader},
+    ]
+
+    assert device_table_error(tables) is None
+
+
+def pcsc_table(name: str, reader: str) -> str:
+    return f"""
+[[devices]]
+name = "{name}"
+kind = "pcsc"
+station = "STATION-1"
+reader = "{reader}"
+feedback = "off"
+poll_interval = "100ms"
+"""
+
+
+def test_check_config_names_overlapping_tables(tmp_path: Path) -> None:
+    extra = pcsc_table("desk-a", "Virtual PCD*") + pcsc_table("desk-b", vpcd.VPCD_READER)
+    config = write_config(tmp_path, free_port(), extra)
+
+    result = run_cli("check-config", str(config))
+
+    assert result.returncode == 2, result.stdout
+    assert "key devices.1.reader:" in result.stderr
+    assert "of devices.0 ('desk-a')" in result.stderr
+    assert "make the two patterns disjoint" in result.stderr
+
+
+# The sample badge of associate-1, accepted on the RADIO channel.
+BADGE_UID = "04A23B1C5D6E80"
+
+
+class DaemonWatch:
+    """Reads a daemon subprocess's device health and its JSON log lines."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+
+    def devices(self) -> dict[str, dict[str, Any]]:
+        reply = self.daemon.request("GET", "/v1/local/devices")
+        assert reply.status == 200, reply.body
+        return {device["device"]: device for device in reply.json()["devices"]}
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        return [line for line in self.daemon.log_lines() if line.get("event") == name]
+
+    async def wait(self, condition: Callable[[], bool], description: str) -> None:
+        """Check ``condition`` every 50 ms; fail with the daemon's log after EVENT_TIMEOUT."""
+        deadline = time.monotonic() + EVENT_TIMEOUT
+        while not await asyncio.to_thread(condition):
+            if time.monotonic() > deadline:
+                log_tail = self.daemon.log_path.read_text(encoding="utf-8")[-3000:]
+                raise AssertionError(
+                    f"{description} within {EVENT_TIMEOUT} s; daemon log:\n{log_tail}"
+                )
+            await asyncio.sleep(0.05)
+
+    async def wait_decisions(self, count: int) -> list[dict[str, Any]]:
+        await self.wait(
+            lambda: len(self.events("scan.decided")) >= count, f"no {count} scan.decided lines"
+        )
+        return self.events("scan.decided")
+
+    def reload(self, config_text: str) -> None:
+        assert self.daemon.process is not None
+        self.daemon.config.write_text(config_text, encoding="utf-8")
+        self.daemon.process.send_signal(signal.SIGHUP)
+
+
+def one_owner(devices: dict[str, dict[str, Any]]) -> bool:
+    """Tell whether one device is available and the others report why they are not."""
+    available = [state["available"] for state in devices.values()]
+    opened = all(state["error"] != NOT_STARTED for state in devices.values())
+    return opened and sorted(available) == [False, True]
+
+
+def test_daemon_decides_badge_once_per_reader(pcscd: Pcscd, tmp_path: Path) -> None:
+    globs = {OWNER: OWNER_GLOB, SECOND: SECOND_GLOB}
+    tables = {name: pcsc_table(name, glob) for name, glob in globs.items()}
+    local = '\n[local]\ndebounce = "0ms"\n'
+    daemon = make_daemon(tmp_path / "daemon", local + tables[OWNER] + tables[SECOND])
+    base_config = daemon.config.read_text(encoding="utf-8")
+    base_config = base_config.replace(tables[OWNER], "").replace(tables[SECOND], "")
+    watch = DaemonWatch(daemon)
+
+    async def scenario() -> None:
+        badge = vpcd.VirtualCard(vpcd.MIFARE_CLASSIC_ATR, vpcd.uid_card(BADGE_UID))
+        await asyncio.to_thread(daemon.start)
+        try:
+            await watch.wait(lambda: one_owner(watch.devices()), "no single owner of the reader")
+            states = await asyncio.to_thread(watch.devices)
+            owner = next(name for name, state in states.items() if state["available"])
+            second = next(name for name in states if name != owner)
+
+            async with presented(badge, settle=False):
+                first = await watch.wait_decisions(1)
+                await asyncio.sleep(QUIET_PERIOD)
+                after_quiet = await asyncio.to_thread(watch.events, "scan.decided")
+
+                # Removing the owner's table hands the reader to the other table, which
+                # reads the badge left on it: the same badge at the station closes the session.
+                watch.reload(base_config + tables[second])
+                handed_over = (await watch.wait_decisions(2))[1]
+
+                # A reload that changes the table restarts its device, which reads the
+                # badge again and opens a new session.
+                watch.reload(base_config + tables[second].replace('"100ms"', '"200ms"'))
+                restarted = (await watch.wait_decisions(3))[2]
+        finally:
+            await asyncio.to_thread(daemon.stop)
+
+        assert states[second]["error"] == (
+            f"reader {vpcd.VPCD_READER!r} is read by device {owner!r}, whose reader glob"
+            f" {globs[owner]!r} matches it too; make the two globs disjoint"
+        )
+        assert after_quiet == first
+        assert first[0]["device"] == owner
+        assert first[0]["identity_id"] == "associate-1"
+        assert first[0]["session"] == "opened"
+        warnings = watch.events("pcsc.reader_in_use")
+        assert [(entry["device"], entry["owner"]) for entry in warnings] == [(second, owner)]
+        assert handed_over["device"] == second
+        assert handed_over["session"] == "closed"
+        assert restarted["device"] == second
+        assert restarted["session"] == "opened"
+
+    run(scenario)
