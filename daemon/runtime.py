@@ -10,6 +10,7 @@ from pathlib import Path
 import msgspec
 import structlog
 
+from daemon import security
 from daemon.config import Config, ConfigError, load_config
 from daemon.resolver import Resolver
 from daemon.store import Store
@@ -57,6 +58,9 @@ class Runtime:
             return False
         try:
             new = load_config(self.config_path)
+            # Checked on the file as written: the running [server] stays until a restart,
+            # but the next start would refuse this file, and the reload is the last warning.
+            security.check_listener_safety(new)
         except ConfigError as exc:
             log.error("config.reload_failed", error=str(exc), kept="the running configuration")
             return False

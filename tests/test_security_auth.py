@@ -381,6 +381,21 @@ def test_unauthenticated_public_bind_refused(tmp_path: Path, case: str, extra: s
     assert "0.0.0.0" in result.stderr
 
 
+def test_reload_to_public_bind_refused(tmp_path: Path) -> None:
+    daemon = make_secure_daemon(tmp_path / "daemon")
+    daemon.start()
+    try:
+        replace_in_config(daemon.config, 'host = "127.0.0.1"', 'host = "0.0.0.0"')
+        failed = reload_and_wait(daemon, "config.reload_failed")
+        status = daemon.request("GET", "/healthz").status
+    finally:
+        daemon.stop()
+
+    assert "0.0.0.0" in failed["error"]
+    assert "api_key_files" in failed["error"]
+    assert status == 200
+
+
 @pytest.fixture(scope="module")
 def limited_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureDaemon]:
     instance = make_secure_daemon(
