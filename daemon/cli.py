@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sqlite3
 import sys
 import time
 import traceback
@@ -20,7 +21,7 @@ import uvloop
 from daemon import security
 from daemon.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
 from daemon.curl_example import curl_example
-from daemon.identities import import_file
+from daemon.identities import ImportFileError, import_file
 from daemon.journal import stdout_is_journal
 from daemon.logs import configure_logging
 from daemon.resolver import Resolver
@@ -231,8 +232,16 @@ def _open_store(config: Config, must_exist: bool = False) -> Store:
 
 
 def _import(config: Config, path: Path, file_format: str | None) -> int:
-    if not path.is_file():
-        print(f"error: records file {path} not found", file=sys.stderr)
+    problem = None
+    if path.is_dir():
+        problem = "is a directory: name a records file (.jsonl, .ndjson or .csv) in it"
+    elif not path.exists():
+        problem = "not found"
+    elif not path.is_file():
+        # Import reads the first bytes twice, which a pipe cannot do.
+        problem = "is not a regular file (a pipe or a device): save the records to a file first"
+    if problem is not None:
+        print(f"error: records file {path} {problem}", file=sys.stderr)
         return 2
     store = _open_store(config)
     try:
@@ -243,6 +252,20 @@ def _import(config: Config, path: Path, file_format: str | None) -> int:
             file_format,
             progress=sys.stderr.isatty(),
         )
+    except ImportFileError as exc:
+        place = f"{path}:{exc.line}" if exc.line is not None else str(path)
+        print(f"error: {place}: {exc}. Nothing was imported.", file=sys.stderr)
+        return 2
+    except sqlite3.OperationalError as exc:
+        # Such as a cache file whose write lock another import or `sync --now` kept for
+        # longer than database.busy_timeout. Each batch commits on its own.
+        print(
+            f"error: import of {path} stopped on the database {store.path}: {exc}. The batches"
+            " committed before stay imported; run the import again once the other writer"
+            " has finished, or raise database.busy_timeout",
+            file=sys.stderr,
+        )
+        return 2
     finally:
         store.close()
 
@@ -267,6 +290,14 @@ def _import(config: Config, path: Path, file_format: str | None) -> int:
             " or snapshot rebuild. Add them at HQ, or import only on a box without [hq].",
             file=sys.stderr,
         )
+    if summary.inserted + summary.updated + summary.rejected == 0:
+        # An export that failed half-way often leaves an empty file or a header alone.
+        print(
+            f"warning: {path} contains no records: it is empty, or contains only a byte order"
+            " mark, blank lines or a CSV header. Check the export that wrote it.",
+            file=sys.stderr,
+        )
+        return 1
     return 1 if summary.rejected else 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import codecs
+import collections
 import csv
 import functools
 import re
@@ -63,6 +64,7 @@ class IdentityRecord(msgspec.Struct, kw_only=True):
 
 
 EMPTY_KEY_REASON = "key is empty after stripping whitespace and control characters"
+_DATETIME_EXAMPLE = "2027-01-01T00:00:00Z"
 # The values each enum field of a record accepts, named in its validation message.
 _ENUM_VALUES: dict[str, tuple[str, ...]] = {
     "type": get_args(IdentityType),
@@ -144,6 +146,11 @@ def keyed_record_from_builtins(data: object) -> tuple[IdentityRecord, str]:
         elif message.startswith("Invalid enum value"):
             # A form this code does not parse may quote the value anywhere: keep none of it.
             message = "Invalid enum value"
+        elif message.startswith("Invalid RFC3339 encoded datetime"):
+            # A date without a time (2027-01-01), as spreadsheets write dates, ends up here.
+            message += f": write a date, a time and a UTC offset, such as {_DATETIME_EXAMPLE}"
+        elif message.startswith("Expected datetime with a timezone component"):
+            message += f": add a UTC offset, such as {_DATETIME_EXAMPLE} or +01:00 for Z"
         raise RecordInvalid(message) from None
     key = normalize_key(record.key, record.channels)
     if not key:
@@ -432,7 +439,117 @@ class ImportSummary:
     seconds: float = 0.0
 
 
+class ImportFileError(ValueError):
+    """A records file of which nothing can be imported: the wrong kind of file, or its header.
+
+    The message names the problem and the fix, but not the file, which the caller names.
+    It shows no cell values: of the header, only names that match a field name but for case,
+    whitespace, '_' or '-'.
+    """
+
+    def __init__(self, problem: str, line: int | None = None) -> None:
+        super().__init__(problem)
+        self.line = line
+        """The line at fault, or None when the problem is the whole file."""
+
+
+# Bytes read from the start of a file to recognise its kind and its line ends.
+_HEAD_BYTES = 65536
+_SAVE_AS_UTF8 = 'save it as UTF-8 text, in Excel as "CSV UTF-8"'
+# Magic bytes of the files an export is mistaken for, and the problem each one is.
+_WRONG_FILE_KINDS: tuple[tuple[bytes, str], ...] = (
+    (b"\x1f\x8b", "the file is gzip-compressed: decompress it (gunzip) and import the result"),
+    (b"\xfd7zXZ\x00", "the file is xz-compressed: decompress it (unxz) and import the result"),
+    (
+        b"\x28\xb5\x2f\xfd",
+        "the file is zstd-compressed: decompress it (unzstd) and import the result",
+    ),
+    (
+        b"PK\x03\x04",
+        "the file is a ZIP archive, as an Excel workbook (.xlsx) is: extract the records file"
+        f" from it, or {_SAVE_AS_UTF8}",
+    ),
+    (
+        codecs.BOM_UTF16_LE,
+        "the file is UTF-16 text (it starts with the byte order mark FF FE), as Excel's"
+        f' "Unicode Text" writes it: {_SAVE_AS_UTF8}',
+    ),
+    (
+        codecs.BOM_UTF16_BE,
+        f"the file is UTF-16 text (it starts with the byte order mark FE FF): {_SAVE_AS_UTF8}",
+    ),
+)
+
+
+def _check_file_kind(head: bytes) -> None:
+    """Raise ImportFileError when the first bytes of a file show it is not UTF-8 text."""
+    for magic, problem in _WRONG_FILE_KINDS:
+        if head.startswith(magic):
+            raise ImportFileError(problem)
+
+
+def _ends_lines_with_cr(head: bytes) -> bool:
+    """Tell whether lines end with CR alone, as classic Mac OS and Excel's "CSV (Macintosh)" do.
+
+    JSON strings cannot contain a raw CR and CSV cells cannot contain a line break, so a CR
+    without any LF in the first ``_HEAD_BYTES`` bytes is a line end.
+    """
+    return b"\r" in head and b"\n" not in head
+
+
+class _CrLineReader:
+    """A binary file read line by line, where lines end with CR alone."""
+
+    def __init__(self, handle: IO[bytes]) -> None:
+        self._handle = handle
+        self._lines: collections.deque[bytes] = collections.deque()
+        self._rest = b""
+        """The start of a line whose CR has not been read yet."""
+
+    def readline(self) -> bytes:
+        while not self._lines:
+            chunk = self._handle.read(_HEAD_BYTES)
+            if not chunk:
+                line, self._rest = self._rest, b""
+                return line
+            parts = (self._rest + chunk).split(b"\r")
+            self._rest = parts.pop()
+            self._lines.extend(part + b"\r" for part in parts)
+        return self._lines.popleft()
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self.readline, b"")
+
+
+# The names of the record fields, which are the CSV column names, and the required ones.
+_FIELD_NAMES: tuple[str, ...] = IdentityRecord.__struct_fields__
+_REQUIRED_FIELDS = tuple(f.name for f in msgspec.structs.fields(IdentityRecord) if f.required)
+# Characters that a misspelt column name adds to a field name, besides other case: whitespace,
+# '_', '-' and a byte order mark.
+_NAME_NOISE = re.compile(r"[\s_\-\ufeff]")
+
+
+def _name_form(name: str) -> str:
+    return _NAME_NOISE.sub("", name).casefold()
+
+
+_FIELD_OF_FORM = {_name_form(name): name for name in _FIELD_NAMES}
+
+
+def _count_field_names(line: str, separator: str) -> int:
+    """Count the cells of a line, split at ``separator``, that name a record field."""
+    forms = (_name_form(cell.strip('"')) for cell in line.split(separator))
+    return sum(form in _FIELD_OF_FORM for form in forms)
+
+
+def _looks_like_csv_header(line: bytes) -> bool:
+    """Tell whether a line names at least two record fields, separated as CSV cells."""
+    text = line.decode("utf-8", "replace")
+    return any(_count_field_names(text, separator) >= 2 for separator in (",", ";", "\t"))
+
+
 def detect_format(path: Path, explicit: str | None) -> Literal["jsonl", "csv"]:
+    """Return the explicit format, else CSV for a name ending in .csv and JSON Lines otherwise."""
     if explicit in ("jsonl", "csv"):
         return explicit  # type: ignore[return-value]
     if path.suffix.lower() == ".csv":
@@ -440,17 +557,32 @@ def detect_format(path: Path, explicit: str | None) -> Literal["jsonl", "csv"]:
     return "jsonl"
 
 
-def iter_jsonl(handle: IO[bytes]) -> Iterator[tuple[int, IdentityRecord | RecordInvalid]]:
-    """Yield (line number, record or error) for each non-blank line."""
+def iter_jsonl(
+    handle: IO[bytes] | _CrLineReader,
+) -> Iterator[tuple[int, IdentityRecord | RecordInvalid]]:
+    """Yield (line number, record or error) for each non-blank line.
+
+    Raises ImportFileError when the first non-blank line is a CSV header, so that a CSV
+    file with another extension gets one message instead of an error on every line.
+    """
     decoder = msgspec.json.Decoder()
+    first = True
     for number, line in enumerate(handle, start=1):
         if not line.strip():
             continue
         try:
             data = decoder.decode(line)
         except msgspec.DecodeError as exc:
+            if first and _looks_like_csv_header(line):
+                raise ImportFileError(
+                    "this line is a CSV header, not a JSON record: import the file with"
+                    " --format csv (by default only a name ending in .csv is read as CSV)",
+                    number,
+                ) from None
+            first = False
             yield number, RecordInvalid(f"invalid JSON: {exc}")
             continue
+        first = False
         try:
             yield number, record_from_builtins(data)
         except RecordInvalid as exc:
@@ -465,7 +597,7 @@ class _CsvLines:
     and a request for more lines at the end of the file means a quote is never closed.
     """
 
-    def __init__(self, handle: IO[bytes]) -> None:
+    def __init__(self, handle: IO[bytes] | _CrLineReader) -> None:
         self._handle = handle
         self._number = 0
         self._pending: list[tuple[int, str]] = []
@@ -504,7 +636,9 @@ class _CsvLines:
 _QUOTE_FIX = "close the quote, or write a quote inside a cell as two quotes"
 
 
-def iter_csv(handle: IO[bytes]) -> Iterator[tuple[int, IdentityRecord | RecordInvalid]]:
+def iter_csv(
+    handle: IO[bytes] | _CrLineReader,
+) -> Iterator[tuple[int, IdentityRecord | RecordInvalid]]:
     """Yield (line number, record or error) for each CSV row after the header.
 
     List columns (stores, channels, locations) separate items with ';'. Empty cells count
@@ -512,6 +646,9 @@ def iter_csv(handle: IO[bytes]) -> Iterator[tuple[int, IdentityRecord | RecordIn
     rejected, because a quote that is not closed makes one, and its cells can still pass as
     a record whose key holds the following lines. Its lines after the first are then read
     again as rows of their own, so such a quote costs one record, not the records after it.
+
+    The header is the first line that is not blank. Raises ImportFileError, before any row
+    is read, when the header cannot be read or ``_check_header`` rejects it.
     """
     lines = _CsvLines(handle)
     reader = csv.reader(lines)
@@ -541,13 +678,101 @@ def iter_csv(handle: IO[bytes]) -> Iterator[tuple[int, IdentityRecord | RecordIn
 
         if header is None:
             if problem is not None:
-                yield first, RecordInvalid(f"header: {problem}")
-                return
+                problem = problem.removeprefix("invalid CSV: ")
+                raise ImportFileError(f"invalid CSV header: {problem}", first)
+            if not row:
+                continue
+            _check_header(row, first)
             header = row
         elif problem is not None:
             yield first, RecordInvalid(problem)
         elif row:
             yield first, _record_from_row(header, row)
+
+
+def _check_header(header: list[str], line: int) -> None:
+    """Raise ImportFileError naming every problem of a CSV header at once.
+
+    Columns of other names are ignored, as the extra columns of an export are. A name that
+    differs from a field name only in case, whitespace, '_' or '-' is an error, even for an
+    optional field. Ignoring it would drop that field from every record, so a misspelt
+    validUntil column would make every credential never expire.
+    """
+    if any(_NOT_UTF8.search(name) for name in header):
+        raise ImportFileError(f"the header is not valid UTF-8: {_SAVE_AS_UTF8}", line)
+    if header[0].lstrip().startswith("{"):
+        raise ImportFileError(
+            "this line is a JSON object, not a CSV header: import the file with --format"
+            " jsonl (by default a name ending in .csv is read as CSV)",
+            line,
+        )
+    if len(header) == 1:
+        for separator, separator_name in ((";", "semicolons"), ("\t", "tabs")):
+            if _count_field_names(header[0], separator) >= 2:
+                raise ImportFileError(
+                    f"the header separates its column names with {separator_name}, but import"
+                    " reads comma-separated values: export the file with commas, in Excel as"
+                    ' "CSV UTF-8 (Comma delimited)"',
+                    line,
+                )
+
+    columns: dict[str, list[int]] = {}
+    for number, name in enumerate(header, start=1):
+        columns.setdefault(name, []).append(number)
+    present = [name for name in _FIELD_NAMES if name in columns]
+    missing = [name for name in _REQUIRED_FIELDS if name not in columns]
+    # (column number, name in the file, field it stands for) of each misspelt field name
+    misspelt = [
+        (number, name, _FIELD_OF_FORM[_name_form(name)])
+        for number, name in enumerate(header, start=1)
+        if name not in _FIELD_NAMES and _name_form(name) in _FIELD_OF_FORM
+    ]
+    if not present and not misspelt:
+        # A file without a header, or another export: its cells could be keys, so none is shown.
+        raise ImportFileError(
+            "this line names none of the record fields, but it must be the header: start the"
+            f" file with a line of column names, such as {','.join(_REQUIRED_FIELDS)}",
+            line,
+        )
+
+    problems = []
+    for name in present:
+        if len(columns[name]) > 1:
+            numbers = _join_words([str(number) for number in columns[name]])
+            problems.append(
+                f"The column {name} appears {len(columns[name])} times (columns {numbers}),"
+                " so it is unclear which cell holds the value: keep one of them"
+            )
+    if missing:
+        names = _join_words(missing)
+        verb = "is" if len(missing) == 1 else "are"
+        plural = "" if len(missing) == 1 else "s"
+        problems.append(f"The required column{plural} {names} {verb} missing")
+    renames = [
+        f"column {number} {name!r} to {field_name}"
+        for number, name, field_name in misspelt
+        if field_name not in columns
+    ]
+    if renames:
+        problems.append(
+            f"Rename {_join_words(renames)}, because column names are case-sensitive and"
+            " contain no spaces, '_' or '-'"
+        )
+    for number, name, field_name in misspelt:
+        if field_name in columns:
+            problems.append(
+                f"Remove column {number} {name!r}, because column {columns[field_name][0]}"
+                f" is {field_name} already"
+            )
+    if problems:
+        raise ImportFileError("invalid CSV header. " + ". ".join(problems), line)
+
+
+def _join_words(words: list[str]) -> str:
+    """Join words as English lists them: "a", "a and b", "a, b and c"."""
+    if len(words) < 2:
+        return "".join(words)
+    return f"{', '.join(words[:-1])} and {words[-1]}"
 
 
 def _record_from_row(header: list[str], row: list[str]) -> IdentityRecord | RecordInvalid:
@@ -558,7 +783,7 @@ def _record_from_row(header: list[str], row: list[str]) -> IdentityRecord | Reco
     for name, cell in zip(header, row, strict=False):
         if cell == "":
             continue
-        if _NOT_UTF8.search(cell) or _NOT_UTF8.search(name):
+        if _NOT_UTF8.search(cell):
             return RecordInvalid("the line is not valid UTF-8")
         if name in LIST_FIELDS:
             data[name] = [item.strip() for item in cell.split(";") if item.strip()]
@@ -580,52 +805,72 @@ def import_file(
     """Upsert every valid record of a file, collecting line errors and carrying on.
 
     Each batch commits on its own, so a long import never holds the write lock for long.
+    Raises ImportFileError, before any batch commits, when the file cannot be opened, is
+    not UTF-8 text, or starts with a header that cannot be used.
     """
     summary = ImportSummary()
     started = time.monotonic()
     kind = detect_format(path, file_format)
-    size = path.stat().st_size
-    bar = _progress_bar(size, progress)
+    try:
+        handle = path.open("rb")
+    except OSError as exc:
+        raise ImportFileError(f"the file cannot be opened: {exc.strerror}") from None
 
     # A large page cache keeps the random inserts into the key-hash index in memory; the
     # default 2 MiB cache made a 1,000,000-record import disk-bound.
     connection.execute(f"PRAGMA cache_size = {-IMPORT_CACHE_KIB}")
     connection.execute(f"PRAGMA wal_autocheckpoint = {IMPORT_CHECKPOINT_PAGES}")
-    with path.open("rb") as handle:
-        # Excel's "CSV UTF-8" and some editors start the file with a UTF-8 byte order mark,
-        # which would otherwise become part of the first column name or JSON line.
-        if handle.read(len(codecs.BOM_UTF8)) != codecs.BOM_UTF8:
-            handle.seek(0)
-        records = iter_csv(handle) if kind == "csv" else iter_jsonl(handle)
-        batch: list[dict] = []
-        now = time.time()
-        last_position = 0
-        for number, item in records:
-            if isinstance(item, RecordInvalid):
-                summary.rejected += 1
-                summary.errors.append(LineError(number, str(item)))
-                continue
-            batch.append(identity_row(item, hasher, now))
-            if len(batch) >= BATCH_SIZE:
-                _commit(connection, batch, summary)
-                batch = []
-                if bar is not None:
-                    position = handle.tell()
-                    bar.update(position - last_position)
-                    last_position = position
-        _commit(connection, batch, summary)
-    if bar is not None:
-        bar.update(size - last_position)
-        bar.close()
+    with handle:
+        lines = _start_reading(handle)
+        size = path.stat().st_size
+        bar = _progress_bar(size, progress)
+        try:
+            records = iter_csv(lines) if kind == "csv" else iter_jsonl(lines)
+            batch: list[dict] = []
+            now = time.time()
+            last_position = 0
+            for number, item in records:
+                if isinstance(item, RecordInvalid):
+                    summary.rejected += 1
+                    summary.errors.append(LineError(number, str(item)))
+                    continue
+                batch.append(identity_row(item, hasher, now))
+                if len(batch) >= BATCH_SIZE:
+                    _commit(connection, batch, summary)
+                    batch = []
+                    if bar is not None:
+                        position = handle.tell()
+                        bar.update(position - last_position)
+                        last_position = position
+            _commit(connection, batch, summary)
+            if bar is not None:
+                bar.update(size - last_position)
+        finally:
+            if bar is not None:
+                bar.close()
     summary.seconds = time.monotonic() - started
     return summary
+
+
+def _start_reading(handle: IO[bytes]) -> IO[bytes] | _CrLineReader:
+    """Check the start of a records file and return its lines, after any byte order mark."""
+    head = handle.read(_HEAD_BYTES)
+    _check_file_kind(head)
+    # Excel's "CSV UTF-8" and some editors start the file with a UTF-8 byte order mark,
+    # which would otherwise become part of the first column name or JSON line.
+    handle.seek(len(codecs.BOM_UTF8) if head.startswith(codecs.BOM_UTF8) else 0)
+    return _CrLineReader(handle) if _ends_lines_with_cr(head) else handle
 
 
 def _commit(connection: sqlite3.Connection, batch: list[dict], summary: ImportSummary) -> None:
     if not batch:
         return
-    connection.execute("BEGIN IMMEDIATE")
+    # The write lock of the cache file alone: BEGIN IMMEDIATE would also lock the database,
+    # where the running daemon commits its decisions. The no-op UPDATE takes the lock before
+    # the batch reads, so no other write can make the batch's snapshot stale.
+    connection.execute("BEGIN")
     try:
+        connection.execute("UPDATE identities SET version = version WHERE 0")
         counts = count_upsert(connection, batch)
         upsert_rows(connection, batch)
         connection.execute("COMMIT")

@@ -921,7 +921,7 @@ class StoreWriter:
 
     def _run_in_one_transaction(self, batch: list) -> list[tuple[bool, Any]]:
         connection = self._connection
-        connection.execute("BEGIN IMMEDIATE")
+        connection.execute(_begin_statement(batch))
         results: list[tuple[bool, Any]] = []
         pending: dict[str, list[tuple[Any, ...]]] = {}
         try:
@@ -954,6 +954,20 @@ class StoreWriter:
 
 
 _STOP: Any = object()
+
+
+def _begin_statement(batch: list) -> str:
+    """Return how a batch's transaction starts.
+
+    IMMEDIATE takes the write lock of the database and of the attached cache file at once,
+    so a decision would wait while an `import` holds the cache file's lock. Rows jobs only
+    write, and decisions write only the database, so their transaction starts DEFERRED and
+    locks each file at its first write. Other jobs read before they write: they keep
+    IMMEDIATE, which never fails on a snapshot that another connection made stale.
+    """
+    if all(type(job) is Rows for job, _waiter in batch):
+        return "BEGIN"
+    return "BEGIN IMMEDIATE"
 
 
 def _insert_pending(connection: sqlite3.Connection, pending: dict[str, list]) -> None:

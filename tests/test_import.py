@@ -1,0 +1,317 @@
+"""`identity-connector import` on files as retailers export them, right or wrong.
+
+Each case writes a real file, runs the command as a subprocess against a real SQLite
+database in a temporary folder, and checks the exit code, the message and what was imported.
+"""
+
+from __future__ import annotations
+
+import codecs
+import gzip
+import io
+import lzma
+import os
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import free_port, write_config
+from tests.helpers_store import count_rows
+from tests.test_cli import CSV_HEADER, csv_line, database_of, import_file, jsonl_line
+from tests.test_cli import good_record as cli_record
+
+# Every key in these files starts with this, so a printed key is easy to find.
+KEY_PREFIX = "KEY-IMPORT-"
+
+
+def good_record(number: int, **changes: Any) -> dict[str, Any]:
+    return cli_record(number, **{"key": f"{KEY_PREFIX}{number}", **changes})
+
+
+def csv_file(header: str, rows: list[list[str]], separator: str = ",") -> bytes:
+    lines = [header, *(separator.join(row) for row in rows)]
+    return "".join(line + "\n" for line in lines).encode()
+
+
+# The cells of good_record(1) in the columns credentialId, key, id, type, status, stores.
+ROW_1 = ["c-good-1", f"{KEY_PREFIX}1", "person-1", "SHOPPER", "ACTIVE", "STORE-001"]
+REQUIRED_HEADER = "credentialId,key,id,type,status,stores"
+GOOD_CSV = CSV_HEADER + csv_line(good_record(1)) + csv_line(good_record(2))
+GOOD_JSONL = jsonl_line(good_record(1)) + jsonl_line(good_record(2))
+
+
+def zip_of(name: str, content: bytes) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr(name, content)
+    return buffer.getvalue()
+
+
+def file_with(name: str, content: bytes) -> Callable[[Path], Path]:
+    def write(directory: Path) -> Path:
+        path = directory / name
+        path.write_bytes(content)
+        return path
+
+    return write
+
+
+def folder(directory: Path) -> Path:
+    path = directory / "exports"
+    path.mkdir()
+    (path / "records.csv").write_bytes(GOOD_CSV)
+    return path
+
+
+def named_pipe(directory: Path) -> Path:
+    path = directory / "records.csv"
+    os.mkfifo(path)
+    return path
+
+
+# (case, file maker, exit code, message on standard error, identities imported). The test
+# replaces "{path}" in the message with the file's path.
+CASES: list[tuple[str, Callable[[Path], Path], int, str, int]] = [
+    (
+        "repeated column",
+        file_with("records.csv", csv_file(REQUIRED_HEADER + ",key", [[*ROW_1, "KEY-IMPORT-9"]])),
+        2,
+        "error: {path}:1: invalid CSV header. The column key appears 2 times (columns 2 and 7)",
+        0,
+    ),
+    (
+        "misspelt required columns",
+        file_with(
+            "records.csv",
+            csv_file("credentialID, key,id,type,status,stores", [ROW_1]),
+        ),
+        2,
+        "error: {path}:1: invalid CSV header. The required columns credentialId and key are"
+        " missing. Rename column 1 'credentialID' to credentialId and column 2 ' key' to key,",
+        0,
+    ),
+    (
+        "misspelt optional column",
+        file_with(
+            "records.csv", csv_file(REQUIRED_HEADER + ",valid_until", [[*ROW_1, "2027-01-01"]])
+        ),
+        2,
+        "error: {path}:1: invalid CSV header. Rename column 7 'valid_until' to validUntil,",
+        0,
+    ),
+    (
+        "column in two spellings",
+        file_with("records.csv", csv_file(REQUIRED_HEADER + ",Key", [[*ROW_1, "KEY-IMPORT-9"]])),
+        2,
+        "error: {path}:1: invalid CSV header. Remove column 7 'Key', because column 2 is key",
+        0,
+    ),
+    (
+        "header after blank lines",
+        file_with("records.csv", b"\n\r\n" + GOOD_CSV),
+        0,
+        "",
+        2,
+    ),
+    (
+        "separated by semicolons",
+        file_with("records.csv", csv_file(REQUIRED_HEADER.replace(",", ";"), [ROW_1], ";")),
+        2,
+        "error: {path}:1: the header separates its column names with semicolons",
+        0,
+    ),
+    (
+        "separated by tabs",
+        file_with("records.csv", csv_file(REQUIRED_HEADER.replace(",", "\t"), [ROW_1], "\t")),
+        2,
+        "error: {path}:1: the header separates its column names with tabs",
+        0,
+    ),
+    (
+        "no header",
+        file_with("records.csv", csv_line(good_record(1)) + csv_line(good_record(2))),
+        2,
+        "error: {path}:1: this line names none of the record fields, but it must be the header",
+        0,
+    ),
+    (
+        "header quote never closed",
+        file_with("records.csv", b'credentialId,"key,id\n' + csv_line(good_record(1))),
+        2,
+        "error: {path}:1: invalid CSV header: a quote opened in this record is never closed",
+        0,
+    ),
+    (
+        "header not UTF-8",
+        file_with(
+            "records.csv",
+            csv_file(REQUIRED_HEADER + ",Gültig", [[*ROW_1, "ja"]]).replace(
+                "ü".encode(), "ü".encode("latin-1")
+            ),
+        ),
+        2,
+        "error: {path}:1: the header is not valid UTF-8: save it as UTF-8 text",
+        0,
+    ),
+    (
+        "JSON Lines named .csv",
+        file_with("records.csv", GOOD_JSONL),
+        2,
+        "error: {path}:1: this line is a JSON object, not a CSV header: import the file with"
+        " --format jsonl",
+        0,
+    ),
+    (
+        "CSV named .txt",
+        file_with("records.txt", GOOD_CSV),
+        2,
+        "error: {path}:1: this line is a CSV header, not a JSON record: import the file with"
+        " --format csv",
+        0,
+    ),
+    (
+        "CSV named .txt after blank lines",
+        file_with("records.txt", b"\n" + GOOD_CSV),
+        2,
+        "error: {path}:2: this line is a CSV header",
+        0,
+    ),
+    (
+        "gzip",
+        file_with("records.csv.gz", gzip.compress(GOOD_CSV)),
+        2,
+        "error: {path}: the file is gzip-compressed: decompress it (gunzip)",
+        0,
+    ),
+    (
+        "gzip named .csv",
+        file_with("records.csv", gzip.compress(GOOD_CSV)),
+        2,
+        "error: {path}: the file is gzip-compressed",
+        0,
+    ),
+    (
+        "xz",
+        file_with("records.jsonl.xz", lzma.compress(GOOD_JSONL)),
+        2,
+        "error: {path}: the file is xz-compressed",
+        0,
+    ),
+    (
+        # The zstd frame magic number; Python 3.11 has no zstd compressor to write a whole frame.
+        "zstd",
+        file_with("records.jsonl.zst", b"\x28\xb5\x2f\xfd" + bytes(16)),
+        2,
+        "error: {path}: the file is zstd-compressed",
+        0,
+    ),
+    (
+        "ZIP archive",
+        file_with("records.zip", zip_of("records.csv", GOOD_CSV)),
+        2,
+        "error: {path}: the file is a ZIP archive, as an Excel workbook (.xlsx) is",
+        0,
+    ),
+    (
+        # Excel's "Unicode Text" is UTF-16, little-endian, with a byte order mark.
+        "UTF-16 little-endian",
+        file_with("records.csv", codecs.BOM_UTF16_LE + GOOD_CSV.decode().encode("utf-16-le")),
+        2,
+        "error: {path}: the file is UTF-16 text (it starts with the byte order mark FF FE)",
+        0,
+    ),
+    (
+        "UTF-16 big-endian",
+        file_with("records.jsonl", codecs.BOM_UTF16_BE + GOOD_JSONL.decode().encode("utf-16-be")),
+        2,
+        "error: {path}: the file is UTF-16 text (it starts with the byte order mark FE FF)",
+        0,
+    ),
+    (
+        "directory",
+        folder,
+        2,
+        "error: records file {path} is a directory: name a records file",
+        0,
+    ),
+    (
+        "named pipe",
+        named_pipe,
+        2,
+        "error: records file {path} is not a regular file (a pipe or a device)",
+        0,
+    ),
+    ("empty", file_with("records.jsonl", b""), 1, "warning: {path} contains no records", 0),
+    (
+        "byte order mark only",
+        file_with("records.csv", codecs.BOM_UTF8),
+        1,
+        "warning: {path} contains no records",
+        0,
+    ),
+    (
+        "blank lines only",
+        file_with("records.jsonl", b"\n \r\n\t\n"),
+        1,
+        "warning: {path} contains no records",
+        0,
+    ),
+    ("CSV header only", file_with("records.csv", CSV_HEADER), 1, "warning: {path} contains", 0),
+    ("CSV with CR line ends", file_with("records.csv", GOOD_CSV.replace(b"\n", b"\r")), 0, "", 2),
+    (
+        "JSON Lines with CR line ends",
+        file_with("records.jsonl", GOOD_JSONL.replace(b"\n", b"\r")),
+        0,
+        "",
+        2,
+    ),
+    (
+        "date without time",
+        file_with(
+            "records.csv",
+            CSV_HEADER + csv_line(good_record(1, validUntil="2027-01-01")),
+        ),
+        1,
+        "{path}:2: rejected: Invalid RFC3339 encoded datetime at field validUntil: write a"
+        " date, a time and a UTC offset, such as 2027-01-01T00:00:00Z",
+        0,
+    ),
+    (
+        "time without offset",
+        file_with("records.jsonl", jsonl_line(good_record(1, validFrom="2026-01-01T00:00:00"))),
+        1,
+        "{path}:1: rejected: Expected datetime with a timezone component at field validFrom:"
+        " add a UTC offset, such as 2027-01-01T00:00:00Z",
+        0,
+    ),
+]
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Path:
+    return write_config(tmp_path, free_port())
+
+
+def imported_rows(database: Path) -> int:
+    # The command checks the path before it opens, and so creates, the database.
+    return count_rows(database, "identities") if database.exists() else 0
+
+
+@pytest.mark.parametrize(
+    ("make_file", "exit_code", "message", "rows"),
+    [pytest.param(*case[1:], id=case[0]) for case in CASES],
+)
+def test_import_file_as_exported(
+    config: Path, make_file: Callable[[Path], Path], exit_code: int, message: str, rows: int
+) -> None:
+    source = make_file(config.parent)
+
+    result = import_file(config, source)
+
+    assert result.returncode == exit_code, result.stderr
+    assert message.replace("{path}", str(source)) in result.stderr
+    assert imported_rows(database_of(config)) == rows
+    assert KEY_PREFIX not in result.stdout + result.stderr, "a key was printed"
