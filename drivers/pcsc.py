@@ -104,7 +104,8 @@ class PcscSettings(DeviceSettings, tag="pcsc"):
     """One ``[[devices]]`` table with ``kind = "pcsc"``."""
 
     reader: str
-    """Glob on the PC/SC reader name, e.g. "ACS ACR122U*"; the first match in name order wins."""
+    """Glob on the PC/SC reader name, e.g. "ACS ACR122U*"; the first match in name order that
+    no other device table reads wins."""
     uid_byte_order: Literal["msb", "lsb"] = "msb"
     """msb: the UID bytes as GET DATA returns them (UID0 first); lsb: reversed."""
     interface: Literal["auto", "contactless", "contact"] = "auto"
