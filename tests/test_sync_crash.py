@@ -60,6 +60,15 @@ def new_daemon(tmp_path: Path, hq: FakeHq, extra: str, records: list) -> Daemon:
     return make_daemon(directory, hq_config(hq, directory, extra), records=records)
 
 
+def edit_config(daemon: Daemon, *replacements: tuple[str, str]) -> None:
+    """Replace text in the daemon's configuration file, each (old, new) pair in turn."""
+    text = daemon.config.read_text(encoding="utf-8")
+    for old, new in replacements:
+        assert old in text, old
+        text = text.replace(old, new)
+    daemon.config.write_text(text, encoding="utf-8")
+
+
 def cache_file_count(daemon: Daemon) -> int:
     return len(cachefile.cache_files(daemon.database))
 
@@ -207,10 +216,7 @@ def test_locked_database_logs_traceback_once(tmp_path: Path, hq: FakeHq) -> None
     hq.put(*SAMPLE_RECORDS)
     daemon = new_daemon(tmp_path, hq, "", records=[])
     # Every commit of the daemon fails after 0.2 s while the test holds the write lock.
-    text = daemon.config.read_text(encoding="utf-8")
-    daemon.config.write_text(
-        text.replace("[database]\n", '[database]\nbusy_timeout = "0.2s"\n'), "utf-8"
-    )
+    edit_config(daemon, ("[database]\n", '[database]\nbusy_timeout = "0.2s"\n'))
     daemon.start()
     holder = sqlite3.connect(daemon.database, isolation_level=None, timeout=5)
     try:
@@ -259,10 +265,10 @@ def test_upload_crash_not_recovered_while_idle(tmp_path: Path, hq: FakeHq) -> No
     hq.put(*SAMPLE_RECORDS)
     # The trim runs once at start only, so a round while HQ is offline attempts nothing.
     daemon = new_daemon(tmp_path, hq, "", records=[])
-    text = daemon.config.read_text(encoding="utf-8")
-    text = text.replace('outbox_trim_interval = "200ms"', 'outbox_trim_interval = "1h"')
-    daemon.config.write_text(
-        text.replace("[database]\n", '[database]\nbusy_timeout = "0.2s"\n'), "utf-8"
+    edit_config(
+        daemon,
+        ('outbox_trim_interval = "200ms"', 'outbox_trim_interval = "1h"'),
+        ("[database]\n", '[database]\nbusy_timeout = "0.2s"\n'),
     )
     daemon.start()
     holder = sqlite3.connect(daemon.database, isolation_level=None, timeout=5)
