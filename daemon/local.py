@@ -79,7 +79,8 @@ def _iso(timestamp: float) -> str:
 
 
 # Feedback writes of one device that may wait behind a write still in progress. A burst of
-# scans gets a beep each, while a scanner that holds its writes back does not collect a queue.
+# scans gets a beep each, while a scanner whose flow control stops the writes does not
+# collect a queue.
 MAX_PENDING_FEEDBACK = 4
 
 

@@ -962,8 +962,10 @@ def _begin_statement(batch: list) -> str:
     IMMEDIATE takes the write lock of the database and of the attached cache file at once,
     so a decision would wait while an `import` holds the cache file's lock. Rows jobs only
     write, and decisions write only the database, so their transaction starts DEFERRED and
-    locks each file at its first write. Other jobs read before they write: they keep
-    IMMEDIATE, which never fails on a snapshot that another connection made stale.
+    locks each file at its first write. Other jobs read before they write, so they keep
+    IMMEDIATE. In WAL mode SQLite returns SQLITE_BUSY_SNAPSHOT, which no busy timeout
+    retries, when a transaction that began by reading tries to write after another
+    connection committed; a transaction that takes its write locks first never does.
     """
     if all(type(job) is Rows for job, _waiter in batch):
         return "BEGIN"

@@ -325,6 +325,24 @@ def import_records(config: Path, records: list[dict[str, Any]], directory: Path)
     assert result.returncode == expected, result.stderr
 
 
+def edit_config(config: Path, *replacements: tuple[str, str]) -> None:
+    """Replace text in a configuration file, each (old, new) pair in turn."""
+    text = config.read_text(encoding="utf-8")
+    for old, new in replacements:
+        assert old in text, old
+        text = text.replace(old, new)
+    config.write_text(text, encoding="utf-8")
+
+
+def busy_timeout(value: str) -> tuple[str, str]:
+    """Return the ``edit_config`` pair that sets database.busy_timeout to ``value``.
+
+    A short timeout makes a commit that waits for another connection's write lock fail
+    within a test.
+    """
+    return ("[database]\n", f'[database]\nbusy_timeout = "{value}"\n')
+
+
 def make_daemon(directory: Path, extra_config: str = "", records: list | None = None) -> Daemon:
     directory.mkdir(parents=True, exist_ok=True)
     port = free_port()

@@ -17,7 +17,15 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from daemon import cachefile
-from tests.conftest import REPO, SAMPLE_RECORDS, Daemon, make_daemon, run_cli
+from tests.conftest import (
+    REPO,
+    SAMPLE_RECORDS,
+    Daemon,
+    busy_timeout,
+    edit_config,
+    make_daemon,
+    run_cli,
+)
 from tests.fakehq import (
     FakeHq,
     hq_config,
@@ -46,6 +54,15 @@ def start_synced(tmp_path: Path, hq: FakeHq) -> Daemon:
     daemon = make_daemon(directory, hq_config(hq, directory), records=[])
     daemon.start()
     wait_until(lambda: meta(daemon.database, "cursor") == hq.cursor(), what="snapshot")
+    return daemon
+
+
+def stopped_with_queued_event(tmp_path: Path, hq: FakeHq) -> Daemon:
+    """Sync a daemon, decide one scan while HQ is down, and stop it: one event is queued."""
+    daemon = start_synced(tmp_path, hq)
+    hq.down()
+    assert daemon.scan("KEY-ASSOCIATE-8e2d11").status == 200
+    daemon.stop()
     return daemon
 
 
@@ -241,10 +258,7 @@ def test_daemon_waits_for_sync_lock(tmp_path: Path, hq: FakeHq) -> None:
 
 
 def test_sync_now_uploads_when_pull_fails(tmp_path: Path, hq: FakeHq) -> None:
-    daemon = start_synced(tmp_path, hq)
-    hq.down()
-    assert daemon.scan("KEY-ASSOCIATE-8e2d11").status == 200
-    daemon.stop()
+    daemon = stopped_with_queued_event(tmp_path, hq)
     hq.up()
     hq.expire_cursors()
     hq.control.snapshot_mode = "cut"
@@ -259,10 +273,7 @@ def test_sync_now_uploads_when_pull_fails(tmp_path: Path, hq: FakeHq) -> None:
 
 
 def test_sync_now_reports_pull_and_upload_failures(tmp_path: Path, hq: FakeHq) -> None:
-    daemon = start_synced(tmp_path, hq)
-    hq.down()
-    assert daemon.scan("KEY-ASSOCIATE-8e2d11").status == 200
-    daemon.stop()
+    daemon = stopped_with_queued_event(tmp_path, hq)
 
     result = run_cli("sync", "--now", "--config", str(daemon.config))
 
@@ -274,16 +285,10 @@ def test_sync_now_reports_pull_and_upload_failures(tmp_path: Path, hq: FakeHq) -
 
 
 def test_sync_now_reports_locked_database(tmp_path: Path, hq: FakeHq) -> None:
-    daemon = start_synced(tmp_path, hq)
-    hq.down()
-    assert daemon.scan("KEY-ASSOCIATE-8e2d11").status == 200
-    daemon.stop()
+    daemon = stopped_with_queued_event(tmp_path, hq)
     hq.up()
     hq.put(*make_records(3))
-    text = daemon.config.read_text(encoding="utf-8")
-    daemon.config.write_text(
-        text.replace("[database]\n", '[database]\nbusy_timeout = "0.2s"\n'), "utf-8"
-    )
+    edit_config(daemon.config, busy_timeout("0.2s"))
     holder = sqlite3.connect(daemon.database, isolation_level=None, timeout=5)
     try:
         holder.execute("BEGIN IMMEDIATE")
@@ -316,10 +321,7 @@ def run_cli_on_small_disk(max_file_bytes: int, *args: str) -> subprocess.Complet
 
 
 def test_sync_now_reports_store_failure_and_uploads(tmp_path: Path, hq: FakeHq) -> None:
-    daemon = start_synced(tmp_path, hq)
-    hq.down()
-    assert daemon.scan("KEY-ASSOCIATE-8e2d11").status == 200
-    daemon.stop()
+    daemon = stopped_with_queued_event(tmp_path, hq)
     hq.up()
     # The rebuild's new cache file outgrows 256 KiB with these records.
     hq.put(*make_records(5000))

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from daemon import cachefile
-from tests.conftest import SAMPLE_RECORDS, Daemon, make_daemon
+from tests.conftest import SAMPLE_RECORDS, Daemon, busy_timeout, edit_config, make_daemon
 from tests.fakehq import (
     FakeHq,
     hq_config,
@@ -58,15 +58,6 @@ def hq() -> Iterator[FakeHq]:
 def new_daemon(tmp_path: Path, hq: FakeHq, extra: str, records: list) -> Daemon:
     directory = tmp_path / "daemon"
     return make_daemon(directory, hq_config(hq, directory, extra), records=records)
-
-
-def edit_config(daemon: Daemon, *replacements: tuple[str, str]) -> None:
-    """Replace text in the daemon's configuration file, each (old, new) pair in turn."""
-    text = daemon.config.read_text(encoding="utf-8")
-    for old, new in replacements:
-        assert old in text, old
-        text = text.replace(old, new)
-    daemon.config.write_text(text, encoding="utf-8")
 
 
 def cache_file_count(daemon: Daemon) -> int:
@@ -216,7 +207,7 @@ def test_locked_database_logs_traceback_once(tmp_path: Path, hq: FakeHq) -> None
     hq.put(*SAMPLE_RECORDS)
     daemon = new_daemon(tmp_path, hq, "", records=[])
     # Every commit of the daemon fails after 0.2 s while the test holds the write lock.
-    edit_config(daemon, ("[database]\n", '[database]\nbusy_timeout = "0.2s"\n'))
+    edit_config(daemon.config, busy_timeout("0.2s"))
     daemon.start()
     holder = sqlite3.connect(daemon.database, isolation_level=None, timeout=5)
     try:
@@ -266,9 +257,9 @@ def test_upload_crash_not_recovered_while_idle(tmp_path: Path, hq: FakeHq) -> No
     # The trim runs once at start only, so a round while HQ is offline attempts nothing.
     daemon = new_daemon(tmp_path, hq, "", records=[])
     edit_config(
-        daemon,
+        daemon.config,
         ('outbox_trim_interval = "200ms"', 'outbox_trim_interval = "1h"'),
-        ("[database]\n", '[database]\nbusy_timeout = "0.2s"\n'),
+        busy_timeout("0.2s"),
     )
     daemon.start()
     holder = sqlite3.connect(daemon.database, isolation_level=None, timeout=5)

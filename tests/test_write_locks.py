@@ -14,10 +14,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from daemon import cachefile
-from tests.conftest import Daemon, make_daemon, run_cli
+from tests.conftest import Daemon, busy_timeout, edit_config, make_daemon, run_cli
 
 # Long enough that a commit that waits for the held lock gives up within the test.
-BUSY_TIMEOUT = '"0.5s"'
+BUSY_TIMEOUT = "0.5s"
 LOCK_RECORD = {
     "credentialId": "cred-lock-1",
     "key": "LOCK-TEST-0001",
@@ -31,10 +31,7 @@ LOCK_RECORD = {
 
 def locked_daemon(tmp_path: Path) -> Daemon:
     daemon = make_daemon(tmp_path / "daemon")
-    text = daemon.config.read_text(encoding="utf-8")
-    daemon.config.write_text(
-        text.replace("[database]\n", f"[database]\nbusy_timeout = {BUSY_TIMEOUT}\n"), "utf-8"
-    )
+    edit_config(daemon.config, busy_timeout(BUSY_TIMEOUT))
     return daemon
 
 
