@@ -16,7 +16,9 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import Daemon, make_daemon, scan_body
+from daemon.config import parse_config
+from daemon.runtime import changed_settings
+from tests.conftest import Daemon, edit_config, make_daemon, scan_body
 
 WAIT = 15.0
 
@@ -225,11 +227,63 @@ def test_sighup_applies_policy_on_open_connection(daemon: Daemon) -> None:
     daemon.config.write_text(daemon.config.read_text() + "\n[policy]\nexit_override = []\n")
     assert daemon.process is not None
     daemon.process.send_signal(signal.SIGHUP)
-    _wait_for_log(daemon, "config.reloaded", mark)
+    reloaded = _wait_for_log(daemon, "config.reloaded", mark)
 
+    assert reloaded["changed"] == ["policy.exit_override"]
     assert exit_scan()["action"] == "REJECT"
     assert connection.sock is sock_before
     connection.close()
+
+
+def test_reload_names_restart_settings(daemon: Daemon) -> None:
+    mark = len(daemon.log_lines())
+    edit_config(
+        daemon.config,
+        ('level = "info"\n', 'level = "debug"\n[policy]\nmax_scan_age = "60s"\n'),
+    )
+    assert daemon.process is not None
+    daemon.process.send_signal(signal.SIGHUP)
+    reloaded = _wait_for_log(daemon, "config.reloaded", mark)
+    restart = _wait_for_log(daemon, "config.restart_required", mark)
+
+    assert reloaded["changed"] == ["policy.max_scan_age"]
+    assert restart["settings"] == ["logging.level"]
+
+
+_DEVICE = '[[devices]]\nname = "{name}"\nkind = "serial"\nstation = "till-1"\npath = "{path}"\n'
+_BASE = '[stores]\nids = ["S1"]\n[local]\nstore_id = "S1"\n'
+
+
+@pytest.mark.parametrize(
+    ("before", "after", "changed"),
+    [
+        ("", "", []),
+        ("", '[policy]\nmax_scan_age = "60s"\n', ["policy.max_scan_age"]),
+        ('[policy]\nmax_scan_age = "60s"\n', '[policy]\nmax_scan_age = "1m"\n', []),
+        ("", "[auth]\n", ["auth"]),
+        ("[auth]\n", "", ["auth"]),
+        ("", "[server]\nport = 8081\n", ["server.port"]),
+        (
+            _DEVICE.format(name="front", path="/dev/ttyS0"),
+            _DEVICE.format(name="front", path="/dev/ttyS1"),
+            ["devices[front].path"],
+        ),
+        ("", _DEVICE.format(name="back", path="/dev/ttyS2"), ["devices[back]"]),
+        (_DEVICE.format(name="back", path="/dev/ttyS2"), "", ["devices[back]"]),
+        (
+            _DEVICE.format(name="a", path="/dev/ttyS0")
+            + _DEVICE.format(name="b", path="/dev/ttyS1"),
+            _DEVICE.format(name="b", path="/dev/ttyS1")
+            + _DEVICE.format(name="a", path="/dev/ttyS0"),
+            [],
+        ),
+    ],
+)
+def test_changed_settings(before: str, after: str, changed: list[str]) -> None:
+    old = parse_config(_BASE + before, source="before.toml")
+    new = parse_config(_BASE + after, source="after.toml")
+
+    assert changed_settings(old, new) == changed
 
 
 def test_sighup_with_broken_config_keeps_old(daemon: Daemon) -> None:
