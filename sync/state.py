@@ -71,7 +71,8 @@ class HqHealth:
     but never make HQ degraded.
 
     Going OFFLINE logs ``hq.unavailable``, a failed attempt on an answering HQ logs
-    ``hq.degraded``, and the next ONLINE after either logs ``hq.available``. An unanswered
+    ``hq.degraded``, and the next ONLINE after either logs ``hq.available``, as does the first
+    attempt that succeeds after start. An unanswered
     call below ``offline_after`` changes the state to DEGRADED at debug level only, so a
     short blip logs nothing.
     """
@@ -119,7 +120,7 @@ class HqHealth:
         """Record a whole pull or upload attempt that succeeded; it clears the loop's failure."""
         self.failing.pop(loop, None)
         self._answered_while_failing.discard(loop)
-        self._update()
+        self._update(attempt_done=True)
 
     def attempt_failed(self, loop: str, error: HqError) -> None:
         """Record a failed pull or upload attempt; the state is DEGRADED until one succeeds.
@@ -152,9 +153,12 @@ class HqHealth:
             return HqState.DEGRADED
         return HqState.ONLINE
 
-    def _update(self) -> None:
+    def _update(self, attempt_done: bool = False) -> None:
         target = self._target()
-        if target is HqState.ONLINE and (self._announced is not None or not self._been_online):
+        # The first contact after start is announced once a whole attempt succeeds: an HQ
+        # that answers every call with an error would log hq.available, then hq.degraded.
+        first_contact = not self._been_online and attempt_done
+        if target is HqState.ONLINE and (self._announced is not None or first_contact):
             # The state before HQ was first online is only the assumption made at start,
             # unless hq.unavailable or hq.degraded reported another state. Otherwise the announced
             # state is reported, which a short DEGRADED between

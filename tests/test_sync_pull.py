@@ -350,6 +350,25 @@ def test_outage_logs_once_each_way(tmp_path: Path, hq: FakeHq) -> None:
         daemon.stop()
 
 
+def test_rejecting_hq_at_start_logs_degraded_only(tmp_path: Path, hq: FakeHq) -> None:
+    # HQ answers every call with 401 from the start: its calls are answered, but no
+    # attempt succeeds, so the first line about HQ is hq.degraded, not hq.available.
+    hq.control.fail_status = 401
+    daemon = start_daemon(tmp_path, hq)
+    try:
+        wait_until(lambda: log_events(daemon, "hq.degraded"), what="hq.degraded")
+        hq.control.fail_status = None
+        wait_until(lambda: log_events(daemon, "hq.available"), what="hq.available")
+
+        states = ("hq.available", "hq.degraded", "hq.unavailable")
+        events = [line["event"] for line in daemon.log_lines() if line["event"] in states]
+        available = log_events(daemon, "hq.available")
+        assert events[0] == "hq.degraded"
+        assert available[0]["previous_state"] == "degraded"
+    finally:
+        daemon.stop()
+
+
 def test_server_errors_degrade_then_recover(tmp_path: Path, hq: FakeHq) -> None:
     daemon = start_daemon(tmp_path, hq)
     try:
