@@ -273,13 +273,19 @@ def _import(config: Config, path: Path, file_format: str | None) -> int:
         print(f"{path}:{error.line}: rejected: {error.reason}", file=sys.stderr)
     if len(summary.errors) > MAX_PRINTED_ERRORS:
         print(f"... and {len(summary.errors) - MAX_PRINTED_ERRORS} more", file=sys.stderr)
-    rate = (summary.inserted + summary.updated) / summary.seconds if summary.seconds else 0.0
+    accepted = summary.inserted + summary.updated + summary.duplicates
+    rate = accepted / summary.seconds if summary.seconds else 0.0
     line = (
         f"imported {path}: {summary.inserted} inserted, {summary.updated} updated,"
         f" {summary.rejected} rejected in {summary.seconds:.1f} s ({rate:,.0f} records/s)"
     )
     if summary.replaced_keys:
         line += f"; {summary.replaced_keys} older credentials gave up their key"
+    if summary.duplicates:
+        line += (
+            f"; {summary.duplicates} lines repeated the credentialId of an earlier line (first"
+            f" at line {summary.first_duplicate_line}), and the last line of each was imported"
+        )
     print(line)
     if config.hq is not None:
         # HQ owns the identities: the digest comparison finds the imported records that

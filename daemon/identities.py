@@ -7,6 +7,7 @@ import collections
 import csv
 import functools
 import re
+import shlex
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -16,11 +17,14 @@ from pathlib import Path
 from typing import IO, Annotated, Literal, get_args
 
 import msgspec
+import structlog
 
 from daemon.cachefile import IDENTITY_COLUMNS
 from daemon.normalize import normalize_key
 from daemon.schema import Channel, IdentityType, Location
 from daemon.store import KeyHasher
+
+log = structlog.get_logger(__name__)
 
 Status = Literal["ACTIVE", "SUSPENDED", "REVOKED"]
 NonEmpty255 = Annotated[str, msgspec.Meta(min_length=1, max_length=255)]
@@ -338,8 +342,12 @@ def upsert_rows(connection: sqlite3.Connection, rows: list[dict]) -> None:
 class UpsertCounts:
     inserted: int = 0
     updated: int = 0
+    """Credentials stored before, not by an earlier batch with the same ``updated_at``."""
     replaced_keys: int = 0
     """Other credentials removed because a record took over their key."""
+    repeated: list[int] = field(default_factory=list)
+    """Indexes of the rows whose credential id an earlier row of the batch has, or an earlier
+    batch with the same ``updated_at`` wrote."""
 
 
 # SQLite 3.40 binds at most 32,766 parameters per statement.
@@ -354,21 +362,37 @@ def count_upsert(connection: sqlite3.Connection, rows: list[dict]) -> UpsertCoun
     credential counts as replaced when a record takes its key and no later record of the
     batch brings it back. So the table afterwards has as many rows as before, plus
     ``inserted``, minus ``replaced_keys``.
+
+    A row counts as repeated, and not as inserted or updated, when an earlier row of the
+    batch has its credential id, or when the stored row has the ``updated_at`` that this
+    batch writes. An import gives all its rows one ``updated_at``, so such a stored row
+    comes from an earlier batch of the same import. Every row is thus counted once, as
+    inserted, updated or repeated.
     """
     counts = UpsertCounts()
     credential_ids = list(dict.fromkeys(row["credential_id"] for row in rows))
     key_hashes = list(dict.fromkeys(row["key_hash"] for row in rows))
-    # Credential id to key hash, and key hash to credential id, as stored now.
-    key_of = dict(
-        _select_in(connection, "credential_id", "credential_id, key_hash", credential_ids)
+    stored = _select_in(
+        connection, "credential_id", "credential_id, key_hash, updated_at", credential_ids
     )
+    # Credential id to key hash, and key hash to credential id, as stored now.
+    key_of = {credential_id: key_hash for credential_id, key_hash, _ in stored}
     holder_of = dict(_select_in(connection, "key_hash", "key_hash, credential_id", key_hashes))
-    counts.updated = len(key_of)
+    # pack_rows writes every row with the first row's updated_at.
+    # NOTE: a credential that an earlier batch wrote and that lost its key to another
+    # credential before this batch is no longer stored, so its row here counts as inserted.
+    batch_time = rows[0]["updated_at"] if rows else None
+    written_before = {credential_id for credential_id, _, at in stored if at == batch_time}
+    counts.updated = len(key_of) - len(written_before)
     counts.inserted = len(credential_ids) - len(key_of)
 
+    seen: set[str] = set()
     removed: set[str] = set()
-    for row in rows:
+    for index, row in enumerate(rows):
         credential_id, key_hash = row["credential_id"], row["key_hash"]
+        if credential_id in seen or credential_id in written_before:
+            counts.repeated.append(index)
+        seen.add(credential_id)
         old_key = key_of.get(credential_id)
         if old_key is not None and holder_of.get(old_key) == credential_id:
             del holder_of[old_key]
@@ -435,6 +459,9 @@ class ImportSummary:
     updated: int = 0
     rejected: int = 0
     replaced_keys: int = 0
+    duplicates: int = 0
+    """Records that repeat the credentialId of an earlier line. The last line is imported."""
+    first_duplicate_line: int | None = None
     errors: list[LineError] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -442,9 +469,9 @@ class ImportSummary:
 class ImportFileError(ValueError):
     """A records file of which nothing can be imported: the wrong kind of file, or its header.
 
-    The message names the problem and the fix, but not the file, which the caller names.
-    It shows no cell values: of the header, only names that match a field name but for case,
-    whitespace, '_' or '-'.
+    The message names the problem and the fix, but not the file, which the caller names (a
+    command the fix suggests may name it). It shows no cell values: of the header, only
+    names that match a field name but for case, whitespace, '_' or '-'.
     """
 
     def __init__(self, problem: str, line: int | None = None) -> None:
@@ -486,6 +513,30 @@ def _check_file_kind(head: bytes) -> None:
     for magic, problem in _WRONG_FILE_KINDS:
         if head.startswith(magic):
             raise ImportFileError(problem)
+
+
+def _check_not_json_array(text: bytes, cr_line_ends: bool, path: Path) -> None:
+    """Raise ImportFileError when a JSON Lines file starts with '[', as one JSON array does.
+
+    Read line by line, such a file gets an error on every line and no hint at the cause.
+    ``text`` is the start of the file after any byte order mark. A file whose first
+    ``_HEAD_BYTES`` bytes are all whitespace is not checked.
+    """
+    body = text.lstrip()
+    if not body.startswith(b"["):
+        return
+    blank = text[: len(text) - len(body)]
+    line = blank.count(b"\r" if cr_line_ends else b"\n") + 1
+    # jq must not write to the file it reads, which the shell empties first.
+    if path.suffix.lower() == ".jsonl":
+        converted = path.with_name(f"{path.stem}-lines.jsonl")
+    else:
+        converted = path.with_suffix(".jsonl")
+    raise ImportFileError(
+        "the file is one JSON array, not JSON Lines: write one JSON object per line, for"
+        f" example with jq -c '.[]' {shlex.quote(str(path))} > {shlex.quote(str(converted))}",
+        line,
+    )
 
 
 def _ends_lines_with_cr(head: bytes) -> bool:
@@ -642,29 +693,38 @@ def iter_csv(
     """Yield (line number, record or error) for each CSV row after the header.
 
     List columns (stores, channels, locations) separate items with ';'. Empty cells count
-    as absent. A row is numbered by its first line. A row that spans several lines is
-    rejected, because a quote that is not closed makes one, and its cells can still pass as
-    a record whose key holds the following lines. Its lines after the first are then read
-    again as rows of their own, so such a quote costs one record, not the records after it.
+    as absent. A row whose cells are all empty or whitespace, as Excel writes a formatted
+    but empty row (``,,,,,,``), is skipped as a blank line is. A row is numbered by its
+    first line. A row that spans several lines is rejected, because a quote that is not
+    closed makes one, and its cells can still pass as a record whose key holds the following
+    lines. Its lines after the first are then read again as rows of their own, so such a
+    quote costs one record, not the records after it.
 
-    The header is the first line that is not blank. Raises ImportFileError, before any row
-    is read, when the header cannot be read or ``_check_header`` rejects it.
+    The header is the first line that is neither blank nor such an empty row. Raises
+    ImportFileError, before any row is read, when the header cannot be read or
+    ``_check_header`` rejects it.
     """
     lines = _CsvLines(handle)
     reader = csv.reader(lines)
     header: list[str] | None = None
     while True:
         lines.start_row()
+        error: csv.Error | None = None
         try:
             row = next(reader)
-            problem = None
         except StopIteration:
             return
         except csv.Error as exc:
             # The reader drops the rest of the line it failed on, and its next row starts
             # at the following line.
-            row, problem = [], f"invalid CSV: {exc}"
+            row, error = [], exc
         first, last = lines.row[0][0], lines.row[-1][0]
+        problem = None
+        if error is not None:
+            # A cell that ran on over several lines is an open quote, which the text added
+            # below names, so the advice on long cells is given for one-line rows only.
+            detail = str(error) if last > first else _describe_csv_error(error)
+            problem = f"invalid CSV: {detail}"
         if lines.quote_open_at_end:
             problem = f"invalid CSV: a quote opened in this record is never closed: {_QUOTE_FIX}"
         elif last > first:
@@ -680,14 +740,35 @@ def iter_csv(
             if problem is not None:
                 problem = problem.removeprefix("invalid CSV: ")
                 raise ImportFileError(f"invalid CSV header: {problem}", first)
-            if not row:
+            if _is_blank_row(row):
                 continue
             _check_header(row, first)
             header = row
         elif problem is not None:
             yield first, RecordInvalid(problem)
-        elif row:
+        elif not _is_blank_row(row):
             yield first, _record_from_row(header, row)
+
+
+def _is_blank_row(row: list[str]) -> bool:
+    return all(not cell.strip() for cell in row)
+
+
+_CELL_TOO_LONG = re.compile(r"field larger than field limit \((\d+)\)")
+
+
+def _describe_csv_error(error: csv.Error) -> str:
+    """Return the csv module's message, with the fix when a cell is over its size limit."""
+    message = str(error)
+    too_long = _CELL_TOO_LONG.fullmatch(message)
+    if too_long is None:
+        return message
+    # csv.field_size_limit() counts characters, and the daemon keeps Python's default.
+    return (
+        f"{message}, so a cell has more than {int(too_long.group(1)):,} characters, the maximum"
+        " that Python's csv module reads: shorten the cell, or leave its column out of the"
+        " export"
+    )
 
 
 def _check_header(header: list[str], line: int) -> None:
@@ -821,12 +902,14 @@ def import_file(
     connection.execute(f"PRAGMA cache_size = {-IMPORT_CACHE_KIB}")
     connection.execute(f"PRAGMA wal_autocheckpoint = {IMPORT_CHECKPOINT_PAGES}")
     with handle:
-        lines = _start_reading(handle)
+        lines = _start_reading(handle, kind, path)
         size = path.stat().st_size
         bar = _progress_bar(size, progress)
         try:
             records = iter_csv(lines) if kind == "csv" else iter_jsonl(lines)
             batch: list[dict] = []
+            batch_lines: list[int] = []
+            # Every row of the import gets this updated_at, which count_upsert relies on.
             now = time.time()
             last_position = 0
             for number, item in records:
@@ -835,34 +918,52 @@ def import_file(
                     summary.errors.append(LineError(number, str(item)))
                     continue
                 batch.append(identity_row(item, hasher, now))
+                batch_lines.append(number)
                 if len(batch) >= BATCH_SIZE:
-                    _commit(connection, batch, summary)
-                    batch = []
+                    _commit(connection, batch, batch_lines, summary)
+                    batch, batch_lines = [], []
                     if bar is not None:
                         position = handle.tell()
                         bar.update(position - last_position)
                         last_position = position
-            _commit(connection, batch, summary)
+            _commit(connection, batch, batch_lines, summary)
             if bar is not None:
                 bar.update(size - last_position)
         finally:
             if bar is not None:
                 bar.close()
     summary.seconds = time.monotonic() - started
+    if summary.duplicates:
+        # The credential ids stay out of the log, as keys do: the line number finds them.
+        log.warning(
+            "import.duplicate_credentials",
+            path=str(path),
+            duplicates=summary.duplicates,
+            first_line=summary.first_duplicate_line,
+            detail="these records repeat the credentialId of an earlier line of the file,"
+            " and the last line of each credential was imported",
+        )
     return summary
 
 
-def _start_reading(handle: IO[bytes]) -> IO[bytes] | _CrLineReader:
+def _start_reading(handle: IO[bytes], kind: str, path: Path) -> IO[bytes] | _CrLineReader:
     """Check the start of a records file and return its lines, after any byte order mark."""
     head = handle.read(_HEAD_BYTES)
     _check_file_kind(head)
     # Excel's "CSV UTF-8" and some editors start the file with a UTF-8 byte order mark,
     # which would otherwise become part of the first column name or JSON line.
-    handle.seek(len(codecs.BOM_UTF8) if head.startswith(codecs.BOM_UTF8) else 0)
-    return _CrLineReader(handle) if _ends_lines_with_cr(head) else handle
+    start = len(codecs.BOM_UTF8) if head.startswith(codecs.BOM_UTF8) else 0
+    cr_line_ends = _ends_lines_with_cr(head)
+    if kind == "jsonl":
+        _check_not_json_array(head[start:], cr_line_ends, path)
+    handle.seek(start)
+    return _CrLineReader(handle) if cr_line_ends else handle
 
 
-def _commit(connection: sqlite3.Connection, batch: list[dict], summary: ImportSummary) -> None:
+def _commit(
+    connection: sqlite3.Connection, batch: list[dict], lines: list[int], summary: ImportSummary
+) -> None:
+    """Upsert a batch of rows, read from ``lines`` of the file, and add its counts."""
     if not batch:
         return
     # The write lock of the cache file alone: BEGIN IMMEDIATE would also lock the database,
@@ -880,6 +981,9 @@ def _commit(connection: sqlite3.Connection, batch: list[dict], summary: ImportSu
     summary.inserted += counts.inserted
     summary.updated += counts.updated
     summary.replaced_keys += counts.replaced_keys
+    if counts.repeated and summary.first_duplicate_line is None:
+        summary.first_duplicate_line = min(lines[index] for index in counts.repeated)
+    summary.duplicates += len(counts.repeated)
 
 
 def _progress_bar(total: int, enabled: bool):  # type: ignore[no-untyped-def]

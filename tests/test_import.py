@@ -9,6 +9,7 @@ from __future__ import annotations
 import codecs
 import gzip
 import io
+import json
 import lzma
 import os
 import zipfile
@@ -18,8 +19,9 @@ from typing import Any
 
 import pytest
 
+from daemon.identities import BATCH_SIZE
 from tests.conftest import free_port, write_config
-from tests.helpers_store import count_rows
+from tests.helpers_store import count_rows, query_one
 from tests.test_cli import CSV_HEADER, csv_line, database_of, import_file, jsonl_line
 from tests.test_cli import good_record as cli_record
 
@@ -36,11 +38,16 @@ def csv_file(header: str, rows: list[list[str]], separator: str = ",") -> bytes:
     return "".join(line + "\n" for line in lines).encode()
 
 
-# The cells of good_record(1) in the columns credentialId, key, id, type, status, stores.
+# The cells of good_record(1) and good_record(2) in the columns of REQUIRED_HEADER.
 ROW_1 = ["c-good-1", f"{KEY_PREFIX}1", "person-1", "SHOPPER", "ACTIVE", "STORE-001"]
+ROW_2 = ["c-good-2", f"{KEY_PREFIX}2", "person-2", "SHOPPER", "ACTIVE", "STORE-001"]
 REQUIRED_HEADER = "credentialId,key,id,type,status,stores"
 GOOD_CSV = CSV_HEADER + csv_line(good_record(1)) + csv_line(good_record(2))
 GOOD_JSONL = jsonl_line(good_record(1)) + jsonl_line(good_record(2))
+# The row Excel writes for a formatted but empty row of CSV_HEADER's 11 columns.
+EMPTY_CSV_ROW = b"," * 10 + b"\r\n"
+# Python's csv module reads a cell of at most this many characters.
+CSV_CELL_LIMIT = 131_072
 
 
 def zip_of(name: str, content: bytes) -> bytes:
@@ -73,7 +80,7 @@ def named_pipe(directory: Path) -> Path:
 
 
 # (case, file maker, exit code, message on standard error, identities imported). The test
-# replaces "{path}" in the message with the file's path.
+# replaces "{path}" in the message with the file's path, and "{folder}" with its folder.
 CASES: list[tuple[str, Callable[[Path], Path], int, str, int]] = [
     (
         "repeated column",
@@ -287,6 +294,107 @@ CASES: list[tuple[str, Callable[[Path], Path], int, str, int]] = [
         " add a UTC offset, such as 2027-01-01T00:00:00Z",
         0,
     ),
+    (
+        "rows of only commas",
+        file_with(
+            "records.csv",
+            CSV_HEADER
+            + csv_line(good_record(1))
+            + EMPTY_CSV_ROW
+            + b" , ,\t,,,,,,,,\n"
+            + b"," * 14
+            + b"\n"
+            + csv_line(good_record(2))
+            + EMPTY_CSV_ROW,
+        ),
+        0,
+        "",
+        2,
+    ),
+    (
+        "rows of only commas before the header",
+        file_with("records.csv", EMPTY_CSV_ROW + GOOD_CSV),
+        0,
+        "",
+        2,
+    ),
+    (
+        "CSV header and rows of only commas",
+        file_with("records.csv", CSV_HEADER + EMPTY_CSV_ROW * 3),
+        1,
+        "warning: {path} contains no records",
+        0,
+    ),
+    (
+        "JSON array on one line",
+        file_with("records.json", json.dumps([good_record(1), good_record(2)]).encode()),
+        2,
+        "error: {path}:1: the file is one JSON array, not JSON Lines: write one JSON object per"
+        " line, for example with jq -c '.[]' {path} > {path}l. Nothing was imported.",
+        0,
+    ),
+    (
+        "JSON array over several lines",
+        file_with(
+            "records.jsonl",
+            codecs.BOM_UTF8
+            + b"\r\n \r\n"
+            + json.dumps([good_record(1), good_record(2)], indent=2)
+            .encode()
+            .replace(b"\n", b"\r\n"),
+        ),
+        2,
+        # jq would empty the file it reads if it wrote to the same name.
+        "error: {path}:3: the file is one JSON array, not JSON Lines: write one JSON object per"
+        " line, for example with jq -c '.[]' {path} > {folder}/records-lines.jsonl. Nothing",
+        0,
+    ),
+    (
+        "JSON array with CR line ends",
+        file_with("records.txt", b"\r[\r" + GOOD_JSONL.replace(b"\n", b",\r") + b"]\r"),
+        2,
+        "error: {path}:2: the file is one JSON array",
+        0,
+    ),
+    (
+        "cell over the size limit",
+        file_with(
+            "records.csv",
+            csv_file(
+                REQUIRED_HEADER + ",notes",
+                [[*ROW_1, "n" * (CSV_CELL_LIMIT + 1)], [*ROW_2, "a short note"]],
+            ),
+        ),
+        1,
+        "{path}:2: rejected: invalid CSV: field larger than field limit (131072), so a cell has"
+        " more than 131,072 characters, the maximum that Python's csv module reads: shorten"
+        " the cell, or leave its column out of the export",
+        1,
+    ),
+    (
+        # The limit counts characters: this cell is at the limit, in twice as many bytes.
+        "cell of multi-byte characters",
+        file_with(
+            "records.csv",
+            csv_file(
+                REQUIRED_HEADER + ",notes",
+                [[*ROW_1, "ä" * CSV_CELL_LIMIT], [*ROW_2, "a short note"]],
+            ),
+        ),
+        0,
+        "",
+        2,
+    ),
+    (
+        "header cell over the size limit",
+        file_with(
+            "records.csv", csv_file(REQUIRED_HEADER + "," + "n" * (CSV_CELL_LIMIT + 1), [ROW_1])
+        ),
+        2,
+        "error: {path}:1: invalid CSV header: field larger than field limit (131072), so a cell"
+        " has more than 131,072 characters",
+        0,
+    ),
 ]
 
 
@@ -312,6 +420,112 @@ def test_import_file_as_exported(
     result = import_file(config, source)
 
     assert result.returncode == exit_code, result.stderr
-    assert message.replace("{path}", str(source)) in result.stderr
+    expected = message.replace("{path}", str(source)).replace("{folder}", str(source.parent))
+    assert expected in result.stderr
     assert imported_rows(database_of(config)) == rows
     assert KEY_PREFIX not in result.stdout + result.stderr, "a key was printed"
+
+
+# (case, file name, lines of a first import, lines of the second, duplicate lines, line of the
+# first duplicate, counts of the second import). Each repeat of c-good-1 gives it another id,
+# so that the test can tell which line was imported.
+DUPLICATE_CASES: list[tuple[str, str, bytes, bytes, int, int, str]] = [
+    (
+        "JSON Lines",
+        "records.jsonl",
+        b"",
+        jsonl_line(good_record(1))
+        + jsonl_line(good_record(2))
+        + jsonl_line(good_record(1, id="person-1-second"))
+        + jsonl_line(good_record(3))
+        + jsonl_line(good_record(2))
+        + jsonl_line(good_record(1, id="person-1-last")),
+        3,
+        3,
+        "3 inserted, 0 updated, 0 rejected",
+    ),
+    (
+        "CSV",
+        "records.csv",
+        b"",
+        CSV_HEADER + csv_line(good_record(1)) + csv_line(good_record(1, id="person-1-last")),
+        1,
+        3,
+        "1 inserted, 0 updated, 0 rejected",
+    ),
+    (
+        "in a later batch",
+        "records.jsonl",
+        b"",
+        b"".join(jsonl_line(good_record(n)) for n in range(1, BATCH_SIZE + 1))
+        + jsonl_line(good_record(1, id="person-1-last")),
+        1,
+        BATCH_SIZE + 1,
+        f"{BATCH_SIZE} inserted, 0 updated, 0 rejected",
+    ),
+    (
+        "of a credential imported before",
+        "records.jsonl",
+        jsonl_line(good_record(1)),
+        jsonl_line(good_record(1, id="person-1-second"))
+        + jsonl_line(good_record(1, id="person-1-last")),
+        1,
+        2,
+        "0 inserted, 1 updated, 0 rejected",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "before", "records", "duplicates", "first_line", "counts"),
+    [pytest.param(*case[1:], id=case[0]) for case in DUPLICATE_CASES],
+)
+def test_import_counts_duplicates(
+    config: Path,
+    name: str,
+    before: bytes,
+    records: bytes,
+    duplicates: int,
+    first_line: int,
+    counts: str,
+) -> None:
+    if before:
+        earlier = config.parent / f"earlier-{name}"
+        earlier.write_bytes(before)
+        assert import_file(config, earlier).returncode == 0
+    source = config.parent / name
+    source.write_bytes(records)
+
+    result = import_file(config, source)
+
+    assert result.returncode == 0, result.stderr
+    assert counts in result.stdout
+    assert (
+        f"; {duplicates} lines repeated the credentialId of an earlier line (first at line"
+        f" {first_line})" in result.stdout
+    )
+    warnings = [
+        line for line in result.stderr.splitlines() if "import.duplicate_credentials" in line
+    ]
+    assert len(warnings) == 1, result.stderr
+    event = json.loads(warnings[0])
+    assert event["level"] == "warning"
+    assert event["duplicates"] == duplicates
+    assert event["first_line"] == first_line
+    assert event["path"] == str(source)
+    assert "c-good-" not in warnings[0], "a credentialId was logged"
+    assert KEY_PREFIX not in result.stdout + result.stderr, "a key was printed"
+    identity = query_one(
+        database_of(config), "SELECT identity_id FROM identities WHERE credential_id = 'c-good-1'"
+    )
+    assert identity == "person-1-last"
+
+
+def test_import_logs_no_duplicates_without_repeats(config: Path) -> None:
+    source = config.parent / "records.jsonl"
+    source.write_bytes(GOOD_JSONL)
+
+    result = import_file(config, source)
+
+    assert result.returncode == 0, result.stderr
+    assert "import.duplicate_credentials" not in result.stderr
