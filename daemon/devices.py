@@ -139,7 +139,7 @@ def device_table_error(tables: list[dict[str, Any]]) -> tuple[str, str] | None:
                 detail = _expected_value_message(kind, key, table.get(key)) or detail
             return (f"{prefix}.{key}" if key else prefix), detail
 
-        problem = _common_key_error(table)
+        problem = _common_key_error(table, kind)
         if problem is not None:
             return f"{prefix}.{problem[0]}", problem[1]
 
@@ -180,10 +180,9 @@ def device_table_error(tables: list[dict[str, Any]]) -> tuple[str, str] | None:
                     f" uses it already, so this table would never get a scan; remove one of"
                     f" the two tables or make its {source_key} name another device",
                 )
-            if kind == "pcsc":
-                overlap = _reader_overlap_error(source, sources, tables)
-                if overlap is not None:
-                    return f"{prefix}.{source_key}", overlap
+            overlap = _pattern_overlap_error(kind, source, sources, tables)
+            if overlap is not None:
+                return f"{prefix}.{source_key}", overlap
             sources[(kind, source)] = index
     return None
 
@@ -195,33 +194,68 @@ _SHARED_SOURCE_KEYS = {"hid": "match", "pcsc": "reader"}
 _GLOB_CHARACTERS = frozenset("*?[")
 
 
-def _reader_overlap_error(
-    reader: str, earlier: dict[tuple[str, str], int], tables: list[dict[str, Any]]
-) -> str | None:
-    """Describe how the PC/SC ``reader`` glob overlaps an earlier table's, or return None.
+@dataclass(frozen=True, slots=True)
+class _PatternOverlap:
+    """Wording of one kind's overlap error: what a literal pattern names, the harm, a fix."""
 
-    Only a glob that matches another table's literal reader name is caught. Two different
-    globs, such as ``ACS*`` and ``*PICC*``, overlap only if a reader whose name both match
-    is plugged in, which the configuration cannot show. The PC/SC driver then lets the
-    first table that opens such a reader read it alone.
+    subject: str
+    consequence: str
+    example_fix: str
+
+
+_PATTERN_OVERLAPS = {
+    "pcsc": _PatternOverlap(
+        "reader",
+        "both tables would read that reader and decide each card twice",
+        "writing the full reader name in each table",
+    ),
+    "hid": _PatternOverlap(
+        "input device name",
+        "both tables would pick that device, and the one that tries to grab it second would"
+        " stay unavailable",
+        "writing the full device name or its /dev/input/by-id path in each table",
+    ),
+}
+
+
+def _pattern_overlap_error(
+    kind: str, pattern: str, earlier: dict[tuple[str, str], int], tables: list[dict[str, Any]]
+) -> str | None:
+    """Describe how a PC/SC ``reader`` or HID ``match`` glob overlaps an earlier table's.
+
+    Returns None when the patterns are disjoint, and for kinds without name patterns. Only
+    a glob that matches another table's literal name is caught. Two different globs, such
+    as ``ACS*`` and ``*PICC*``, overlap only if a device whose name both match is plugged
+    in, which the configuration cannot show. The PC/SC driver then lets the first table
+    that opens such a reader read it alone. A HID ``match`` that is an absolute path names
+    a device node rather than a device name, so no glob is compared with it.
     """
-    is_glob = not _GLOB_CHARACTERS.isdisjoint(reader)
-    for (kind, other), index in earlier.items():
-        if kind != "pcsc":
+    overlap_kind = _PATTERN_OVERLAPS.get(kind)
+    if overlap_kind is None or _is_device_path(kind, pattern):
+        return None
+    subject = overlap_kind.subject
+    is_glob = not _GLOB_CHARACTERS.isdisjoint(pattern)
+    for (other_kind, other), index in earlier.items():
+        if other_kind != kind or _is_device_path(kind, other):
             continue
         other_is_glob = not _GLOB_CHARACTERS.isdisjoint(other)
-        if is_glob and not other_is_glob and fnmatch.fnmatchcase(other, reader):
-            overlap = f"glob {reader!r} matches the reader {other!r}"
-        elif other_is_glob and not is_glob and fnmatch.fnmatchcase(reader, other):
-            overlap = f"reader {reader!r} is matched by the glob {other!r}"
+        if is_glob and not other_is_glob and fnmatch.fnmatchcase(other, pattern):
+            overlap = f"glob {pattern!r} matches the {subject} {other!r}"
+        elif other_is_glob and not is_glob and fnmatch.fnmatchcase(pattern, other):
+            overlap = f"{subject} {pattern!r} is matched by the glob {other!r}"
         else:
             continue
         return (
-            f"{overlap} of devices.{index} ({tables[index]['name']!r}), so both tables would"
-            " read that reader and decide each card twice; make the two patterns disjoint,"
-            " for example by writing the full reader name in each table"
+            f"{overlap} of devices.{index} ({tables[index]['name']!r}), so"
+            f" {overlap_kind.consequence}; make the two patterns disjoint, for example by"
+            f" {overlap_kind.example_fix}"
         )
     return None
+
+
+def _is_device_path(kind: str, pattern: str) -> bool:
+    """Tell whether a HID ``match`` is a device path, which the driver opens without a glob."""
+    return kind == "hid" and os.path.isabs(pattern)
 
 
 def _allowed_values_hint(kind: str, key: str) -> str:
@@ -314,20 +348,53 @@ def _toml_value(value: Any) -> str:
     return repr(value)
 
 
-def _common_key_error(table: dict[str, Any]) -> tuple[str, str] | None:
+# The key that names the device of each kind, which the same character rule as name and
+# station applies to.
+_DEVICE_SOURCE_KEYS = {"serial": "path", **_SHARED_SOURCE_KEYS}
+
+# How to fix a key that contains a non-printable character.
+_PRINTABLE_FIXES = {
+    "name": "use letters, digits, spaces and punctuation only",
+    "station": "use letters, digits, spaces and punctuation only",
+    "path": "write the path as `ls -l /dev/serial/by-id/` shows it",
+    "match": "write the input device name or path as `identity-connector devices` lists it",
+    "reader": "write the reader name as `identity-connector devices` lists it",
+}
+
+
+def _common_key_error(table: dict[str, Any], kind: str) -> tuple[str, str] | None:
+    """Check name and station, and the characters of the key that names the device."""
     for key in ("name", "station"):
         value = table.get(key)
         if not isinstance(value, str) or not value:
             return key, "missing or empty: set it to a non-empty string"
-        unprintable = next((character for character in value if not character.isprintable()), None)
-        if unprintable is not None:
-            # A newline would split log lines, and other control characters garble metric
-            # labels and the output of the devices command.
-            return key, (
-                f"invalid {key} {value!r}: it contains the non-printable character"
-                f" U+{ord(unprintable):04X}; use letters, digits, spaces and punctuation only"
-            )
+        problem = _unprintable_error(key, value)
+        if problem is not None:
+            return key, problem
+
+    source_key = _DEVICE_SOURCE_KEYS[kind]
+    source = table.get(source_key)
+    if isinstance(source, str):
+        problem = _unprintable_error(source_key, source)
+        if problem is not None:
+            return source_key, problem
     return None
+
+
+def _unprintable_error(key: str, value: str) -> str | None:
+    """Describe the first non-printable character of a device key's value, or return None.
+
+    A newline would split log lines, and other control characters garble metric labels,
+    health errors and the output of the devices command. In a path or a pattern such a
+    character is most likely a typing mistake, such as a tab pasted after the value.
+    """
+    unprintable = next((character for character in value if not character.isprintable()), None)
+    if unprintable is None:
+        return None
+    return (
+        f"invalid {key} {value!r}: it contains the non-printable character"
+        f" U+{ord(unprintable):04X}; {_PRINTABLE_FIXES[key]}"
+    )
 
 
 _AT_KEY = re.compile(r"^(.*) - at `\$\.([A-Za-z0-9_]+)")

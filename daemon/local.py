@@ -443,8 +443,9 @@ class LocalScanning:
             return
         identity = evaluation.identity
         verdict = evaluation.verdict
-        # Unknown keys count as SHOPPER, the type the gateway returns for them.
-        kind = identity.type if identity else "SHOPPER"
+        # An unknown key has no type, as in scan.decided and the event stream. The gateway
+        # counts it as SHOPPER because that is the type its response carries.
+        kind = identity.type if identity else None
         metrics.count_decision(verdict.action, verdict.reason.value, kind, "device")
 
     @staticmethod

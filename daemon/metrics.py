@@ -43,7 +43,8 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         self.decisions = Counter(
             "identity_connector_decisions",
-            "Decisions made, by action, internal reason and identity type.",
+            "Decisions made, by action, internal reason and identity type (empty when a device"
+            " scan's key is unknown).",
             ["action", "reason", "type", "source"],
             registry=self.registry,
         )
@@ -74,9 +75,15 @@ class Metrics:
         # Labelled children by label values: labels() takes a lock and builds a key each call.
         self._decision_children: dict[tuple[str, str, str, str], Any] = {}
 
-    def count_decision(self, action: str, reason: str, type_: str, source: str = "gateway") -> None:
-        """Count one decision under its labels."""
-        key = (action, reason, type_, source)
+    def count_decision(
+        self, action: str, reason: str, type_: str | None, source: str = "gateway"
+    ) -> None:
+        """Count one decision under its labels, with None as the empty ``type`` label value.
+
+        Prometheus treats an empty label value as a missing label, the nearest it has to the
+        null ``type`` that the log and the event stream show for an unknown key.
+        """
+        key = (action, reason, type_ or "", source)
         child = self._decision_children.get(key)
         if child is None:
             child = self._decision_children[key] = self.decisions.labels(*key)

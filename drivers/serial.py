@@ -302,6 +302,19 @@ class FrameDecoder:
         self._discarding = False
         self._skip_lf = False
 
+    def drop_pending(self) -> list[FrameResult]:
+        """Reset the decoder, and report the bytes of an unfinished frame as ``incomplete``.
+
+        The rest of a frame that is being discarded was reported when it was dropped, so it
+        is not reported again.
+        """
+        size = len(self._buffer)
+        discarding = self._discarding
+        self.reset()
+        if discarding or not size:
+            return []
+        return [DroppedFrame("incomplete", size)]
+
     def feed(self, data: bytes, now: float) -> list[FrameResult]:
         """Add bytes received at loop time ``now`` and return the frames they complete."""
         if not data:
@@ -768,6 +781,10 @@ class SerialDriver:
                 results = self._decoder.expire(now)
                 silent_for = now - last_data_at
                 if self._silence_timeout is not None and silent_for >= self._silence_timeout:
+                    # The reopen clears the decoder. A silence_timeout shorter than
+                    # partial_timeout ends a partial frame here, so it is counted as
+                    # incomplete, like a frame that partial_timeout ends.
+                    results += self._decoder.drop_pending()
                     await self._deliver(results, sink)
                     return _Lost(_LinkEnd.SILENT)
 

@@ -423,6 +423,37 @@ DEVICE_SETTING_CASES = [
         id="station-with-tab",
     ),
     pytest.param(
+        "serial",
+        {"path": '"/dev/ttyACM0\\n"'},
+        "path",
+        "invalid path '/dev/ttyACM0\\n': it contains the non-printable character U+000A;"
+        " write the path as",
+        id="serial-path-with-newline",
+    ),
+    pytest.param(
+        "hid",
+        {"match": '"Example Scanner\\t"'},
+        "match",
+        "invalid match 'Example Scanner\\t': it contains the non-printable character U+0009;"
+        " write the input device name or path as",
+        id="hid-match-with-tab",
+    ),
+    pytest.param(
+        "pcsc",
+        {"reader": '"ACS ACR122U\\u0001*"'},
+        "reader",
+        "invalid reader 'ACS ACR122U\\x01*': it contains the non-printable character U+0001;"
+        " write the reader name as",
+        id="pcsc-reader-with-control-character",
+    ),
+    pytest.param(
+        "pcsc",
+        {"reader": '"ACS\\u00a0ACR122U*"'},
+        "reader",
+        "invalid reader 'ACS\\xa0ACR122U*': it contains the non-printable character U+00A0",
+        id="pcsc-reader-with-no-break-space",
+    ),
+    pytest.param(
         "pcsc",
         {"reader": '""'},
         "reader",
@@ -505,3 +536,51 @@ def test_check_config_accepts_device_durations(tmp_path: Path, value: str) -> No
     result = run_cli("check-config", str(config))
 
     assert result.returncode == 0, result.stderr
+
+
+# (match of the first HID table, match of the second, fragment of the error on the second
+# table's match, or None when check-config accepts the pair)
+HID_MATCH_CASES = [
+    pytest.param(
+        "Wedge*",
+        "Wedge Scanner",
+        "input device name 'Wedge Scanner' is matched by the glob 'Wedge*' of devices.0 ('hid-1')",
+        id="name-after-glob",
+    ),
+    pytest.param(
+        "Wedge Scanner",
+        "Wedge Scan[n]er",
+        "glob 'Wedge Scan[n]er' matches the input device name 'Wedge Scanner' of devices.0"
+        " ('hid-1')",
+        id="glob-after-name",
+    ),
+    pytest.param("Wedge Scanner", "Wedge Scanner 2", None, id="two-names"),
+    pytest.param("Wedge Scanner", "Wedge Scanner ?", None, id="glob-missing-name"),
+    # Both match "Wedge Scanner", but which names exist is known only at run time.
+    pytest.param("Wedge*", "*Scanner", None, id="two-globs"),
+    # A path names a device node, so a glob on device names is not compared with it.
+    pytest.param("/dev/input/by-id/usb-Wedge-event-kbd", "*", None, id="path-and-glob"),
+]
+
+
+@pytest.mark.parametrize(("first_match", "second_match", "message"), HID_MATCH_CASES)
+def test_check_config_rejects_overlapping_hid_match(
+    tmp_path: Path, first_match: str, second_match: str, message: str | None
+) -> None:
+    pytest.importorskip(DRIVER_MODULES["hid"])
+    first = device_table("hid", {"match": f'"{first_match}"'}, name="hid-1")
+    second = device_table("hid", {"match": f'"{second_match}"'}, name="hid-2")
+    text = "\n".join(first) + "\n\n" + "\n".join(second) + "\n"
+    config = write_config(tmp_path, free_port(), text)
+    lines = config.read_text(encoding="utf-8").splitlines()
+    match_line = len(lines) - lines[::-1].index(f'match = "{second_match}"')
+
+    result = run_cli("check-config", str(config))
+
+    if message is None:
+        assert result.returncode == 0, result.stderr
+        return
+    assert result.returncode == 2, result.stdout
+    assert f"line {match_line}, key devices.1.match: " in result.stderr
+    assert message in result.stderr
+    assert "make the two patterns disjoint" in result.stderr

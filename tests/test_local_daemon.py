@@ -228,10 +228,18 @@ DEVICES = [
     "replace",
     "dropped",
     "feedback",
+    "silence",
 ]
+
+# Settings that some devices of the shared daemon add to device_table's.
+DEVICE_SETTINGS = {
+    # The silence reopen comes long before partial_timeout would end a partial frame.
+    "silence": 'silence_timeout = "300ms"\npartial_timeout = "10s"\n',
+}
 
 
 def device_table(name: str, link: Path) -> str:
+    settings = DEVICE_SETTINGS.get(name, "")
     return f"""
 [[devices]]
 name = "dev-{name}"
@@ -242,7 +250,7 @@ good_read_feedback = "{GOOD_READ.hex()}"
 bad_read_feedback = "{BAD_READ.hex()}"
 reconnect_delay = 0.05
 reconnect_delay_max = 0.2
-"""
+{settings}"""
 
 
 @dataclass
@@ -488,6 +496,35 @@ def test_dropped_reads_not_decided_but_counted(rig: Rig) -> None:
         if line.get("event") == "scan.dropped" and line.get("device") == "dev-dropped"
     ]
     assert [line["reason"] for line in blank] == ["blank"]
+
+
+def wait_for_dropped_reads(rig: Rig, device: str, timeout: float) -> dict[str, float]:
+    """Poll the dropped-read counts of ``device`` until one appears or ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    while not (counts := dropped_read_counts(rig, device)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return counts
+
+
+def test_silence_reopen_counts_partial_frame(rig: Rig) -> None:
+    counts: dict[str, float] = {}
+    for _ in range(3):
+        # Bytes that arrive while the port is being reopened are flushed by the open, as
+        # for a real scanner, so the frame is sent again if it never reached the driver.
+        rig.scanners["silence"].write(b"KEY-PART")
+        counts = wait_for_dropped_reads(rig, "dev-silence", timeout=WAIT / 5)
+        if counts:
+            break
+    time.sleep(1.0)  # three more silence reopens, which must not count the frame again
+
+    assert counts == {"incomplete": 1.0}
+    assert dropped_read_counts(rig, "dev-silence") == {"incomplete": 1.0}
+    drops = [
+        line
+        for line in rig.daemon.log_lines()
+        if line.get("event") == "serial.frame_dropped" and line.get("device") == "dev-silence"
+    ]
+    assert [(line["reason"], line["size"]) for line in drops] == [("incomplete", 8)]
 
 
 def test_health_on_unplug_and_replug(rig: Rig) -> None:
