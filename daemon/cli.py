@@ -21,7 +21,7 @@ import uvloop
 from daemon import security
 from daemon.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
 from daemon.curl_example import curl_example
-from daemon.identities import ImportFileError, import_file
+from daemon.identities import ImportFileError, check_records_file, import_file
 from daemon.journal import stdout_is_journal
 from daemon.logs import configure_logging
 from daemon.resolver import Resolver
@@ -231,6 +231,12 @@ def _open_store(config: Config, must_exist: bool = False) -> Store:
     )
 
 
+def _import_file_error(path: Path, error: ImportFileError) -> int:
+    place = f"{path}:{error.line}" if error.line is not None else str(path)
+    print(f"error: {place}: {error}. Nothing was imported.", file=sys.stderr)
+    return 2
+
+
 def _import(config: Config, path: Path, file_format: str | None) -> int:
     problem = None
     if path.is_dir():
@@ -243,6 +249,10 @@ def _import(config: Config, path: Path, file_format: str | None) -> int:
     if problem is not None:
         print(f"error: records file {path} {problem}", file=sys.stderr)
         return 2
+    try:
+        check_records_file(path, file_format)
+    except ImportFileError as exc:
+        return _import_file_error(path, exc)
     store = _open_store(config)
     try:
         summary = import_file(
@@ -253,9 +263,7 @@ def _import(config: Config, path: Path, file_format: str | None) -> int:
             progress=sys.stderr.isatty(),
         )
     except ImportFileError as exc:
-        place = f"{path}:{exc.line}" if exc.line is not None else str(path)
-        print(f"error: {place}: {exc}. Nothing was imported.", file=sys.stderr)
-        return 2
+        return _import_file_error(path, exc)
     except sqlite3.OperationalError as exc:
         # Such as a cache file whose write lock another import or `sync --now` kept for
         # longer than database.busy_timeout. Each batch commits on its own.

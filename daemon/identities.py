@@ -892,10 +892,7 @@ def import_file(
     summary = ImportSummary()
     started = time.monotonic()
     kind = detect_format(path, file_format)
-    try:
-        handle = path.open("rb")
-    except OSError as exc:
-        raise ImportFileError(f"the file cannot be opened: {exc.strerror}") from None
+    handle = _open_records(path)
 
     # A large page cache keeps the random inserts into the key-hash index in memory; the
     # default 2 MiB cache made a 1,000,000-record import disk-bound.
@@ -944,6 +941,28 @@ def import_file(
             " and the last line of each credential was imported",
         )
     return summary
+
+
+def check_records_file(path: Path, file_format: str | None = None) -> None:
+    """Run the checks that stop an import of ``path`` before it reads any record.
+
+    Raises ImportFileError as import_file would: a file that cannot be opened, the wrong
+    kind of file, a JSON array, or a CSV header that cannot be used. The command calls it
+    before it opens the database, so a wrong file creates no database. Errors of single
+    lines are left to the import.
+    """
+    kind = detect_format(path, file_format)
+    with _open_records(path) as handle:
+        lines = _start_reading(handle, kind, path)
+        records = iter_csv(lines) if kind == "csv" else iter_jsonl(lines)
+        next(records, None)
+
+
+def _open_records(path: Path) -> IO[bytes]:
+    try:
+        return path.open("rb")
+    except OSError as exc:
+        raise ImportFileError(f"the file cannot be opened: {exc.strerror}") from None
 
 
 def _start_reading(handle: IO[bytes], kind: str, path: Path) -> IO[bytes] | _CrLineReader:

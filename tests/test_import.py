@@ -404,7 +404,7 @@ def config(tmp_path: Path) -> Path:
 
 
 def imported_rows(database: Path) -> int:
-    # The command checks the path before it opens, and so creates, the database.
+    # The command checks the file before it opens, and so creates, the database.
     return count_rows(database, "identities") if database.exists() else 0
 
 
@@ -424,6 +424,8 @@ def test_import_file_as_exported(
     assert expected in result.stderr
     assert imported_rows(database_of(config)) == rows
     assert KEY_PREFIX not in result.stdout + result.stderr, "a key was printed"
+    if exit_code == 2:
+        assert not database_of(config).exists(), "a file that stops the import made a database"
 
 
 # (case, file name, lines of a first import, lines of the second, duplicate lines, line of the
