@@ -148,9 +148,11 @@ def main(argv: list[str] | None = None) -> int:
             kind = "configuration" if isinstance(exc, ConfigError) else "database"
             _print_json_error(str(exc), kind)
             return 2
-        # Under systemd the "<3>" prefix files the line at priority err, not info.
+        # Under systemd the "<3>" prefix files a line at priority err, not info. A
+        # ConfigError lists one problem per line, and each line gets the prefix.
         prefix = "<3>" if stdout_is_journal(sys.stderr) else ""
-        print(f"{prefix}error: {exc}", file=sys.stderr)
+        for line in str(exc).splitlines():
+            print(f"{prefix}error: {line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

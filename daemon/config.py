@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import datetime
 import ipaddress
 import re
 import tomllib
 import types
 import typing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -341,57 +343,248 @@ def load_config(path: Path | str) -> Config:
 
 
 def parse_config(text: str, source: str = "<config>") -> Config:
-    """Validate configuration text; ``source`` names it in error messages."""
+    """Validate configuration text; ``source`` names it in error messages.
+
+    Raises one ConfigError that lists every problem found, one per line in file order.
+    """
     try:
-        tomllib.loads(text)
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{source}: invalid TOML: {exc}") from None
 
-    try:
-        config = msgspec.toml.decode(text.encode(), type=Config, dec_hook=_decode_hook)
-    except msgspec.ValidationError as exc:
-        raise ConfigError(_describe_validation_error(str(exc), text, source)) from None
-
-    if not config.stores.ids:
-        line = find_key_line(text, "stores.ids")
-        location = f"line {line}, " if line else ""
-        raise ConfigError(
-            f"{source}: {location}missing key stores.ids: list the store ids this box serves,"
-            ' for example [stores] ids = ["STORE-001"]'
-        )
-    _check_devices(config, text, source)
+    problems: list[_Problem] = []
+    removed: set[str] = set()
+    kept_indices: dict[tuple[str, ...], list[int]] = {}
+    config = _convert_collecting(data, text, source, problems, removed, kept_indices)
+    if config is not None:
+        problems.extend(_check_stores(config, text, source, removed))
+        device_indices = kept_indices.get(("devices",), list(range(len(config.devices))))
+        problems.extend(_check_devices(config, text, source, device_indices))
+    if problems:
+        raise ConfigError(_format_problems(problems, complete=config is not None))
+    assert config is not None
     return config
 
 
-def _check_devices(config: Config, text: str, source: str) -> None:
-    """Validate each [[devices]] table against its driver's settings and [local] store_id."""
+MAX_LISTED_PROBLEMS = 20
+"""Problems a ConfigError lists; its last line counts the others."""
+MAX_COLLECTED_PROBLEMS = 100
+"""Problems after which parse_config stops converting, which bounds its time on a huge file."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Problem:
+    """One line of a ConfigError: where the problem is and the message that names it."""
+
+    line: int | None
+    message: str
+
+
+def _problem(text: str, source: str, key_path: str, detail: str) -> _Problem:
+    line = find_key_line(text, key_path)
+    location = f"line {line}, " if line else ""
+    return _Problem(line, f"{source}: {location}key {key_path or '(top level)'}: {detail}")
+
+
+def _format_problems(problems: list[_Problem], complete: bool) -> str:
+    # Problems without a line come last. The sort is stable, so problems on one line keep
+    # the order in which they were found.
+    ordered = sorted(problems, key=lambda problem: (problem.line is None, problem.line or 0))
+    lines = [problem.message for problem in ordered[:MAX_LISTED_PROBLEMS]]
+    others = len(ordered) - MAX_LISTED_PROBLEMS
+    if not complete and others > 0:
+        lines.append(
+            f"... and at least {others} more: checking stopped after {len(ordered)} problems;"
+            " fix these and check the file again"
+        )
+    elif others > 0:
+        lines.append(f"... and {others} more; fix these and check the file again to list them")
+    return "\n".join(lines)
+
+
+def _convert_collecting(
+    data: dict[str, Any],
+    text: str,
+    source: str,
+    problems: list[_Problem],
+    removed: set[str],
+    kept_indices: dict[tuple[str, ...], list[int]],
+) -> Config | None:
+    """Convert TOML data to a Config, appending a problem for each part that is invalid.
+
+    msgspec stops at the first invalid value, so after each ValidationError the part it
+    names is removed from ``data`` and the rest is converted again. Returns the Config of
+    what remains, or None when the problems reach MAX_COLLECTED_PROBLEMS first. Adds the
+    dotted path of each removed part to ``removed``. ``kept_indices`` maps each list that
+    lost items to the original index of each item still in it, so that problems keep
+    naming items by their place in the file.
+    """
+    while len(problems) < MAX_COLLECTED_PROBLEMS:
+        try:
+            config = msgspec.convert(
+                data,
+                Config,
+                # The same conversion as msgspec.toml.decode.
+                builtin_types=(datetime.datetime, datetime.date, datetime.time),
+                str_keys=True,
+                dec_hook=_decode_hook,
+            )
+            return config
+        except msgspec.ValidationError as exc:
+            message = str(exc)
+
+        detail, _, where = message.partition(" - at `$")
+        path: list[str | int] = [
+            name if name else int(index)
+            for name, index in re.findall(r"\.(\w+)|\[(\d+)\]", where.rstrip("`"))
+        ]
+        file_path = _file_path(path, kept_indices)
+        key_path, detail = _describe_validation_error(detail, ".".join(file_path))
+        problems.append(_problem(text, source, key_path, detail))
+
+        # Leave out the unknown key, or the key that a table's own check names when it has a
+        # default, and otherwise the value, list item or table at the error's path.
+        # NOTE: a table left out whole, such as [hq] with an invalid url, hides the problems
+        # that its own checks would find next, which the run after the fix then lists.
+        candidates = [path]
+        unknown = re.match(r"Object contains unknown field `(.+?)`", message)
+        if unknown:
+            candidates.insert(0, [*path, unknown.group(1)])
+        elif key_path != ".".join(file_path) and _is_optional_key(key_path):
+            candidates.insert(0, [*path, key_path.rpartition(".")[2]])
+        for candidate in candidates:
+            candidate_key = ".".join(_file_path(candidate, kept_indices))
+            if _remove(data, candidate, kept_indices):
+                removed.add(candidate_key)
+                break
+        else:
+            return None
+    return None
+
+
+def _file_path(path: list[str | int], kept_indices: dict[tuple[str, ...], list[int]]) -> list[str]:
+    """Return the dotted-key parts of a path into the data, with list items by place in the file."""
+    parts: list[str] = []
+    for part in path:
+        if isinstance(part, int):
+            kept = kept_indices.get(tuple(parts))
+            part = kept[part] if kept is not None and part < len(kept) else part
+        parts.append(str(part))
+    return parts
+
+
+def _is_optional_key(key_path: str) -> bool:
+    """Tell whether a dotted key of a table has a default, so that it can be left out."""
+    table_path, _, name = key_path.rpartition(".")
+    table = _key_type(table_path) if table_path else Config
+    if not (isinstance(table, type) and issubclass(table, msgspec.Struct)):
+        return False
+    field = next((field for field in msgspec.structs.fields(table) if field.name == name), None)
+    return field is not None and not field.required
+
+
+def _remove(
+    data: dict[str, Any], path: list[str | int], kept_indices: dict[tuple[str, ...], list[int]]
+) -> bool:
+    """Delete the value at ``path`` from ``data``; return False when there is none."""
+    if not path:
+        return False
+    parent: Any = data
+    parents: list[str] = []
+    for part in path[:-1]:
+        try:
+            parent = parent[part]
+        except (KeyError, IndexError, TypeError):
+            return False
+        parents.append(str(part))
+    last = path[-1]
+    if isinstance(parent, list) and isinstance(last, int) and last < len(parent):
+        kept = kept_indices.setdefault(tuple(parents), list(range(len(parent))))
+        del kept[last]
+        del parent[last]
+        return True
+    if isinstance(parent, dict) and last in parent:
+        del parent[last]
+        return True
+    return False
+
+
+def _check_stores(config: Config, text: str, source: str, removed: set[str]) -> list[_Problem]:
+    """Check that [stores] ids is set and that [local] store_id is one of them."""
+    if not config.stores.ids:
+        if any(path == "stores" or path.startswith("stores.ids") for path in removed):
+            return []  # already reported as invalid
+        line = find_key_line(text, "stores.ids")
+        location = f"line {line}, " if line else ""
+        return [
+            _Problem(
+                line,
+                f"{source}: {location}missing key stores.ids: list the store ids this box"
+                ' serves, for example [stores] ids = ["STORE-001"]',
+            )
+        ]
+    if config.local.store_id and config.local.store_id not in config.stores.ids:
+        detail = (
+            f"store {config.local.store_id!r} is not in [stores] ids; use one of"
+            f" {', '.join(config.stores.ids)} or leave it empty"
+        )
+        return [_problem(text, source, "local.store_id", detail)]
+    return []
+
+
+def _check_devices(config: Config, text: str, source: str, indices: list[int]) -> list[_Problem]:
+    """Validate each [[devices]] table against its driver's settings.
+
+    ``indices`` holds the place in the file of each table in ``config.devices``.
+    """
+    if not config.devices:
+        return []
     # Imported here because daemon.devices imports the drivers, which config loading
     # should not pay for when no device is configured.
     from daemon.devices import device_table_error
 
-    problem = device_table_error(config.devices)
-    if problem is None and config.local.store_id and config.local.store_id not in config.stores.ids:
-        problem = (
-            "local.store_id",
-            f"store {config.local.store_id!r} is not in [stores] ids; use one of"
-            f" {', '.join(config.stores.ids)} or leave it empty",
-        )
-    if problem is None:
-        return
-    key_path, detail = problem
-    line = find_key_line(text, key_path)
-    location = f"line {line}, " if line else ""
-    raise ConfigError(f"{source}: {location}key {key_path}: {detail}")
+    # device_table_error returns the first problem only, so each table it names is left
+    # out and the others are checked again. Its messages count the tables that are left,
+    # so their indices are mapped back to the tables' places in the file.
+    tables = list(config.devices)
+    indices = list(indices)
+
+    def file_index(match: re.Match[str]) -> str:
+        return f"devices.{indices[int(match.group(1))]}"
+
+    problems: list[_Problem] = []
+    while tables:
+        problem = device_table_error(tables)
+        if problem is None:
+            break
+        key_path, detail = problem
+        position = re.match(r"devices\.(\d+)", key_path)
+        if position is None:
+            problems.append(_problem(text, source, key_path, detail))
+            break
+        key_path = _DEVICE_INDEX.sub(file_index, key_path)
+        detail = _DEVICE_INDEX.sub(file_index, detail)
+        problems.append(_problem(text, source, key_path, detail))
+        del tables[int(position.group(1))]
+        del indices[int(position.group(1))]
+    return problems
 
 
-def _describe_validation_error(message: str, text: str, source: str) -> str:
-    detail, _, where = message.partition(" - at `$")
-    key_path = where.rstrip("`").lstrip(".")
+# "devices.2" in a key path or a device_table_error message, but not inside a quoted value
+# such as a device name.
+_DEVICE_INDEX = re.compile(r"(?<![\w.'\"])devices\.(\d+)\b")
+
+
+def _describe_validation_error(detail: str, key_path: str) -> tuple[str, str]:
+    """Return the key a msgspec ValidationError names, and its message for store IT.
+
+    ``detail`` is the error without its " - at `$...`" suffix, and ``key_path`` the dotted
+    path of that suffix, with list items by their place in the file.
+    """
     unknown = re.match(r"Object contains unknown field `(.+)`", detail)
     if unknown:
         key_path = f"{key_path}.{unknown.group(1)}" if key_path else unknown.group(1)
         detail = "unknown key; check its spelling against the configuration reference"
-    key_path = re.sub(r"\[(\d+)\]", r".\1", key_path)
     # msgspec reports a table's own check (__post_init__) at the table. Its message starts
     # with "invalid <key>", so point at that key's line instead of the table header.
     invalid_key = re.match(r"invalid (\w+)\b", detail)
@@ -401,9 +594,7 @@ def _describe_validation_error(message: str, text: str, source: str) -> str:
         allowed = _allowed_values(key_path)
         if allowed:
             detail += f"; use one of {', '.join(allowed)}"
-    line = find_key_line(text, key_path)
-    location = f"line {line}, " if line else ""
-    return f"{source}: {location}key {key_path or '(top level)'}: {detail}"
+    return key_path, detail
 
 
 def _allowed_values(key_path: str) -> tuple[str, ...]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -584,3 +585,116 @@ def test_check_config_rejects_overlapping_hid_match(
     assert f"line {match_line}, key devices.1.match: " in result.stderr
     assert message in result.stderr
     assert "make the two patterns disjoint" in result.stderr
+
+
+# Problems of several kinds in one file, each as (line that the problem is on, key that the
+# message names), in file order. A [[devices]] table or [local] written before [policy]
+# checks that the list follows the file, not the order of the checks.
+MANY_PROBLEM_CASES = [
+    pytest.param(
+        '[policy]\nmax_cache_ag = "24h"\n\n[auth]\nrate_burst = "lots"\n',
+        [
+            ('max_cache_ag = "24h"', "policy.max_cache_ag"),
+            ('rate_burst = "lots"', "auth.rate_burst"),
+        ],
+        id="unknown-key-and-wrong-type",
+    ),
+    pytest.param(
+        '[[devices]]\nname = "scanner-1"\nkind = "laser"\nstation = "station-1"\n\n'
+        '[policy]\nvalue_encoding = "hex"\n',
+        [('kind = "laser"', "devices.0.kind"), ('value_encoding = "hex"', "policy.value_encoding")],
+        id="device-table-and-enum-value",
+    ),
+    pytest.param(
+        '[local]\nstore_id = "STORE-009"\n\n'
+        '[policy]\nexit_override = ["SUSPENDED", "SCAN_FUTURE", "EXPIRD"]\nmax_scan_age = 300\n\n'
+        "[server_extra]\n",
+        [
+            ('store_id = "STORE-009"', "local.store_id"),
+            # find_key_line places a list item at its table's header.
+            ("[policy]", "policy.exit_override.1"),
+            ("[policy]", "policy.exit_override.2"),
+            ("max_scan_age = 300", "policy.max_scan_age"),
+            ("[server_extra]", "server_extra"),
+        ],
+        id="store-id-list-items-duration-and-table",
+    ),
+    pytest.param(
+        '[[devices]]\nname = "scanner-1"\nkind = "laser"\nstation = "station-1"\n\n'
+        '[[devices]]\nname = "scanner-2"\nkind = "serial"\nstation = "station-1"\n'
+        'path = "/dev/ttyACM0"\n\n'
+        '[[devices]]\nname = \'scanner-2\'\nkind = "serial"\nstation = "station-2"\n'
+        'path = "/dev/ttyACM1"\n\n'
+        "[hq]\n"
+        'url = "http://127.0.0.1:9"\npull_intervall = "30s"\n',
+        [
+            ('kind = "laser"', "devices.0.kind"),
+            ("name = 'scanner-2'", "devices.2.name"),
+            ('pull_intervall = "30s"', "hq.pull_intervall"),
+        ],
+        id="two-device-tables-and-unknown-key",
+    ),
+]
+
+
+@pytest.mark.parametrize(("extra", "expected"), MANY_PROBLEM_CASES)
+def test_check_config_lists_every_problem(
+    tmp_path: Path, extra: str, expected: list[tuple[str, str]]
+) -> None:
+    config = write_config(tmp_path, free_port(), extra)
+    lines = config.read_text(encoding="utf-8").splitlines()
+
+    result = run_cli("check-config", str(config))
+
+    assert result.returncode == 2, result.stdout
+    # Problems on one line, such as two items of a list, are searched for from that line.
+    start = 0
+    positions = []
+    for marker, key in expected:
+        line = next(n for n in range(start, len(lines)) if lines[n].startswith(marker)) + 1
+        start = line - 1
+        fragment = f"error: {config}: line {line}, key {key}: "
+        assert fragment in result.stderr
+        positions.append(result.stderr.index(fragment))
+    assert positions == sorted(positions)
+    assert result.stderr.count("error: ") == len(expected)
+
+
+def test_check_config_maps_device_indices(tmp_path: Path) -> None:
+    # The first table is left out of the later checks, and the duplicate name must still
+    # name the tables by their place in the file.
+    extra = MANY_PROBLEM_CASES[3].values[0]
+    config = write_config(tmp_path, free_port(), extra)
+
+    result = run_cli("check-config", str(config))
+
+    assert result.returncode == 2, result.stdout
+    assert "duplicate device name 'scanner-2': devices.1 has it too" in result.stderr
+
+
+def test_check_config_caps_problem_list(tmp_path: Path) -> None:
+    keys = [f"unknown_key_{number:02}" for number in range(25)]
+    extra = "[policy]\n" + "".join(f"{key} = 1\n" for key in keys)
+    config = write_config(tmp_path, free_port(), extra)
+
+    result = run_cli("check-config", str(config))
+
+    assert result.returncode == 2, result.stdout
+    assert result.stderr.count(": unknown key;") == 20
+    assert f"key policy.{keys[19]}: " in result.stderr
+    assert f"key policy.{keys[20]}: " not in result.stderr
+    assert "... and 5 more" in result.stderr
+
+
+def test_status_json_carries_every_problem(tmp_path: Path) -> None:
+    extra = MANY_PROBLEM_CASES[0].values[0]
+    config = write_config(tmp_path, free_port(), extra)
+
+    result = run_cli("status", "--config", str(config), "--json")
+
+    assert result.returncode == 2, result.stderr
+    error = json.loads(result.stdout)
+    assert error["errorKind"] == "configuration"
+    assert error["error"].count("\n") == 1
+    assert "key policy.max_cache_ag: unknown key" in error["error"]
+    assert "key auth.rate_burst: Expected `int`, got `str`" in error["error"]
