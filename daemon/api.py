@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import re
 import time
 from collections.abc import Awaitable, Callable
 
 import msgspec
 import structlog
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 
 from daemon import metrics as metrics_module
@@ -134,6 +137,58 @@ def _log_invalid_request(
         )
 
 
+class _ServerLogHandler(logging.Handler):
+    """Write the records of aiohttp's server logger as structured events, one line each.
+
+    aiohttp's HTTP parser rejects a malformed request before any handler runs, responds with
+    its own plain-text 400, and logs the exception. That exception's message quotes the
+    request bytes, a scanned value among them, and Python's fallback handler would write it
+    to standard error as a traceback over many lines.
+    """
+
+    def emit(self, record: logging.LogRecord) -> None:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, HttpProcessingError):
+            _log_unparsable_request(record, error)
+        elif record.levelno <= logging.DEBUG:
+            log.debug("http.server_debug", message=record.getMessage())
+        else:
+            log.error("http.server_error", message=record.getMessage(), exc_info=record.exc_info)
+
+
+# A str, bytes or bytearray literal as repr() writes it, up to its closing quote or line end.
+_QUOTED = re.compile(r"""(?<!\w)(?:bytearray\(b|b)?(['"])(?:\\.|(?!\1).)*(?:\1\)?|$)""")
+
+
+def _log_unparsable_request(record: logging.LogRecord, error: HttpProcessingError) -> None:
+    # The first line of the message names the fault. Quoted literals in it contain request bytes.
+    lines = error.message.strip().splitlines() or [""]
+    reason = _QUOTED.sub("...", lines[0]).strip(" :.")[:120]
+    client = record.args[0] if isinstance(record.args, tuple) and record.args else None
+    key = f"unparsable {type(error).__name__} {reason}"
+    suppressed = _INVALID_LOG_THROTTLE.admit(key)
+    if suppressed is not None:
+        log.warning(
+            "request.invalid",
+            problem="unparsable-request",
+            client=str(client),
+            error=type(error).__name__,
+            reason=reason,
+            suppressed=suppressed,
+        )
+
+
+def _http_server_logger() -> logging.Logger:
+    """Return the logger for aiohttp's request handler, which writes through structlog."""
+    logger = logging.getLogger(f"{__name__}.http_server")
+    logger.propagate = False
+    # aiohttp logs a client that speaks no HTTP (a TLS handshake on a plain port) at DEBUG.
+    logger.setLevel(logging.DEBUG)
+    if not any(isinstance(handler, _ServerLogHandler) for handler in logger.handlers):
+        logger.addHandler(_ServerLogHandler())
+    return logger
+
+
 def _config(request: web.Request) -> Config:
     return request.app[RUNTIME_KEY].config
 
@@ -156,24 +211,51 @@ def _http_error_problem(request: web.Request, exc: web.HTTPException) -> web.Res
 
 
 def _is_json(content_type: str) -> bool:
-    return content_type == "application/json" or (
-        content_type.startswith("application/") and content_type.endswith("+json")
-    )
+    """Tell whether a lower-case media type is application/json or ends in the +json suffix."""
+    if content_type == "application/json":
+        return True
+    subtype = content_type.removeprefix("application/")
+    return subtype != content_type and subtype.endswith("+json") and subtype != "+json"
 
 
-async def resolve_scan(request: web.Request) -> web.Response:
-    started = time.perf_counter()
-    config = _config(request)
+# Content codings that aiohttp's parser decodes before the handler reads the body. It decodes
+# br and zstd only when the Brotli and zstd packages are installed, and rejects them otherwise.
+DECODED_CODINGS = frozenset({"gzip", "deflate", "br", "zstd"})
+ACCEPT_ENCODING = "gzip, deflate"
 
+
+def _unsupported_coding(request: web.Request) -> str | None:
+    """Return the Content-Encoding of a body that aiohttp passed on undecoded, if any.
+
+    aiohttp decodes a body with one coding that it supports and passes every other body on
+    as it came, so without this check an unknown coding would reach the JSON decoder.
+    """
+    values = request.headers.getall("Content-Encoding", [])
+    if not values:
+        return None
+    if len(values) == 1 and values[0].isascii() and values[0].lower() in DECODED_CODINGS:
+        return None
+    codings = {coding.strip().lower() for value in values for coding in value.split(",")}
+    if codings <= {"identity", ""}:
+        return None
+    return ", ".join(values)
+
+
+def _unsupported_media_type(request: web.Request) -> web.Response | None:
+    """Return a 415 response when the body is not JSON in UTF-8, or its coding is unknown."""
     if not _is_json(request.content_type):
-        sent = request.headers.get("Content-Type", "none")
-        _log_invalid_request(request, "unsupported-media-type", content_type=sent[:100])
-        return problem_response(
-            415,
-            "unsupported-media-type",
-            "Unsupported Media Type",
-            f"Content-Type {sent!r} is not JSON; send the body as application/json",
+        sent = request.headers.get("Content-Type")
+        if sent is None:
+            detail = "the request has no Content-Type header; send Content-Type: application/json"
+        else:
+            detail = (
+                f"Content-Type {sent[:100]!r} is not supported; send Content-Type: application/json"
+            )
+        _log_invalid_request(
+            request, "unsupported-media-type", content_type=None if sent is None else sent[:100]
         )
+        return problem_response(415, "unsupported-media-type", "Unsupported Media Type", detail)
+
     charset = request.charset
     if charset is not None and charset.lower() not in ("utf-8", "utf8"):
         # RFC 8259 makes UTF-8 the only encoding of JSON between systems.
@@ -184,6 +266,29 @@ async def resolve_scan(request: web.Request) -> web.Response:
             "Unsupported Media Type",
             f"charset {charset[:40]!r} is not supported; send the JSON body in UTF-8",
         )
+
+    coding = _unsupported_coding(request)
+    if coding is not None:
+        _log_invalid_request(request, "unsupported-content-encoding", content_encoding=coding[:40])
+        return problem_response(
+            415,
+            "unsupported-content-encoding",
+            "Unsupported Media Type",
+            f"Content-Encoding {coding[:40]!r} is not supported; send the body uncompressed,"
+            f" or compressed with one of: {ACCEPT_ENCODING}",
+            headers={"Accept-Encoding": ACCEPT_ENCODING},
+        )
+    return None
+
+
+async def resolve_scan(request: web.Request) -> web.Response:
+    started = time.perf_counter()
+    config = _config(request)
+
+    unsupported = _unsupported_media_type(request)
+    if unsupported is not None:
+        return unsupported
+
     limit = config.server.max_body_size
     if request.content_length is not None and request.content_length > limit:
         raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=request.content_length)
@@ -309,6 +414,7 @@ def build_app(runtime: Runtime, metrics_registry: Metrics) -> web.Application:
     app = web.Application(
         middlewares=[problem_middleware, admission_middleware],
         client_max_size=runtime.config.server.max_body_size,
+        handler_args={"logger": _http_server_logger()},
     )
     app[RUNTIME_KEY] = runtime
     admission = Admission(runtime.config, problem_response)

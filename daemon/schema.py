@@ -139,7 +139,7 @@ def decode_request(body: bytes) -> ResolveScanRequest:
     except msgspec.ValidationError:
         pass
     except msgspec.DecodeError as exc:
-        if not _OUT_OF_RANGE.search(str(exc)):
+        if not _json_module_may_read(body, exc):
             raise BodyInvalid(_describe_decode_error(body, exc)) from None
     except RecursionError:
         raise BodyInvalid("the JSON body is nested too deeply") from None
@@ -149,38 +149,73 @@ def decode_request(body: bytes) -> ResolveScanRequest:
         document = _ANY_DECODER.decode(body)
     except msgspec.DecodeError as exc:
         # The typed decoder can fail on the first value before it reaches trailing garbage.
-        document = _decode_huge_numbers(body, exc)
+        document = _decode_with_json_module(body, exc)
     except RecursionError:
         raise BodyInvalid("the JSON body is nested too deeply") from None
     if not isinstance(document, dict):
         raise BodyInvalid(f"the JSON body must be an object, got {_json_type(document)}")
     errors: list[FieldError] = []
     _collect_errors(document, ResolveScanRequest, "", errors)
-    if not errors:  # pragma: no cover - the typed decoder and the walk agree
-        errors.append(FieldError(field="(body)", message="does not match the request schema"))
-    raise RequestInvalid(errors)
+    if errors:
+        raise RequestInvalid(errors)
+
+    # The walk found no error when an object repeats a key: the typed decoder validates every
+    # occurrence, and the document keeps the last one. The last one wins, as it does in the
+    # typed decoder when every occurrence is valid. Unknown attributes are left out, because
+    # msgspec cannot convert a name that contains an unpaired surrogate.
+    try:
+        return msgspec.convert(_known_fields(document, ResolveScanRequest), ResolveScanRequest)
+    except msgspec.ValidationError:  # pragma: no cover - the walk checks every field first
+        raise RequestInvalid(
+            [FieldError(field="(body)", message="does not match the request schema")]
+        ) from None
 
 
 _OUT_OF_RANGE = re.compile(r"(Integer value|Number) out of range")
+# A \u escape in the range of UTF-16 surrogates, D800 to DFFF.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
 
 
-def _decode_huge_numbers(body: bytes, exc: msgspec.DecodeError) -> Any:
-    """Decode valid JSON whose numbers msgspec cannot hold, so the errors can name the field.
+def _json_module_may_read(body: bytes, exc: msgspec.DecodeError) -> bool:
+    """Tell whether a msgspec decode error may come from JSON that Python's json module reads.
 
-    Python's json module reads such numbers as int or inf. Other decode errors, and integers
-    beyond its digit limit, raise BodyInvalid as before.
+    msgspec rejects numbers it cannot hold, and a surrogate escape without its pair. The
+    message for the latter depends on what follows the escape ("Input data was truncated"
+    among them), so the body is searched for the escape instead.
     """
-    if not _OUT_OF_RANGE.search(str(exc)):
+    return bool(_OUT_OF_RANGE.search(str(exc)) or _SURROGATE_ESCAPE.search(body))
+
+
+def _decode_with_json_module(body: bytes, exc: msgspec.DecodeError) -> Any:
+    """Decode valid JSON that msgspec rejects, so that the errors can name the field.
+
+    Python's json module reads numbers msgspec cannot hold as int or inf, and an unpaired
+    surrogate escape as that code point. Other decode errors, and integers beyond its digit
+    limit, raise BodyInvalid as before.
+    """
+    if not _json_module_may_read(body, exc):
         raise BodyInvalid(_describe_decode_error(body, exc)) from None
     try:
-        return json.loads(body)
+        # The json module would also read UTF-16 text and NaN, which JSON does not allow.
+        return json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
     except (ValueError, RecursionError):
         raise BodyInvalid(_describe_decode_error(body, exc)) from None
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON value")
+
+
+_UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
 
 
 def _describe_decode_error(body: bytes, exc: msgspec.DecodeError) -> str:
     if not body.strip():
         return "the request body is empty; send a JSON object"
+    # JSON text starts with an ASCII character, so a NUL byte among the first two bytes
+    # means UTF-16 or UTF-32.
+    if body.startswith(_UTF16_BOMS) or b"\x00" in body[:2]:
+        return "the request body is UTF-16 or UTF-32 text; send the JSON in UTF-8"
     text = str(exc)
     if "UTF-8" in text:
         return "the request body is not valid UTF-8"
@@ -196,6 +231,15 @@ def _collect_errors(
             errors.append(FieldError(field=path, message="missing required field"))
             continue
         value = document[field.encode_name]
+        if isinstance(value, str) and _has_lone_surrogate(value):
+            errors.append(
+                FieldError(
+                    field=path,
+                    message="contains a \\u escape of a UTF-16 surrogate without its pair;"
+                    " send the text as UTF-8, or escape a character beyond U+FFFF as a pair",
+                )
+            )
+            continue
         if field.type is ScanEvent:
             if not isinstance(value, dict):
                 errors.append(
@@ -208,6 +252,24 @@ def _collect_errors(
             msgspec.convert(value, field.type)
         except msgspec.ValidationError:
             errors.append(FieldError(field=path, message=_describe_field(path, value)))
+
+
+def _known_fields(document: dict[str, Any], struct_type: type[msgspec.Struct]) -> dict[str, Any]:
+    known: dict[str, Any] = {}
+    for field in msgspec.structs.fields(struct_type):
+        value = document[field.encode_name]
+        if field.type is ScanEvent:
+            value = _known_fields(value, ScanEvent)
+        known[field.encode_name] = value
+    return known
+
+
+def _has_lone_surrogate(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def _describe_field(path: str, value: Any) -> str:
@@ -327,7 +389,8 @@ def openapi_document() -> dict[str, Any]:
                         ),
                         "413": problem_response("The body is larger than the configured limit."),
                         "415": problem_response(
-                            "The body is not sent as application/json, or not in UTF-8."
+                            "The body is not sent as application/json, not in UTF-8, or"
+                            " with a Content-Encoding other than gzip or deflate."
                         ),
                         "422": problem_response(
                             "The scanEvent.id was used before with a different payload."

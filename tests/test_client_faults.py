@@ -198,3 +198,54 @@ def test_body_on_its_way_at_stop_gets_503(daemon: Daemon) -> None:
     assert b":stopping" in received
     # client_timeout is 10 s: the response must not wait for it.
     assert answered_after < 5
+
+
+def _body_as_chunk_size(body: bytes) -> bytes:
+    return SCAN_HEADERS + b"Transfer-Encoding: chunked\r\n\r\n" + body + b"\r\n0\r\n\r\n"
+
+
+def _bare_line_feeds(body: bytes) -> bytes:
+    head = SCAN_HEADERS + b"Content-Length: %d\r\n\r\n" % len(body)
+    return head.replace(b"\r\n", b"\n") + body
+
+
+def _header_over_limit(body: bytes) -> bytes:
+    # aiohttp's error message quotes the start of the header line that is too long.
+    header = b"X-Scan: " + body + b"x" * 9000 + b"\r\n"
+    return SCAN_HEADERS + header + b"Content-Length: %d\r\n\r\n" % len(body) + body
+
+
+# Requests that aiohttp's HTTP parser rejects before any handler runs. The message of its
+# exception quotes request bytes that contain the scanned value.
+UNPARSABLE_REQUESTS: list[tuple[str, Callable[[bytes], bytes]]] = [
+    ("body as chunk size", _body_as_chunk_size),
+    ("bare line feeds", _bare_line_feeds),
+    ("header over limit", _header_over_limit),
+]
+
+
+@pytest.mark.parametrize(
+    "build",
+    [case[1] for case in UNPARSABLE_REQUESTS],
+    ids=[case[0] for case in UNPARSABLE_REQUESTS],
+)
+def test_unparsable_request_logged_one_line(
+    daemon: Daemon, build: Callable[[bytes], bytes]
+) -> None:
+    body = json.dumps(scan_body("SECRET-VALUE-7a3e")).encode()
+    with socket.create_connection(("127.0.0.1", daemon.port), timeout=10) as sock:
+        sock.sendall(build(body))
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+
+    lines = wait_for_event(daemon, "request.invalid")
+
+    assert received.startswith(b"HTTP/1.")
+    assert b" 400 " in received.split(b"\r\n", 1)[0]
+    assert [line["raw"] for line in daemon.log_lines() if line["event"] == "(not json)"] == []
+    assert "SECRET-VALUE-7a3e" not in daemon.log_path.read_text(encoding="utf-8")
+    assert len(lines) == 1
+    assert lines[0]["problem"] == "unparsable-request"
+    assert lines[0]["reason"]
+    assert daemon.scan("KEY-SHOPPER-5f1c2b").status == 200

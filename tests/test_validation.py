@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import copy
+import gzip
 import json
 import socket
+import zlib
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 
-from tests.conftest import Daemon, now_rfc3339, scan_body
+from tests.conftest import Daemon, Reply, now_rfc3339, scan_body
 
 UUID = "0f8fad5b-d9cb-469f-a165-70867728950e"
 MISSING = object()
@@ -252,3 +255,172 @@ def test_trailing_value_after_number_is_400(shared_daemon: Daemon) -> None:
         "POST", "/v1/identity/scan", b"1 2", {"Content-Type": "application/json"}
     )
     assert reply.status == 400
+
+
+def _post_raw(daemon: Daemon, text: str, headers: dict[str, str] | None = None) -> Reply:
+    return daemon.request(
+        "POST",
+        "/v1/identity/scan",
+        text.encode(),
+        {"Content-Type": "application/json", **(headers or {})},
+    )
+
+
+# (case id, JSON text that replaces the scanned value, status, fields named in errors)
+# A repeated key keeps its last value, whichever occurrence is invalid.
+DUPLICATE_KEY_CASES: list[tuple[str, str, int, list[str]]] = [
+    ("number then string", '5, "value": "KEY-SHOPPER-5f1c2b"', 200, []),
+    ("null then string", 'null, "value": "KEY-SHOPPER-5f1c2b"', 200, []),
+    ("string then number", '"KEY-SHOPPER-5f1c2b", "value": 5', 400, ["scanEvent.value"]),
+    ("revoked then active", '"KEY-REVOKED-0d9e77", "value": "KEY-SHOPPER-5f1c2b"', 200, []),
+]
+
+
+@pytest.mark.parametrize(
+    ("replacement", "status", "fields"),
+    [case[1:] for case in DUPLICATE_KEY_CASES],
+    ids=[case[0] for case in DUPLICATE_KEY_CASES],
+)
+def test_duplicate_key_last_wins(
+    shared_daemon: Daemon, replacement: str, status: int, fields: list[str]
+) -> None:
+    text = json.dumps(scan_body("KEY-SHOPPER-5f1c2b"))
+    text = text.replace('"KEY-SHOPPER-5f1c2b"', replacement)
+
+    reply = _post_raw(shared_daemon, text)
+
+    assert reply.status == status
+    if status == 200:
+        assert reply.json()["action"] == "ACCEPT"
+    else:
+        assert [error["field"] for error in reply.json()["errors"]] == fields
+
+
+def test_duplicate_scan_event_last_wins(shared_daemon: Daemon) -> None:
+    text = json.dumps(scan_body("KEY-SHOPPER-5f1c2b"))
+    text = text.replace('"scanEvent": {', '"scanEvent": "ENTRY", "scanEvent": {')
+
+    reply = _post_raw(shared_daemon, text)
+
+    assert reply.status == 200
+    assert reply.json()["action"] == "ACCEPT"
+
+
+# (case id, JSON text to replace, its replacement, status, fields named in errors).
+# An unpaired surrogate escape is valid JSON syntax but no Unicode character.
+SURROGATE_CASES: list[tuple[str, str, str, int, list[str]]] = [
+    ("value high", '"KEY-SHOPPER-5f1c2b"', '"KEY-\\ud800"', 400, ["scanEvent.value"]),
+    ("value low", '"KEY-SHOPPER-5f1c2b"', '"KEY-\\udc00"', 400, ["scanEvent.value"]),
+    ("value reversed", '"KEY-SHOPPER-5f1c2b"', '"\\udc00\\ud800"', 400, ["scanEvent.value"]),
+    ("storeId", '"STORE-001"', '"STORE-\\ud800"', 400, ["storeId"]),
+    ("location", '"ENTRY"', '"\\ud800"', 400, ["scanEvent.location"]),
+    ("unknown key", '"requestId"', '"x\\ud800": 1, "requestId"', 200, []),
+    ("unknown value", '"requestId"', '"x": "\\ud800", "requestId"', 200, []),
+]
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "status", "fields"),
+    [case[1:] for case in SURROGATE_CASES],
+    ids=[case[0] for case in SURROGATE_CASES],
+)
+def test_unpaired_surrogate_names_field(
+    shared_daemon: Daemon, old: str, new: str, status: int, fields: list[str]
+) -> None:
+    text = json.dumps(scan_body("KEY-SHOPPER-5f1c2b")).replace(old, new, 1)
+
+    reply = _post_raw(shared_daemon, text)
+
+    assert reply.status == status
+    if status == 400:
+        problem = reply.json()
+        assert [error["field"] for error in problem["errors"]] == fields
+        assert "surrogate" in problem["errors"][0]["message"]
+
+
+def test_surrogate_pair_accepted(shared_daemon: Daemon) -> None:
+    text = json.dumps(scan_body("KEY-\U0001f600"))
+    assert "\\ud83d\\ude00" in text
+
+    reply = _post_raw(shared_daemon, text)
+
+    assert reply.status == 200
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-be", "utf-32"])
+def test_utf16_body_named_in_detail(shared_daemon: Daemon, encoding: str) -> None:
+    body = json.dumps(scan_body("KEY-SHOPPER-5f1c2b")).encode(encoding)
+
+    reply = shared_daemon.request(
+        "POST", "/v1/identity/scan", body, {"Content-Type": "application/json"}
+    )
+
+    assert reply.status == 400
+    assert "UTF-16 or UTF-32" in reply.json()["detail"]
+
+
+def _plain(data: bytes) -> bytes:
+    return data
+
+
+# (Content-Encoding header, how the body is encoded, status). aiohttp decodes gzip and
+# deflate, and passes a body with any other coding on as it came.
+CONTENT_CODING_CASES: list[tuple[str, Callable[[bytes], bytes], int]] = [
+    ("gzip", gzip.compress, 200),
+    ("GZIP", gzip.compress, 200),
+    ("deflate", zlib.compress, 200),
+    ("identity", _plain, 200),
+    ("x-gzip", gzip.compress, 415),
+    ("compress", _plain, 415),
+    ("snappy", _plain, 415),
+    ("gzip, gzip", lambda data: gzip.compress(gzip.compress(data)), 415),
+    ("gzip, identity", gzip.compress, 415),
+]
+
+
+@pytest.mark.parametrize(
+    ("coding", "encode", "status"),
+    CONTENT_CODING_CASES,
+    ids=[case[0] for case in CONTENT_CODING_CASES],
+)
+def test_content_encoding(
+    shared_daemon: Daemon, coding: str, encode: Callable[[bytes], bytes], status: int
+) -> None:
+    body = encode(json.dumps(scan_body("KEY-SHOPPER-5f1c2b")).encode())
+
+    reply = shared_daemon.request(
+        "POST",
+        "/v1/identity/scan",
+        body,
+        {"Content-Type": "application/json", "Content-Encoding": coding},
+    )
+
+    assert reply.status == status
+    if status == 415:
+        assert reply.headers["Accept-Encoding"] == "gzip, deflate"
+        problem = reply.json()
+        assert problem["type"].endswith(":unsupported-content-encoding")
+        assert repr(coding) in problem["detail"]
+
+
+# (Content-Type header or None to leave it out, words the detail must contain)
+MEDIA_TYPE_CASES: list[tuple[str | None, str]] = [
+    (None, "no Content-Type header"),
+    ("text/json", "'text/json' is not supported"),
+    ("application/+json", "'application/+json' is not supported"),
+]
+
+
+@pytest.mark.parametrize(("content_type", "words"), MEDIA_TYPE_CASES)
+def test_unsupported_media_type_detail(
+    shared_daemon: Daemon, content_type: str | None, words: str
+) -> None:
+    headers = {} if content_type is None else {"Content-Type": content_type}
+    body = json.dumps(scan_body("KEY-SHOPPER-5f1c2b")).encode()
+
+    reply = shared_daemon.request("POST", "/v1/identity/scan", body, headers)
+
+    assert reply.status == 415
+    detail = reply.json()["detail"]
+    assert words in detail
+    assert "application/json" in detail
