@@ -21,9 +21,10 @@ import uvloop
 from daemon import security
 from daemon.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
 from daemon.curl_example import curl_example
-from daemon.identities import ImportFileError, check_records_file, import_file
+from daemon.identities import check_records_file, import_file
 from daemon.journal import stdout_is_journal
 from daemon.logs import configure_logging
+from daemon.recordfile import ImportFileError
 from daemon.resolver import Resolver
 from daemon.schema import CHANNELS, LOCATIONS
 from daemon.store import (

@@ -33,8 +33,6 @@ from daemon.cachefile import AttachedCache
 from daemon.certs import certificate_validity
 from daemon.config import Config, ConfigError, HqConfig
 from daemon.identities import (
-    IdentityRecord,
-    RecordInvalid,
     cached_credentials,
     credential_id_of,
     identity_row,
@@ -42,7 +40,6 @@ from daemon.identities import (
     key_holders,
     loggable_id,
     loggable_reason,
-    record_from_builtins,
     remove_credentials,
     stage_rows,
     upsert_rows,
@@ -50,6 +47,7 @@ from daemon.identities import (
 )
 from daemon.normalize import candidate_keys
 from daemon.policy import Reason, decide
+from daemon.recordfile import IdentityRecord, RecordInvalid, record_from_builtins
 from daemon.resolver import Evaluation, Resolver
 from daemon.snapshot_worker import (
     Block,

@@ -35,19 +35,21 @@ import structlog
 
 from daemon import cachefile
 from daemon.identities import (
-    EMPTY_KEY_REASON,
-    IdentityRecord,
-    RecordInvalid,
     RowBatch,
     credential_id_of,
     join_batches,
-    keyed_record_from_builtins,
     loggable_reason,
     pack_records,
     stage_rows,
     version_of,
 )
 from daemon.normalize import normalize_key
+from daemon.recordfile import (
+    EMPTY_KEY_REASON,
+    IdentityRecord,
+    RecordInvalid,
+    keyed_record_from_builtins,
+)
 from daemon.store import KeyHasher
 
 log = structlog.get_logger(__name__)
