@@ -772,8 +772,10 @@ class SerialDriver:
                 except BlockingIOError:
                     continue
                 except OSError as error:
+                    await self._drop_pending(sink)
                     return _Lost(_LinkEnd.LOST, f"read failed: {error}")
                 if not data:
+                    await self._drop_pending(sink)
                     return _Lost(_LinkEnd.LOST, "device disconnected: read returned no data")
                 last_data_at = now
                 results = self._decoder.feed(data, now)
@@ -784,11 +786,21 @@ class SerialDriver:
                     # The reopen clears the decoder. A silence_timeout shorter than
                     # partial_timeout ends a partial frame here, so it is counted as
                     # incomplete, like a frame that partial_timeout ends.
-                    results += self._decoder.drop_pending()
                     await self._deliver(results, sink)
+                    await self._drop_pending(sink)
                     return _Lost(_LinkEnd.SILENT)
 
             await self._deliver(results, sink)
+
+    async def _drop_pending(self, sink: EventSink) -> None:
+        """Count and log the unfinished frame in the decoder as ``incomplete``, and reset it.
+
+        The read loop calls this before it returns for a reopen or a lost link, so ``run``
+        reports the device unavailable only after the drop. A frame that idle_gap framing
+        has not closed yet counts as incomplete too, because the link ended before the
+        silence that would close it.
+        """
+        await self._deliver(self._decoder.drop_pending(), sink)
 
     def _next_timeout(self, now: float, last_data_at: float) -> float | None:
         deadlines = []

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import os
 import tomllib
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -850,6 +851,67 @@ def test_driver_unplug_and_replug(
     events = [entry["event"] for entry in logs if entry["log_level"] != "debug"]
     assert events.count("device.unavailable") == 1
     assert events.count("device.available") == 2
+
+
+@pytest.mark.parametrize(
+    ("terminator", "writes", "expected"),
+    [
+        ("CR", [b"SECRET-12"], [("incomplete", 9)]),
+        # The frame grew past max_frame_length and was counted as too_long. The decoder
+        # still contains its last CR, which may start the CRLF that ends it, so the unplug
+        # finds buffered bytes that it must not count again as incomplete.
+        ("CRLF", [b"SECRET-" + b"9" * 3000 + b"\r"], [("too_long", None)]),
+        (
+            "CR",
+            [b"SECRET-" + b"9" * 3000, b"\rSECRET-1"],
+            [("too_long", None), ("incomplete", 8)],
+        ),
+    ],
+    ids=["partial", "discarding_too_long", "too_long_then_partial"],
+)
+def test_driver_unplug_counts_partial_frame(
+    pty_factory: PtyFactory,
+    run_driver: RunDriver,
+    link: Path,
+    terminator: str,
+    writes: list[bytes],
+    expected: list[tuple[str, int | None]],
+) -> None:
+    scanner = pty_factory()
+    point_link(link, scanner.path)
+    # A partial_timeout longer than the test, so only the unplug can drop the frame.
+    driver = SerialDriver(make_settings(str(link), terminator=terminator, partial_timeout=60))
+    reasons = [reason for reason, _ in expected]
+
+    async def scenario() -> None:
+        async with run_driver(driver) as recorder:
+            await recorder.wait_health(available=True)
+            # The pause lets the driver read each write before the next one and before the
+            # unplug hangs up the line, so a too_long frame crosses the limit before its
+            # terminator arrives.
+            for data in writes:
+                scanner.write(data)
+                await asyncio.sleep(0.2)
+            scanner.unplug()
+            lost = await recorder.wait_health(available=False)
+            # The reopens that fail must not count the frame again.
+            await recorder.until(lambda: driver.stats.failed_opens >= 2)
+
+        assert recorder.scans == []
+        assert recorder.dropped == [Dropped("test-scanner", reason) for reason in reasons]
+        assert driver.stats.dropped == Counter(reasons)
+        last_drop = max(i for i, event in enumerate(recorder.events) if isinstance(event, Dropped))
+        assert last_drop < recorder.events.index(lost)
+
+    with structlog.testing.capture_logs() as logs:
+        asyncio.run(scenario())
+
+    drops = [entry for entry in logs if entry["event"] == "serial.frame_dropped"]
+    assert [(entry["reason"], entry.get("size")) for entry in drops] == expected
+    assert "SECRET" not in repr(logs)
+    events = [entry["event"] for entry in logs if entry["log_level"] != "debug"]
+    last_drop_line = len(events) - 1 - events[::-1].index("serial.frame_dropped")
+    assert last_drop_line < events.index("device.unavailable")
 
 
 def test_driver_health_events_on_unplug(
