@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable
 
 import msgspec
 import structlog
-from aiohttp import web
+from aiohttp import HttpVersion11, hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 
@@ -109,7 +109,7 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
             "the connector failed to process the request; the cause is in its log",
         )
     if response.status >= 400:
-        request.app[METRICS_KEY].http_errors.labels(str(response.status)).inc()
+        request.app[METRICS_KEY].count_http_error(response.status)
     return response
 
 
@@ -143,12 +143,19 @@ class _ServerLogHandler(logging.Handler):
     aiohttp's HTTP parser rejects a malformed request before any handler runs, responds with
     its own plain-text 400, and logs the exception. That exception's message quotes the
     request bytes, a scanned value among them, and Python's fallback handler would write it
-    to standard error as a traceback over many lines.
+    to standard error as a traceback over many lines. The log record is the only trace of
+    that 400, so this handler also counts it in the metrics.
     """
+
+    def __init__(self, metrics: Metrics) -> None:
+        super().__init__()
+        self.metrics = metrics
 
     def emit(self, record: logging.LogRecord) -> None:
         error = record.exc_info[1] if record.exc_info else None
         if isinstance(error, HttpProcessingError):
+            # aiohttp responds with 400 to every request that its parser rejects.
+            self.metrics.count_http_error(400)
             _log_unparsable_request(record, error)
         elif record.levelno <= logging.DEBUG:
             log.debug("http.server_debug", message=record.getMessage())
@@ -178,14 +185,17 @@ def _log_unparsable_request(record: logging.LogRecord, error: HttpProcessingErro
         )
 
 
-def _http_server_logger() -> logging.Logger:
-    """Return the logger for aiohttp's request handler, which writes through structlog."""
-    logger = logging.getLogger(f"{__name__}.http_server")
-    logger.propagate = False
+def _http_server_logger(metrics: Metrics) -> logging.Logger:
+    """Create the logger for aiohttp's request handler, which writes through structlog.
+
+    Each application gets a logger of its own, so that its handler counts into that
+    application's metrics. The logger is not registered with logging.getLogger, which would
+    keep every logger it creates until the process exits.
+    """
     # aiohttp logs a client that speaks no HTTP (a TLS handshake on a plain port) at DEBUG.
-    logger.setLevel(logging.DEBUG)
-    if not any(isinstance(handler, _ServerLogHandler) for handler in logger.handlers):
-        logger.addHandler(_ServerLogHandler())
+    logger = logging.Logger(f"{__name__}.http_server", logging.DEBUG)
+    logger.propagate = False
+    logger.addHandler(_ServerLogHandler(metrics))
     return logger
 
 
@@ -281,17 +291,62 @@ def _unsupported_media_type(request: web.Request) -> web.Response | None:
     return None
 
 
-async def resolve_scan(request: web.Request) -> web.Response:
-    started = time.perf_counter()
-    config = _config(request)
-
+def _reject_by_headers(request: web.Request) -> web.Response | None:
+    """Return the 415 or 413 response for a scan request whose headers rule out its body."""
     unsupported = _unsupported_media_type(request)
     if unsupported is not None:
         return unsupported
 
-    limit = config.server.max_body_size
+    limit = _config(request).server.max_body_size
     if request.content_length is not None and request.content_length > limit:
-        raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=request.content_length)
+        too_large = web.HTTPRequestEntityTooLarge(
+            max_size=limit, actual_size=request.content_length
+        )
+        return _http_error_problem(request, too_large)
+    return None
+
+
+async def expect_scan_body(request: web.Request) -> web.StreamResponse | None:
+    """Send 100 Continue to a ResolveScan request, or the 413 or 415 that its headers decide.
+
+    On a listener without admission checks (no [auth] or [tls]), a request with
+    `Expect: 100-continue` whose headers already give it a 413 or 415 gets that response in
+    place of 100 Continue, so its client need not send the body. The response carries
+    `Connection: close`, because the client may or may not send the announced body and the
+    server could not tell a next request from it. With admission checks, a client is admitted
+    before it learns anything about its request, so it gets 100 Continue and the checks run
+    once the body is in. An expectation other than 100-continue gets 417, as aiohttp's own
+    handler gives. aiohttp calls this handler before the middlewares, so it counts its own
+    error responses.
+    """
+    metrics = request.app[METRICS_KEY]
+    expect = request.headers.get(hdrs.EXPECT, "")
+    if request.version != HttpVersion11:
+        return None
+    if expect.lower() != "100-continue":
+        metrics.count_http_error(417)
+        raise web.HTTPExpectationFailed(
+            text=f"Expect {expect[:100]!r} is not supported; send Expect: 100-continue or none"
+        )
+    if request.app[ADMISSION_KEY].state.auth is None:
+        rejected = _reject_by_headers(request)
+        if rejected is not None:
+            rejected.force_close()
+            metrics.count_http_error(rejected.status)
+            return rejected
+    await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    # The interim response is not part of the response body's size.
+    request.writer.output_size = 0
+    return None
+
+
+async def resolve_scan(request: web.Request) -> web.Response:
+    started = time.perf_counter()
+    config = _config(request)
+
+    rejected = _reject_by_headers(request)
+    if rejected is not None:
+        return rejected
     body = await request.read()
 
     try:
@@ -414,7 +469,7 @@ def build_app(runtime: Runtime, metrics_registry: Metrics) -> web.Application:
     app = web.Application(
         middlewares=[problem_middleware, admission_middleware],
         client_max_size=runtime.config.server.max_body_size,
-        handler_args={"logger": _http_server_logger()},
+        handler_args={"logger": _http_server_logger(metrics_registry)},
     )
     app[RUNTIME_KEY] = runtime
     admission = Admission(runtime.config, problem_response)
@@ -427,7 +482,7 @@ def build_app(runtime: Runtime, metrics_registry: Metrics) -> web.Application:
     runtime.certificates["gateway_tls"] = listener_certificate
     app[METRICS_KEY] = metrics_registry
     app[OPENAPI_KEY] = openapi_bytes()
-    app.router.add_post(SCAN_PATH, resolve_scan)
+    app.router.add_post(SCAN_PATH, resolve_scan, expect_handler=expect_scan_body)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/openapi.json", openapi)

@@ -89,6 +89,10 @@ class Metrics:
             child = self._decision_children[key] = self.decisions.labels(*key)
         child.inc()
 
+    def count_http_error(self, status: int) -> None:
+        """Count one error response under its status code."""
+        self.http_errors.labels(str(status)).inc()
+
     def count_dropped_read(self, device: str, reason: str) -> None:
         """Count one read that a device dropped, such as a malformed serial frame."""
         self.device_dropped_reads.labels(device, reason).inc()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -107,3 +108,45 @@ def test_invalid_meta_value_keeps_scrape(
     assert first["identity_connector_outbox_depth"] == 0.0
     warnings = log_events(daemon, "metrics.meta_value_invalid")
     assert [line["key"] for line in warnings] == [key]
+
+
+def http_errors(daemon: Daemon) -> dict[str, float]:
+    """Return the identity_connector_http_errors_total samples of one scrape, by status."""
+    reply = daemon.request("GET", "/metrics")
+    assert reply.status == 200, reply.body
+    return {
+        sample.labels["status"]: sample.value
+        for family in text_string_to_metric_families(reply.body.decode())
+        if family.name == "identity_connector_http_errors"
+        for sample in family.samples
+        if sample.name == "identity_connector_http_errors_total"
+    }
+
+
+SCAN_HEAD = b"POST /v1/identity/scan HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+
+# (case, request bytes) that aiohttp's HTTP parser rejects with a 400 before any handler runs.
+# aiohttp logs the second case, a TLS handshake on the plain-HTTP port, at DEBUG level.
+UNPARSABLE_REQUESTS: list[tuple[str, bytes]] = [
+    ("header over limit", SCAN_HEAD + b"X-Pad: " + b"x" * 9000 + b"\r\nContent-Length: 0\r\n\r\n"),
+    ("tls handshake", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 64 + b"\r\n\r\n"),
+]
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [case[1] for case in UNPARSABLE_REQUESTS],
+    ids=[case[0] for case in UNPARSABLE_REQUESTS],
+)
+def test_unparsable_request_counted(daemon: Daemon, request_bytes: bytes) -> None:
+    with socket.create_connection(("127.0.0.1", daemon.port), timeout=10) as sock:
+        sock.sendall(request_bytes)
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+
+    assert b" 400 " in received.split(b"\r\n", 1)[0]
+    assert http_errors(daemon) == {"400": 1.0}
+    assert [line["problem"] for line in log_events(daemon, "request.invalid")] == [
+        "unparsable-request"
+    ]

@@ -82,6 +82,29 @@ def send_with_headers(
         connection.close()
 
 
+def test_expect_continue_admits_before_header_checks(key_daemon: SecureDaemon) -> None:
+    # Without a key, a body over the limit must not earn a 413 before admission: the client
+    # gets 100 Continue, and once its body is in, the 401 that every unadmitted request gets.
+    body = b"x" * 20_000
+    head = (
+        "POST /v1/identity/scan HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Expect: 100-continue\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    with socket.create_connection(("127.0.0.1", key_daemon.port), timeout=10) as sock:
+        sock.sendall(head.encode())
+        interim = sock.recv(4096)
+        sock.sendall(body)
+        final = b""
+        while b"\r\n\r\n" not in final:
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            final += chunk
+
+    assert interim.startswith(b"HTTP/1.1 100 ")
+    assert final.startswith(b"HTTP/1.1 401 ")
+
+
 UNAUTHORIZED_CASES = [
     # (case, path, headers sent)
     ("missing key", "/openapi.json", []),

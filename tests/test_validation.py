@@ -424,3 +424,139 @@ def test_unsupported_media_type_detail(
     detail = reply.json()["detail"]
     assert words in detail
     assert "application/json" in detail
+
+
+def _read_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
+    """Read one response: its status, its headers with lower-case names, and its body.
+
+    The response must be the last bytes the server sent so far, because bytes after its body
+    are dropped.
+    """
+    buffer = b""
+    while b"\r\n\r\n" not in buffer:
+        chunk = sock.recv(65536)
+        assert chunk, f"the connection closed after {buffer!r}"
+        buffer += chunk
+    head, body = buffer.split(b"\r\n\r\n", 1)
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {}
+    for line in lines:
+        name, value = line.split(":", 1)
+        headers[name.strip().lower()] = value.strip()
+    length = int(headers.get("content-length", "0"))
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        assert chunk, f"the connection closed {length - len(body)} bytes before the body's end"
+        body += chunk
+    return int(status_line.split(" ", 2)[1]), headers, body
+
+
+def _http_errors(daemon: Daemon, status: int) -> float:
+    text = daemon.request("GET", "/metrics").body.decode()
+    prefix = f'identity_connector_http_errors_total{{status="{status}"}} '
+    for line in text.splitlines():
+        if line.startswith(prefix):
+            return float(line.removeprefix(prefix))
+    return 0.0
+
+
+SCAN_BODY = json.dumps(scan_body("KEY-SHOPPER-5f1c2b")).encode()
+OVERSIZED_SCAN_BODY = json.dumps({**scan_body("KEY-SHOPPER-5f1c2b"), "pad": "p" * 20000}).encode()
+
+# (case, request headers besides Host and Content-Length, body, statuses in the order they
+# arrive, problem type or None). Each body goes out only after a 100 Continue.
+EXPECT_CASES: list[tuple[str, dict[str, str], bytes, list[int], str | None]] = [
+    (
+        "over the limit",
+        {"Content-Type": "application/json", "Expect": "100-continue"},
+        OVERSIZED_SCAN_BODY,
+        [413],
+        "body-too-large",
+    ),
+    (
+        "not json",
+        {"Content-Type": "text/plain", "Expect": "100-continue"},
+        SCAN_BODY,
+        [415],
+        "unsupported-media-type",
+    ),
+    (
+        "charset not utf-8",
+        {"Content-Type": "application/json; charset=iso-8859-1", "Expect": "100-Continue"},
+        SCAN_BODY,
+        [415],
+        "unsupported-media-type",
+    ),
+    (
+        "unknown content-encoding",
+        {
+            "Content-Type": "application/json",
+            "Content-Encoding": "snappy",
+            "Expect": "100-continue",
+        },
+        SCAN_BODY,
+        [415],
+        "unsupported-content-encoding",
+    ),
+    (
+        "good request",
+        {"Content-Type": "application/json", "Expect": "100-continue"},
+        SCAN_BODY,
+        [100, 200],
+        None,
+    ),
+    (
+        "unknown expectation",
+        {"Content-Type": "application/json", "Expect": "x-unknown"},
+        OVERSIZED_SCAN_BODY,
+        [417],
+        None,
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("headers", "body", "statuses", "problem_type"),
+    [case[1:] for case in EXPECT_CASES],
+    ids=[case[0] for case in EXPECT_CASES],
+)
+def test_expect_continue_before_body(
+    shared_daemon: Daemon,
+    headers: dict[str, str],
+    body: bytes,
+    statuses: list[int],
+    problem_type: str | None,
+) -> None:
+    errors_before = _http_errors(shared_daemon, statuses[-1])
+    head = "POST /v1/identity/scan HTTP/1.1\r\nHost: x\r\n"
+    head += "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+    head += f"Content-Length: {len(body)}\r\n\r\n"
+
+    received = []
+    with socket.create_connection(("127.0.0.1", shared_daemon.port), timeout=10) as sock:
+        sock.sendall(head.encode())
+        status, response_headers, response_body = _read_response(sock)
+        received.append(status)
+        if status == 100:
+            sock.sendall(body)
+            status, response_headers, response_body = _read_response(sock)
+            received.append(status)
+
+    assert received == statuses
+    if status >= 400:
+        assert _http_errors(shared_daemon, status) == errors_before + 1
+    if status == 200:
+        assert json.loads(response_body)["action"] == "ACCEPT"
+    if problem_type is not None:
+        without_expect = {name: value for name, value in headers.items() if name != "Expect"}
+        reference = shared_daemon.request("POST", "/v1/identity/scan", body, without_expect)
+        assert response_headers["content-type"] == "application/problem+json"
+        assert response_headers["connection"] == "close"
+        assert json.loads(response_body)["type"].endswith(":" + problem_type)
+        assert json.loads(response_body) == reference.json()
+    faults = [
+        line
+        for line in shared_daemon.log_lines()
+        if line["event"] in ("request.failed", "http.server_error")
+    ]
+    assert faults == []
