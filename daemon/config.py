@@ -533,46 +533,18 @@ def _check_stores(config: Config, text: str, source: str, removed: set[str]) -> 
 
 
 def _check_devices(config: Config, text: str, source: str, indices: list[int]) -> list[_Problem]:
-    """Validate each [[devices]] table against its driver's settings.
+    """Check each [[devices]] table against its driver's settings and the other tables.
 
-    ``indices`` holds the place in the file of each table in ``config.devices``.
+    ``indices`` is the place in the file of each table in ``config.devices``.
     """
     if not config.devices:
         return []
     # Imported here because daemon.devices imports the drivers, which config loading
     # should not pay for when no device is configured.
-    from daemon.devices import device_table_error
+    from daemon.devices import device_table_errors
 
-    # device_table_error returns the first problem only, so each table it names is left
-    # out and the others are checked again. Its messages count the tables that are left,
-    # so their indices are mapped back to the tables' places in the file.
-    tables = list(config.devices)
-    indices = list(indices)
-
-    def file_index(match: re.Match[str]) -> str:
-        return f"devices.{indices[int(match.group(1))]}"
-
-    problems: list[_Problem] = []
-    while tables:
-        problem = device_table_error(tables)
-        if problem is None:
-            break
-        key_path, detail = problem
-        position = re.match(r"devices\.(\d+)", key_path)
-        if position is None:
-            problems.append(_problem(text, source, key_path, detail))
-            break
-        key_path = _DEVICE_INDEX.sub(file_index, key_path)
-        detail = _DEVICE_INDEX.sub(file_index, detail)
-        problems.append(_problem(text, source, key_path, detail))
-        del tables[int(position.group(1))]
-        del indices[int(position.group(1))]
-    return problems
-
-
-# "devices.2" in a key path or a device_table_error message, but not inside a quoted value
-# such as a device name.
-_DEVICE_INDEX = re.compile(r"(?<![\w.'\"])devices\.(\d+)\b")
+    problems = device_table_errors(list(config.devices), positions=indices)
+    return [_problem(text, source, key_path, detail) for key_path, detail in problems]
 
 
 def _describe_validation_error(detail: str, key_path: str) -> tuple[str, str]:
@@ -625,7 +597,9 @@ def _key_type(key_path: str) -> Any:
 def find_key_line(text: str, key_path: str) -> int | None:
     """Find the 1-based line where a dotted key such as ``policy.max_scan_age`` is set.
 
-    Array tables are addressed by index (``devices.1.kind``). Returns the line of the
+    Array tables and list items are addressed by index (``devices.1.kind``,
+    ``policy.exit_override.1``). An item of a list gets the line where the list's key is
+    written, which is where a list that spans several lines starts. Returns the line of the
     table header when the key itself is not written, and None when neither is.
     """
     parts = key_path.split(".") if key_path else []
@@ -647,7 +621,11 @@ def find_key_line(text: str, key_path: str) -> int | None:
             table = table_header.group(1).split(".")
         else:
             assignment = re.match(r"^([A-Za-z0-9_\-\"']+)\s*=", line)
-            if assignment and [*table, assignment.group(1).strip("\"'")] == parts:
+            if assignment is None:
+                continue
+            key = [*table, assignment.group(1).strip("\"'")]
+            # The key itself, or the list or inline table that contains the item it names.
+            if key == parts[: len(key)]:
                 return number
             continue
         if table == parts[: len(table)] and header_line is None and table:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import fnmatch
 import http.client
 import importlib
@@ -18,7 +19,7 @@ import sqlite3
 import sys
 import time
 import typing
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -111,79 +112,133 @@ def make_driver(table: dict[str, Any]) -> Driver:
         raise DriverUnavailable(str(error)) from None
 
 
-def device_table_error(tables: list[dict[str, Any]]) -> tuple[str, str] | None:
-    """Return the dotted key and the problem of the first invalid device table, or None."""
-    names: dict[str, int] = {}
-    paths: dict[str, int] = {}
-    sources: dict[tuple[str, str], int] = {}
+def device_table_errors(
+    tables: list[dict[str, Any]], positions: Sequence[int] | None = None
+) -> list[tuple[str, str]]:
+    """Check every device table, and return the dotted key and problem of each invalid one.
+
+    Each table gets at most one problem, in table order. A table with a problem is left out
+    of the checks between tables (unique names, serial paths, PC/SC readers and HID
+    matches), so no later table is reported for clashing with it. Messages name a table as
+    ``devices.N``, where N is its index in ``tables``, or ``positions[N]`` when given, such
+    as its place in the file after other items of the list were left out.
+    """
+    if positions is None:
+        positions = range(len(tables))
+    if len(positions) != len(tables):
+        raise ValueError(
+            f"expected one position per device table, got {len(positions)} for {len(tables)}"
+        )
+    labels = [f"devices.{position}" for position in positions]
+
+    problems: list[tuple[str, str]] = []
+    claims = _Claims()
     for index, table in enumerate(tables):
-        prefix = f"devices.{index}"
-        kind = table.get("kind")
-        if kind is None:
-            return f"{prefix}.kind", f"missing key: set kind to one of {', '.join(KINDS)}"
-        if kind not in KINDS:
-            return f"{prefix}.kind", f"invalid kind {kind!r}: use one of {', '.join(KINDS)}"
+        problem = _table_error(table) or _clash_error(table, claims, tables, labels)
+        if problem is None:
+            claims.add(index, table)
+            continue
+        key, detail = problem
+        problems.append((f"{labels[index]}.{key}" if key else labels[index], detail))
+    return problems
 
-        try:
-            decode_settings(table)
-        except DriverUnavailable:
-            # NOTE: without the optional package only name and station are checked here; the
-            # device then reports itself unavailable, and the gateway keeps being served.
-            pass
-        except msgspec.ValidationError as error:
-            key, detail = _describe(str(error), table)
-            if key is not None and detail.startswith("Invalid enum value"):
-                detail += _allowed_values_hint(kind, key)
-            elif key is not None and detail.startswith("Expected `"):
-                # msgspec names the type it expected, such as "Expected `int`, got `str`".
-                detail = _expected_value_message(kind, key, table.get(key)) or detail
-            return (f"{prefix}.{key}" if key else prefix), detail
 
-        problem = _common_key_error(table, kind)
-        if problem is not None:
-            return f"{prefix}.{problem[0]}", problem[1]
+def device_table_error(tables: list[dict[str, Any]]) -> tuple[str, str] | None:
+    """Return the first problem that device_table_errors finds, or None."""
+    problems = device_table_errors(tables)
+    return problems[0] if problems else None
 
-        name = table["name"]
-        if name in names:
-            return (
-                f"{prefix}.name",
-                f"duplicate device name {name!r}: devices.{names[name]} has it too; give"
-                " each device a unique name",
-            )
-        names[name] = index
 
+def _table_error(table: dict[str, Any]) -> tuple[str | None, str] | None:
+    """Check one table on its own, and return its key (None for the whole table) and problem."""
+    kind = table.get("kind")
+    if kind is None:
+        return "kind", f"missing key: set kind to one of {', '.join(KINDS)}"
+    if kind not in KINDS:
+        return "kind", f"invalid kind {kind!r}: use one of {', '.join(KINDS)}"
+
+    try:
+        decode_settings(table)
+    except DriverUnavailable:
+        # NOTE: without the optional package only name and station are checked here; the
+        # device then reports itself unavailable, and the gateway keeps being served.
+        pass
+    except msgspec.ValidationError as error:
+        key, detail = _describe(str(error), table)
+        if key is not None and detail.startswith("Invalid enum value"):
+            detail += _allowed_values_hint(kind, key)
+        elif key is not None and detail.startswith("Expected `"):
+            # msgspec names the type it expected, such as "Expected `int`, got `str`".
+            detail = _expected_value_message(kind, key, table.get(key)) or detail
+        return key, detail
+
+    return _common_key_error(table, kind)
+
+
+@dataclass(slots=True)
+class _Claims:
+    """The names and devices that valid tables use, each mapped to the table's index."""
+
+    names: dict[str, int] = dataclasses.field(default_factory=dict)
+    serial_paths: dict[str, int] = dataclasses.field(default_factory=dict)
+    sources: dict[tuple[str, str], int] = dataclasses.field(default_factory=dict)
+    """PC/SC ``reader`` and HID ``match`` patterns, by (kind, pattern)."""
+
+    def add(self, index: int, table: dict[str, Any]) -> None:
+        kind = table["kind"]
+        self.names[table["name"]] = index
         path = table.get("path")
         if kind == "serial" and isinstance(path, str):
-            # Only the first device could lock the port, so the second would stay
-            # unavailable. NOTE: two different paths to one tty, such as its by-id link
-            # and /dev/ttyACM0, are not caught, because the links exist only while the
-            # scanner is plugged in.
-            path = os.path.normpath(path)
-            if path in paths:
-                return (
-                    f"{prefix}.path",
-                    f"duplicate path {table['path']!r}: devices.{paths[path]} reads it"
-                    " already, and a serial port can be opened by one device only; remove"
-                    " one of the two tables or fix its path",
-                )
-            paths[path] = index
-
+            self.serial_paths[os.path.normpath(path)] = index
         source_key = _SHARED_SOURCE_KEYS.get(kind)
         source = table.get(source_key) if source_key else None
-        if source_key and isinstance(source, str):
-            # The first table would grab the device (an exclusive grab for HID, the first
-            # matching reader for PC/SC), and the second would never get a scan.
-            if (kind, source) in sources:
-                return (
-                    f"{prefix}.{source_key}",
-                    f"duplicate {source_key} {source!r}: devices.{sources[(kind, source)]}"
-                    f" uses it already, so this table would never get a scan; remove one of"
-                    f" the two tables or make its {source_key} name another device",
-                )
-            overlap = _pattern_overlap_error(kind, source, sources, tables)
-            if overlap is not None:
-                return f"{prefix}.{source_key}", overlap
-            sources[(kind, source)] = index
+        if isinstance(source, str):
+            self.sources[(kind, source)] = index
+
+
+def _clash_error(
+    table: dict[str, Any], claims: _Claims, tables: list[dict[str, Any]], labels: list[str]
+) -> tuple[str, str] | None:
+    """Check a valid table against the earlier valid ones, and return its key and problem."""
+    kind = table["kind"]
+    name = table["name"]
+    if name in claims.names:
+        return (
+            "name",
+            f"duplicate device name {name!r}: {labels[claims.names[name]]} has it too; give"
+            " each device a unique name",
+        )
+
+    path = table.get("path")
+    if kind == "serial" and isinstance(path, str):
+        # Only the first device could lock the port, so the second would stay
+        # unavailable. NOTE: two different paths to one tty, such as its by-id link
+        # and /dev/ttyACM0, are not caught, because the links exist only while the
+        # scanner is plugged in.
+        earlier = claims.serial_paths.get(os.path.normpath(path))
+        if earlier is not None:
+            return (
+                "path",
+                f"duplicate path {path!r}: {labels[earlier]} reads it"
+                " already, and a serial port can be opened by one device only; remove"
+                " one of the two tables or fix its path",
+            )
+
+    source_key = _SHARED_SOURCE_KEYS.get(kind)
+    source = table.get(source_key) if source_key else None
+    if source_key and isinstance(source, str):
+        # The first table would grab the device (an exclusive grab for HID, the first
+        # matching reader for PC/SC), and the second would never get a scan.
+        if (kind, source) in claims.sources:
+            return (
+                source_key,
+                f"duplicate {source_key} {source!r}: {labels[claims.sources[(kind, source)]]}"
+                f" uses it already, so this table would never get a scan; remove one of"
+                f" the two tables or make its {source_key} name another device",
+            )
+        overlap = _pattern_overlap_error(kind, source, claims.sources, tables, labels)
+        if overlap is not None:
+            return source_key, overlap
     return None
 
 
@@ -219,7 +274,11 @@ _PATTERN_OVERLAPS = {
 
 
 def _pattern_overlap_error(
-    kind: str, pattern: str, earlier: dict[tuple[str, str], int], tables: list[dict[str, Any]]
+    kind: str,
+    pattern: str,
+    earlier: dict[tuple[str, str], int],
+    tables: list[dict[str, Any]],
+    labels: list[str],
 ) -> str | None:
     """Describe how a PC/SC ``reader`` or HID ``match`` glob overlaps an earlier table's.
 
@@ -246,7 +305,7 @@ def _pattern_overlap_error(
         else:
             continue
         return (
-            f"{overlap} of devices.{index} ({tables[index]['name']!r}), so"
+            f"{overlap} of {labels[index]} ({tables[index]['name']!r}), so"
             f" {overlap_kind.consequence}; make the two patterns disjoint, for example by"
             f" {overlap_kind.example_fix}"
         )

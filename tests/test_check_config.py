@@ -611,9 +611,8 @@ MANY_PROBLEM_CASES = [
         "[server_extra]\n",
         [
             ('store_id = "STORE-009"', "local.store_id"),
-            # find_key_line places a list item at its table's header.
-            ("[policy]", "policy.exit_override.1"),
-            ("[policy]", "policy.exit_override.2"),
+            ("exit_override = [", "policy.exit_override.1"),
+            ("exit_override = [", "policy.exit_override.2"),
             ("max_scan_age = 300", "policy.max_scan_age"),
             ("[server_extra]", "server_extra"),
         ],
@@ -670,6 +669,116 @@ def test_check_config_maps_device_indices(tmp_path: Path) -> None:
 
     assert result.returncode == 2, result.stdout
     assert "duplicate device name 'scanner-2': devices.1 has it too" in result.stderr
+
+
+# (device tables written after the base configuration, then each problem as (index of the
+# table, key that the message names, fragment of the message)), in file order. Every table
+# with a problem is listed in one run. A table with a problem is left out of the checks
+# between tables, so no later table is reported for clashing with it.
+DEVICE_PROBLEM_CASES = [
+    pytest.param(
+        [
+            device_table("serial", {"baudrate": '"fast"'}, name="serial-1"),
+            device_table("pcsc", {"reader": '"ACS ACR122U PICC 00 00"'}, name="pcsc-1"),
+            device_table("hid", {"layout": '"fr"'}, name="hid-1"),
+            device_table("pcsc", {"reader": '"ACS*"'}, name="pcsc-2"),
+        ],
+        [
+            (0, "baudrate", "invalid value 'fast': baudrate must be an integer"),
+            (2, "layout", "Invalid enum value 'fr'; use one of us, de"),
+            (
+                3,
+                "reader",
+                "glob 'ACS*' matches the reader 'ACS ACR122U PICC 00 00' of devices.1 ('pcsc-1')",
+            ),
+        ],
+        id="two-bad-tables-and-reader-overlap",
+    ),
+    pytest.param(
+        [
+            device_table("hid", {"match": '"Wedge Scanner"'}, name="hid-1"),
+            device_table("serial", {"stopbits": "3"}, name="serial-1"),
+            device_table("pcsc", {"poll_interval": '"25h"'}, name="pcsc-1"),
+            device_table("hid", {"match": '"Wedge*"'}, name="hid-2"),
+        ],
+        [
+            (1, "stopbits", "invalid value 3.0, expected 1, 1.5 or 2"),
+            (2, "poll_interval", "invalid duration '25h': use 24h or less"),
+            (
+                3,
+                "match",
+                "glob 'Wedge*' matches the input device name 'Wedge Scanner' of devices.0"
+                " ('hid-1')",
+            ),
+        ],
+        id="two-bad-tables-and-match-overlap",
+    ),
+    pytest.param(
+        [
+            device_table("serial", {}, name="serial-1"),
+            device_table("serial", {"path": '"/dev/ttyACM1"'}, name="serial-1"),
+            device_table("serial", {"path": '"/dev/./ttyACM0"'}, name="serial-2"),
+            device_table("hid", {"match": '"Wedge Scanner"'}, name="hid-1"),
+            device_table("hid", {"match": '"Wedge*"'}, name="hid-2"),
+        ],
+        [
+            (1, "name", "duplicate device name 'serial-1': devices.0 has it too"),
+            (2, "path", "duplicate path '/dev/./ttyACM0': devices.0 reads it already"),
+            (4, "match", "glob 'Wedge*' matches the input device name 'Wedge Scanner'"),
+        ],
+        id="name-path-and-match-clashes",
+    ),
+    pytest.param(
+        [
+            device_table("serial", {"baudrate": "0"}, name="serial-1"),
+            device_table("serial", {}, name="serial-2"),
+            device_table("hid", {"match": '"Wedge*"', "layout": '"fr"'}, name="hid-1"),
+            device_table("hid", {"match": '"Wedge Scanner"'}, name="hid-2"),
+        ],
+        [
+            (0, "baudrate", "invalid value 0: baudrate must be an integer from 50"),
+            (2, "layout", "Invalid enum value 'fr'"),
+        ],
+        id="no-clash-with-bad-table",
+    ),
+    # The duplicate name contains text that reads like a table's index.
+    pytest.param(
+        [
+            device_table("serial", {"kind": '"laser"'}, name="serial-1"),
+            device_table("serial", {}, name="spare devices.0"),
+            device_table("serial", {"path": '"/dev/ttyACM1"'}, name="spare devices.0"),
+        ],
+        [
+            (0, "kind", "invalid kind 'laser'"),
+            (2, "name", "duplicate device name 'spare devices.0': devices.1 has it too"),
+        ],
+        id="name-with-index-text",
+    ),
+]
+
+
+@pytest.mark.parametrize(("tables", "expected"), DEVICE_PROBLEM_CASES)
+def test_check_config_lists_device_problems(
+    tmp_path: Path, tables: list[list[str]], expected: list[tuple[int, str, str]]
+) -> None:
+    for kind in ("serial", "pcsc", "hid"):
+        pytest.importorskip(DRIVER_MODULES[kind])
+    text = "\n\n".join("\n".join(table) for table in tables)
+    config = write_config(tmp_path, free_port(), text + "\n")
+    lines = config.read_text(encoding="utf-8").splitlines()
+    headers = [number for number, line in enumerate(lines) if line == "[[devices]]"]
+
+    result = run_cli("check-config", str(config))
+
+    assert result.returncode == 2, result.stdout
+    positions = []
+    for index, key, message in expected:
+        key_line = next(n for n in range(headers[index], len(lines)) if lines[n].startswith(key))
+        fragment = f"error: {config}: line {key_line + 1}, key devices.{index}.{key}: {message}"
+        assert fragment in result.stderr
+        positions.append(result.stderr.index(fragment))
+    assert positions == sorted(positions)
+    assert result.stderr.count("error: ") == len(expected)
 
 
 def test_check_config_caps_problem_list(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""[[devices]] and [local] validation: errors name the key and its line."""
+"""[[devices]], [local] and list validation: errors name the key and its line."""
 
 from __future__ import annotations
 
@@ -202,6 +202,21 @@ CASES = [
         10,
         "invalid network 'loopback'",
     ),
+    # An item of a list is reported at the line of the list's key.
+    BadConfig(
+        "list-item-one-line",
+        '\n[policy]\nexit_override = ["SUSPENDED", "EXPIRD"]\n',
+        "policy.exit_override.1",
+        11,
+        "Invalid enum value 'EXPIRD'",
+    ),
+    BadConfig(
+        "list-item-multi-line",
+        '\n[policy]\nexit_override = [\n    "SUSPENDED",\n    "EXPIRD",\n]\n',
+        "policy.exit_override.1",
+        11,
+        "Invalid enum value 'EXPIRD'",
+    ),
     BadConfig(
         "local-store-not-served",
         '\n[local]\nstore_id = "STORE-999"\n',
@@ -247,3 +262,24 @@ def test_check_config_names_key_and_line(tmp_path: Path) -> None:
 
     assert result.returncode == 2
     assert f"{path}: line 15, key devices.1.baud: unknown key" in result.stderr
+
+
+def test_inline_device_list_keeps_places() -> None:
+    # The first item is left out while converting, and the problems of the others still
+    # name them by their place in the list, at the line of the list's key.
+    text = (
+        'devices = [\n    "scanner-0",\n'
+        '    {name = "scanner-1", kind = "serial", station = "x", path = "/dev/ttyACM0"},\n'
+        '    {name = "scanner-1", kind = "serial", station = "x", path = "/dev/ttyACM1"},\n'
+        ']\n\n[stores]\nids = ["STORE-001"]\n'
+    )
+
+    with pytest.raises(ConfigError) as raised:
+        parse_config(text, source="config.toml")
+
+    message = str(raised.value)
+    assert "config.toml: line 1, key devices.0: Expected `object`, got `str`" in message
+    assert (
+        "config.toml: line 1, key devices.2.name: duplicate device name 'scanner-1':"
+        " devices.1 has it too" in message
+    )
