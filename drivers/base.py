@@ -8,6 +8,7 @@ verdict back through ``feedback`` for devices that can beep or blink.
 from __future__ import annotations
 
 import asyncio
+import fnmatch
 import math
 import re
 from collections.abc import Awaitable, Callable
@@ -75,6 +76,16 @@ class Driver(Protocol):
 # than any setting. Without the limit, base * 2**attempt raises OverflowError once attempt
 # passes 1023, which a scanner left unplugged for hours reaches.
 MAX_BACKOFF_DOUBLINGS = 64
+
+
+def name_matches(name: str, pattern: str) -> bool:
+    """Tell whether a device or reader name matches a configured glob (case-sensitive).
+
+    A pattern equal to the name matches it as written. A name with brackets, such as
+    ``Example Reader [Contactless] 00 00``, would otherwise match nothing when copied in
+    full, because a glob reads "[...]" as a set of characters.
+    """
+    return name == pattern or fnmatch.fnmatchcase(name, pattern)
 
 
 def backoff_delay(attempt: int, base: float, cap: float) -> float:

@@ -8,7 +8,6 @@ scanner types in. A scan ends on Enter, keypad Enter or Tab.
 from __future__ import annotations
 
 import asyncio
-import fnmatch
 import os
 import unicodedata
 from collections.abc import Iterable
@@ -29,6 +28,7 @@ from drivers.base import (
     HealthReporter,
     LogThrottle,
     Scan,
+    name_matches,
     parse_duration,
     parse_positive_duration_setting,
     wait_readable,
@@ -347,7 +347,7 @@ class HidDriver:
                 log.debug("hid.open_failed", device=self.name, path=path, error=str(error))
                 unreadable.append(f"{path}: {error.strerror or error}")
                 continue
-            if fnmatch.fnmatchcase(device.name, pattern):
+            if name_matches(device.name, pattern):
                 return device
             device.close()
 

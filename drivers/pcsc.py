@@ -38,6 +38,7 @@ from drivers.base import (
     EventSink,
     Health,
     Scan,
+    name_matches,
     parse_duration,
     parse_duration_setting,
     parse_positive_duration_setting,
@@ -272,7 +273,7 @@ class _Session:
     def find_readers(self) -> list[str]:
         """Return the readers matching the glob, in name order."""
         return sorted(
-            name for name in self.list_readers() if fnmatch.fnmatchcase(name, self._settings.reader)
+            name for name in self.list_readers() if name_matches(name, self._settings.reader)
         )
 
     def wait_for_change(

@@ -579,6 +579,23 @@ def test_driver_explicit_path(backend: FakeBackend, run_driver: RunDriver) -> No
     asyncio.run(scenario())
 
 
+def test_driver_matches_full_name_with_brackets(
+    backend: FakeBackend, run_driver: RunDriver
+) -> None:
+    # A name copied in full is matched as written, although a glob reads "[...]" as a set.
+    name = "Example Scanner [Keyboard Wedge] 01"
+    scanner = backend.add("/dev/input/event3", name)
+    driver = HidDriver(make_settings(match=name), backend=backend)
+
+    async def scenario() -> None:
+        async with run_driver(driver) as recorder:
+            await recorder.wait_health(available=True)
+
+        assert scanner.open_handles == 0
+
+    asyncio.run(scenario())
+
+
 def test_driver_german_layout(backend: FakeBackend, run_driver: RunDriver) -> None:
     scanner = backend.add("/dev/input/event3", "Example Scanner Keyboard")
     driver = HidDriver(make_settings(layout="de"), backend=backend)
