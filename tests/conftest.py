@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 REPO = Path(__file__).resolve().parent.parent
 START_TIMEOUT = 20.0
@@ -323,6 +324,22 @@ def import_records(config: Path, records: list[dict[str, Any]], directory: Path)
     # An empty file still creates the database, and import exits 1 with a warning for it.
     expected = 0 if records else 1
     assert result.returncode == expected, result.stderr
+
+
+def labelled_samples(daemon: Daemon, family: str, label: str) -> dict[str, float]:
+    """Return one scrape's samples of a metric family by the value of ``label``.
+
+    For a counter, only the ``_total`` samples count. A failed scrape fails the test.
+    """
+    reply = daemon.request("GET", "/metrics")
+    assert reply.status == 200, reply.body
+    return {
+        sample.labels[label]: sample.value
+        for metric in text_string_to_metric_families(reply.body.decode())
+        if metric.name == family
+        for sample in metric.samples
+        if sample.name in (family, f"{family}_total")
+    }
 
 
 def edit_config(config: Path, *replacements: tuple[str, str]) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import Daemon, make_daemon
+from tests.conftest import Daemon, labelled_samples, make_daemon
 from tests.fakehq import FakeHq, hq_config, log_events, set_meta
 
 # The meta keys of the sync ages and the outbox drop count, each with a valid value.
@@ -110,19 +110,6 @@ def test_invalid_meta_value_keeps_scrape(
     assert [line["key"] for line in warnings] == [key]
 
 
-def http_errors(daemon: Daemon) -> dict[str, float]:
-    """Return the identity_connector_http_errors_total samples of one scrape, by status."""
-    reply = daemon.request("GET", "/metrics")
-    assert reply.status == 200, reply.body
-    return {
-        sample.labels["status"]: sample.value
-        for family in text_string_to_metric_families(reply.body.decode())
-        if family.name == "identity_connector_http_errors"
-        for sample in family.samples
-        if sample.name == "identity_connector_http_errors_total"
-    }
-
-
 SCAN_HEAD = b"POST /v1/identity/scan HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
 
 # (case, request bytes) that aiohttp's HTTP parser rejects with a 400 before any handler runs.
@@ -146,7 +133,7 @@ def test_unparsable_request_counted(daemon: Daemon, request_bytes: bytes) -> Non
             received += chunk
 
     assert b" 400 " in received.split(b"\r\n", 1)[0]
-    assert http_errors(daemon) == {"400": 1.0}
+    assert labelled_samples(daemon, "identity_connector_http_errors", "status") == {"400": 1.0}
     assert [line["problem"] for line in log_events(daemon, "request.invalid")] == [
         "unparsable-request"
     ]

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
-from prometheus_client.parser import text_string_to_metric_families
 
+from tests.conftest import labelled_samples
 from tests.tls_helpers import (
     CertificateAuthority,
     Issued,
@@ -343,14 +343,9 @@ def not_after(issued: Issued) -> float:
 
 
 def certificate_samples(daemon: SecureDaemon) -> dict[str, float]:
-    reply = daemon.request("GET", "/metrics")
-    assert reply.status == 200, reply.body
-    return {
-        sample.labels["certificate"]: sample.value
-        for family in text_string_to_metric_families(reply.body.decode())
-        if family.name == "identity_connector_certificate_not_after_seconds"
-        for sample in family.samples
-    }
+    return labelled_samples(
+        daemon, "identity_connector_certificate_not_after_seconds", "certificate"
+    )
 
 
 def test_metrics_show_listener_certificate_expiry(

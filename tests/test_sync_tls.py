@@ -9,9 +9,8 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
-from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import SAMPLE_RECORDS, make_daemon, run_cli
+from tests.conftest import SAMPLE_RECORDS, labelled_samples, make_daemon, run_cli
 from tests.fakehq import FakeHq, hq_config, local_versions, versions_of
 from tests.tls_helpers import CertificateAuthority
 
@@ -112,15 +111,11 @@ def test_metrics_show_client_certificate_expiry(
     daemon = make_daemon(directory, hq_config(hq, directory, tls), records=[])
     daemon.start()
     try:
-        reply = daemon.request("GET", "/metrics")
+        samples = labelled_samples(
+            daemon, "identity_connector_certificate_not_after_seconds", "certificate"
+        )
     finally:
         daemon.stop()
-    samples = {
-        sample.labels["certificate"]: sample.value
-        for family in text_string_to_metric_families(reply.body.decode())
-        if family.name == "identity_connector_certificate_not_after_seconds"
-        for sample in family.samples
-    }
     expected = x509.load_der_x509_certificate(client.der).not_valid_after_utc.timestamp()
 
     assert samples == {"hq_client": expected}

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Daemon, Reply, now_rfc3339, scan_body
+from tests.conftest import Daemon, Reply, labelled_samples, now_rfc3339, scan_body
 
 UUID = "0f8fad5b-d9cb-469f-a165-70867728950e"
 MISSING = object()
@@ -452,12 +452,8 @@ def _read_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
 
 
 def _http_errors(daemon: Daemon, status: int) -> float:
-    text = daemon.request("GET", "/metrics").body.decode()
-    prefix = f'identity_connector_http_errors_total{{status="{status}"}} '
-    for line in text.splitlines():
-        if line.startswith(prefix):
-            return float(line.removeprefix(prefix))
-    return 0.0
+    samples = labelled_samples(daemon, "identity_connector_http_errors", "status")
+    return samples.get(str(status), 0.0)
 
 
 SCAN_BODY = json.dumps(scan_body("KEY-SHOPPER-5f1c2b")).encode()
