@@ -19,7 +19,10 @@ from daemon.store import SynchronousMode
 
 DEFAULT_CONFIG_PATH = Path("/etc/identity-connector/config.toml")
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
+# A duration is one or more number-unit pairs, such as "30s" or "1h30m"; the same forms as
+# the duration settings of [[devices]] tables (drivers.base.parse_duration).
+_DURATION = re.compile(r"^(?:\s*\d+(?:\.\d+)?\s*(?:ms|s|m|h|d))+\s*$")
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
 OverridableReason = Literal[
@@ -43,13 +46,13 @@ class Duration(float):
 
 def parse_duration(text: str) -> Duration:
     """Convert "5m"-style text to seconds, raising ValueError with the accepted forms."""
-    match = _DURATION.match(text)
-    if match is None:
+    if _DURATION.match(text) is None:
         raise ValueError(
             f"invalid duration {text!r}: write a number and a unit, one of ms, s, m, h, d"
-            ' (for example "30s" or "24h")'
+            ' (for example "30s", "24h" or "1h30m")'
         )
-    return Duration(float(match.group(1)) * _UNIT_SECONDS[match.group(2)])
+    parts = _DURATION_PART.findall(text)
+    return Duration(sum(float(number) * _UNIT_SECONDS[unit] for number, unit in parts))
 
 
 def _decode_hook(kind: type, value: Any) -> Any:

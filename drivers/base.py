@@ -99,11 +99,11 @@ async def sleep_backoff(attempt: int, base: float, cap: float) -> None:
 
 
 # Durations in settings: seconds as a number, or a string of number-unit pairs
-# such as "1.5s", "200ms", "5m" or "1h30m".
+# such as "1.5s", "200ms", "5m", "1h30m" or "7d".
 Duration = float | str
 
-_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 
 
 def parse_duration(value: float | str) -> float:

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 
+from daemon.config import parse_config
 from tests.conftest import free_port, run_cli, write_config
 from tests.tls_helpers import CertificateAuthority
 
@@ -519,7 +520,25 @@ def test_check_config_rejects_device_setting(
 
 # Duration forms that every device kind accepts: seconds as a TOML number, or a string of
 # number-unit pairs.
-DURATION_FORMS = ["1", "2.5", '"250ms"', '"1m30s"', '"1h"']
+DURATION_FORMS = ["1", "2.5", '"250ms"', '"1m30s"', '"1h"', '"1d"']
+
+
+# Duration strings that the rest of the configuration accepts too, with their seconds.
+CONFIG_DURATION_FORMS = [
+    ('"90s"', 90.0),
+    ('"1m30s"', 90.0),
+    ('"1.5m"', 90.0),
+    ('"1m 30s"', 90.0),
+    ('"90 s"', 90.0),
+    ('"0.025h"', 90.0),
+]
+
+
+@pytest.mark.parametrize(("value", "seconds"), CONFIG_DURATION_FORMS)
+def test_config_durations_take_device_forms(value: str, seconds: float) -> None:
+    text = f'[stores]\nids = ["S1"]\n[policy]\nmax_scan_age = {value}\n'
+
+    assert parse_config(text).policy.max_scan_age == pytest.approx(seconds)
 
 
 @pytest.mark.parametrize("value", DURATION_FORMS)
