@@ -92,7 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     check = commands.add_parser("check-config", help="validate a configuration file")
-    check.add_argument("file", type=Path)
+    check.add_argument(
+        "file",
+        type=Path,
+        help="the TOML configuration to check, such as /etc/identity-connector/config.toml;"
+        " every problem is listed with its line and key",
+    )
 
     with_config(
         commands.add_parser(
@@ -189,7 +194,8 @@ def _print_json_error(message: str, kind: str) -> None:
 
 def _check_config(path: Path) -> int:
     """Validate a configuration with the checks `serve` makes when it starts."""
-    config = load_config(path)
+    # The listener's exposure is checked with the rest of the file, so one run lists it too.
+    config = load_config(path, check_listener=True)
     # To stderr, like the other commands: the [hq] check logs a warning when no token is set.
     configure_logging(
         config.logging.level,
@@ -197,8 +203,7 @@ def _check_config(path: Path) -> int:
         stream=sys.stderr,
         journal_socket=config.logging.journal_socket,
     )
-    # The listener's exposure, and every key, certificate and CA file it would read.
-    security.check_listener_safety(config)
+    # Every key, certificate and CA file the listener would read.
     state = security.load_state(config)
     if config.tls is not None and state.tls_material is not None:
         security.warn_certificate_dates(config.tls, state.tls_material)

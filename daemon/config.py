@@ -324,8 +324,8 @@ class Config(_Section):
     """Scanner tables; each driver validates its own keys."""
 
 
-def load_config(path: Path | str) -> Config:
-    """Read and validate a TOML configuration file.
+def load_config(path: Path | str, check_listener: bool = False) -> Config:
+    """Read and validate a TOML configuration file, as ``parse_config`` does.
 
     Raises ConfigError whose message names the file, the key and its line.
     """
@@ -342,13 +342,15 @@ def load_config(path: Path | str) -> Config:
         ) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read configuration file {path}: {exc}") from None
-    return parse_config(text, source=str(path))
+    return parse_config(text, source=str(path), check_listener=check_listener)
 
 
-def parse_config(text: str, source: str = "<config>") -> Config:
+def parse_config(text: str, source: str = "<config>", check_listener: bool = False) -> Config:
     """Validate configuration text; ``source`` names it in error messages.
 
-    Raises one ConfigError that lists every problem found, one per line in file order.
+    Raises one ConfigError that lists every problem found, one per line in file order. With
+    ``check_listener``, a listener off loopback without authentication is one of them, as
+    `serve` refuses it; other commands can read such a file.
     """
     try:
         data = tomllib.loads(text)
@@ -363,6 +365,11 @@ def parse_config(text: str, source: str = "<config>") -> Config:
         problems.extend(_check_stores(config, text, source, removed))
         device_indices = kept_indices.get(("devices",), list(range(len(config.devices))))
         problems.extend(_check_devices(config, text, source, device_indices))
+        # A listener check on a file whose [server], [auth] or [tls] lost a bad part would
+        # report a missing authentication that is only invalid.
+        listener_intact = not any(path.split(".")[0] in _LISTENER_SECTIONS for path in removed)
+        if check_listener and listener_intact:
+            problems.extend(_check_listener(config, text, source))
     if problems:
         raise ConfigError(_format_problems(problems, complete=config is not None))
     assert config is not None
@@ -442,6 +449,7 @@ def _convert_collecting(
             for name, index in re.findall(r"\.(\w+)|\[(\d+)\]", where.rstrip("`"))
         ]
         file_path = _file_path(path, kept_indices)
+        detail = _describe_type_error(detail, path, data)
         key_path, detail = _describe_validation_error(detail, ".".join(file_path))
         problems.append(_problem(text, source, key_path, detail))
 
@@ -513,7 +521,7 @@ def _remove(
 
 
 def _check_stores(config: Config, text: str, source: str, removed: set[str]) -> list[_Problem]:
-    """Check that [stores] ids is set and that [local] store_id is one of them."""
+    """Check that [stores] ids is set and that [local] and [hq] store_id are among them."""
     if not config.stores.ids:
         if any(path == "stores" or path.startswith("stores.ids") for path in removed):
             return []  # already reported as invalid
@@ -526,13 +534,32 @@ def _check_stores(config: Config, text: str, source: str, removed: set[str]) -> 
                 ' serves, for example [stores] ids = ["STORE-001"]',
             )
         ]
-    if config.local.store_id and config.local.store_id not in config.stores.ids:
-        detail = (
-            f"store {config.local.store_id!r} is not in [stores] ids; use one of"
-            f" {', '.join(config.stores.ids)} or leave it empty"
-        )
-        return [_problem(text, source, "local.store_id", detail)]
-    return []
+    problems = []
+    for key, store_id in (
+        ("local.store_id", config.local.store_id),
+        ("hq.store_id", config.hq.store_id if config.hq is not None else ""),
+    ):
+        if store_id and store_id not in config.stores.ids:
+            detail = (
+                f"store {store_id!r} is not in [stores] ids; use one of"
+                f" {', '.join(config.stores.ids)} or leave it empty"
+            )
+            problems.append(_problem(text, source, key, detail))
+    return problems
+
+
+_LISTENER_SECTIONS = frozenset({"server", "auth", "tls"})
+
+
+def _check_listener(config: Config, text: str, source: str) -> list[_Problem]:
+    """Check that a listener off loopback requires API keys or client certificates."""
+    # Imported here because daemon.security imports this module.
+    from daemon.security import listener_problem
+
+    problem = listener_problem(config)
+    if problem is None:
+        return []
+    return [_problem(text, source, "server.host", problem)]
 
 
 def _check_devices(config: Config, text: str, source: str, indices: list[int]) -> list[_Problem]:
@@ -548,6 +575,57 @@ def _check_devices(config: Config, text: str, source: str, indices: list[int]) -
 
     problems = device_table_errors(list(config.devices), positions=indices)
     return [_problem(text, source, key_path, detail) for key_path, detail in problems]
+
+
+_TYPE_MISMATCH = re.compile(r"Expected `(\w+)`, got `(\w+)`")
+# What a TOML value of each of msgspec's type names looks like.
+_TYPE_WORDS = {
+    "int": "a whole number",
+    "float": "a number",
+    "str": "a string in quotes",
+    "bool": "true or false",
+    "array": 'a list in brackets, such as ["A", "B"]',
+    "object": "a table",
+}
+
+
+def _describe_type_error(detail: str, path: list[str | int], data: dict[str, Any]) -> str:
+    """Turn msgspec's "Expected `int`, got `str`" into a sentence with the value and the fix."""
+    mismatch = _TYPE_MISMATCH.fullmatch(detail)
+    if mismatch is None or not path:
+        return detail
+    expected = _TYPE_WORDS.get(mismatch.group(1))
+    if expected is None:
+        return detail
+    value: Any = data
+    for part in path:
+        try:
+            value = value[part]
+        except (KeyError, IndexError, TypeError):
+            return detail
+    name = next((part for part in reversed(path) if isinstance(part, str)), "the key")
+    message = f"invalid value {_shown_value(value)}: {name} must be {expected}"
+    if mismatch.group(1) in ("int", "float") and isinstance(value, str):
+        try:
+            float(value)
+        except ValueError:
+            return message
+        message += "; remove the quotes around the number"
+    return message
+
+
+def _shown_value(value: Any) -> str:
+    """Show a TOML value in an error: a string in quotes and cut short, a list or table by kind."""
+    if isinstance(value, str):
+        shown = value if len(value) <= 60 else value[:57] + "..."
+        return f'"{shown}"'
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "a table"
+    return str(value)
 
 
 def _describe_validation_error(detail: str, key_path: str) -> tuple[str, str]:

@@ -77,16 +77,26 @@ def has_authentication(config: Config) -> bool:
     return api_keys or client_certificates
 
 
-def check_listener_safety(config: Config) -> None:
-    """Raise ConfigError when a non-loopback listener would admit clients without authentication."""
+def listener_problem(config: Config) -> str | None:
+    """Describe how a non-loopback listener would admit clients without authentication.
+
+    Returns None for a safe listener. The text starts with the key, ``host = ...``.
+    """
     host = config.server.host
     if is_loopback_host(host) or has_authentication(config):
-        return
-    raise ConfigError(
-        f"[server] host = {host!r} would expose the connector without authentication: add"
-        " [auth] api_key_files (API keys) or [tls] client_ca_file (client certificates),"
-        " or set host to 127.0.0.1 or ::1"
+        return None
+    return (
+        f"host = {host!r} would expose the connector without authentication: add [auth]"
+        " api_key_files (API keys) or [tls] client_ca_file (client certificates), or set"
+        " host to 127.0.0.1 or ::1"
     )
+
+
+def check_listener_safety(config: Config) -> None:
+    """Raise ConfigError when a non-loopback listener would admit clients without authentication."""
+    problem = listener_problem(config)
+    if problem is not None:
+        raise ConfigError(f"[server] {problem}")
 
 
 def log_listener_warnings(config: Config) -> None:

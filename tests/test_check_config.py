@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from daemon.config import parse_config
+from daemon.config import ConfigError, parse_config
 from tests.conftest import free_port, run_cli, write_config
 from tests.tls_helpers import CertificateAuthority
 
@@ -113,7 +114,7 @@ def test_table_check_names_key_line(tmp_path: Path, extra: str, key: str, offset
 HQ_CASES = [
     pytest.param(
         'store_id = "OTHER"\n',
-        "[hq] store_id 'OTHER' is not one of [stores] ids",
+        "key hq.store_id: store 'OTHER' is not in [stores] ids; use one of STORE-001, STORE-002",
         id="store-id-not-served",
     ),
     pytest.param(
@@ -825,4 +826,88 @@ def test_status_json_carries_every_problem(tmp_path: Path) -> None:
     assert error["errorKind"] == "configuration"
     assert error["error"].count("\n") == 1
     assert "key policy.max_cache_ag: unknown key" in error["error"]
-    assert "key auth.rate_burst: Expected `int`, got `str`" in error["error"]
+    assert "key auth.rate_burst: invalid value" in error["error"]
+
+
+# (case, TOML after [stores], the message for the key). msgspec's "Expected `int`, got `str`"
+# becomes a sentence with the value and what the key takes.
+TYPE_ERROR_CASES = [
+    (
+        "number in quotes",
+        '[server]\nport = "8081"\n',
+        'key server.port: invalid value "8081": port must be a whole number; remove the quotes'
+        " around the number",
+    ),
+    (
+        "word for a number",
+        '[auth]\nrate_burst = "many"\n',
+        'key auth.rate_burst: invalid value "many": rate_burst must be a whole number',
+    ),
+    (
+        "string for a list",
+        '[policy]\nexit_override = "SUSPENDED"\n',
+        'key policy.exit_override: invalid value "SUSPENDED": exit_override must be a list in'
+        ' brackets, such as ["A", "B"]',
+    ),
+    (
+        "true for a number",
+        "[auth]\nrate_limit = true\n",
+        "key auth.rate_limit: invalid value true: rate_limit must be a number",
+    ),
+    (
+        "string for true or false",
+        '[hq]\nurl = "https://hq.example"\ngzip_uploads = "yes"\n',
+        'key hq.gzip_uploads: invalid value "yes": gzip_uploads must be true or false',
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [pytest.param(*case[1:], id=case[0]) for case in TYPE_ERROR_CASES],
+)
+def test_type_error_names_value_and_type(text: str, message: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        parse_config('[stores]\nids = ["S1"]\n' + text, source="test.toml")
+
+    assert message in str(raised.value)
+
+
+# (case, TOML added to the test configuration, the keys check-config names, in order).
+CROSS_KEY_CASES = [
+    (
+        "open listener beside a bad value",
+        '[local]\nstore_id = "STORE-9"\n',
+        ("server.host", "local.store_id"),
+    ),
+    (
+        "hq store beside local store",
+        '[local]\nstore_id = "STORE-9"\n[hq]\nurl = "http://127.0.0.1:9"\nstore_id = "STORE-8"\n',
+        ("server.host", "local.store_id", "hq.store_id"),
+    ),
+    (
+        "invalid auth is not read as missing",
+        '[auth]\napi_key_files = "keys"\n',
+        ("auth.api_key_files",),
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("extra", "keys"),
+    [pytest.param(*case[1:], id=case[0]) for case in CROSS_KEY_CASES],
+)
+def test_check_config_lists_cross_key_problems(
+    tmp_path: Path, extra: str, keys: tuple[str, ...]
+) -> None:
+    config = write_config(tmp_path, free_port(), extra)
+    config.write_text(
+        config.read_text(encoding="utf-8").replace('host = "127.0.0.1"', 'host = "0.0.0.0"'),
+        encoding="utf-8",
+    )
+
+    result = run_cli("check-config", str(config))
+
+    named = re.findall(r"key ([\w.]+): ", result.stderr)
+    assert result.returncode == 2, result.stdout
+    assert tuple(named) == keys

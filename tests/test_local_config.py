@@ -278,7 +278,10 @@ def test_inline_device_list_keeps_places() -> None:
         parse_config(text, source="config.toml")
 
     message = str(raised.value)
-    assert "config.toml: line 1, key devices.0: Expected `object`, got `str`" in message
+    assert (
+        'config.toml: line 1, key devices.0: invalid value "scanner-0": devices must be a table'
+        in message
+    )
     assert (
         "config.toml: line 1, key devices.2.name: duplicate device name 'scanner-1':"
         " devices.1 has it too" in message
