@@ -456,30 +456,31 @@ def _http_errors(daemon: Daemon, status: int) -> float:
     return samples.get(str(status), 0.0)
 
 
-SCAN_BODY = json.dumps(scan_body("KEY-SHOPPER-5f1c2b")).encode()
-OVERSIZED_SCAN_BODY = json.dumps({**scan_body("KEY-SHOPPER-5f1c2b"), "pad": "p" * 20000}).encode()
+# Characters of padding that take a scan body past the 16 KiB limit.
+OVER_LIMIT = 20_000
 
-# (case, request headers besides Host and Content-Length, body, statuses in the order they
-# arrive, problem type or None). Each body goes out only after a 100 Continue.
-EXPECT_CASES: list[tuple[str, dict[str, str], bytes, list[int], str | None]] = [
+# (case, request headers besides Host and Content-Length, characters of padding in the body,
+# statuses in the order they arrive, problem type or None). Each body goes out only after a
+# 100 Continue, and is made when the test runs, so that its timestamp is not stale.
+EXPECT_CASES: list[tuple[str, dict[str, str], int, list[int], str | None]] = [
     (
         "over the limit",
         {"Content-Type": "application/json", "Expect": "100-continue"},
-        OVERSIZED_SCAN_BODY,
+        OVER_LIMIT,
         [413],
         "body-too-large",
     ),
     (
         "not json",
         {"Content-Type": "text/plain", "Expect": "100-continue"},
-        SCAN_BODY,
+        0,
         [415],
         "unsupported-media-type",
     ),
     (
         "charset not utf-8",
         {"Content-Type": "application/json; charset=iso-8859-1", "Expect": "100-Continue"},
-        SCAN_BODY,
+        0,
         [415],
         "unsupported-media-type",
     ),
@@ -490,21 +491,21 @@ EXPECT_CASES: list[tuple[str, dict[str, str], bytes, list[int], str | None]] = [
             "Content-Encoding": "snappy",
             "Expect": "100-continue",
         },
-        SCAN_BODY,
+        0,
         [415],
         "unsupported-content-encoding",
     ),
     (
         "good request",
         {"Content-Type": "application/json", "Expect": "100-continue"},
-        SCAN_BODY,
+        0,
         [100, 200],
         None,
     ),
     (
         "unknown expectation",
         {"Content-Type": "application/json", "Expect": "x-unknown"},
-        OVERSIZED_SCAN_BODY,
+        OVER_LIMIT,
         [417],
         None,
     ),
@@ -512,17 +513,19 @@ EXPECT_CASES: list[tuple[str, dict[str, str], bytes, list[int], str | None]] = [
 
 
 @pytest.mark.parametrize(
-    ("headers", "body", "statuses", "problem_type"),
+    ("headers", "padding", "statuses", "problem_type"),
     [case[1:] for case in EXPECT_CASES],
     ids=[case[0] for case in EXPECT_CASES],
 )
 def test_expect_continue_before_body(
     shared_daemon: Daemon,
     headers: dict[str, str],
-    body: bytes,
+    padding: int,
     statuses: list[int],
     problem_type: str | None,
 ) -> None:
+    scan = scan_body("KEY-SHOPPER-5f1c2b")
+    body = json.dumps({**scan, "pad": "p" * padding} if padding else scan).encode()
     errors_before = _http_errors(shared_daemon, statuses[-1])
     head = "POST /v1/identity/scan HTTP/1.1\r\nHost: x\r\n"
     head += "".join(f"{name}: {value}\r\n" for name, value in headers.items())
