@@ -326,10 +326,23 @@ def import_records(config: Path, records: list[dict[str, Any]], directory: Path)
     assert result.returncode == expected, result.stderr
 
 
-def labelled_samples(daemon: Daemon, family: str, label: str) -> dict[str, float]:
+def unlabelled_samples(daemon: Daemon) -> dict[str, float]:
+    """Return one scrape's samples that have no labels, by name; a failed scrape fails the test."""
+    reply = daemon.request("GET", "/metrics")
+    assert reply.status == 200, reply.body
+    return {
+        sample.name: sample.value
+        for metric in text_string_to_metric_families(reply.body.decode())
+        for sample in metric.samples
+        if not sample.labels
+    }
+
+
+def labelled_samples(daemon: Daemon, family: str, label: str, **where: str) -> dict[str, float]:
     """Return one scrape's samples of a metric family by the value of ``label``.
 
-    For a counter, only the ``_total`` samples count. A failed scrape fails the test.
+    ``where`` keeps only the samples with those label values. For a counter, only the
+    ``_total`` samples count. A failed scrape fails the test.
     """
     reply = daemon.request("GET", "/metrics")
     assert reply.status == 200, reply.body
@@ -339,6 +352,7 @@ def labelled_samples(daemon: Daemon, family: str, label: str) -> dict[str, float
         if metric.name == family
         for sample in metric.samples
         if sample.name in (family, f"{family}_total")
+        and all(sample.labels.get(name) == value for name, value in where.items())
     }
 
 

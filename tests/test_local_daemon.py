@@ -11,7 +11,6 @@ import contextlib
 import http.client
 import json
 import os
-import re
 import select
 import signal
 import socket
@@ -27,7 +26,15 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import SAMPLE_RECORDS, Daemon, free_port, make_daemon, run_cli, write_config
+from tests.conftest import (
+    SAMPLE_RECORDS,
+    Daemon,
+    free_port,
+    labelled_samples,
+    make_daemon,
+    run_cli,
+    write_config,
+)
 from tests.tls_helpers import CertificateAuthority, client_context, make_secure_daemon
 
 # Generous, because the suite must pass on a loaded two-core machine.
@@ -472,10 +479,8 @@ def test_repeat_after_window_counts(rig: Rig) -> None:
 
 def dropped_read_counts(rig: Rig, device: str) -> dict[str, float]:
     """Read identity_connector_device_dropped_reads_total for ``device`` by reason."""
-    body = rig.daemon.request("GET", "/metrics").body.decode()
-    series = rf'identity_connector_device_dropped_reads_total\{{device="{device}",reason="(\w+)"\}}'
-    pattern = re.compile(rf"^{series} (\S+)$", re.MULTILINE)
-    return {reason: float(value) for reason, value in pattern.findall(body)}
+    family = "identity_connector_device_dropped_reads"
+    return labelled_samples(rig.daemon, family, "reason", device=device)
 
 
 def test_dropped_reads_not_decided_but_counted(rig: Rig) -> None:

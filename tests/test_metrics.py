@@ -8,9 +8,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import Daemon, labelled_samples, make_daemon
+from tests.conftest import Daemon, labelled_samples, make_daemon, unlabelled_samples
 from tests.fakehq import FakeHq, hq_config, log_events, set_meta
 
 # The meta keys of the sync ages and the outbox drop count, each with a valid value.
@@ -71,18 +70,6 @@ def hq_down() -> Iterator[FakeHq]:
     server.close()
 
 
-def scrape(daemon: Daemon) -> dict[str, float]:
-    """Return the unlabelled samples of one scrape, by name; fail on a failed scrape."""
-    reply = daemon.request("GET", "/metrics")
-    assert reply.status == 200, reply.body
-    return {
-        sample.name: sample.value
-        for family in text_string_to_metric_families(reply.body.decode())
-        for sample in family.samples
-        if not sample.labels
-    }
-
-
 def case_params() -> Iterator[object]:
     for case, key, value, metric, expected in INVALID_META_CASES:
         yield pytest.param(key, value, metric, expected, id=case)
@@ -98,8 +85,8 @@ def test_invalid_meta_value_keeps_scrape(
 
     daemon.start()
     try:
-        first = scrape(daemon)
-        second = scrape(daemon)
+        first = unlabelled_samples(daemon)
+        second = unlabelled_samples(daemon)
     finally:
         daemon.stop()
 

@@ -14,7 +14,6 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from daemon import cachefile
 from tests.conftest import (
@@ -25,6 +24,7 @@ from tests.conftest import (
     edit_config,
     make_daemon,
     run_cli,
+    unlabelled_samples,
 )
 from tests.fakehq import (
     FakeHq,
@@ -181,22 +181,11 @@ def test_clock_offset_flags_events(tmp_path: Path, hq: FakeHq) -> None:
         warnings = [line for line in daemon.log_lines() if line["event"] == "hq.clock_offset"]
         assert len(warnings) == 1
         assert warnings[0]["threshold_seconds"] == 5.0
-        samples = metric_samples(daemon)
+        samples = unlabelled_samples(daemon)
         assert 115 < samples["identity_connector_hq_clock_offset_seconds"] < 125
         assert samples["identity_connector_clock_uncertain"] == 1.0
     finally:
         daemon.stop()
-
-
-def metric_samples(daemon: Daemon) -> dict[str, float]:
-    """The daemon's unlabelled metric samples, by name."""
-    reply = daemon.request("GET", "/metrics")
-    return {
-        sample.name: sample.value
-        for family in text_string_to_metric_families(reply.body.decode())
-        for sample in family.samples
-        if not sample.labels
-    }
 
 
 def test_sync_now_counts_records_rejected_by_a_rebuild(tmp_path: Path, hq: FakeHq) -> None:
@@ -384,7 +373,7 @@ def test_clock_offset_forgotten_at_restart(tmp_path: Path, hq: FakeHq) -> None:
     daemon.start()
     try:
         wait_until(lambda: meta(daemon.database, "hq_clock_offset") == "", what="offset cleared")
-        samples = metric_samples(daemon)
+        samples = unlabelled_samples(daemon)
         state = json.loads(run_cli("status", "--json", "--config", str(daemon.config)).stdout)
     finally:
         daemon.stop()
@@ -410,7 +399,7 @@ def test_metrics_without_hq_ignore_stored_sync_state(tmp_path: Path, hq: FakeHq)
 
     daemon.start()
     try:
-        samples = metric_samples(daemon)
+        samples = unlabelled_samples(daemon)
     finally:
         daemon.stop()
     assert {name: samples[name] for name in HQ_AGE_GAUGES} == dict.fromkeys(HQ_AGE_GAUGES, -1.0)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import resource
 import signal
 import sqlite3
@@ -19,7 +18,14 @@ from typing import Any
 import pytest
 
 from daemon import cachefile
-from tests.conftest import SAMPLE_RECORDS, Daemon, busy_timeout, edit_config, make_daemon
+from tests.conftest import (
+    SAMPLE_RECORDS,
+    Daemon,
+    busy_timeout,
+    edit_config,
+    labelled_samples,
+    make_daemon,
+)
 from tests.fakehq import (
     FakeHq,
     hq_config,
@@ -247,8 +253,8 @@ def test_locked_database_logs_traceback_once(tmp_path: Path, hq: FakeHq) -> None
 
 def hq_state_metric(daemon: Daemon) -> str:
     """Return the HQ state that /metrics reports: the sync's state, not the one announced."""
-    body = daemon.request("GET", "/metrics").body.decode()
-    (state,) = re.findall(r'identity_connector_hq_state\{state="([a-z ]+)"\} 1\.0', body)
+    states = labelled_samples(daemon, "identity_connector_hq_state", "state")
+    (state,) = [state for state, value in states.items() if value == 1.0]
     return state
 
 
