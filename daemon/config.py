@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import json
 import re
 import tomllib
 import types
@@ -16,14 +17,9 @@ from urllib.parse import urlsplit
 import msgspec
 
 from daemon.store import SynchronousMode
+from drivers.base import parse_duration_text
 
 DEFAULT_CONFIG_PATH = Path("/etc/identity-connector/config.toml")
-
-# A duration is one or more number-unit pairs, such as "30s" or "1h30m"; the same forms as
-# the duration settings of [[devices]] tables (drivers.base.parse_duration).
-_DURATION = re.compile(r"^(?:\s*\d+(?:\.\d+)?\s*(?:ms|s|m|h|d))+\s*$")
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)")
-_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
 OverridableReason = Literal[
     "SUSPENDED",
@@ -45,14 +41,16 @@ class Duration(float):
 
 
 def parse_duration(text: str) -> Duration:
-    """Convert "5m"-style text to seconds, raising ValueError with the accepted forms."""
-    if _DURATION.match(text) is None:
-        raise ValueError(
-            f"invalid duration {text!r}: write a number and a unit, one of ms, s, m, h, d"
-            ' (for example "30s", "24h" or "1h30m")'
-        )
-    parts = _DURATION_PART.findall(text)
-    return Duration(sum(float(number) * _UNIT_SECONDS[unit] for number, unit in parts))
+    """Convert "5m"-style text to seconds, raising ValueError with the accepted forms.
+
+    The grammar is that of the duration strings of [[devices]] tables, but a plain number
+    without a unit is rejected here.
+    """
+    seconds = parse_duration_text(
+        text,
+        'write a number and a unit, one of ms, s, m, h, d (for example "30s", "24h" or "1h30m")',
+    )
+    return Duration(seconds)
 
 
 def _decode_hook(kind: type, value: Any) -> Any:
@@ -64,7 +62,12 @@ def _decode_hook(kind: type, value: Any) -> Any:
 
 
 class _Section(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    pass
+    """A table of the file.
+
+    A ``__post_init__`` check's message starts with "invalid <key>" where one key is at
+    fault, so that the problem is listed at that key's line and only that key is left out
+    while the rest of the file is checked.
+    """
 
 
 class ServerConfig(_Section):
@@ -106,7 +109,9 @@ class StoresConfig(_Section):
     def __post_init__(self) -> None:
         for store_id in self.ids:
             if not 1 <= len(store_id) <= 255:
-                raise ValueError(f"invalid store id {store_id!r}: use 1 to 255 characters")
+                raise ValueError(
+                    f"invalid ids entry {store_id!r}: a store id has 1 to 255 characters"
+                )
 
 
 class DatabaseConfig(_Section):
@@ -196,13 +201,14 @@ class AuthConfig(_Section):
                 f"invalid api_key_header {self.api_key_header!r}: use an HTTP header name"
                 ' such as "x-api-key"'
             )
-        for network in [*self.allow_networks, *self.trusted_proxies]:
-            try:
-                ipaddress.ip_network(network, strict=False)
-            except ValueError:
-                raise ValueError(
-                    f"invalid network {network!r}: use CIDR notation such as 10.0.0.0/8"
-                ) from None
+        for name in ("allow_networks", "trusted_proxies"):
+            for network in getattr(self, name):
+                try:
+                    ipaddress.ip_network(network, strict=False)
+                except ValueError:
+                    raise ValueError(
+                        f"invalid {name} entry {network!r}: use CIDR notation such as 10.0.0.0/8"
+                    ) from None
         if self.rate_limit < 0:
             raise ValueError(f"invalid rate_limit {self.rate_limit}: use 0 (off) or more")
         if self.rate_burst < 1:
@@ -306,7 +312,8 @@ class LocalConfig(_Section):
                 ipaddress.ip_network(network, strict=False)
             except ValueError:
                 raise ValueError(
-                    f"invalid network {network!r}: use CIDR notation such as 127.0.0.0/8"
+                    f"invalid allow_networks entry {network!r}: use CIDR notation such as"
+                    " 127.0.0.0/8"
                 ) from None
 
 
@@ -365,10 +372,7 @@ def parse_config(text: str, source: str = "<config>", check_listener: bool = Fal
         problems.extend(_check_stores(config, text, source, removed))
         device_indices = kept_indices.get(("devices",), list(range(len(config.devices))))
         problems.extend(_check_devices(config, text, source, device_indices))
-        # A listener check on a file whose [server], [auth] or [tls] lost a bad part would
-        # report a missing authentication that is only invalid.
-        listener_intact = not any(path.split(".")[0] in _LISTENER_SECTIONS for path in removed)
-        if check_listener and listener_intact:
+        if check_listener and _listener_keys_intact(removed):
             problems.extend(_check_listener(config, text, source))
     if problems:
         raise ConfigError(_format_problems(problems, complete=config is not None))
@@ -548,7 +552,20 @@ def _check_stores(config: Config, text: str, source: str, removed: set[str]) -> 
     return problems
 
 
-_LISTENER_SECTIONS = frozenset({"server", "auth", "tls"})
+# The keys that daemon.security.listener_problem reads, by dotted path.
+_LISTENER_KEYS = ("server.host", "auth.api_key_files", "tls.client_ca_file")
+
+
+def _listener_keys_intact(removed: set[str]) -> bool:
+    """Tell whether no key of the listener check, or its table, was left out as invalid.
+
+    Without that key the check would report a missing authentication that is only invalid.
+    """
+    for path in removed:
+        for key in _LISTENER_KEYS:
+            if key == path or key.startswith(f"{path}.") or path.startswith(f"{key}."):
+                return False
+    return True
 
 
 def _check_listener(config: Config, text: str, source: str) -> list[_Problem]:
@@ -604,6 +621,8 @@ def _describe_type_error(detail: str, path: list[str | int], data: dict[str, Any
         except (KeyError, IndexError, TypeError):
             return detail
     name = next((part for part in reversed(path) if isinstance(part, str)), "the key")
+    if isinstance(path[-1], int):
+        name = f"each item of {name}"
     message = f"invalid value {_shown_value(value)}: {name} must be {expected}"
     if mismatch.group(1) in ("int", "float") and isinstance(value, str):
         try:
@@ -615,10 +634,18 @@ def _describe_type_error(detail: str, path: list[str | int], data: dict[str, Any
 
 
 def _shown_value(value: Any) -> str:
-    """Show a TOML value in an error: a string in quotes and cut short, a list or table by kind."""
+    """Show a TOML value in an error: a string in quotes and cut short, a list or table by kind.
+
+    A string is escaped as in JSON, and so are the characters that Python does not count as
+    printable, such as U+2028, so that a value with a line break stays on the error's line.
+    """
     if isinstance(value, str):
         shown = value if len(value) <= 60 else value[:57] + "..."
-        return f'"{shown}"'
+        quoted = json.dumps(shown, ensure_ascii=False)
+        return "".join(
+            character if character.isprintable() else json.dumps(character)[1:-1]
+            for character in quoted
+        )
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, list):

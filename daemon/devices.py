@@ -154,7 +154,7 @@ def _table_error(table: dict[str, Any]) -> tuple[str | None, str] | None:
     kind = table.get("kind")
     if kind is None:
         return "kind", f"missing key: set kind to one of {', '.join(KINDS)}"
-    if kind not in KINDS:
+    if not isinstance(kind, str) or kind not in KINDS:
         return "kind", f"invalid kind {kind!r}: use one of {', '.join(KINDS)}"
 
     try:
@@ -247,6 +247,7 @@ def _clash_error(
 _SHARED_SOURCE_KEYS = {"hid": "match", "pcsc": "reader"}
 
 _GLOB_CHARACTERS = frozenset("*?[")
+_WILDCARDS = frozenset("*?")
 
 
 @dataclass(frozen=True, slots=True)
@@ -283,9 +284,11 @@ def _pattern_overlap_error(
     """Describe how a PC/SC ``reader`` or HID ``match`` glob overlaps an earlier table's.
 
     Returns None when the patterns are disjoint, and for kinds without name patterns. Only
-    a glob that matches another table's literal name is caught. Two different globs, such
-    as ``ACS*`` and ``*PICC*``, overlap only if a device whose name both match is plugged
-    in, which the configuration cannot show. The PC/SC driver then lets the first table
+    a glob that matches another table's full name is caught. A pattern without ``*`` or
+    ``?`` counts as a full name too, because a name written in full matches even when it
+    contains brackets. Two globs with wildcards, such as ``ACS*`` and ``*PICC*``, overlap
+    only if a device whose name both match is plugged in, which the configuration cannot
+    show. The PC/SC driver then lets the first table
     that opens such a reader read it alone. A HID ``match`` that is an absolute path names
     a device node rather than a device name, so no glob is compared with it.
     """
@@ -294,13 +297,15 @@ def _pattern_overlap_error(
         return None
     subject = overlap_kind.subject
     is_glob = not _GLOB_CHARACTERS.isdisjoint(pattern)
+    is_name = _WILDCARDS.isdisjoint(pattern)
     for (other_kind, other), index in earlier.items():
         if other_kind != kind or _is_device_path(kind, other):
             continue
         other_is_glob = not _GLOB_CHARACTERS.isdisjoint(other)
-        if is_glob and not other_is_glob and fnmatch.fnmatchcase(other, pattern):
+        other_is_name = _WILDCARDS.isdisjoint(other)
+        if is_glob and other_is_name and fnmatch.fnmatchcase(other, pattern):
             overlap = f"glob {pattern!r} matches the {subject} {other!r}"
-        elif other_is_glob and not is_glob and fnmatch.fnmatchcase(pattern, other):
+        elif other_is_glob and is_name and fnmatch.fnmatchcase(pattern, other):
             overlap = f"{subject} {pattern!r} is matched by the glob {other!r}"
         else:
             continue

@@ -129,11 +129,8 @@ def settings_from_config(config: Config, hq: HqConfig, warn: bool = True) -> Syn
     second build of the same settings (`serve` checks them before READY and builds them
     again for the sync).
     """
+    # parse_config has checked that hq.store_id, when set, is one of [stores] ids.
     store_id = hq.store_id or config.stores.ids[0]
-    if store_id not in config.stores.ids:
-        raise ConfigError(
-            f"[hq] store_id {store_id!r} is not one of [stores] ids: add it there or fix it"
-        )
     for name in ("client_cert_file", "client_key_file", "ca_file"):
         path = getattr(hq, name)
         if path and not Path(path).is_file():

@@ -103,7 +103,29 @@ async def sleep_backoff(attempt: int, base: float, cap: float) -> None:
 Duration = float | str
 
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+# One or more number-unit pairs, with optional spaces around and between numbers and units:
+# "90s", "1h30m", "1m 30s" and "90 s". ASCII digits and whitespace only.
+_DURATION_TEXT = re.compile(r"\s*(?:\d+(?:\.\d+)?\s*(?:ms|s|m|h|d)\s*)+", re.ASCII)
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)", re.ASCII)
+
+
+def parse_duration_text(text: str, accepted_forms: str) -> float:
+    """Convert a string of number-unit pairs, such as "1h30m", to seconds.
+
+    [[devices]] tables and the other tables of the configuration both read duration strings
+    with this function. Raises ValueError for text of another form, with ``accepted_forms``
+    after the value as the fix, and for pairs whose total is too large for a float.
+    """
+    if _DURATION_TEXT.fullmatch(text) is None:
+        raise ValueError(f"invalid duration {text!r}: {accepted_forms}")
+    parts = _DURATION_PART.findall(text)
+    seconds = sum(float(number) * _DURATION_UNITS[unit] for number, unit in parts)
+    if not math.isfinite(seconds):
+        raise ValueError(
+            f"invalid duration {text!r}: the total is too large; use a shorter duration,"
+            ' such as "7d"'
+        )
+    return seconds
 
 
 def parse_duration(value: float | str) -> float:
@@ -111,20 +133,14 @@ def parse_duration(value: float | str) -> float:
     if isinstance(value, bool):
         raise ValueError(f"invalid duration {value!r}: expected seconds or a string like '200ms'")
 
-    if isinstance(value, int | float):
-        seconds = float(value)
-    else:
-        text = value.strip()
-        parts = _DURATION_PART.findall(text)
-        if not text or "".join(number + unit for number, unit in parts) != text:
-            raise ValueError(
-                f"invalid duration {value!r}: expected seconds or a string like '1.5s', "
-                "'200ms', '5m' or '1h30m'"
-            )
-        seconds = sum(float(number) * _DURATION_UNITS[unit] for number, unit in parts)
+    if isinstance(value, str):
+        return parse_duration_text(
+            value, "expected seconds or a string like '1.5s', '200ms', '5m' or '1h30m'"
+        )
 
+    seconds = float(value)
     if not math.isfinite(seconds):
-        # TOML writes inf and nan as numbers, and a string of enough digits adds up to inf.
+        # TOML writes inf and nan as numbers.
         raise ValueError(f"invalid duration {value!r}: use a finite number of seconds")
     if seconds < 0:
         raise ValueError(

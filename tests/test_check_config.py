@@ -92,6 +92,8 @@ TABLE_CHECK_CASES = [
     ('[local]\nstore_id = ""\nsession_timeout = "0s"\n', "local.session_timeout", 3),
     ('[hq]\nurl = "http://127.0.0.1:9"\npull_batch_size = 0\n', "hq.pull_batch_size", 3),
     ('[hq]\nurl = "ftp://hq.example"\n', "hq.url", 2),
+    ('[auth]\nrate_limit = 5\ntrusted_proxies = ["proxy"]\n', "auth.trusted_proxies", 3),
+    ('[local]\nstore_id = ""\nallow_networks = ["loopback"]\n', "local.allow_networks", 3),
 ]
 
 
@@ -521,7 +523,7 @@ def test_check_config_rejects_device_setting(
 
 # Duration forms that every device kind accepts: seconds as a TOML number, or a string of
 # number-unit pairs.
-DURATION_FORMS = ["1", "2.5", '"250ms"', '"1m30s"', '"1h"', '"1d"']
+DURATION_FORMS = ["1", "2.5", '"250ms"', '"1m30s"', '"1m 30s"', '"90 s"', '"1h"', '"1d"']
 
 
 # Duration strings that the rest of the configuration accepts too, with their seconds.
@@ -540,6 +542,33 @@ def test_config_durations_take_device_forms(value: str, seconds: float) -> None:
     text = f'[stores]\nids = ["S1"]\n[policy]\nmax_scan_age = {value}\n'
 
     assert parse_config(text).policy.max_scan_age == pytest.approx(seconds)
+
+
+# (case, duration as a TOML value, fragment of the error). The rest of the configuration
+# rejects plain numbers, unlike [[devices]] tables.
+CONFIG_DURATION_ERRORS = [
+    ("plain number", "300", 'invalid duration 300: write it as a string such as "30s"'),
+    (
+        "number without unit",
+        '"5 5s"',
+        "invalid duration '5 5s': write a number and a unit, one of ms, s, m, h, d",
+    ),
+    ("infinite total", '"1' + "0" * 400 + 's"', "the total is too large; use a shorter duration"),
+]
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [pytest.param(*case[1:], id=case[0]) for case in CONFIG_DURATION_ERRORS],
+)
+def test_config_duration_rejected(value: str, message: str) -> None:
+    text = f'[stores]\nids = ["S1"]\n[policy]\nmax_scan_age = {value}\n'
+
+    with pytest.raises(ConfigError) as raised:
+        parse_config(text, source="test.toml")
+
+    assert "test.toml: line 4, key policy.max_scan_age: invalid duration" in str(raised.value)
+    assert message in str(raised.value)
 
 
 @pytest.mark.parametrize("value", DURATION_FORMS)
@@ -574,6 +603,21 @@ HID_MATCH_CASES = [
         "glob 'Wedge Scan[n]er' matches the input device name 'Wedge Scanner' of devices.0"
         " ('hid-1')",
         id="glob-after-name",
+    ),
+    # A name written in full matches with its brackets, so it is compared as a name too.
+    pytest.param(
+        "Wedge*",
+        "Wedge Scanner [Keyboard] 01",
+        "input device name 'Wedge Scanner [Keyboard] 01' is matched by the glob 'Wedge*' of"
+        " devices.0 ('hid-1')",
+        id="bracket-name-after-glob",
+    ),
+    pytest.param(
+        "Wedge Scanner [Keyboard] 01",
+        "Wedge*",
+        "glob 'Wedge*' matches the input device name 'Wedge Scanner [Keyboard] 01' of"
+        " devices.0 ('hid-1')",
+        id="glob-after-bracket-name",
     ),
     pytest.param("Wedge Scanner", "Wedge Scanner 2", None, id="two-names"),
     pytest.param("Wedge Scanner", "Wedge Scanner ?", None, id="glob-missing-name"),
@@ -652,6 +696,15 @@ MANY_PROBLEM_CASES = [
             ('pull_intervall = "30s"', "hq.pull_intervall"),
         ],
         id="two-device-tables-and-unknown-key",
+    ),
+    # The invalid list entry leaves out only its key, so the next check of [auth] runs too.
+    pytest.param(
+        '[auth]\nallow_networks = ["10.0.0.300/8"]\nrate_burst = 0\n',
+        [
+            ('allow_networks = ["10.0.0.300/8"]', "auth.allow_networks"),
+            ("rate_burst = 0", "auth.rate_burst"),
+        ],
+        id="auth-network-and-burst",
     ),
 ]
 
@@ -801,6 +854,18 @@ def test_check_config_lists_device_problems(
     assert result.stderr.count("error: ") == len(expected)
 
 
+def test_store_id_check_names_ids_line() -> None:
+    text = '[server]\nport = 8081\n\n[stores]\nids = ["S1", ""]\n'
+
+    with pytest.raises(ConfigError) as raised:
+        parse_config(text, source="test.toml")
+
+    assert str(raised.value) == (
+        "test.toml: line 5, key stores.ids: invalid ids entry '': a store id has 1 to 255"
+        " characters"
+    )
+
+
 def test_check_config_caps_problem_list(tmp_path: Path) -> None:
     keys = [f"unknown_key_{number:02}" for number in range(25)]
     extra = "[policy]\n" + "".join(f"{key} = 1\n" for key in keys)
@@ -859,6 +924,17 @@ TYPE_ERROR_CASES = [
         '[hq]\nurl = "https://hq.example"\ngzip_uploads = "yes"\n',
         'key hq.gzip_uploads: invalid value "yes": gzip_uploads must be true or false',
     ),
+    (
+        "number in a list of strings",
+        '[policy]\nexit_override = ["SUSPENDED", 5]\n',
+        "key policy.exit_override.1: invalid value 5: each item of exit_override must be a"
+        " string in quotes",
+    ),
+    (
+        "line break in a string",
+        '[server]\nport = "80\\n80"\n',
+        'key server.port: invalid value "80\\n80": port must be a whole number',
+    ),
 ]
 
 
@@ -871,6 +947,29 @@ def test_type_error_names_value_and_type(text: str, message: str) -> None:
         parse_config('[stores]\nids = ["S1"]\n' + text, source="test.toml")
 
     assert message in str(raised.value)
+
+
+# A string value is shown escaped, so that one problem stays on one line of the error.
+@pytest.mark.parametrize(
+    ("value", "shown"),
+    [
+        ("80\\n80", '"80\\n80"'),
+        ("80\\r\\n80", '"80\\r\\n80"'),
+        ("80\\u202880", '"80\\u202880"'),
+        ('8\\"0', '"8\\"0"'),
+        ("8é0", '"8é0"'),
+    ],
+    ids=["line-feed", "carriage-return", "line-separator", "quote", "accent"],
+)
+def test_type_error_escapes_string(value: str, shown: str) -> None:
+    text = f'[stores]\nids = ["S1"]\n[server]\nport = "{value}"\n'
+
+    with pytest.raises(ConfigError) as raised:
+        parse_config(text, source="test.toml")
+
+    message = str(raised.value)
+    assert message.splitlines() == [message]
+    assert f"key server.port: invalid value {shown}: port must be a whole number" in message
 
 
 # (case, TOML added to the test configuration, the keys check-config names, in order).
@@ -889,6 +988,16 @@ CROSS_KEY_CASES = [
         "invalid auth is not read as missing",
         '[auth]\napi_key_files = "keys"\n',
         ("auth.api_key_files",),
+    ),
+    (
+        "open listener beside a bad auth network",
+        '[auth]\nallow_networks = ["everyone"]\n',
+        ("server.host", "auth.allow_networks"),
+    ),
+    (
+        "invalid auth table is not read as missing",
+        '[auth]\nrate_limit = -1\napi_key_files = ["keys"]\n',
+        ("auth.rate_limit",),
     ),
 ]
 

@@ -51,6 +51,13 @@ CASES = [
         "invalid value 'fast': baudrate must be an integer from 50 to 4000000, such as 9600",
     ),
     BadConfig(
+        "kind-not-a-string",
+        '\n[[devices]]\nname = "s2"\nkind = ["serial"]\nstation = "x"\n',
+        "devices.1.kind",
+        12,
+        "invalid kind ['serial']: use one of",
+    ),
+    BadConfig(
         "missing-kind",
         '\n[[devices]]\nname = "s2"\nstation = "x"\n',
         "devices.1.kind",
@@ -198,9 +205,9 @@ CASES = [
     BadConfig(
         "local-bad-network",
         '\n[local]\nallow_networks = ["loopback"]\n',
-        "local",
-        10,
-        "invalid network 'loopback'",
+        "local.allow_networks",
+        11,
+        "invalid allow_networks entry 'loopback': use CIDR notation",
     ),
     # An item of a list is reported at the line of the list's key.
     BadConfig(
@@ -279,8 +286,8 @@ def test_inline_device_list_keeps_places() -> None:
 
     message = str(raised.value)
     assert (
-        'config.toml: line 1, key devices.0: invalid value "scanner-0": devices must be a table'
-        in message
+        'config.toml: line 1, key devices.0: invalid value "scanner-0": each item of devices must'
+        " be a table" in message
     )
     assert (
         "config.toml: line 1, key devices.2.name: duplicate device name 'scanner-1':"

@@ -422,17 +422,36 @@ def test_settings_max_frame_length_at_limit() -> None:
     assert settings.max_frame_length == MAX_FRAME_LENGTH_LIMIT
 
 
+# Spaces around and between numbers and units are accepted, as in the rest of the file.
 @pytest.mark.parametrize(
     ("text", "seconds"),
-    [(0.25, 0.25), (2, 2.0), ("1.5s", 1.5), ("200ms", 0.2), ("5m", 300.0), ("1h30m", 5400.0)],
+    [
+        (0.25, 0.25),
+        (2, 2.0),
+        ("1.5s", 1.5),
+        ("200ms", 0.2),
+        ("5m", 300.0),
+        ("1h30m", 5400.0),
+        ("1m 30s", 90.0),
+        ("90 s", 90.0),
+        (" 1h 30 m ", 5400.0),
+    ],
 )
 def test_parse_duration_valid(text: float | str, seconds: float) -> None:
     assert parse_duration(text) == pytest.approx(seconds)
 
 
-@pytest.mark.parametrize("text", ["", "5", "5 s", "1.5x", "s", "-1", -1.0, True])
+@pytest.mark.parametrize("text", ["", "5", "1.5x", "s", "5 5s", "5m s", "-1", -1.0, True])
 def test_parse_duration_invalid(text: Any) -> None:
     with pytest.raises(ValueError, match="invalid duration"):
+        parse_duration(text)
+
+
+def test_parse_duration_rejects_infinite_total() -> None:
+    # Each digit is valid, but the number is larger than a float can hold.
+    text = "1" + "0" * 400 + "s"
+
+    with pytest.raises(ValueError, match="the total is too large; use a shorter duration"):
         parse_duration(text)
 
 
