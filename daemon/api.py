@@ -4,14 +4,25 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 from collections.abc import Awaitable, Callable
 
 import msgspec
 import structlog
 from aiohttp import HttpVersion11, hdrs, web
-from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.http_exceptions import (
+    BadHttpMessage,
+    BadHttpMethod,
+    BadStatusLine,
+    ContentEncodingError,
+    ContentLengthError,
+    HttpProcessingError,
+    InvalidHeader,
+    InvalidURLError,
+    LineTooLong,
+    PayloadEncodingError,
+    TransferEncodingError,
+)
 from aiohttp.web_protocol import RequestPayloadError
 
 from daemon import metrics as metrics_module
@@ -153,7 +164,12 @@ class _ServerLogHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         error = record.exc_info[1] if record.exc_info else None
-        if isinstance(error, HttpProcessingError):
+        if isinstance(error, RequestPayloadError):
+            # After a handler responds, aiohttp reads the rest of the body and drops it. A body
+            # that the client broke (a Content-Encoding that does not match its bytes, broken
+            # chunked framing) fails again there, after the middleware has sent its 400.
+            _log_client_payload_error(error)
+        elif isinstance(error, HttpProcessingError):
             # aiohttp responds with 400 to every request that its parser rejects.
             self.metrics.count_http_error(400)
             _log_unparsable_request(record, error)
@@ -163,14 +179,85 @@ class _ServerLogHandler(logging.Handler):
             log.error("http.server_error", message=record.getMessage(), exc_info=record.exc_info)
 
 
-# A str, bytes or bytearray literal as repr() writes it, up to its closing quote or line end.
-_QUOTED = re.compile(r"""(?<!\w)(?:bytearray\(b|b)?(['"])(?:\\.|(?!\1).)*(?:\1\)?|$)""")
+# Fixed descriptions of the faults that aiohttp's HTTP parser reports, by exception class. A
+# subclass's entry takes precedence over its base class's.
+_PARSER_FAULTS: dict[type[HttpProcessingError], str] = {
+    HttpProcessingError: "malformed request",
+    BadHttpMessage: "malformed request",
+    BadStatusLine: "invalid request line",
+    BadHttpMethod: "invalid method in the request line",
+    InvalidURLError: "invalid request target",
+    LineTooLong: "request line or header longer than the limit",
+    InvalidHeader: "invalid header",
+    PayloadEncodingError: "invalid body framing",
+    ContentEncodingError: "body that does not match its Content-Encoding",
+    TransferEncodingError: "invalid chunked body",
+    ContentLengthError: "body shorter than its Content-Length",
+}
+
+# (exception class, start of a message that aiohttp or llhttp writes as a constant, description).
+# Only these constant starts select a description, because the text after them can be request
+# bytes.
+_PARSER_FAULT_MESSAGES: tuple[tuple[type[HttpProcessingError], str, str], ...] = (
+    (BadHttpMethod, "Received HTTPS traffic on an HTTP port", "TLS handshake on a plain-HTTP port"),
+    (
+        BadHttpMessage,
+        "Transfer-Encoding can't be present with Content-Length",
+        "both Content-Length and Transfer-Encoding",
+    ),
+    (
+        BadHttpMessage,
+        "Content-Length can't be present with Transfer-Encoding",
+        "both Content-Length and Transfer-Encoding",
+    ),
+    (BadHttpMessage, "Request has invalid `Transfer-Encoding`", "invalid Transfer-Encoding"),
+    (BadHttpMessage, "Invalid `Transfer-Encoding` header value", "invalid Transfer-Encoding"),
+    (BadHttpMessage, "Too many headers received", "too many headers"),
+    (BadHttpMessage, "Too many trailers received", "too many trailers"),
+    (BadHttpMessage, "Missing 'Host' header in request.", "missing Host header"),
+    (BadHttpMessage, "Duplicate Content-Length", "repeated Content-Length"),
+    (BadHttpMessage, "Duplicate '", "repeated header that may appear only once"),
+    (BadHttpMessage, "Invalid character in Content-Length", "invalid Content-Length"),
+    (BadHttpMessage, "Empty Content-Length", "invalid Content-Length"),
+    (BadHttpMessage, "Content-Length overflow", "invalid Content-Length"),
+    (BadHttpMessage, "Invalid header token", "invalid character in a header name"),
+    (BadHttpMessage, "Invalid header field char", "invalid character in a header name"),
+    (BadHttpMessage, "Invalid header value char", "invalid character in a header value"),
+    (BadHttpMessage, "Invalid character in chunk size", "invalid chunk size"),
+    (BadHttpMessage, "Chunk size overflow", "invalid chunk size"),
+    (BadHttpMessage, "Bad line ending, expected CRLF", "line ending other than CRLF"),
+    (
+        ContentEncodingError,
+        "Can not decode content-encoding: brotli",
+        "Content-Encoding br, which aiohttp cannot decode without the Brotli package",
+    ),
+    (
+        ContentEncodingError,
+        "Can not decode content-encoding: zstandard",
+        "Content-Encoding zstd, which aiohttp cannot decode without a zstd package",
+    ),
+)
+
+
+def _describe_parser_fault(error: HttpProcessingError) -> str:
+    """Return a fixed description of a parser fault, which never contains request bytes.
+
+    aiohttp's messages quote the request. InvalidURLError's message is the request target
+    itself, and llhttp's quote the bytes around the fault, so the description depends only on
+    the exception class and on the constant start of a known message.
+    """
+    message = error.message.lstrip()
+    for error_class, start, description in _PARSER_FAULT_MESSAGES:
+        if type(error) is error_class and message.startswith(start):
+            return description
+    for error_class in type(error).__mro__:
+        if error_class in _PARSER_FAULTS:
+            return _PARSER_FAULTS[error_class]
+    return _PARSER_FAULTS[HttpProcessingError]
 
 
 def _log_unparsable_request(record: logging.LogRecord, error: HttpProcessingError) -> None:
-    # The first line of the message names the fault. Quoted literals in it contain request bytes.
-    lines = error.message.strip().splitlines() or [""]
-    reason = _QUOTED.sub("...", lines[0]).strip(" :.")[:120]
+    reason = _describe_parser_fault(error)
     client = record.args[0] if isinstance(record.args, tuple) and record.args else None
     key = f"unparsable {type(error).__name__} {reason}"
     suppressed = _INVALID_LOG_THROTTLE.admit(key)
@@ -183,6 +270,20 @@ def _log_unparsable_request(record: logging.LogRecord, error: HttpProcessingErro
             reason=reason,
             suppressed=suppressed,
         )
+
+
+def _log_client_payload_error(error: RequestPayloadError) -> None:
+    # The client already got the middleware's 400, which it logs as request.invalid, so this
+    # line is only for debugging. The message of RequestPayloadError repeats its cause's, so
+    # the line has the cause's class and fixed description in place of either message.
+    cause = error.__cause__
+    log.debug(
+        "http.client_payload_error",
+        error=type(cause or error).__name__,
+        reason=_describe_parser_fault(cause)
+        if isinstance(cause, HttpProcessingError)
+        else "unreadable body",
+    )
 
 
 def _http_server_logger(metrics: Metrics) -> logging.Logger:
@@ -228,22 +329,24 @@ def _is_json(content_type: str) -> bool:
     return subtype != content_type and subtype.endswith("+json") and subtype != "+json"
 
 
-# Content codings that aiohttp's parser decodes before the handler reads the body. It decodes
-# br and zstd only when the Brotli and zstd packages are installed, and rejects them otherwise.
-DECODED_CODINGS = frozenset({"gzip", "deflate", "br", "zstd"})
+# Content codings of the request body that the API accepts, which aiohttp's parser decodes
+# before the handler reads the body. aiohttp 3.14 also decodes br when the Brotli package is
+# installed and zstd when compression.zstd (Python 3.14) or backports.zstd is, and rejects
+# them with its own 400 otherwise. The API accepts neither, whatever is installed.
+ACCEPTED_CODINGS = frozenset({"gzip", "deflate"})
 ACCEPT_ENCODING = "gzip, deflate"
 
 
 def _unsupported_coding(request: web.Request) -> str | None:
-    """Return the Content-Encoding of a body that aiohttp passed on undecoded, if any.
+    """Return the Content-Encoding of a body whose coding the API does not accept, if any.
 
-    aiohttp decodes a body with one coding that it supports and passes every other body on
-    as it came, so without this check an unknown coding would reach the JSON decoder.
+    aiohttp passes a body with a coding that it does not know on as it came, so without this
+    check an unknown coding would reach the JSON decoder.
     """
     values = request.headers.getall("Content-Encoding", [])
     if not values:
         return None
-    if len(values) == 1 and values[0].isascii() and values[0].lower() in DECODED_CODINGS:
+    if len(values) == 1 and values[0].isascii() and values[0].lower() in ACCEPTED_CODINGS:
         return None
     codings = {coding.strip().lower() for value in values for coding in value.split(",")}
     if codings <= {"identity", ""}:

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from aiohttp import compression_utils
 
 from tests.conftest import Daemon, Reply, labelled_samples, now_rfc3339, scan_body
 
@@ -363,8 +364,34 @@ def _plain(data: bytes) -> bytes:
     return data
 
 
+def _brotli(data: bytes) -> bytes:
+    if not compression_utils.HAS_BROTLI:
+        return data  # aiohttp rejects the Content-Encoding header before the body arrives.
+    try:
+        import brotlicffi as brotli
+    except ImportError:
+        import brotli
+    return brotli.compress(data)
+
+
+def _zstd(data: bytes) -> bytes:
+    if not compression_utils.HAS_ZSTD:
+        return data  # aiohttp rejects the Content-Encoding header before the body arrives.
+    try:
+        from compression import zstd
+    except ImportError:
+        from backports import zstd
+    return zstd.compress(data)
+
+
+# aiohttp decodes br only with the Brotli package installed, and zstd only on Python 3.14+ or
+# with backports.zstd. Without them its parser responds with 400 itself, and with them the
+# daemon responds with 415, because the API accepts gzip and deflate only.
+BROTLI_STATUS = 415 if compression_utils.HAS_BROTLI else 400
+ZSTD_STATUS = 415 if compression_utils.HAS_ZSTD else 400
+
 # (Content-Encoding header, how the body is encoded, status). aiohttp decodes gzip and
-# deflate, and passes a body with any other coding on as it came.
+# deflate, and passes a body with a coding that it does not know on as it came.
 CONTENT_CODING_CASES: list[tuple[str, Callable[[bytes], bytes], int]] = [
     ("gzip", gzip.compress, 200),
     ("GZIP", gzip.compress, 200),
@@ -375,6 +402,8 @@ CONTENT_CODING_CASES: list[tuple[str, Callable[[bytes], bytes], int]] = [
     ("snappy", _plain, 415),
     ("gzip, gzip", lambda data: gzip.compress(gzip.compress(data)), 415),
     ("gzip, identity", gzip.compress, 415),
+    ("br", _brotli, BROTLI_STATUS),
+    ("zstd", _zstd, ZSTD_STATUS),
 ]
 
 
