@@ -326,6 +326,16 @@ def import_records(config: Path, records: list[dict[str, Any]], directory: Path)
     assert result.returncode == expected, result.stderr
 
 
+def exchange(daemon: Daemon, request: bytes) -> bytes:
+    """Send raw request bytes to the daemon and return all it sends until it closes."""
+    with socket.create_connection(("127.0.0.1", daemon.port), timeout=10) as sock:
+        sock.sendall(request)
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    return received
+
+
 def unlabelled_samples(daemon: Daemon) -> dict[str, float]:
     """Return one scrape's samples that have no labels, by name; a failed scrape fails the test."""
     reply = daemon.request("GET", "/metrics")

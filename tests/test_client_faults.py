@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import pytest
 
-from tests.conftest import Daemon, scan_body
+from tests.conftest import Daemon, exchange, labelled_samples, scan_body
 
 SCAN_HEADERS = b"POST /v1/identity/scan HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
 
@@ -34,21 +34,8 @@ def wait_for_event(daemon: Daemon, event: str, timeout: float = 5.0) -> list[dic
 
 
 def http_errors_500(daemon: Daemon) -> float:
-    text = daemon.request("GET", "/metrics").body.decode()
-    for line in text.splitlines():
-        if line.startswith('identity_connector_http_errors_total{status="500"}'):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
-
-
-def exchange(daemon: Daemon, request: bytes) -> bytes:
-    """Send raw request bytes and return all that the daemon sends until it closes."""
-    with socket.create_connection(("127.0.0.1", daemon.port), timeout=10) as sock:
-        sock.sendall(request)
-        received = b""
-        while chunk := sock.recv(65536):
-            received += chunk
-    return received
+    samples = labelled_samples(daemon, "identity_connector_http_errors", "status")
+    return samples.get("500", 0.0)
 
 
 def _with_content_length(body: bytes) -> bytes:

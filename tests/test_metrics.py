@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
-import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import Daemon, labelled_samples, make_daemon, unlabelled_samples
+from tests.conftest import (
+    Daemon,
+    exchange,
+    labelled_samples,
+    make_daemon,
+    unlabelled_samples,
+)
 from tests.fakehq import FakeHq, hq_config, log_events, set_meta
 
 # The meta keys of the sync ages and the outbox drop count, each with a valid value.
@@ -113,11 +118,7 @@ UNPARSABLE_REQUESTS: list[tuple[str, bytes]] = [
     ids=[case[0] for case in UNPARSABLE_REQUESTS],
 )
 def test_unparsable_request_counted(daemon: Daemon, request_bytes: bytes) -> None:
-    with socket.create_connection(("127.0.0.1", daemon.port), timeout=10) as sock:
-        sock.sendall(request_bytes)
-        received = b""
-        while chunk := sock.recv(65536):
-            received += chunk
+    received = exchange(daemon, request_bytes)
 
     assert b" 400 " in received.split(b"\r\n", 1)[0]
     assert labelled_samples(daemon, "identity_connector_http_errors", "status") == {"400": 1.0}
