@@ -96,14 +96,20 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
             raise
         response = _http_error_problem(request, exc)
     except RequestPayloadError as exc:
-        # The body's Content-Encoding or chunked framing is broken: the client's fault.
-        reason = " ".join(str(exc).split())
+        # The body's Content-Encoding or chunked framing is broken: the client's fault. The
+        # reason is a fixed text, because aiohttp's message can quote the body.
+        cause = exc.__cause__
+        reason = (
+            _describe_parser_fault(cause)
+            if isinstance(cause, HttpProcessingError)
+            else "body that could not be read"
+        )
         _log_invalid_request(request, "invalid-body", reason=reason)
         response = problem_response(
             400,
             "invalid-body",
             "Bad Request",
-            f"the request body could not be read ({reason}); send it as plain JSON or with a"
+            f"the request body could not be read: {reason}; send it as plain JSON or with a"
             " Content-Encoding that matches its bytes",
         )
     except ConnectionResetError:
@@ -318,6 +324,9 @@ def _http_error_problem(request: web.Request, exc: web.HTTPException) -> web.Res
         allowed=allowed,
         limit=config.server.max_body_size,
     )
+    if exc.status == 413:
+        # A gateway whose bodies outgrow the limit leaves a trace in the log, as 400 and 415 do.
+        _log_invalid_request(request, slug, limit=config.server.max_body_size)
     return problem_response(exc.status, slug, exc.reason, detail, headers=headers)
 
 

@@ -249,6 +249,8 @@ def test_body_limit_configurable(tmp_path) -> None:  # type: ignore[no-untyped-d
         assert instance.scan("KEY-SHOPPER-5f1c2b").status == 200
     finally:
         instance.stop()
+    logged = [line for line in instance.log_lines() if line["event"] == "request.invalid"]
+    assert [(line["problem"], line["limit"]) for line in logged] == [("body-too-large", 512)]
 
 
 def test_trailing_value_after_number_is_400(shared_daemon: Daemon) -> None:
