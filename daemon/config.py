@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import difflib
 import ipaddress
 import json
 import re
@@ -663,8 +664,12 @@ def _describe_validation_error(detail: str, key_path: str) -> tuple[str, str]:
     """
     unknown = re.match(r"Object contains unknown field `(.+)`", detail)
     if unknown:
+        table_path = key_path
         key_path = f"{key_path}.{unknown.group(1)}" if key_path else unknown.group(1)
         detail = "unknown key; check its spelling against the configuration reference"
+        suggestion = _similar_key(table_path, unknown.group(1))
+        if suggestion is not None:
+            detail = f"unknown key; did you mean {suggestion}?"
     # msgspec reports a table's own check (__post_init__) at the table. Its message starts
     # with "invalid <key>", so point at that key's line instead of the table header.
     invalid_key = re.match(r"invalid (\w+)\b", detail)
@@ -683,6 +688,23 @@ def _allowed_values(key_path: str) -> tuple[str, ...]:
     if typing.get_origin(kind) is Literal:
         return tuple(str(value) for value in typing.get_args(kind))
     return ()
+
+
+def _similar_key(table_path: str, name: str) -> str | None:
+    """Return the key of the table at ``table_path`` that ``name`` is a likely typing slip of.
+
+    Case, ``-`` for ``_`` and small misspellings count, such as ``Policy`` or
+    ``max_scan_agee``.
+    """
+    table = _key_type(table_path) if table_path else Config
+    if not (isinstance(table, type) and issubclass(table, msgspec.Struct)):
+        return None
+    names = [field.name for field in msgspec.structs.fields(table)]
+    folded = name.lower().replace("-", "_")
+    if folded in names:
+        return folded
+    matches = difflib.get_close_matches(folded, names, n=1, cutoff=0.8)
+    return matches[0] if matches else None
 
 
 def _key_type(key_path: str) -> Any:

@@ -1020,3 +1020,39 @@ def test_check_config_lists_cross_key_problems(
     named = re.findall(r"key ([\w.]+): ", result.stderr)
     assert result.returncode == 2, result.stdout
     assert tuple(named) == keys
+
+
+# (case, TOML after [stores], the message for the unknown key).
+UNKNOWN_KEY_CASES = [
+    (
+        "table in capitals",
+        '[Policy]\nmax_scan_age = "5m"\n',
+        "key Policy: unknown key; did you mean policy?",
+    ),
+    (
+        "letter too many",
+        '[policy]\nmax_scan_agee = "5m"\n',
+        "key policy.max_scan_agee: unknown key; did you mean max_scan_age?",
+    ),
+    (
+        "dash for underscore",
+        "[policy]\nexit-override = []\n",
+        "key policy.exit-override: unknown key; did you mean exit_override?",
+    ),
+    (
+        "nothing alike",
+        "[policy]\ncolour = 1\n",
+        "key policy.colour: unknown key; check its spelling against the configuration reference",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [pytest.param(*case[1:], id=case[0]) for case in UNKNOWN_KEY_CASES],
+)
+def test_unknown_key_suggests_known_one(text: str, message: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        parse_config('[stores]\nids = ["S1"]\n' + text, source="test.toml")
+
+    assert message in str(raised.value)
