@@ -596,7 +596,7 @@ def _check_devices(config: Config, text: str, source: str, indices: list[int]) -
 
 
 _TYPE_MISMATCH = re.compile(r"Expected `(\w+)`, got `(\w+)`")
-# What a TOML value of each of msgspec's type names looks like.
+# The TOML form of each of msgspec's type names, for error messages.
 _TYPE_WORDS = {
     "int": "a whole number",
     "float": "a number",

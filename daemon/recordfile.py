@@ -386,7 +386,7 @@ def iter_csv(
     as absent. A row whose cells are all empty or whitespace, as Excel writes a formatted
     but empty row (``,,,,,,``), is skipped as a blank line is. A row is numbered by its
     first line. A row that spans several lines is rejected, because a quote that is not
-    closed makes one, and its cells can still pass as a record whose key holds the following
+    closed makes one, and its cells can still pass as a record whose key contains the following
     lines. Its lines after the first are then read again as rows of their own, so such a
     quote costs one record, not the records after it.
 

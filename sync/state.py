@@ -156,7 +156,7 @@ class HqHealth:
     def _update(self, attempt_done: bool = False) -> None:
         target = self._target()
         # The first contact after start is announced once a whole attempt succeeds: an HQ
-        # that answers every call with an error would log hq.available, then hq.degraded.
+        # that responds to every call with an error would log hq.available, then hq.degraded.
         first_contact = not self._been_online and attempt_done
         if target is HqState.ONLINE and (self._announced is not None or first_contact):
             # The state before HQ was first online is only the assumption made at start,

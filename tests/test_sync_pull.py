@@ -351,7 +351,7 @@ def test_outage_logs_once_each_way(tmp_path: Path, hq: FakeHq) -> None:
 
 
 def test_rejecting_hq_at_start_logs_degraded_only(tmp_path: Path, hq: FakeHq) -> None:
-    # HQ answers every call with 401 from the start: its calls are answered, but no
+    # HQ responds to every call with 401 from the start: its calls get a response, but no
     # attempt succeeds, so the first line about HQ is hq.degraded, not hq.available.
     hq.control.fail_status = 401
     daemon = start_daemon(tmp_path, hq)
