@@ -96,14 +96,8 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
             raise
         response = _http_error_problem(request, exc)
     except RequestPayloadError as exc:
-        # The body's Content-Encoding or chunked framing is broken: the client's fault. The
-        # reason is a fixed text, because aiohttp's message can quote the body.
-        cause = exc.__cause__
-        reason = (
-            _describe_parser_fault(cause)
-            if isinstance(cause, HttpProcessingError)
-            else "body that could not be read"
-        )
+        # The body's Content-Encoding or chunked framing is broken: the client's fault.
+        reason = _describe_payload_fault(exc)
         _log_invalid_request(request, "invalid-body", reason=reason)
         response = problem_response(
             400,
@@ -282,14 +276,22 @@ def _log_client_payload_error(error: RequestPayloadError) -> None:
     # The client already got the middleware's 400, which it logs as request.invalid, so this
     # line is only for debugging. The message of RequestPayloadError repeats its cause's, so
     # the line has the cause's class and fixed description in place of either message.
-    cause = error.__cause__
     log.debug(
         "http.client_payload_error",
-        error=type(cause or error).__name__,
-        reason=_describe_parser_fault(cause)
-        if isinstance(cause, HttpProcessingError)
-        else "unreadable body",
+        error=type(error.__cause__ or error).__name__,
+        reason=_describe_payload_fault(error),
     )
+
+
+def _describe_payload_fault(error: RequestPayloadError) -> str:
+    """Return a fixed description of a body that could not be read, without its bytes.
+
+    aiohttp's message can quote the body, so the description comes from the cause's class.
+    """
+    cause = error.__cause__
+    if isinstance(cause, HttpProcessingError):
+        return _describe_parser_fault(cause)
+    return "body framing or encoding that could not be read"
 
 
 def _http_server_logger(metrics: Metrics) -> logging.Logger:

@@ -492,11 +492,30 @@ def _file_path(path: list[str | int], kept_indices: dict[tuple[str, ...], list[i
 def _is_optional_key(key_path: str) -> bool:
     """Tell whether a dotted key of a table has a default, so that it can be left out."""
     table_path, _, name = key_path.rpartition(".")
+    field = next((field for field in _table_fields(table_path) if field.name == name), None)
+    return field is not None and not field.required
+
+
+def _table_fields(table_path: str) -> tuple[msgspec.structs.FieldInfo, ...]:
+    """Return the keys of the table at a dotted path (the top level for ""), or none."""
     table = _key_type(table_path) if table_path else Config
     if not (isinstance(table, type) and issubclass(table, msgspec.Struct)):
-        return False
-    field = next((field for field in msgspec.structs.fields(table) if field.name == name), None)
-    return field is not None and not field.required
+        return ()
+    return msgspec.structs.fields(table)
+
+
+_MISSING: Any = object()
+
+
+def _value_at(data: Any, path: list[str | int]) -> Any:
+    """Return the value at ``path`` in the TOML data, or _MISSING when there is none."""
+    value = data
+    for part in path:
+        try:
+            value = value[part]
+        except (KeyError, IndexError, TypeError):
+            return _MISSING
+    return value
 
 
 def _remove(
@@ -505,17 +524,11 @@ def _remove(
     """Delete the value at ``path`` from ``data``; return False when there is none."""
     if not path:
         return False
-    parent: Any = data
-    parents: list[str] = []
-    for part in path[:-1]:
-        try:
-            parent = parent[part]
-        except (KeyError, IndexError, TypeError):
-            return False
-        parents.append(str(part))
+    parent = _value_at(data, path[:-1])
     last = path[-1]
     if isinstance(parent, list) and isinstance(last, int) and last < len(parent):
-        kept = kept_indices.setdefault(tuple(parents), list(range(len(parent))))
+        parents = tuple(str(part) for part in path[:-1])
+        kept = kept_indices.setdefault(parents, list(range(len(parent))))
         del kept[last]
         del parent[last]
         return True
@@ -615,12 +628,9 @@ def _describe_type_error(detail: str, path: list[str | int], data: dict[str, Any
     expected = _TYPE_WORDS.get(mismatch.group(1))
     if expected is None:
         return detail
-    value: Any = data
-    for part in path:
-        try:
-            value = value[part]
-        except (KeyError, IndexError, TypeError):
-            return detail
+    value = _value_at(data, path)
+    if value is _MISSING:
+        return detail
     name = next((part for part in reversed(path) if isinstance(part, str)), "the key")
     if isinstance(path[-1], int):
         name = f"each item of {name}"
@@ -696,10 +706,7 @@ def _similar_key(table_path: str, name: str) -> str | None:
     Case, ``-`` for ``_`` and small misspellings count, such as ``Policy`` or
     ``max_scan_agee``.
     """
-    table = _key_type(table_path) if table_path else Config
-    if not (isinstance(table, type) and issubclass(table, msgspec.Struct)):
-        return None
-    names = [field.name for field in msgspec.structs.fields(table)]
+    names = [field.name for field in _table_fields(table_path)]
     folded = name.lower().replace("-", "_")
     if folded in names:
         return folded
