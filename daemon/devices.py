@@ -30,7 +30,7 @@ import msgspec.inspect
 import structlog
 
 from daemon.store import DEVICE_HEALTH_META_KEY
-from drivers.base import Driver, Dropped, Event, Health, Scan, sleep_backoff
+from drivers.base import Driver, Dropped, Event, Health, Scan, backoff_delay
 
 if TYPE_CHECKING:
     from daemon.config import Config
@@ -66,6 +66,9 @@ OPTIONAL_PACKAGES = {
 # A driver that raises out of ``run`` is restarted after this backoff, in seconds.
 RESTART_DELAY = 1.0
 RESTART_DELAY_MAX = 60.0
+# A driver that ran at least this many seconds before it failed is restarted after
+# RESTART_DELAY again, because its failure is a new one rather than a repeat of the last.
+RESTART_BACKOFF_RESET_AFTER = 60.0
 
 NOT_STARTED = "not opened yet"
 
@@ -509,15 +512,31 @@ class _Running:
     task: asyncio.Task[None] | None
 
 
+@dataclass(frozen=True, slots=True)
+class RestartBackoff:
+    """Backoff, in seconds, before the supervisor restarts a failed driver. Tests shorten it."""
+
+    delay: float = RESTART_DELAY
+    delay_max: float = RESTART_DELAY_MAX
+    reset_after: float = RESTART_BACKOFF_RESET_AFTER
+    """A driver that ran this long before it failed is restarted after ``delay`` again."""
+
+
 class DeviceManager:
     """Start, restart and stop one driver task per configured device."""
 
     def __init__(
-        self, on_scan: ScanHandler, on_health: HealthHandler, on_drop: DropHandler
+        self,
+        on_scan: ScanHandler,
+        on_health: HealthHandler,
+        on_drop: DropHandler,
+        *,
+        restart_backoff: RestartBackoff = RestartBackoff(),
     ) -> None:
         self._on_scan = on_scan
         self._on_health = on_health
         self._on_drop = on_drop
+        self._restart_backoff = restart_backoff
         self._running: dict[str, _Running] = {}
         self._lock = asyncio.Lock()
 
@@ -563,7 +582,7 @@ class DeviceManager:
         log.info("device.stopped", device=name)
 
     async def _supervise(self, device: DeviceConfig, driver: Driver) -> None:
-        """Run the driver, restarting it with a backoff if it raises."""
+        """Run the driver, restarting it with a backoff if it raises or returns."""
 
         async def sink(event: Event) -> None:
             if isinstance(event, Health):
@@ -578,20 +597,34 @@ class DeviceManager:
                 # One scan that fails to process must not stop the device.
                 log.exception("scan.failed", device=device.name, station=device.station)
 
+        backoff = self._restart_backoff
         attempt = 0
         while True:
             started = time.monotonic()
+            failure: Exception | None = None
             try:
                 await driver.run(sink)
-                error = "driver stopped without an error"
             except Exception as exc:
-                error = f"driver failed: {exc!r}"
-                log.exception("device.driver_failed", device=device.name, attempt=attempt)
-            # A driver that ran for longer than the longest delay failed anew, not again.
-            if time.monotonic() - started >= RESTART_DELAY_MAX:
+                failure = exc
+            if failure is None:
+                error = "driver stopped without an error"
+            else:
+                error = f"driver failed: {failure!r}"
+
+            if time.monotonic() - started >= backoff.reset_after:
+                # The driver ran long enough that this failure starts a new backoff.
                 attempt = 0
+            delay = backoff_delay(attempt, backoff.delay, backoff.delay_max)
+            log.error(
+                "device.driver_failed",
+                device=device.name,
+                error=error,
+                attempt=attempt,
+                restart_in=delay,
+                exc_info=failure,
+            )
             self._on_health(device, Health(device.name, available=False, error=error))
-            await sleep_backoff(attempt, RESTART_DELAY, RESTART_DELAY_MAX)
+            await asyncio.sleep(delay)
             attempt += 1
 
 

@@ -457,13 +457,20 @@ class PcscDriver:
         return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
 
     async def _set_health(
-        self, sink: EventSink, available: bool, error: str | None = None, *, conflict: bool = False
+        self,
+        sink: EventSink,
+        available: bool,
+        error: str | None = None,
+        *,
+        conflict: bool = False,
+        **log_fields: object,
     ) -> None:
         """Send a health change and log it once per transition, never on repeats.
 
         A transition is a change of availability. While unavailable, a change of the error
         counts too when the old or the new error is a reader owned by another device
         (``conflict``), so the health names the owner for as long as it keeps the reader.
+        ``log_fields`` go on the ``device.unavailable`` line only.
         """
         error_changed = error != self._error and (conflict or self._error_is_conflict)
         if available == self._available and (available or not error_changed):
@@ -474,7 +481,7 @@ class PcscDriver:
         if available:
             log.info("device.available", device=self.name, reader=self._reader)
         else:
-            log.warning("device.unavailable", device=self.name, error=error)
+            log.warning("device.unavailable", device=self.name, error=error, **log_fields)
         await sink(Health(device=self.name, available=available, error=error))
 
     async def _wait_for_reader(self, sink: EventSink) -> str:
@@ -487,8 +494,11 @@ class PcscDriver:
         while True:
             matches = await self._call(self._session.find_readers)
             owned_by_others = self._readers_owned_by_others(matches)
-            self._log_conflicts(owned_by_others)
             free = [reader for reader in matches if reader not in owned_by_others]
+            # Without a free reader, the device.unavailable warning below names the first
+            # reader in use and its owner, so that reader gets no pcsc.reader_in_use line.
+            named = None if free or not owned_by_others else next(iter(owned_by_others))
+            self._log_conflicts(owned_by_others, named=named)
             if free:
                 reader = free[0]
                 if len(matches) > 1:
@@ -511,6 +521,8 @@ class PcscDriver:
                     f"reader {reader!r} is read by device {owner.name!r}, whose reader glob"
                     f" {owner.settings.reader!r} matches it too; make the two globs disjoint",
                     conflict=True,
+                    reader=reader,
+                    owner=owner.name,
                 )
             else:
                 await self._set_health(
@@ -535,10 +547,15 @@ class PcscDriver:
                 owned[reader] = owner
         return owned
 
-    def _log_conflicts(self, owned_by_others: dict[str, PcscDriver]) -> None:
-        """Warn once about each reader that another device owns, until that device lets go."""
+    def _log_conflicts(
+        self, owned_by_others: dict[str, PcscDriver], named: str | None = None
+    ) -> None:
+        """Warn once about each reader that another device owns, until that device lets go.
+
+        The reader ``named`` gets no line, because the device.unavailable warning names it.
+        """
         for reader, owner in owned_by_others.items():
-            if self._conflicts_logged.get(reader) is not owner:
+            if reader != named and self._conflicts_logged.get(reader) is not owner:
                 log.warning(
                     "pcsc.reader_in_use",
                     device=self.name,

@@ -756,9 +756,20 @@ class SerialDriver:
             return True
 
     async def _read_until_lost(self, port: serial.Serial, sink: EventSink) -> _Lost:
+        self._decoder.reset()
+        try:
+            return await self._read_frames(port, sink)
+        except asyncio.CancelledError:
+            # The driver stops (the daemon stops, or a reload removes or changes the device's
+            # table), so a frame still in the decoder can never end. It is counted as
+            # incomplete, like a frame that a lost link cuts off.
+            await self._drop_pending(sink)
+            raise
+
+    async def _read_frames(self, port: serial.Serial, sink: EventSink) -> _Lost:
+        """Read and frame scans until the link is lost or falls silent for silence_timeout."""
         loop = asyncio.get_running_loop()
         fd = port.fileno()
-        self._decoder.reset()
         last_data_at = loop.time()
 
         while True:
@@ -795,10 +806,10 @@ class SerialDriver:
     async def _drop_pending(self, sink: EventSink) -> None:
         """Count and log the unfinished frame in the decoder as ``incomplete``, and reset it.
 
-        The read loop calls this before it returns for a reopen or a lost link, so ``run``
-        reports the device unavailable only after the drop. A frame that idle_gap framing
-        has not closed yet counts as incomplete too, because the link ended before the
-        silence that would close it.
+        The read loop calls this when the driver is cancelled, and before it returns for a
+        reopen or a lost link. ``run`` therefore reports the device unavailable after the drop.
+        A frame that idle_gap framing has not closed yet counts as incomplete too, because
+        the read ended before the silence that would close it.
         """
         await self._deliver(self._decoder.drop_pending(), sink)
 

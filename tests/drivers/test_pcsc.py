@@ -549,11 +549,14 @@ def test_second_driver_skips_claimed_reader(pcscd: Pcscd) -> None:
             f" {OWNER_GLOB!r} matches it too; make the two globs disjoint"
         )
         assert took_over.available
-        warnings = reader_in_use_warnings(logs)
-        assert len(warnings) == 1
+        # One cause, one warning: the device.unavailable line names the reader, its owner
+        # and the fix, and no pcsc.reader_in_use line repeats it.
+        warnings = [entry for entry in logs if entry["log_level"] == "warning"]
+        assert [entry["event"] for entry in warnings] == ["device.unavailable"]
         assert warnings[0]["device"] == SECOND
-        assert warnings[0]["owner"] == OWNER
         assert warnings[0]["reader"] == vpcd.VPCD_READER
+        assert warnings[0]["owner"] == OWNER
+        assert warnings[0]["error"] == skipped.error
         assert card.commands.count(vpcd.GET_UID) == 2
 
     run(scenario)
@@ -580,6 +583,40 @@ def test_glob_skips_claimed_reader_for_next(pcscd: Pcscd) -> None:
         assert readers == [SECOND_VPCD_READER]
         warnings = reader_in_use_warnings(logs)
         assert [(entry["device"], entry["owner"]) for entry in warnings] == [(SECOND, OWNER)]
+
+    run(scenario)
+
+
+def test_all_readers_claimed_logs_each_once(pcscd: Pcscd) -> None:
+    third = "station-1-reader-c"
+
+    async def scenario() -> None:
+        async with AsyncExitStack() as stack:
+            owners = [(OWNER, OWNER_GLOB), (SECOND, SECOND_VPCD_READER)]
+            for name, reader in owners:
+                harness = await stack.enter_async_context(
+                    running_driver(make_settings(name=name, reader=reader))
+                )
+                assert (await harness.next_health()).available
+
+            with capture_logs() as logs:
+                async with running_driver(
+                    make_settings(name=third, reader="Virtual PCD*")
+                ) as harness:
+                    skipped = await harness.next_health()
+                    # Ten polls of 100 ms: each conflict is still logged once.
+                    await harness.assert_quiet()
+
+        assert not skipped.available
+        warnings = [entry for entry in logs if entry["log_level"] == "warning"]
+        # The health error names the first reader in use, so its conflict is logged once as
+        # device.unavailable, and the other reader's as pcsc.reader_in_use.
+        assert [(entry["event"], entry["reader"], entry["owner"]) for entry in warnings] == [
+            ("pcsc.reader_in_use", SECOND_VPCD_READER, SECOND),
+            ("device.unavailable", vpcd.VPCD_READER, OWNER),
+        ]
+        assert [entry["device"] for entry in warnings] == [third, third]
+        assert warnings[1]["error"] == skipped.error
 
     run(scenario)
 
@@ -763,8 +800,13 @@ def test_daemon_decides_badge_once_per_reader(pcscd: Pcscd, tmp_path: Path) -> N
         assert first[0]["device"] == owner
         assert first[0]["identity_id"] == "associate-1"
         assert first[0]["session"] == "opened"
-        warnings = watch.events("pcsc.reader_in_use")
-        assert [(entry["device"], entry["owner"]) for entry in warnings] == [(second, owner)]
+        assert watch.events("pcsc.reader_in_use") == []
+        unavailable = [
+            entry for entry in watch.events("device.unavailable") if entry["device"] == second
+        ]
+        assert [(entry["reader"], entry["owner"]) for entry in unavailable] == [
+            (vpcd.VPCD_READER, owner)
+        ]
         assert handed_over["device"] == second
         assert handed_over["session"] == "closed"
         assert restarted["device"] == second

@@ -933,6 +933,31 @@ def test_driver_unplug_counts_partial_frame(
     assert last_drop_line < events.index("device.unavailable")
 
 
+def test_driver_cancel_counts_partial_frame(pty_factory: PtyFactory, run_driver: RunDriver) -> None:
+    scanner = pty_factory()
+    # A partial_timeout longer than the test, so only the cancel can drop the frame.
+    driver = SerialDriver(make_settings(scanner.path, partial_timeout=60))
+
+    async def scenario() -> None:
+        async with run_driver(driver) as recorder:
+            await recorder.wait_health(available=True)
+            scanner.write(b"SECRET-12")
+            # The pause lets the driver read the bytes before the block ends and cancels it.
+            await asyncio.sleep(0.2)
+
+        assert recorder.scans == []
+        assert recorder.dropped == [Dropped("test-scanner", "incomplete")]
+        assert driver.stats.dropped == Counter({"incomplete": 1})
+
+    with structlog.testing.capture_logs() as logs:
+        asyncio.run(scenario())
+
+    drops = [entry for entry in logs if entry["event"] == "serial.frame_dropped"]
+    assert [(entry["reason"], entry["size"]) for entry in drops] == [("incomplete", 9)]
+    assert drops[0]["log_level"] == "warning"
+    assert "SECRET" not in repr(logs)
+
+
 def test_driver_health_events_on_unplug(
     pty_factory: PtyFactory, run_driver: RunDriver, link: Path
 ) -> None:
