@@ -128,10 +128,14 @@ class KeyDecoder:
         self._clear_scan()
 
     def flush(self) -> RejectedScan | None:
-        """Drop a partial scan whose end key never came."""
+        """Drop a partial scan whose end key never came, keeping held modifiers and Caps Lock."""
         if not self.pending:
             return None
-        rejected = RejectedScan("incomplete", len(self._text))
+        length = self._typed_length()
+        if self._dead is not None:
+            # An end key would type the pending dead key in its spacing form, so it counts too.
+            length += len(self._dead.spacing)
+        rejected = RejectedScan("incomplete", length)
         self._clear_scan()
         return rejected
 
@@ -202,8 +206,12 @@ class KeyDecoder:
 
     def _append(self, text: str) -> None:
         self._text.append(text)
-        if sum(len(part) for part in self._text) > self._max_length:
+        if self._typed_length() > self._max_length:
             self._spoiled = "too_long"
+
+    def _typed_length(self) -> int:
+        # A part has more than one character where a dead key did not compose with the next key.
+        return sum(len(part) for part in self._text)
 
     def _end_scan(self) -> KeyResult | None:
         if self._dead is not None:
@@ -367,12 +375,23 @@ class HidDriver:
 
     async def _read_until_lost(self, device: InputDevice, sink: EventSink) -> str:
         self._decoder.reset()
+        try:
+            return await self._read_scans(device, sink)
+        except asyncio.CancelledError:
+            # The driver stops (the daemon stops, or a reload removes or changes the device's
+            # table), so a scan still in the decoder can never end. It is counted as
+            # incomplete, like a scan that an unplug cuts off.
+            await self._drop_pending(sink)
+            raise
+
+    async def _read_scans(self, device: InputDevice, sink: EventSink) -> str:
+        """Read and decode key events until a read fails, and return the error for the health."""
         fd = device.fileno()
 
         while True:
             timeout = self._partial_timeout if self._decoder.pending else None
             if not await wait_readable(fd, timeout):
-                await self._deliver(self._decoder.flush(), sink)
+                await self._drop_pending(sink)
                 continue
 
             try:
@@ -380,10 +399,23 @@ class HidDriver:
             except BlockingIOError:
                 continue
             except OSError as error:
+                await self._drop_pending(sink)
                 return f"read failed: {error}"
 
-            for event in events:
-                await self._deliver(self._decoder.feed(event.type, event.code, event.value), sink)
+            # Decode the whole batch before delivering, so a cancel during a delivery still
+            # finds the keys of a following partial scan in the decoder.
+            results = [self._decoder.feed(event.type, event.code, event.value) for event in events]
+            for result in results:
+                await self._deliver(result, sink)
+
+    async def _drop_pending(self, sink: EventSink) -> None:
+        """Count and log the partial scan in the decoder as ``incomplete``, if there is one.
+
+        The read loop calls this when partial_timeout passes, when the driver is cancelled,
+        and before it returns for a lost device, so ``run`` reports the device unavailable
+        after the drop. Held modifiers and Caps Lock alone are no partial scan.
+        """
+        await self._deliver(self._decoder.flush(), sink)
 
     async def _deliver(self, result: KeyResult | None, sink: EventSink) -> None:
         if result is None:

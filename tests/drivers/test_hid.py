@@ -10,10 +10,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import fcntl
 import os
 import re
 import string
 import struct
+import termios
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,7 +25,7 @@ import pytest
 import structlog
 from evdev import ecodes
 
-from drivers.base import Dropped
+from drivers.base import Dropped, Event, Health, Scan
 from drivers.hid import (
     HidDriver,
     HidSettings,
@@ -344,6 +346,23 @@ def test_decoder_flush_partial() -> None:
     assert decoder.flush() == RejectedScan("incomplete", 2)
 
 
+@pytest.mark.parametrize(
+    ("strokes", "length"),
+    [
+        ([("KEY_1", ()), ("KEY_GRAVE", ())], 2),
+        ([("KEY_GRAVE", ()), ("KEY_X", ())], 2),
+        ([("KEY_EQUAL", ()), ("KEY_E", ())], 1),
+    ],
+    ids=["pending_dead_key", "dead_key_not_composed", "composed"],
+)
+def test_decoder_flush_length_de(strokes: list[Stroke], length: int) -> None:
+    # The length counts characters, as at an end key, not the decoder's internal parts.
+    decoder = KeyDecoder(DE)
+    for event in key_events(strokes):
+        decoder.feed(*event)
+    assert decoder.flush() == RejectedScan("incomplete", length)
+
+
 def test_decoder_not_pending_after_flush() -> None:
     decoder = KeyDecoder(US)
     for event in key_events([("KEY_A", ())]):
@@ -473,8 +492,16 @@ class FakeInputDevice:
     # Methods the test calls to play the scanner.
 
     def type(self, strokes: list[Stroke]) -> None:
-        records = b"".join(INPUT_EVENT.pack(0, 0, *event) for event in key_events(strokes))
+        self.send(key_events(strokes))
+
+    def send(self, events: list[tuple[int, int, int]]) -> None:
+        records = b"".join(INPUT_EVENT.pack(0, 0, *event) for event in events)
         os.write(self._writer, records)
+
+    def unread_bytes(self) -> int:
+        """Return how many bytes of written events the driver has not read yet."""
+        count = fcntl.ioctl(self._reader, termios.FIONREAD, b"\0\0\0\0")
+        return int.from_bytes(count, "little")
 
     def unplug(self) -> None:
         self.unplugged = True
@@ -710,6 +737,124 @@ def test_driver_drops_partial_scan(backend: FakeBackend, run_driver: RunDriver) 
 
     [rejected] = [entry for entry in logs if entry["event"] == "hid.scan_rejected"]
     assert rejected["reason"] == "incomplete"
+
+
+SECRET_STROKES: list[Stroke] = [stroke for char in "SECRET-12" for stroke in us_strokes(char)]
+
+
+def rejected_lines(logs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [entry for entry in logs if entry["event"] == "hid.scan_rejected"]
+
+
+def test_driver_unplug_counts_partial_scan(backend: FakeBackend, run_driver: RunDriver) -> None:
+    scanner = backend.add("/dev/input/event3", "Example Scanner Keyboard")
+    # A partial_timeout longer than the test, so only the unplug can drop the scan.
+    driver = HidDriver(make_settings(partial_timeout=60), backend=backend)
+
+    async def scenario() -> None:
+        async with run_driver(driver) as recorder:
+            await recorder.wait_health(available=True)
+            # The driver reads the keys still in the pipe before its read fails with ENODEV.
+            scanner.type(SECRET_STROKES)
+            backend.remove(scanner.path)
+            lost = await recorder.wait_health(available=False)
+
+        assert recorder.scans == []
+        assert recorder.dropped == [Dropped("test-wedge", "incomplete")]
+        assert recorder.events.index(recorder.dropped[0]) < recorder.events.index(lost)
+
+    with structlog.testing.capture_logs() as logs:
+        asyncio.run(scenario())
+
+    [rejected] = rejected_lines(logs)
+    assert (rejected["reason"], rejected["length"]) == ("incomplete", 9)
+    assert rejected["log_level"] == "warning"
+    assert "SECRET" not in repr(logs)
+
+
+def test_driver_cancel_counts_partial_scan(backend: FakeBackend, run_driver: RunDriver) -> None:
+    scanner = backend.add("/dev/input/event3", "Example Scanner Keyboard")
+    # A partial_timeout longer than the test, so only the cancel can drop the scan.
+    driver = HidDriver(make_settings(partial_timeout=60), backend=backend)
+
+    async def scenario() -> None:
+        async with run_driver(driver) as recorder:
+            await recorder.wait_health(available=True)
+            scanner.type(SECRET_STROKES)
+            # The driver decodes the events in the same step as its last read of the pipe.
+            await recorder.until(lambda: scanner.unread_bytes() == 0)
+
+        assert recorder.scans == []
+        assert recorder.dropped == [Dropped("test-wedge", "incomplete")]
+
+    with structlog.testing.capture_logs() as logs:
+        asyncio.run(scenario())
+
+    [rejected] = rejected_lines(logs)
+    assert (rejected["reason"], rejected["length"]) == ("incomplete", 9)
+    assert rejected["log_level"] == "warning"
+    assert "SECRET" not in repr(logs)
+
+
+def test_driver_cancel_during_scan_delivery(backend: FakeBackend) -> None:
+    scanner = backend.add("/dev/input/event3", "Example Scanner Keyboard")
+    driver = HidDriver(make_settings(partial_timeout=60), backend=backend)
+    events: list[Event] = []
+
+    async def slow_sink(event: Event) -> None:
+        # Holds the driver inside the delivery of a scan, as a slow database write would.
+        events.append(event)
+        if isinstance(event, Scan):
+            await asyncio.Event().wait()
+
+    async def poll(condition: Callable[[], bool]) -> None:
+        async with asyncio.timeout(10):
+            while not condition():
+                await asyncio.sleep(0.01)
+
+    async def scenario() -> None:
+        task = asyncio.create_task(driver.run(slow_sink))
+        await poll(lambda: any(isinstance(event, Health) for event in events))
+        # One write, so the driver reads the scan and the partial scan after it in one batch.
+        scanner.type([*SCAN_STROKES, ("KEY_A", ()), ("KEY_B", ())])
+        await poll(lambda: any(isinstance(event, Scan) for event in events))
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    asyncio.run(scenario())
+
+    assert [event.value for event in events if isinstance(event, Scan)] == ["S-42"]
+    assert [event for event in events if isinstance(event, Dropped)] == [
+        Dropped("test-wedge", "incomplete")
+    ]
+
+
+@pytest.mark.parametrize("end", ["unplug", "cancel"])
+def test_driver_modifiers_only_not_dropped(
+    backend: FakeBackend, run_driver: RunDriver, end: str
+) -> None:
+    scanner = backend.add("/dev/input/event3", "Example Scanner Keyboard")
+    driver = HidDriver(make_settings(partial_timeout=60), backend=backend)
+
+    async def scenario() -> None:
+        async with run_driver(driver) as recorder:
+            await recorder.wait_health(available=True)
+            # Caps Lock on and Shift held: decoder state, but no character of a scan.
+            scanner.type([("KEY_CAPSLOCK", ())])
+            scanner.send([(ecodes.EV_KEY, ecodes.KEY_LEFTSHIFT, 1)])
+            if end == "unplug":
+                backend.remove(scanner.path)
+                await recorder.wait_health(available=False)
+            else:
+                await recorder.until(lambda: scanner.unread_bytes() == 0)
+
+        assert recorder.dropped == []
+
+    with structlog.testing.capture_logs() as logs:
+        asyncio.run(scenario())
+
+    assert rejected_lines(logs) == []
 
 
 def test_driver_feedback_is_noop(backend: FakeBackend) -> None:
