@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import datetime
 import difflib
+import functools
 import ipaddress
 import json
 import re
 import tomllib
 import types
 import typing
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -47,10 +49,19 @@ def parse_duration(text: str) -> Duration:
     The grammar is that of the duration strings of [[devices]] tables, but a plain number
     without a unit is rejected here.
     """
-    seconds = parse_duration_text(
-        text,
-        'write a number and a unit, one of ms, s, m, h, d (for example "30s", "24h" or "1h30m")',
-    )
+    try:
+        seconds = parse_duration_text(
+            text,
+            'write a number and a unit, one of ms, s, m, h, d (for example "30s", "24h" or'
+            ' "1h30m")',
+        )
+    except ValueError as error:
+        # parse_duration_text quotes the whole text, which can be hundreds of characters.
+        message = str(error)
+        quoted = f"invalid duration {text!r}"
+        if message.startswith(quoted):
+            message = f"invalid duration {_quoted(text)}{message[len(quoted) :]}"
+        raise ValueError(message) from None
     return Duration(seconds)
 
 
@@ -58,7 +69,7 @@ def _decode_hook(kind: type, value: Any) -> Any:
     if kind is Duration:
         if isinstance(value, str):
             return parse_duration(value)
-        raise ValueError(f'invalid duration {value!r}: write it as a string such as "30s"')
+        raise ValueError(f'invalid duration {_quoted(value)}: write it as a string such as "30s"')
     raise NotImplementedError(kind)
 
 
@@ -111,7 +122,7 @@ class StoresConfig(_Section):
         for store_id in self.ids:
             if not 1 <= len(store_id) <= 255:
                 raise ValueError(
-                    f"invalid ids entry {store_id!r}: a store id has 1 to 255 characters"
+                    f"invalid ids entry {_quoted(store_id)}: a store id has 1 to 255 characters"
                 )
 
 
@@ -199,7 +210,7 @@ class AuthConfig(_Section):
     def __post_init__(self) -> None:
         if not _HEADER_NAME.match(self.api_key_header):
             raise ValueError(
-                f"invalid api_key_header {self.api_key_header!r}: use an HTTP header name"
+                f"invalid api_key_header {_quoted(self.api_key_header)}: use an HTTP header name"
                 ' such as "x-api-key"'
             )
         for name in ("allow_networks", "trusted_proxies"):
@@ -208,7 +219,8 @@ class AuthConfig(_Section):
                     ipaddress.ip_network(network, strict=False)
                 except ValueError:
                     raise ValueError(
-                        f"invalid {name} entry {network!r}: use CIDR notation such as 10.0.0.0/8"
+                        f"invalid {name} entry {_quoted(network)}: use CIDR notation such as"
+                        " 10.0.0.0/8"
                     ) from None
         if self.rate_limit < 0:
             raise ValueError(f"invalid rate_limit {self.rate_limit}: use 0 (off) or more")
@@ -216,6 +228,10 @@ class AuthConfig(_Section):
             raise ValueError(f"invalid rate_burst {self.rate_burst}: use 1 or more")
         if self.rate_limit_clients < 1:
             raise ValueError(f"invalid rate_limit_clients {self.rate_limit_clients}: use 1 or more")
+
+
+DEFAULT_BACKOFF_MAX = Duration(60)
+"""Default of [hq] backoff_max, the cap of the retry delay after failed HQ calls."""
 
 
 class HqConfig(_Section):
@@ -243,13 +259,13 @@ class HqConfig(_Section):
     outbox_overflow: Literal["drop_oldest", "drop_newest"] = "drop_oldest"
     outbox_trim_interval: Duration = Duration(10)
     backoff_initial: Duration = Duration(1)
-    backoff_max: Duration = Duration(60)
+    backoff_max: Duration = DEFAULT_BACKOFF_MAX
     offline_after: int = 3
     clock_offset_threshold: Duration = Duration(10)
 
     def __post_init__(self) -> None:
         if not self.url.startswith(("http://", "https://")):
-            raise ValueError(f"invalid url {self.url!r}: use an http:// or https:// address")
+            raise ValueError(f"invalid url {_quoted(self.url)}: use an http:// or https:// address")
         # An address without a host or with an invalid port passes the scheme check, but no
         # HQ request to it can succeed: without a host, the sync retries for ever.
         address = urlsplit(self.url)
@@ -258,10 +274,12 @@ class HqConfig(_Section):
         except ValueError:
             port = -1  # not a number, or above 65535
         if port is not None and not 1 <= port <= 65535:
-            raise ValueError(f"invalid url {self.url!r}: the port must be a number from 1 to 65535")
+            raise ValueError(
+                f"invalid url {_quoted(self.url)}: the port must be a number from 1 to 65535"
+            )
         if not address.hostname:
             raise ValueError(
-                f"invalid url {self.url!r}: the host is missing; write it as"
+                f"invalid url {_quoted(self.url)}: the host is missing; write it as"
                 ' "https://<host>[:<port>]", for example "https://hq.example.com"'
             )
         for name in (
@@ -277,12 +295,41 @@ class HqConfig(_Section):
             raise ValueError(
                 f"invalid upload_max_bytes {self.upload_max_bytes}: use 4096 bytes or more"
             )
-        if self.backoff_initial <= 0 or self.backoff_max < self.backoff_initial:
-            raise ValueError(
-                "invalid backoff: backoff_initial must be above 0 and backoff_max at least as long"
-            )
+        self._check_backoff()
         if self.client_key_file and not self.client_cert_file:
-            raise ValueError("client_key_file is set without client_cert_file: set both")
+            raise ValueError(
+                f"invalid client_key_file {_quoted(self.client_key_file)}: it is set without"
+                " client_cert_file; set client_cert_file to the certificate of this key, or"
+                " remove client_key_file"
+            )
+
+    def _check_backoff(self) -> None:
+        """Check the retry delays, naming the one key whose default makes the pair valid.
+
+        parse_config leaves out the key that a message names and checks the table again with
+        that key's default. Naming backoff_initial when it exceeds the default backoff_max
+        keeps that second check from failing on the same pair.
+        """
+        initial = f"{self.backoff_initial:g}s"
+        maximum = f"{self.backoff_max:g}s"
+        if self.backoff_initial <= 0:
+            raise ValueError(
+                f'invalid backoff_initial {initial}: use a duration above 0, such as "1s"'
+            )
+        if self.backoff_max <= 0:
+            raise ValueError(
+                f'invalid backoff_max {maximum}: use a duration above 0, such as "60s"'
+            )
+        if self.backoff_max >= self.backoff_initial:
+            return
+        if self.backoff_initial <= DEFAULT_BACKOFF_MAX:
+            raise ValueError(
+                f"invalid backoff_max {maximum}: use backoff_initial ({initial}) or more"
+            )
+        raise ValueError(
+            f"invalid backoff_initial {initial}: use backoff_max ({maximum}) or less, or raise"
+            " backoff_max"
+        )
 
 
 class LocalConfig(_Section):
@@ -313,7 +360,7 @@ class LocalConfig(_Section):
                 ipaddress.ip_network(network, strict=False)
             except ValueError:
                 raise ValueError(
-                    f"invalid allow_networks entry {network!r}: use CIDR notation such as"
+                    f"invalid allow_networks entry {_quoted(network)}: use CIDR notation such as"
                     " 127.0.0.0/8"
                 ) from None
 
@@ -358,7 +405,10 @@ def parse_config(text: str, source: str = "<config>", check_listener: bool = Fal
 
     Raises one ConfigError that lists every problem found, one per line in file order. With
     ``check_listener``, a listener off loopback without authentication is one of them, as
-    `serve` refuses it; other commands can read such a file.
+    `serve` refuses it; other commands can read such a file. When the file has problems,
+    ``check_listener`` also adds those of the key, certificate and token files that the
+    [tls], [auth] and [hq] tables without problems of their own name. check-config reads
+    those files itself only after the file parsed without problems.
     """
     try:
         data = tomllib.loads(text)
@@ -370,11 +420,13 @@ def parse_config(text: str, source: str = "<config>", check_listener: bool = Fal
     kept_indices: dict[tuple[str, ...], list[int]] = {}
     config = _convert_collecting(data, text, source, problems, removed, kept_indices)
     if config is not None:
-        problems.extend(_check_stores(config, text, source, removed))
+        problems.extend(_check_stores(config, data, text, source, removed))
         device_indices = kept_indices.get(("devices",), list(range(len(config.devices))))
         problems.extend(_check_devices(config, text, source, device_indices))
         if check_listener and _listener_keys_intact(removed):
             problems.extend(_check_listener(config, text, source))
+        if check_listener and problems:
+            problems.extend(_check_files(config, text, source, removed, problems))
     if problems:
         raise ConfigError(_format_problems(problems, complete=config is not None))
     assert config is not None
@@ -393,12 +445,16 @@ class _Problem:
 
     line: int | None
     message: str
+    key: str
+    """Dotted path of the key or table at fault, or "" for the top level."""
 
 
 def _problem(text: str, source: str, key_path: str, detail: str) -> _Problem:
     line = find_key_line(text, key_path)
     location = f"line {line}, " if line else ""
-    return _Problem(line, f"{source}: {location}key {key_path or '(top level)'}: {detail}")
+    return _Problem(
+        line, f"{source}: {location}key {key_path or '(top level)'}: {detail}", key_path
+    )
 
 
 def _format_problems(problems: list[_Problem], complete: bool) -> str:
@@ -456,6 +512,9 @@ def _convert_collecting(
         file_path = _file_path(path, kept_indices)
         detail = _describe_type_error(detail, path, data)
         key_path, detail = _describe_validation_error(detail, ".".join(file_path))
+        value = _value_at(data, path)
+        if detail.startswith("Invalid enum value") and value is not _MISSING:
+            detail = _describe_enum_error(key_path, value)
         problems.append(_problem(text, source, key_path, detail))
 
         # Leave out the unknown key, or the key that a table's own check names when it has a
@@ -538,11 +597,23 @@ def _remove(
     return False
 
 
-def _check_stores(config: Config, text: str, source: str, removed: set[str]) -> list[_Problem]:
-    """Check that [stores] ids is set and that [local] and [hq] store_id are among them."""
+def _check_stores(
+    config: Config, data: dict[str, Any], text: str, source: str, removed: set[str]
+) -> list[_Problem]:
+    """Check that [stores] ids lists a store and that [local] and [hq] store_id are among them.
+
+    ``data`` is the TOML data that the Config was converted from, to tell an empty list from
+    a missing key.
+    """
     if not config.stores.ids:
         if any(path == "stores" or path.startswith("stores.ids") for path in removed):
             return []  # already reported as invalid
+        if _value_at(data, ["stores", "ids"]) is not _MISSING:
+            detail = (
+                "the list is empty; write at least one store id that this box serves, for"
+                ' example ids = ["STORE-001"]'
+            )
+            return [_problem(text, source, "stores.ids", detail)]
         line = find_key_line(text, "stores.ids")
         location = f"line {line}, " if line else ""
         return [
@@ -550,6 +621,7 @@ def _check_stores(config: Config, text: str, source: str, removed: set[str]) -> 
                 line,
                 f"{source}: {location}missing key stores.ids: list the store ids this box"
                 ' serves, for example [stores] ids = ["STORE-001"]',
+                "stores.ids",
             )
         ]
     problems = []
@@ -559,11 +631,64 @@ def _check_stores(config: Config, text: str, source: str, removed: set[str]) -> 
     ):
         if store_id and store_id not in config.stores.ids:
             detail = (
-                f"store {store_id!r} is not in [stores] ids; use one of"
+                f"store {_quoted(store_id)} is not in [stores] ids; use one of"
                 f" {', '.join(config.stores.ids)} or leave it empty"
             )
             problems.append(_problem(text, source, key, detail))
     return problems
+
+
+def _check_files(
+    config: Config, text: str, source: str, removed: set[str], problems: list[_Problem]
+) -> list[_Problem]:
+    """Read the files that [tls], [auth] and [hq] name, as check-config does for a valid file.
+
+    A table with a problem of its own, in ``removed`` or ``problems``, is skipped, because
+    its files may change with the fix. Each API key file, the HQ token file and the other
+    [hq] files are checked on their own, so that the problems of each are listed.
+    """
+    # Imported here because daemon.security imports this module, and daemon.hq pulls in
+    # the aiohttp client.
+    from daemon import security
+    from daemon.hq import read_token, settings_from_config
+
+    with_problems = {path.split(".")[0] for path in removed}
+    with_problems.update(problem.key.split(".")[0] for problem in problems)
+    found: list[_Problem] = []
+
+    def check(table: str, read: Callable[[], object]) -> None:
+        try:
+            read()
+        except ConfigError as error:
+            found.append(_file_problem(text, source, table, str(error)))
+
+    # NOTE: load_api_key logs a warning for a key file that other users can read. Here that
+    # warning goes to standard output, because check-config sets up logging only for a file
+    # that parsed without problems.
+    if config.tls is not None and "tls" not in with_problems:
+        tls = config.tls
+        check("tls", lambda: security.build_server_context(tls, security.read_tls_material(tls)))
+    if config.auth is not None and "auth" not in with_problems:
+        for path in config.auth.api_key_files:
+            check("auth", functools.partial(security.load_api_key, path))
+    if config.hq is not None and "hq" not in with_problems:
+        hq = config.hq
+        check("hq", lambda: read_token(hq.token_file, warn=False))
+        # settings_from_config also reads the token, which is checked above, and it takes
+        # the first of [stores] ids for an empty store_id, which fails when that list is
+        # empty. Only its file checks matter here, and the settings it returns are dropped.
+        hq_files = msgspec.structs.replace(hq, token_file="", store_id=hq.store_id or "-")
+        check("hq", lambda: settings_from_config(config, hq_files, warn=False))
+    return found
+
+
+def _file_problem(text: str, source: str, table: str, message: str) -> _Problem:
+    """Place a file's ConfigError at the line of the key it names, such as "[tls] key_file"."""
+    named = re.search(rf"\[{table}\] (\w+)", message)
+    key_path = f"{table}.{named.group(1)}" if named else table
+    if _key_type(key_path) is None:
+        key_path = table
+    return _problem(text, source, key_path, message)
 
 
 # The keys that daemon.security.listener_problem reads, by dotted path.
@@ -604,8 +729,29 @@ def _check_devices(config: Config, text: str, source: str, indices: list[int]) -
     # should not pay for when no device is configured.
     from daemon.devices import device_table_errors
 
-    problems = device_table_errors(list(config.devices), positions=indices)
-    return [_problem(text, source, key_path, detail) for key_path, detail in problems]
+    tables = dict(zip(indices, config.devices, strict=True))
+    problems = []
+    for key_path, detail in device_table_errors(list(config.devices), positions=indices):
+        # "devices.<place in the file>", then the key when the problem has one.
+        parts = key_path.split(".", 2)
+        key = parts[2] if len(parts) == 3 else ""
+        value = tables[int(parts[1])].get(key, _MISSING) if key else _MISSING
+        problems.append(_problem(text, source, key_path, _reword_device_detail(detail, key, value)))
+    return problems
+
+
+def _reword_device_detail(detail: str, key: str, value: Any) -> str:
+    """Word a [[devices]] problem as those of the other tables: lower case, values cut short.
+
+    daemon.devices quotes a value as Python's repr, and adds "; use one of ..." to
+    msgspec's "Invalid enum value ..." when the key takes fixed values.
+    """
+    if value is _MISSING:
+        return detail
+    if detail.startswith("Invalid enum value"):
+        _, hint, allowed = detail.rpartition("; use one of ")
+        return _describe_enum_error(key, value, allowed.split(", ") if hint else ())
+    return detail.replace(repr(value), _quoted(value))
 
 
 _TYPE_MISMATCH = re.compile(r"Expected `(\w+)`, got `(\w+)`")
@@ -644,6 +790,32 @@ def _describe_type_error(detail: str, path: list[str | int], data: dict[str, Any
     return message
 
 
+MAX_SHOWN_CHARACTERS = 60
+"""Characters of a string value that an error shows; longer ones are cut and end in "..."."""
+
+
+def _excerpt(text: str) -> str:
+    """Cut a string to MAX_SHOWN_CHARACTERS, its last three being "..." when it was longer."""
+    if len(text) <= MAX_SHOWN_CHARACTERS:
+        return text
+    return text[: MAX_SHOWN_CHARACTERS - 3] + "..."
+
+
+def _quoted(value: Any) -> str:
+    """Show a value in an error as Python's repr does, cutting a long string short.
+
+    A list or table whose repr is longer than MAX_SHOWN_CHARACTERS is named by its kind.
+    repr escapes line breaks and the other characters that are not printable, so the value
+    stays on the error's line.
+    """
+    if isinstance(value, str):
+        return repr(_excerpt(value))
+    representation = repr(value)
+    if len(representation) <= MAX_SHOWN_CHARACTERS:
+        return representation
+    return _shown_value(value)
+
+
 def _shown_value(value: Any) -> str:
     """Show a TOML value in an error: a string in quotes and cut short, a list or table by kind.
 
@@ -651,8 +823,7 @@ def _shown_value(value: Any) -> str:
     printable, such as U+2028, so that a value with a line break stays on the error's line.
     """
     if isinstance(value, str):
-        shown = value if len(value) <= 60 else value[:57] + "..."
-        quoted = json.dumps(shown, ensure_ascii=False)
+        quoted = json.dumps(_excerpt(value), ensure_ascii=False)
         return "".join(
             character if character.isprintable() else json.dumps(character)[1:-1]
             for character in quoted
@@ -685,11 +856,24 @@ def _describe_validation_error(detail: str, key_path: str) -> tuple[str, str]:
     invalid_key = re.match(r"invalid (\w+)\b", detail)
     if invalid_key and _key_type(f"{key_path}.{invalid_key.group(1)}".lstrip(".")) is not None:
         key_path = f"{key_path}.{invalid_key.group(1)}".lstrip(".")
-    if detail.startswith("Invalid enum value"):
-        allowed = _allowed_values(key_path)
-        if allowed:
-            detail += f"; use one of {', '.join(allowed)}"
     return key_path, detail
+
+
+def _describe_enum_error(key_path: str, value: Any, allowed: Sequence[str] | None = None) -> str:
+    """Replace msgspec's "Invalid enum value 'x'" with the key, the value and the values it takes.
+
+    ``allowed`` defaults to the values of the Literal type of ``key_path`` in Config.
+    """
+    if allowed is None:
+        allowed = _allowed_values(key_path)
+    parts = key_path.split(".")
+    subject = f"{parts[-2]} entry" if parts[-1].isdigit() and len(parts) > 1 else parts[-1]
+    if not allowed:
+        return (
+            f"invalid {subject} {_quoted(value)}: use one of the values that the configuration"
+            " reference lists for it"
+        )
+    return f"invalid {subject} {_quoted(value)}: use one of {', '.join(allowed)}"
 
 
 def _allowed_values(key_path: str) -> tuple[str, ...]:

@@ -53,12 +53,13 @@ def test_check_config_runs_start_up_checks(tmp_path: Path, extra: str, message: 
     [
         (
             '[policy]\nexit_override = ["SUSPENDED", "SCAN_FUTURE"]\n',
-            "key policy.exit_override.1: Invalid enum value 'SCAN_FUTURE'; use one of SUSPENDED,"
-            " EXPIRED, NOT_YET_VALID, CACHE_STALE, REVOKED, SCAN_STALE, SCAN_FROM_FUTURE",
+            "key policy.exit_override.1: invalid exit_override entry 'SCAN_FUTURE': use one of"
+            " SUSPENDED, EXPIRED, NOT_YET_VALID, CACHE_STALE, REVOKED, SCAN_STALE,"
+            " SCAN_FROM_FUTURE",
         ),
         (
             '[policy]\nvalue_encoding = "hex"\n',
-            "key policy.value_encoding: Invalid enum value 'hex'; use one of raw, base64, auto",
+            "key policy.value_encoding: invalid value_encoding 'hex': use one of raw, base64, auto",
         ),
     ],
     ids=["list-item", "single-value"],
@@ -81,7 +82,7 @@ def test_check_config_lists_synchronous_modes(tmp_path: Path) -> None:
 
     assert result.returncode == 2, result.stdout
     assert (
-        "key database.synchronous: Invalid enum value 'off'; use one of normal, full"
+        "key database.synchronous: invalid synchronous 'off': use one of normal, full"
         in result.stderr
     )
 
@@ -758,7 +759,7 @@ DEVICE_PROBLEM_CASES = [
         ],
         [
             (0, "baudrate", "invalid value 'fast': baudrate must be an integer"),
-            (2, "layout", "Invalid enum value 'fr'; use one of us, de"),
+            (2, "layout", "invalid layout 'fr': use one of us, de"),
             (
                 3,
                 "reader",
@@ -810,7 +811,7 @@ DEVICE_PROBLEM_CASES = [
         ],
         [
             (0, "baudrate", "invalid value 0: baudrate must be an integer from 50"),
-            (2, "layout", "Invalid enum value 'fr'"),
+            (2, "layout", "invalid layout 'fr'"),
         ],
         id="no-clash-with-bad-table",
     ),
@@ -1056,3 +1057,247 @@ def test_unknown_key_suggests_known_one(text: str, message: str) -> None:
         parse_config('[stores]\nids = ["S1"]\n' + text, source="test.toml")
 
     assert message in str(raised.value)
+
+
+# (line that replaces the ids line of the test configuration, lines from [stores] to the
+# line the problem names, message): an empty list is reported as empty, not as missing.
+STORE_IDS_CASES = [
+    pytest.param(
+        "ids = []",
+        1,
+        "key stores.ids: the list is empty; write at least one store id that this box serves,"
+        ' for example ids = ["STORE-001"]',
+        id="empty-list",
+    ),
+    pytest.param(
+        "ids = [\n]",
+        1,
+        "key stores.ids: the list is empty; write at least one store id",
+        id="empty-list-on-two-lines",
+    ),
+    pytest.param("", 0, "missing key stores.ids: list the store ids", id="missing-key"),
+]
+
+
+@pytest.mark.parametrize(("ids_line", "offset", "message"), STORE_IDS_CASES)
+def test_check_config_names_empty_store_ids(
+    tmp_path: Path, ids_line: str, offset: int, message: str
+) -> None:
+    config = write_config(tmp_path, free_port())
+    text = config.read_text(encoding="utf-8").replace('ids = ["STORE-001", "STORE-002"]', ids_line)
+    config.write_text(text, encoding="utf-8")
+    line = text.splitlines().index("[stores]") + 1 + offset
+
+    result = run_cli("check-config", str(config))
+
+    assert result.returncode == 2, result.stdout
+    assert f"error: {config}: line {line}, {message}" in result.stderr
+    assert result.stderr.count("error: ") == 1
+
+
+# (TOML added to the test configuration, key the message names, message). msgspec's
+# "Invalid enum value" is reworded as the other messages are: lower case, the key, the value
+# and the values the key takes.
+ENUM_CASES = [
+    pytest.param(
+        '[hq]\nurl = "http://127.0.0.1:9"\noutbox_overflow = "drop"\n',
+        "hq.outbox_overflow",
+        "invalid outbox_overflow 'drop': use one of drop_oldest, drop_newest",
+        id="table-key",
+    ),
+    pytest.param(
+        '[policy]\nexit_override = ["EXPIRED", "GONE"]\n',
+        "policy.exit_override.1",
+        "invalid exit_override entry 'GONE': use one of SUSPENDED, EXPIRED,",
+        id="list-item",
+    ),
+    pytest.param(
+        "\n".join(device_table("serial", {"terminator": '"crlf"'})) + "\n",
+        "devices.0.terminator",
+        "invalid terminator 'crlf': use one of CR, LF, CRLF, TAB, ETX, none",
+        id="device-key",
+    ),
+    pytest.param(
+        "\n".join(device_table("serial", {"bytesize": "9"})) + "\n",
+        "devices.0.bytesize",
+        "invalid bytesize 9: use one of 5, 6, 7, 8",
+        id="device-integer",
+    ),
+]
+
+
+@pytest.mark.parametrize(("extra", "key", "message"), ENUM_CASES)
+def test_check_config_words_enum_errors(tmp_path: Path, extra: str, key: str, message: str) -> None:
+    config = write_config(tmp_path, free_port(), extra)
+
+    result = run_cli("check-config", str(config))
+
+    assert result.returncode == 2, result.stdout
+    assert f"key {key}: {message}" in result.stderr
+    assert "Invalid enum value" not in result.stderr
+
+
+# A 400-character value that starts with a line break, written as a TOML escape.
+LONG_VALUE = "\\n" + "x" * 400
+
+# (TOML added to the test configuration, where {long} stands for LONG_VALUE, key the
+# message names). Every message that quotes a value shows an escaped excerpt of it.
+LONG_VALUE_CASES = [
+    pytest.param('[policy]\nmax_scan_age = "{long}"\n', "policy.max_scan_age", id="duration"),
+    pytest.param('[policy]\nvalue_encoding = "{long}"\n', "policy.value_encoding", id="enum"),
+    pytest.param('[auth]\nrate_burst = "{long}"\n', "auth.rate_burst", id="type"),
+    pytest.param('[auth]\napi_key_header = "{long}"\n', "auth.api_key_header", id="header"),
+    pytest.param('[auth]\ntrusted_proxies = ["{long}"]\n', "auth.trusted_proxies", id="network"),
+    pytest.param('[hq]\nurl = "ftp://{long}"\n', "hq.url", id="url"),
+    pytest.param(
+        '[hq]\nurl = "http://127.0.0.1:9"\nclient_key_file = "{long}"\n',
+        "hq.client_key_file",
+        id="hq-key-without-certificate",
+    ),
+    pytest.param('[local]\nstore_id = "{long}"\n', "local.store_id", id="store-not-served"),
+    pytest.param(
+        "\n".join(device_table("serial", {"idle_gap": '"{long}"'})) + "\n",
+        "devices.0.idle_gap",
+        id="device-duration",
+    ),
+    pytest.param(
+        "\n".join(device_table("serial", {"path": '"dev/{long}"'})) + "\n",
+        "devices.0.path",
+        id="device-relative-path",
+    ),
+]
+
+
+@pytest.mark.parametrize(("extra", "key"), LONG_VALUE_CASES)
+def test_check_config_cuts_long_values(tmp_path: Path, extra: str, key: str) -> None:
+    config = write_config(tmp_path, free_port(), extra.replace("{long}", LONG_VALUE))
+
+    result = run_cli("check-config", str(config))
+
+    assert result.returncode == 2, result.stdout
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1
+    prefix = f"key {key}: "
+    assert prefix in lines[0]
+    detail = lines[0].partition(prefix)[2]
+    assert len(detail) <= 250
+    assert "\\nxxx" in detail
+    assert "x" * 60 not in detail
+    assert "xxx..." in detail
+
+
+# (TOML added before a [policy] table whose max_scan_age is invalid, where {missing} names
+# a file that does not exist and {short_key} an API key file with a key that is too short;
+# then (key, fragment of its message) of each problem in file order). A table whose own
+# values are valid has its files read in the same run; a table with a problem does not.
+FILE_PROBLEM_CASES = [
+    pytest.param(
+        '[auth]\napi_key_files = ["{missing}", "{short_key}"]\n',
+        [
+            ("auth.api_key_files", "[auth] api_key_files entry {missing} not found"),
+            ("auth.api_key_files", "[auth] api_key_files entry {short_key} holds a key shorter"),
+        ],
+        id="api-key-files",
+    ),
+    pytest.param(
+        '[tls]\ncert_file = "{missing}"\nkey_file = "{missing}"\n',
+        [("tls.cert_file", "[tls] cert_file {missing} not found")],
+        id="tls-certificate",
+    ),
+    pytest.param(
+        '[hq]\nurl = "https://127.0.0.1:9"\ntoken_file = "{missing}"\nca_file = "{missing}"\n',
+        [
+            ("hq.token_file", "[hq] token_file {missing} not found"),
+            ("hq.ca_file", "[hq] ca_file {missing} not found"),
+        ],
+        id="hq-token-and-ca",
+    ),
+    pytest.param(
+        '[tls]\ncert_file = "{missing}"\nkey_file = "{missing}"\nmin_version = "1.1"\n',
+        [("tls.min_version", "invalid min_version '1.1'")],
+        id="tls-with-invalid-value",
+    ),
+    pytest.param(
+        '[hq]\nurl = "http://127.0.0.1:9"\ntoken_file = "{missing}"\nstore_id = "OTHER"\n',
+        [("hq.store_id", "store 'OTHER' is not in [stores] ids")],
+        id="hq-with-store-not-served",
+    ),
+]
+
+
+@pytest.mark.parametrize(("extra", "expected"), FILE_PROBLEM_CASES)
+def test_check_config_lists_file_problems(
+    tmp_path: Path, extra: str, expected: list[tuple[str, str]]
+) -> None:
+    names = {"missing": tmp_path / "absent.pem", "short_key": tmp_path / "short.key"}
+    names["short_key"].write_text("abc\n", encoding="utf-8")
+    names["short_key"].chmod(0o600)
+    text = extra.format(**names) + '\n[policy]\nmax_scan_age = "soon"\n'
+    config = write_config(tmp_path, free_port(), text)
+
+    result = run_cli("check-config", str(config))
+
+    assert result.returncode == 2, result.stdout
+    problems = [*expected, ("policy.max_scan_age", "invalid duration 'soon'")]
+    positions = []
+    for key, fragment in problems:
+        line = f"key {key}: {fragment.format(**names)}"
+        assert line in result.stderr
+        positions.append(result.stderr.index(line))
+    assert positions == sorted(positions)
+    assert result.stderr.count("error: ") == len(problems)
+
+
+# (settings under [hq] beside a store_id that [stores] ids lacks, then (key, fragment of
+# its message) of the [hq] check). A check of two keys names one of them, so only that key
+# is left out and the rest of [hq] is still checked.
+HQ_PAIR_CASES = [
+    pytest.param(
+        'backoff_initial = "2m"\n',
+        ("hq.backoff_initial", "invalid backoff_initial 120s: use backoff_max (60s) or less"),
+        id="initial-above-default-max",
+    ),
+    pytest.param(
+        'backoff_initial = "2m"\nbackoff_max = "90s"\n',
+        ("hq.backoff_initial", "invalid backoff_initial 120s: use backoff_max (90s) or less"),
+        id="initial-above-max",
+    ),
+    pytest.param(
+        'backoff_initial = "10s"\nbackoff_max = "5s"\n',
+        ("hq.backoff_max", "invalid backoff_max 5s: use backoff_initial (10s) or more"),
+        id="max-below-initial",
+    ),
+    pytest.param(
+        'backoff_initial = "0s"\n',
+        ("hq.backoff_initial", "invalid backoff_initial 0s: use a duration above 0"),
+        id="initial-zero",
+    ),
+    pytest.param(
+        'backoff_max = "0s"\n',
+        ("hq.backoff_max", "invalid backoff_max 0s: use a duration above 0"),
+        id="max-zero",
+    ),
+    pytest.param(
+        'client_key_file = "/etc/hq.key"\n',
+        ("hq.client_key_file", "invalid client_key_file '/etc/hq.key': it is set without"),
+        id="key-without-certificate",
+    ),
+]
+
+
+@pytest.mark.parametrize(("settings", "expected"), HQ_PAIR_CASES)
+def test_check_config_hq_pair_names_one_key(
+    tmp_path: Path, settings: str, expected: tuple[str, str]
+) -> None:
+    table = '[hq]\nurl = "http://127.0.0.1:9"\nstore_id = "OTHER"\n' + settings
+    config = write_config(tmp_path, free_port(), table)
+    lines = config.read_text(encoding="utf-8").splitlines()
+    key, fragment = expected
+    key_line = next(n for n, line in enumerate(lines, 1) if line.startswith(key.split(".")[1]))
+
+    result = run_cli("check-config", str(config))
+
+    assert result.returncode == 2, result.stdout
+    assert f"line {key_line}, key {key}: {fragment}" in result.stderr
+    assert "key hq.store_id: store 'OTHER' is not in [stores] ids" in result.stderr
+    assert result.stderr.count("error: ") == 2

@@ -30,7 +30,7 @@ ROW = re.compile(r"^\| `([^`]+)` \| (.+?) \| (.+?) \|$")
 LITERAL_DEFAULT = re.compile(r"^`(.+)`$")
 
 # Keys that have a default in their Struct but that parse_config still requires.
-REQUIRED_WITH_DEFAULT = {"stores.ids"}  # an empty list is rejected as missing
+REQUIRED_WITH_DEFAULT = {"stores.ids"}  # an empty list is rejected: one store id at least
 
 
 def struct_type_of(annotation: Any) -> type[msgspec.Struct] | None:

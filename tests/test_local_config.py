@@ -168,14 +168,14 @@ CASES = [
         'terminator = "crlf"\n',
         "devices.1.terminator",
         15,
-        "Invalid enum value 'crlf'; use one of CR, LF, CRLF, TAB, ETX, none",
+        "invalid terminator 'crlf': use one of CR, LF, CRLF, TAB, ETX, none",
     ),
     BadConfig(
         "serial-int-enum",
         '\n[[devices]]\nname = "s2"\nkind = "serial"\nstation = "x"\npath = "/p"\nbytesize = 9\n',
         "devices.1.bytesize",
         15,
-        "Invalid enum value 9; use one of 5, 6, 7, 8",
+        "invalid bytesize 9: use one of 5, 6, 7, 8",
     ),
     BadConfig(
         "pcsc-enum",
@@ -183,7 +183,7 @@ CASES = [
         'uid_byte_order = "big"\n',
         "devices.1.uid_byte_order",
         15,
-        "Invalid enum value 'big'; use one of msb, lsb",
+        "invalid uid_byte_order 'big': use one of msb, lsb",
         needs="smartcard",
     ),
     BadConfig(
@@ -192,7 +192,7 @@ CASES = [
         'layout = "fr"\n',
         "devices.1.layout",
         15,
-        "Invalid enum value 'fr'; use one of us, de",
+        "invalid layout 'fr': use one of us, de",
         needs="evdev",
     ),
     BadConfig(
@@ -215,14 +215,14 @@ CASES = [
         '\n[policy]\nexit_override = ["SUSPENDED", "EXPIRD"]\n',
         "policy.exit_override.1",
         11,
-        "Invalid enum value 'EXPIRD'",
+        "invalid exit_override entry 'EXPIRD'",
     ),
     BadConfig(
         "list-item-multi-line",
         '\n[policy]\nexit_override = [\n    "SUSPENDED",\n    "EXPIRD",\n]\n',
         "policy.exit_override.1",
         11,
-        "Invalid enum value 'EXPIRD'",
+        "invalid exit_override entry 'EXPIRD'",
     ),
     BadConfig(
         "local-store-not-served",
