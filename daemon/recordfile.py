@@ -176,6 +176,7 @@ _SAVE_AS_UTF8 = 'save it as UTF-8 text, in Excel as "CSV UTF-8"'
 # Magic bytes of the files an export is mistaken for, and the problem each one is.
 _WRONG_FILE_KINDS: tuple[tuple[bytes, str], ...] = (
     (b"\x1f\x8b", "the file is gzip-compressed: decompress it (gunzip) and import the result"),
+    (b"BZh", "the file is bzip2-compressed: decompress it (bunzip2) and import the result"),
     (b"\xfd7zXZ\x00", "the file is xz-compressed: decompress it (unxz) and import the result"),
     (
         b"\x28\xb5\x2f\xfd",
@@ -198,22 +199,59 @@ _WRONG_FILE_KINDS: tuple[tuple[bytes, str], ...] = (
 )
 
 
-def _check_file_kind(head: bytes) -> None:
+def _check_file_kind(head: bytes, path: Path) -> None:
     """Raise ImportFileError when the first bytes of a file show it is not UTF-8 text."""
     for magic, problem in _WRONG_FILE_KINDS:
         if head.startswith(magic):
             raise ImportFileError(problem)
+    encoding = _utf16_without_bom(head)
+    if encoding is not None:
+        converted = path.with_name(f"{path.stem}-utf8{path.suffix}")
+        raise ImportFileError(
+            f"the file is {encoding} text without a byte order mark: convert it to UTF-8,"
+            f" for example with iconv -f {encoding} -t UTF-8 {shlex.quote(str(path))}"
+            f" > {shlex.quote(str(converted))}"
+        )
 
 
-def _check_not_json_array(text: bytes, cr_line_ends: bool, path: Path) -> None:
-    """Raise ImportFileError when a JSON Lines file starts with '[', as one JSON array does.
+# Bytes at the start of a file that show UTF-16 without a byte order mark.
+_UTF16_SAMPLE_BYTES = 32
 
-    Read line by line, such a file gets an error on every line and no hint at the cause.
-    ``text`` is the start of the file after any byte order mark. A file whose first
+
+def _utf16_without_bom(head: bytes) -> str | None:
+    """Return UTF-16LE or UTF-16BE when the file starts with UTF-16 text but no byte order mark.
+
+    In UTF-16, a character from U+0001 to U+00FF is two bytes, one of them NUL, and UTF-8
+    text has no NUL bytes. A CSV header or a JSON object starts with such characters. So in
+    the first ``_UTF16_SAMPLE_BYTES`` of a UTF-16 records file every second byte is NUL and
+    the others are not, which rules out a file of NULs and UTF-32 text.
+    NOTE: a file with a character from U+0100 on among its first 16 is not recognised.
+    """
+    sample = head[:_UTF16_SAMPLE_BYTES]
+    sample = sample[: len(sample) - len(sample) % 2]
+    if len(sample) < 4:
+        return None
+    even, odd = sample[0::2], sample[1::2]
+    if odd.count(0) == len(odd) and 0 not in even:
+        return "UTF-16LE"
+    if even.count(0) == len(even) and 0 not in odd:
+        return "UTF-16BE"
+    return None
+
+
+def _check_not_json_array(text: bytes, cr_line_ends: bool, path: Path, kind: str) -> None:
+    """Raise ImportFileError when a records file starts as one JSON array does.
+
+    Read line by line, such a file gets an error on every line, or a CSV header error, and no
+    hint at the cause. A JSON Lines file must not start with '['. A CSV file is taken for an
+    array only when '[' is followed by '{' or ']', because a CSV column name may start with
+    '['. ``text`` is the start of the file after any byte order mark. A file whose first
     ``_HEAD_BYTES`` bytes are all whitespace is not checked.
     """
     body = text.lstrip()
     if not body.startswith(b"["):
+        return
+    if kind == "csv" and not body[1:].lstrip().startswith((b"{", b"]")):
         return
     blank = text[: len(text) - len(body)]
     line = blank.count(b"\r" if cr_line_ends else b"\n") + 1
@@ -222,8 +260,9 @@ def _check_not_json_array(text: bytes, cr_line_ends: bool, path: Path) -> None:
         converted = path.with_name(f"{path.stem}-lines.jsonl")
     else:
         converted = path.with_suffix(".jsonl")
+    expected = "CSV" if kind == "csv" else "JSON Lines"
     raise ImportFileError(
-        "the file is one JSON array, not JSON Lines: write one JSON object per line, for"
+        f"the file is one JSON array, not {expected}: write one JSON object per line, for"
         f" example with jq -c '.[]' {shlex.quote(str(path))} > {shlex.quote(str(converted))}",
         line,
     )
@@ -576,12 +615,11 @@ def open_records(path: Path) -> IO[bytes]:
 def start_reading(handle: IO[bytes], kind: str, path: Path) -> IO[bytes] | _CrLineReader:
     """Check the start of a records file and return its lines, after any byte order mark."""
     head = handle.read(_HEAD_BYTES)
-    _check_file_kind(head)
+    _check_file_kind(head, path)
     # Excel's "CSV UTF-8" and some editors start the file with a UTF-8 byte order mark,
     # which would otherwise become part of the first column name or JSON line.
     start = len(codecs.BOM_UTF8) if head.startswith(codecs.BOM_UTF8) else 0
     cr_line_ends = _ends_lines_with_cr(head)
-    if kind == "jsonl":
-        _check_not_json_array(head[start:], cr_line_ends, path)
+    _check_not_json_array(head[start:], cr_line_ends, path, kind)
     handle.seek(start)
     return _CrLineReader(handle) if cr_line_ends else handle

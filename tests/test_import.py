@@ -6,12 +6,14 @@ database in a temporary folder, and checks the exit code, the message and what w
 
 from __future__ import annotations
 
+import bz2
 import codecs
 import gzip
 import io
 import json
 import lzma
 import os
+import subprocess
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -201,6 +203,14 @@ CASES: list[tuple[str, Callable[[Path], Path], int, str, int]] = [
         0,
     ),
     (
+        "bzip2",
+        file_with("records.csv.bz2", bz2.compress(GOOD_CSV)),
+        2,
+        "error: {path}: the file is bzip2-compressed: decompress it (bunzip2) and import the"
+        " result. Nothing was imported.",
+        0,
+    ),
+    (
         "xz",
         file_with("records.jsonl.xz", lzma.compress(GOOD_JSONL)),
         2,
@@ -235,6 +245,24 @@ CASES: list[tuple[str, Callable[[Path], Path], int, str, int]] = [
         file_with("records.jsonl", codecs.BOM_UTF16_BE + GOOD_JSONL.decode().encode("utf-16-be")),
         2,
         "error: {path}: the file is UTF-16 text (it starts with the byte order mark FE FF)",
+        0,
+    ),
+    (
+        "UTF-16 little-endian without byte order mark",
+        file_with("records.csv", GOOD_CSV.decode().replace("\n", "\r\n").encode("utf-16-le")),
+        2,
+        "error: {path}: the file is UTF-16LE text without a byte order mark: convert it to"
+        " UTF-8, for example with iconv -f UTF-16LE -t UTF-8"
+        " {path} > {folder}/records-utf8.csv. Nothing was imported.",
+        0,
+    ),
+    (
+        "UTF-16 big-endian without byte order mark",
+        file_with("records.jsonl", GOOD_JSONL.decode().encode("utf-16-be")),
+        2,
+        "error: {path}: the file is UTF-16BE text without a byte order mark: convert it to"
+        " UTF-8, for example with iconv -f UTF-16BE -t UTF-8"
+        " {path} > {folder}/records-utf8.jsonl. Nothing was imported.",
         0,
     ),
     (
@@ -355,6 +383,39 @@ CASES: list[tuple[str, Callable[[Path], Path], int, str, int]] = [
         2,
         "error: {path}:2: the file is one JSON array",
         0,
+    ),
+    (
+        "JSON array named .csv",
+        file_with("records.csv", json.dumps([good_record(1), good_record(2)]).encode()),
+        2,
+        "error: {path}:1: the file is one JSON array, not CSV: write one JSON object per line,"
+        " for example with jq -c '.[]' {path} > {folder}/records.jsonl. Nothing was imported.",
+        0,
+    ),
+    (
+        "JSON array over several lines named .csv",
+        file_with(
+            "records.csv",
+            b"\n" + json.dumps([good_record(1), good_record(2)], indent=2).encode(),
+        ),
+        2,
+        "error: {path}:2: the file is one JSON array, not CSV: write one JSON object per line,",
+        0,
+    ),
+    (
+        "empty JSON array named .csv",
+        file_with("records.csv", b"[ ]\n"),
+        2,
+        "error: {path}:1: the file is one JSON array, not CSV",
+        0,
+    ),
+    (
+        # A column name may start with '[': only '[' before '{' or ']' is taken for JSON.
+        "CSV column name starting with a bracket",
+        file_with("records.csv", csv_file("[notes]," + REQUIRED_HEADER, [["a note", *ROW_1]])),
+        0,
+        "",
+        1,
     ),
     (
         "cell over the size limit",
@@ -531,3 +592,19 @@ def test_import_logs_no_duplicates_without_repeats(config: Path) -> None:
 
     assert result.returncode == 0, result.stderr
     assert "import.duplicate_credentials" not in result.stderr
+
+
+def test_import_utf16_fix_command_works(config: Path) -> None:
+    source = config.parent / "records.csv"
+    source.write_bytes(GOOD_CSV.decode().encode("utf-16-le"))
+    failed = import_file(config, source)
+    assert failed.returncode == 2, failed.stderr
+    command = failed.stderr.split("for example with ", 1)[1].split(". Nothing", 1)[0]
+
+    converted = subprocess.run(["sh", "-c", command], capture_output=True, text=True)
+
+    assert converted.returncode == 0, converted.stderr
+    result = import_file(config, config.parent / "records-utf8.csv")
+    assert result.returncode == 0, result.stderr
+    assert "2 inserted, 0 updated, 0 rejected" in result.stdout
+    assert imported_rows(database_of(config)) == 2
