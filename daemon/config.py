@@ -413,7 +413,7 @@ def parse_config(text: str, source: str = "<config>", check_listener: bool = Fal
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{source}: invalid TOML: {exc}") from None
+        raise ConfigError(f"{source}: invalid TOML: {_describe_toml_error(text, exc)}") from None
 
     problems: list[_Problem] = []
     removed: set[str] = set()
@@ -431,6 +431,82 @@ def parse_config(text: str, source: str = "<config>", check_listener: bool = Fal
         raise ConfigError(_format_problems(problems, complete=config is not None))
     assert config is not None
     return config
+
+
+_TOML_ERROR_POSITION = re.compile(r"\(at line (\d+), column (\d+)\)$")
+# A line that sets a key, or a dotted key, to text without quotes, such as 24h or
+# drop_oldest, with an optional comment after it.
+_BARE_VALUE_LINE = re.compile(
+    r"\s*(?P<key>[A-Za-z0-9_-]+(?:\s*\.\s*[A-Za-z0-9_-]+)*)\s*=\s*(?P<value>[\w.+-]+)\s*(?:#.*)?"
+)
+
+
+def _describe_toml_error(text: str, error: tomllib.TOMLDecodeError) -> str:
+    """Add the fix to tomllib's message when the error is at a value written without quotes.
+
+    tomllib's message ends with the line and column of the error. The fix names the key but
+    never repeats the value, which could be a secret.
+    """
+    message = str(error)
+    position = _TOML_ERROR_POSITION.search(message)
+    if position is None:
+        return message
+    hint = _bare_value_hint(text, int(position.group(1)), int(position.group(2)))
+    return f"{message}; {hint}" if hint else message
+
+
+def _bare_value_hint(text: str, line_number: int, column: int) -> str | None:
+    """Return the fix for a value without quotes at a 1-based line and column, or None.
+
+    None means that the error is not at such a value, so that nothing is guessed for other
+    syntax errors.
+    """
+    # tomllib counts lines by "\n" only, unlike str.splitlines.
+    lines = text.split("\n")
+    if not 1 <= line_number <= len(lines):
+        return None
+    assignment = _BARE_VALUE_LINE.fullmatch(lines[line_number - 1].rstrip("\r"))
+    if assignment is None:
+        return None
+    value = assignment.group("value")
+    start, end = assignment.span("value")
+    if not start < column <= end or not any(character.isalpha() for character in value):
+        return None
+    try:
+        tomllib.loads(f"value = {value}")
+    except tomllib.TOMLDecodeError:
+        pass
+    else:
+        return None  # a valid value such as true or inf, so the error has another cause
+    key = re.sub(r"\s+", "", assignment.group("key"))
+    # NOTE: [[devices]] keys have no type in Config, so a device key that takes a number,
+    # such as baudrate, gets the advice to write quotes, and the next check names its type.
+    kind = _key_type(".".join([*_table_at_line(lines, line_number), key]))
+    if kind is bool:
+        return f"{key} takes true or false, in lower case and without quotes"
+    if kind in (int, float):
+        return f"{key} takes a number, written without quotes or a unit"
+    if typing.get_origin(kind) is list:
+        return f'write each item of {key} in quotes, inside brackets: {key} = ["<value>"]'
+    return f'write the value of {key} in quotes: {key} = "<value>"'
+
+
+def _table_at_line(lines: list[str], line_number: int) -> list[str]:
+    """Return the dotted-key parts of the table that a 1-based line belongs to.
+
+    An array table gets index 0 in place of its place in the file, which is enough to look
+    up the type of one of its keys.
+    """
+    table: list[str] = []
+    for line in lines[: line_number - 1]:
+        stripped = line.strip()
+        array_header = _ARRAY_HEADER.match(stripped)
+        table_header = _TABLE_HEADER.match(stripped)
+        if array_header:
+            table = [*array_header.group(1).split("."), "0"]
+        elif table_header:
+            table = table_header.group(1).split(".")
+    return table
 
 
 MAX_LISTED_PROBLEMS = 20
@@ -511,7 +587,7 @@ def _convert_collecting(
         ]
         file_path = _file_path(path, kept_indices)
         detail = _describe_type_error(detail, path, data)
-        key_path, detail = _describe_validation_error(detail, ".".join(file_path))
+        key_path, detail = _describe_validation_error(detail, ".".join(file_path), text)
         value = _value_at(data, path)
         if detail.startswith("Invalid enum value") and value is not _MISSING:
             detail = _describe_enum_error(key_path, value)
@@ -837,20 +913,17 @@ def _shown_value(value: Any) -> str:
     return str(value)
 
 
-def _describe_validation_error(detail: str, key_path: str) -> tuple[str, str]:
+def _describe_validation_error(detail: str, key_path: str, text: str) -> tuple[str, str]:
     """Return the key a msgspec ValidationError names, and its message for store IT.
 
-    ``detail`` is the error without its " - at `$...`" suffix, and ``key_path`` the dotted
-    path of that suffix, with list items by their place in the file.
+    ``detail`` is the error without its " - at `$...`" suffix, ``key_path`` the dotted
+    path of that suffix, with list items by their place in the file, and ``text`` the file.
     """
     unknown = re.match(r"Object contains unknown field `(.+)`", detail)
     if unknown:
         table_path = key_path
         key_path = f"{key_path}.{unknown.group(1)}" if key_path else unknown.group(1)
-        detail = "unknown key; check its spelling against the configuration reference"
-        suggestion = _similar_key(table_path, unknown.group(1))
-        if suggestion is not None:
-            detail = f"unknown key; did you mean {suggestion}?"
+        detail = _describe_unknown_key(table_path, unknown.group(1), text)
     # msgspec reports a table's own check (__post_init__) at the table. Its message starts
     # with "invalid <key>", so point at that key's line instead of the table header.
     invalid_key = re.match(r"invalid (\w+)\b", detail)
@@ -884,6 +957,57 @@ def _allowed_values(key_path: str) -> tuple[str, ...]:
     return ()
 
 
+def _describe_unknown_key(table_path: str, name: str, text: str) -> str:
+    """Describe a key that the table at ``table_path`` does not have, for an error message.
+
+    A likely misspelling of one of the table's keys gets "did you mean". A key of other
+    tables gets the tables it belongs in, which catches a key that is uncommented below a
+    table header that is still commented out, as in the configuration template.
+    """
+    location = f"in [{table_path}]" if table_path else "at the top level"
+    homes = [
+        table
+        for table in _table_names()
+        if table != table_path and any(field.name == name for field in _table_fields(table))
+    ]
+    suggestion = _similar_key(table_path, name)
+    if suggestion is not None:
+        detail = f"unknown key; did you mean {suggestion}?"
+        if homes and suggestion != name.lower().replace("-", "_"):
+            detail += f" A key named {name} belongs in {_or_list(homes)}"
+        return detail
+    if not homes:
+        return "unknown key; check its spelling against the configuration reference"
+    if len(homes) > 1:
+        return (
+            f"{name} belongs in {_or_list(homes)}, not {location}; put it below the header of the"
+            " table it is meant for"
+        )
+    home = homes[0]
+    # A second header of a table that the file has already is a TOML error, so the fix
+    # then is to move the key, not to write the header.
+    header_line = find_key_line(text, home)
+    if header_line is not None:
+        return (
+            f"{name} belongs in [{home}], not {location}; move it below the [{home}] header at"
+            f" line {header_line}"
+        )
+    return (
+        f"{name} belongs in [{home}], not {location}; write the [{home}] header above it (remove"
+        " the # if it is commented out)"
+    )
+
+
+def _table_names() -> list[str]:
+    """Return the names of the top-level tables whose keys Config defines, in file order."""
+    return [field.name for field in msgspec.structs.fields(Config) if _table_fields(field.name)]
+
+
+def _or_list(tables: Sequence[str]) -> str:
+    """Join table names in brackets as "[hq] or [local]"."""
+    return " or ".join(f"[{table}]" for table in tables)
+
+
 def _similar_key(table_path: str, name: str) -> str | None:
     """Return the key of the table at ``table_path`` that ``name`` is a likely typing slip of.
 
@@ -915,6 +1039,11 @@ def _key_type(key_path: str) -> Any:
     return kind
 
 
+# Headers of an array table ("[[devices]]") and of a table ("[policy]"), in a stripped line.
+_ARRAY_HEADER = re.compile(r"^\[\[\s*([^\]]+?)\s*\]\]")
+_TABLE_HEADER = re.compile(r"^\[\s*([^\]]+?)\s*\]")
+
+
 def find_key_line(text: str, key_path: str) -> int | None:
     """Find the 1-based line where a dotted key such as ``policy.max_scan_age`` is set.
 
@@ -931,8 +1060,8 @@ def find_key_line(text: str, key_path: str) -> int | None:
     header_line: int | None = None
     for number, raw in enumerate(text.splitlines(), start=1):
         line = raw.strip()
-        array_header = re.match(r"^\[\[\s*([^\]]+?)\s*\]\]", line)
-        table_header = re.match(r"^\[\s*([^\]]+?)\s*\]", line)
+        array_header = _ARRAY_HEADER.match(line)
+        table_header = _TABLE_HEADER.match(line)
         if array_header:
             name = array_header.group(1)
             index = array_counts.get(name, -1) + 1

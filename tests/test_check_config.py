@@ -12,7 +12,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 
 from daemon.config import ConfigError, parse_config
-from tests.conftest import free_port, run_cli, write_config
+from tests.conftest import REPO, free_port, run_cli, write_config
 from tests.tls_helpers import CertificateAuthority
 
 CASES = [
@@ -1057,6 +1057,188 @@ def test_unknown_key_suggests_known_one(text: str, message: str) -> None:
         parse_config('[stores]\nids = ["S1"]\n' + text, source="test.toml")
 
     assert message in str(raised.value)
+
+
+# (commented-out line of systemd/config.toml that store IT uncomments without its table
+# header, table the key belongs in). Every table header above it is still commented out,
+# so TOML puts the key in [stores].
+TEMPLATE_KEY_CASES = [
+    pytest.param('#max_scan_age = "5m"', "policy", id="policy"),
+    pytest.param("#port = 8080", "server", id="server"),
+    pytest.param('#level = "info"', "logging", id="logging"),
+]
+
+
+@pytest.mark.parametrize(("commented", "table"), TEMPLATE_KEY_CASES)
+def test_check_config_template_key_without_header(
+    tmp_path: Path, commented: str, table: str
+) -> None:
+    text = (REPO / "systemd" / "config.toml").read_text(encoding="utf-8")
+    line = text.splitlines().index(commented) + 1
+    config = tmp_path / "config.toml"
+    config.write_text(text.replace(commented, commented[1:]), encoding="utf-8")
+    key = commented[1:].partition(" ")[0]
+
+    result = run_cli("check-config", str(config))
+
+    assert result.returncode == 2, result.stdout
+    assert (
+        f"line {line}, key stores.{key}: {key} belongs in [{table}], not in [stores]; write"
+        f" the [{table}] header above it (remove the # if it is commented out)"
+    ) in result.stderr
+    assert result.stderr.count("error: ") == 1
+
+
+# (case, text before the test configuration, TOML added after it, line with the key, key
+# the message names, message, where {header} is the line of the [policy] header).
+WRONG_TABLE_CASES = [
+    (
+        "key below another table",
+        "",
+        'max_scan_age = "5m"\n',
+        'max_scan_age = "5m"',
+        "logging.max_scan_age",
+        "max_scan_age belongs in [policy], not in [logging]; write the [policy] header above"
+        " it (remove the # if it is commented out)",
+    ),
+    (
+        "key before the first table",
+        'max_scan_age = "5m"\n',
+        "",
+        'max_scan_age = "5m"',
+        "max_scan_age",
+        "max_scan_age belongs in [policy], not at the top level; write the [policy] header"
+        " above it (remove the # if it is commented out)",
+    ),
+    (
+        "table written elsewhere",
+        "",
+        '[policy]\nvalue_encoding = "raw"\n\n[local]\nmax_scan_age = "5m"\n',
+        'max_scan_age = "5m"',
+        "local.max_scan_age",
+        "max_scan_age belongs in [policy], not in [local]; move it below the [policy] header"
+        " at line {header}",
+    ),
+    (
+        "key of two tables",
+        "",
+        '[policy]\nstore_id = "STORE-001"\n',
+        'store_id = "STORE-001"',
+        "policy.store_id",
+        "store_id belongs in [hq] or [local], not in [policy]; put it below the header of the"
+        " table it is meant for",
+    ),
+    (
+        "misspelling that is a key of another table",
+        "",
+        '[hq]\nurl = "http://127.0.0.1:9"\nlog_interval = "1m"\n',
+        'log_interval = "1m"',
+        "hq.log_interval",
+        "unknown key; did you mean upload_interval? A key named log_interval belongs in [auth]",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("prefix", "extra", "key_line", "key", "message"),
+    [pytest.param(*case[1:], id=case[0]) for case in WRONG_TABLE_CASES],
+)
+def test_check_config_names_table_of_key(
+    tmp_path: Path, prefix: str, extra: str, key_line: str, key: str, message: str
+) -> None:
+    config = write_config(tmp_path, free_port(), extra)
+    text = prefix + config.read_text(encoding="utf-8")
+    config.write_text(text, encoding="utf-8")
+    lines = text.splitlines()
+    line = lines.index(key_line) + 1
+    header = lines.index("[policy]") + 1 if "[policy]" in lines else None
+
+    result = run_cli("check-config", str(config))
+
+    assert result.returncode == 2, result.stdout
+    assert f"line {line}, key {key}: {message.format(header=header)}" in result.stderr
+    assert result.stderr.count("error: ") == 1
+
+
+# (case, TOML added to the test configuration, line of the error within it, column of the
+# error, text after tomllib's message). A value that TOML reads as bare text gets the fix
+# that names its key. Other syntax errors keep tomllib's message alone.
+TOML_SYNTAX_CASES = [
+    (
+        "duration without quotes",
+        "[policy]\nmax_cache_age = 24h\n",
+        2,
+        19,
+        '; write the value of max_cache_age in quotes: max_cache_age = "<value>"',
+    ),
+    (
+        "word without quotes",
+        '[hq]\nurl = "http://127.0.0.1:9"\noutbox_overflow = drop_oldest\n',
+        3,
+        19,
+        '; write the value of outbox_overflow in quotes: outbox_overflow = "<value>"',
+    ),
+    (
+        "comment after the value",
+        "[policy]\nmax_scan_age = 5m  # five minutes\n",
+        2,
+        17,
+        '; write the value of max_scan_age in quotes: max_scan_age = "<value>"',
+    ),
+    (
+        "file name without quotes",
+        '[hq]\nurl = "http://127.0.0.1:9"\ntoken_file = s3cr3t-t0ken\n',
+        3,
+        14,
+        '; write the value of token_file in quotes: token_file = "<value>"',
+    ),
+    (
+        "capitalised boolean",
+        '[hq]\nurl = "http://127.0.0.1:9"\ngzip_uploads = True\n',
+        3,
+        16,
+        "; gzip_uploads takes true or false, in lower case and without quotes",
+    ),
+    (
+        "number with a unit",
+        "[auth]\nrate_burst = 5k\n",
+        2,
+        15,
+        "; rate_burst takes a number, written without quotes or a unit",
+    ),
+    (
+        "list without brackets",
+        "[policy]\nexit_override = SUSPENDED\n",
+        2,
+        17,
+        "; write each item of exit_override in quotes, inside brackets: exit_override ="
+        ' ["<value>"]',
+    ),
+    ("address without quotes", "[hq]\nurl = http://127.0.0.1:9\n", 2, 7, ""),
+    ("space before the unit", "[policy]\nmax_scan_age = 5 m\n", 2, 18, ""),
+    ("valid value set twice", "[auth]\nrate_limit = inf\nrate_limit = inf\n", 3, 17, ""),
+]
+
+
+@pytest.mark.parametrize(
+    ("extra", "offset", "column", "hint"),
+    [pytest.param(*case[1:], id=case[0]) for case in TOML_SYNTAX_CASES],
+)
+def test_check_config_hints_toml_syntax_fix(
+    tmp_path: Path, extra: str, offset: int, column: int, hint: str
+) -> None:
+    config = write_config(tmp_path, free_port(), extra)
+    lines = config.read_text(encoding="utf-8").splitlines()
+    line = lines.index(extra.splitlines()[0]) + offset
+    value = lines[line - 1].partition("=")[2].partition("#")[0].strip()
+
+    result = run_cli("check-config", str(config))
+
+    assert result.returncode == 2, result.stdout
+    assert result.stderr.count("error: ") == 1
+    assert result.stderr.endswith(f"(at line {line}, column {column}){hint}\n")
+    detail = result.stderr.partition("invalid TOML: ")[2]
+    assert value not in detail
 
 
 # (line that replaces the ids line of the test configuration, lines from [stores] to the
