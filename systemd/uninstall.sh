@@ -3,7 +3,8 @@
 #
 # Usage: uninstall.sh [--purge]
 #
-# Removes the program, the unit and the sysusers, tmpfiles and udev files.
+# Removes the program with its documentation, the unit and the sysusers,
+# tmpfiles and udev files.
 # Keeps the configuration (/etc/identity-connector), the database and its
 # HMAC secret (/var/lib/identity-connector) and unit drop-ins
 # (/etc/systemd/system/identity-connector.service.d) unless --purge is given.
@@ -20,7 +21,8 @@ usage() {
     cat <<'EOF'
 Usage: uninstall.sh [--purge]
 
-Remove Identity Connector's program, unit, sysusers, tmpfiles and udev files.
+Remove Identity Connector's program and documentation, unit, sysusers,
+tmpfiles and udev files.
 
 Options:
   --purge     also delete the configuration, keys, unit drop-ins, and the

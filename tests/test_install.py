@@ -2,10 +2,15 @@
 
 The scripts run for real: a virtual environment is created and pip installs
 the project into it. To keep the run short, pip installs with --no-deps (the
-layout, not the dependencies, is under test) and the build runs on a copy
-of the checkout, so that setuptools' build/ and *.egg-info stay out of the
-work tree. The setuptools that pip's isolated build needs comes from the
-configured package index.
+layout, not the dependencies, is under test). The installer runs from a copy
+of the checkout, so that a test can plant an old build/ folder in it and
+compare its files before and after. The setuptools that pip's isolated build
+needs comes from the configured package index.
+
+The checks that run only without DESTDIR (the interpreter check, the steps
+without a running systemd) are tested by sourcing install.sh, which then only
+defines its functions, and calling them with DESTDIR still set, so that
+nothing can be installed into the real /opt or /etc.
 """
 
 from __future__ import annotations
@@ -16,7 +21,9 @@ import shutil
 import stat
 import subprocess
 import sys
+import tempfile
 import tomllib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +32,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 TEMPLATE = REPO / "systemd" / "config.toml"
+INSTALL_SCRIPT = REPO / "systemd" / "install.sh"
 INSTALL_TIMEOUT = 100  # seconds, for venv creation and one pip build on a loaded machine
 HOST_COMMANDS = ("systemctl", "systemd-sysusers", "systemd-tmpfiles", "udevadm")
 
@@ -35,6 +43,9 @@ class Installation:
     source: Path
     output: str
     host_command_log: Path
+    # Relative paths of the files and folders of the source, before and after the install.
+    source_paths_before: list[str]
+    source_paths_after: list[str]
 
 
 @pytest.fixture(scope="module")
@@ -50,10 +61,9 @@ def source_copy(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return source
 
 
-@pytest.fixture(scope="module")
-def fake_host_tools(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """Return a bin directory whose systemctl, udevadm, ... only log their call, and the log."""
-    bin_dir = tmp_path_factory.mktemp("bin")
+def write_fake_host_tools(bin_dir: Path) -> tuple[Path, Path]:
+    """Write systemctl, udevadm, ... that only log their call; return bin_dir and the log."""
+    bin_dir.mkdir(exist_ok=True)
     log = bin_dir / "calls.log"
     for command in HOST_COMMANDS:
         script = bin_dir / command
@@ -62,14 +72,23 @@ def fake_host_tools(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Pat
     return bin_dir, log
 
 
+@pytest.fixture(scope="module")
+def fake_host_tools(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    return write_fake_host_tools(tmp_path_factory.mktemp("bin"))
+
+
 def run_script(
-    script: Path, root: Path, fake_host_tools: tuple[Path, Path], *arguments: str
+    script: Path,
+    root: Path,
+    fake_host_tools: tuple[Path, Path],
+    *arguments: str,
+    python: str = sys.executable,
 ) -> subprocess.CompletedProcess[str]:
     bin_dir, _ = fake_host_tools
     environment = {
         **os.environ,
         "DESTDIR": str(root),
-        "PYTHON": sys.executable,
+        "PYTHON": python,
         "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
         "PIP_DISABLE_PIP_VERSION_CHECK": "1",
     }
@@ -85,6 +104,11 @@ def run_script(
 
 STALE_MODULE = "stale_module_from_old_build.py"
 LOCAL_RULES = "etc/udev/rules.d/98-identity-connector-local.rules"
+VENV = "opt/identity-connector/venv"
+
+
+def relative_paths(folder: Path) -> list[str]:
+    return sorted(str(path.relative_to(folder)) for path in folder.rglob("*"))
 
 
 @pytest.fixture(scope="module")
@@ -98,11 +122,19 @@ def installation(
     stale = source_copy / "build" / "lib" / "daemon" / STALE_MODULE
     stale.parent.mkdir(parents=True, exist_ok=True)
     stale.write_text("raise RuntimeError('deleted upstream')\n", encoding="utf-8")
+    source_paths_before = relative_paths(source_copy)
 
     result = run_script(source_copy / "systemd" / "install.sh", root, fake_host_tools, "--no-deps")
 
     assert result.returncode == 0, result.stdout + result.stderr
-    return Installation(root, source_copy, result.stdout, fake_host_tools[1])
+    return Installation(
+        root,
+        source_copy,
+        result.stdout,
+        fake_host_tools[1],
+        source_paths_before,
+        relative_paths(source_copy),
+    )
 
 
 @pytest.fixture
@@ -131,6 +163,10 @@ def file_mode(path: Path) -> int:
         ("opt/identity-connector/config.toml.example", 0o644),
         ("opt/identity-connector/uninstall.sh", 0o755),
         ("opt/identity-connector/docs/operations.md", 0o644),
+        ("opt/identity-connector/README.md", 0o644),
+        ("opt/identity-connector/docs", 0o755),
+        ("opt/identity-connector/docs/examples", 0o755),
+        ("opt/identity-connector/docs/examples/config.toml", 0o644),
     ],
     ids=lambda value: f"{value:o}" if isinstance(value, int) else value,
 )
@@ -151,6 +187,28 @@ def test_install_file_mode(installation: Installation, path: str, mode: int) -> 
 )
 def test_install_copies_file(installation: Installation, installed: str, shipped: str) -> None:
     assert (installation.root / installed).read_bytes() == (REPO / shipped).read_bytes()
+
+
+def test_install_copies_readme(installation: Installation) -> None:
+    installed = installation.root / "opt/identity-connector/README.md"
+
+    assert installed.read_bytes() == (installation.source / "README.md").read_bytes()
+
+
+def test_install_copies_docs(installation: Installation) -> None:
+    shipped = installation.source / "docs"
+    installed = installation.root / "opt/identity-connector/docs"
+
+    assert relative_paths(installed) == relative_paths(shipped)
+    for path in shipped.rglob("*"):
+        if path.is_file():
+            copy = installed / path.relative_to(shipped)
+            assert copy.read_bytes() == path.read_bytes(), path
+
+
+def test_install_leaves_source_unchanged(installation: Installation) -> None:
+    # No build/ or *.egg-info is added, and the planted build/ folder stays.
+    assert installation.source_paths_after == installation.source_paths_before
 
 
 def test_install_creates_command(installation: Installation) -> None:
@@ -206,6 +264,123 @@ def test_reinstall_keeps_edited_config(
     assert example.read_bytes() == TEMPLATE.read_bytes()
     assert "Keeping existing" in result.stdout
     assert "systemctl restart identity-connector" in result.stdout
+    assert "Rebuilding virtual environment" not in result.stdout
+
+
+def test_reinstall_removes_deleted_doc_page(
+    installation: Installation, installed_copy: Path, fake_host_tools: tuple[Path, Path]
+) -> None:
+    deleted_page = installed_copy / "opt/identity-connector/docs/deleted-upstream.md"
+    deleted_page.write_text("# A page that a later release deleted\n")
+
+    result = run_script(
+        installation.source / "systemd" / "install.sh", installed_copy, fake_host_tools, "--no-deps"
+    )
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert not deleted_page.exists()
+    assert (installed_copy / "opt/identity-connector/docs/operations.md").is_file()
+
+
+def pyvenv_setting(venv: Path, key: str) -> str:
+    for line in (venv / "pyvenv.cfg").read_text().splitlines():
+        name, _, value = line.partition("=")
+        if name.strip() == key:
+            return value.strip()
+    raise AssertionError(f"{key} is missing from {venv / 'pyvenv.cfg'}")
+
+
+@pytest.mark.parametrize(
+    ("old_setting", "arguments", "reason"),
+    [
+        (
+            ("version", "3.10.13"),
+            (),
+            "it was created by Python 3.10, and ",
+        ),
+        (
+            ("include-system-site-packages", "false"),
+            ("--system-site-packages",),
+            "it was created without --system-site-packages",
+        ),
+    ],
+    ids=["older-python", "system-site-packages"],
+)
+def test_reinstall_rebuilds_mismatched_venv(
+    installation: Installation,
+    installed_copy: Path,
+    fake_host_tools: tuple[Path, Path],
+    old_setting: tuple[str, str],
+    arguments: tuple[str, ...],
+    reason: str,
+) -> None:
+    venv = installed_copy / VENV
+    config = venv / "pyvenv.cfg"
+    key, old_value = old_setting
+    old_text = re.sub(rf"(?m)^{key} = .*$", f"{key} = {old_value}", config.read_text())
+    config.write_text(old_text)
+
+    result = run_script(
+        installation.source / "systemd" / "install.sh",
+        installed_copy,
+        fake_host_tools,
+        "--no-deps",
+        *arguments,
+    )
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"Rebuilding virtual environment {venv}: {reason}" in result.stdout
+    assert pyvenv_setting(venv, "version").startswith("{}.{}.".format(*sys.version_info[:2]))
+    expected_site_packages = "true" if arguments else "false"
+    assert pyvenv_setting(venv, "include-system-site-packages") == expected_site_packages
+    assert os.access(venv / "bin/identity-connector", os.X_OK)
+
+
+def base_interpreter(python: str) -> Path:
+    """Return the resolved interpreter that a virtual environment made by python links to."""
+    output = subprocess.run(
+        [python, "-c", "import sys; print(sys._base_executable)"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    ).stdout
+    return Path(output.strip()).resolve()
+
+
+def can_create_venvs(python: str) -> bool:
+    check = "import sys, ensurepip, venv; sys.exit(sys.version_info < (3, 11))"
+    return subprocess.run([python, "-c", check], capture_output=True, timeout=30).returncode == 0
+
+
+def test_reinstall_rebuilds_venv_for_other_python(
+    installation: Installation, installed_copy: Path, fake_host_tools: tuple[Path, Path]
+) -> None:
+    current = base_interpreter(sys.executable)
+    candidates = ["/usr/bin/python3", "python3.11", "python3.12", "python3.13", "python3.14"]
+    others = [
+        Path(found).resolve()
+        for found in map(shutil.which, candidates)
+        if found and Path(found).resolve() != current and can_create_venvs(found)
+    ]
+    if not others:
+        pytest.skip(f"needs a Python 3.11 or newer with venv other than {current}")
+    other = others[0]
+    venv = installed_copy / VENV
+
+    result = run_script(
+        installation.source / "systemd" / "install.sh",
+        installed_copy,
+        fake_host_tools,
+        "--no-deps",
+        python=str(other),
+    )
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"Rebuilding virtual environment {venv}: it runs {current}, not {other}" in (
+        result.stdout
+    )
+    assert (venv / "bin/python").resolve() == other
 
 
 def test_install_rejects_unknown_option(
@@ -371,6 +546,161 @@ def test_uninstall_with_destdir_runs_no_host_command(
 
     assert result.returncode == 0, result.stdout + result.stderr
     assert not log.exists()
+
+
+# Functions of install.sh that run only without DESTDIR, called after sourcing it.
+
+
+def run_functions(
+    commands: str, root: Path, bin_dir: Path, python: str = sys.executable
+) -> subprocess.CompletedProcess[str]:
+    """Source install.sh with DESTDIR=root, then run commands in the same bash."""
+    environment = {
+        **os.environ,
+        "DESTDIR": str(root),
+        "PYTHON": python,
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+    }
+    return subprocess.run(
+        ["bash", "-c", f'source "$0"\n{commands}', str(INSTALL_SCRIPT)],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=INSTALL_TIMEOUT,
+        check=False,
+    )
+
+
+CHECK_PYTHON = "check_python\ncheck_service_can_run_python"
+needs_root = pytest.mark.skipif(
+    os.geteuid() != 0, reason="runuser needs root to run the interpreter as another user"
+)
+
+
+def nobody_can_run(python: str) -> bool:
+    check = [
+        "runuser",
+        "-u",
+        "nobody",
+        "--",
+        python,
+        "-I",
+        "-c",
+        "import sys; sys.exit(sys.version_info < (3, 11))",
+    ]
+    return subprocess.run(check, capture_output=True, timeout=30).returncode == 0
+
+
+@pytest.fixture
+def public_python() -> Path:
+    """Return a Python 3.11 or newer with venv that every user can run, outside /tmp and homes."""
+    candidates = [str(base_interpreter(sys.executable)), "/usr/bin/python3"]
+    candidates += ["python3.11", "python3.12", "python3.13", "python3.14"]
+    for candidate in map(shutil.which, candidates):
+        if candidate is None:
+            continue
+        path = Path(candidate).resolve()
+        hidden = ("/home/", "/root/", "/run/user/", "/tmp/", "/var/tmp/")
+        if str(path).startswith(hidden):
+            continue
+        if can_create_venvs(str(path)) and nobody_can_run(str(path)):
+            return path
+    pytest.skip("needs a Python 3.11 or newer with venv that the user nobody can run")
+
+
+@needs_root
+def test_python_check_accepts_public_python(tmp_path: Path, public_python: Path) -> None:
+    result = run_functions(CHECK_PYTHON, tmp_path / "root", tmp_path, python=str(public_python))
+
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    assert not (tmp_path / "root").exists()
+
+
+@needs_root
+def test_python_check_rejects_private_folder(tmp_path: Path) -> None:
+    # Like pyenv's interpreters below /root, which is mode 0700.
+    private = tmp_path / "private"
+    private.mkdir()
+    private.chmod(0o700)
+    python = private / "python3"
+    python.symlink_to(base_interpreter(sys.executable))
+
+    result = run_functions(CHECK_PYTHON, tmp_path / "root", tmp_path, python=str(python))
+
+    assert result.returncode == 1
+    assert f"cannot run {python} (PYTHON={python}):" in result.stderr
+    assert "Permission denied" in result.stderr
+    assert f"PYTHON=/usr/bin/python3.11 {INSTALL_SCRIPT}" in result.stderr
+    assert not (tmp_path / "root").exists()
+
+
+@pytest.fixture
+def folder_in_tmp() -> Iterator[Path]:
+    """Return a new folder below /tmp that every user can search."""
+    folder = Path(tempfile.mkdtemp(prefix="identity-connector-test-", dir="/tmp"))
+    folder.chmod(0o755)
+    yield folder
+    shutil.rmtree(folder)
+
+
+@needs_root
+def test_python_check_rejects_hidden_folder(
+    tmp_path: Path, public_python: Path, folder_in_tmp: Path
+) -> None:
+    # Every user can run it, but the unit's PrivateTmp=yes hides /tmp from the service.
+    python = folder_in_tmp / "python3"
+    python.symlink_to(public_python)
+
+    result = run_functions(CHECK_PYTHON, tmp_path / "root", tmp_path, python=str(python))
+
+    assert result.returncode == 1
+    assert f"uses {python}, below /tmp, which the service cannot see" in result.stderr
+    assert "PrivateTmp=yes" in result.stderr
+    assert f"PYTHON=/usr/bin/python3.11 {INSTALL_SCRIPT}" in result.stderr
+
+
+def run_activation(tmp_path: Path, systemd_running: bool, config_created: str) -> tuple[str, str]:
+    """Run activate and print_next_steps with fake host tools; return the output and their log.
+
+    systemd_is_running is replaced, so that the test does not depend on the
+    init system of the machine that runs it.
+    """
+    bin_dir, log = write_fake_host_tools(tmp_path / "bin")
+    commands = (
+        f"systemd_is_running() {{ return {0 if systemd_running else 1}; }}\n"
+        f"DESTDIR=\nCONFIG_CREATED={config_created}\nactivate\nprint_next_steps"
+    )
+
+    result = run_functions(commands, tmp_path / "root", bin_dir)
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert not (tmp_path / "root").exists()
+    calls = log.read_text() if log.exists() else ""
+    return result.stdout, calls
+
+
+@pytest.mark.parametrize("config_created", ["yes", "no"])
+def test_activate_without_systemd_says_so(tmp_path: Path, config_created: str) -> None:
+    output, calls = run_activation(tmp_path, systemd_running=False, config_created=config_created)
+
+    assert "Skipped systemctl daemon-reload: systemd is not running" in output
+    assert "systemctl" not in calls
+    assert "systemd-sysusers /etc/sysusers.d/identity-connector.conf" in calls
+    last_step = output.split("systemd is not running on this host", 1)[1]
+    assert "Once the host runs systemd as init" in last_step
+    assert "       systemctl daemon-reload\n" in last_step
+    assert "       systemctl enable --now identity-connector\n" in last_step
+    assert "systemctl restart" not in output
+
+
+def test_activate_with_systemd_reloads_units(tmp_path: Path) -> None:
+    output, calls = run_activation(tmp_path, systemd_running=True, config_created="yes")
+
+    assert "systemctl daemon-reload" in calls
+    assert "Skipped systemctl daemon-reload" not in output
+    assert "systemd is not running" not in output
+    assert "       systemctl enable --now identity-connector\n" in output
 
 
 # The configuration template. Settings are written "#key = value", and
