@@ -8,6 +8,7 @@ cache misses into the resolver.
 from __future__ import annotations
 
 import asyncio
+import codecs
 import contextlib
 import errno
 import fcntl
@@ -17,8 +18,10 @@ import math
 import os
 import sqlite3
 import ssl
+import string
 import sys
 import time
+import unicodedata
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -255,23 +258,106 @@ def _check_tls_files(hq: HqConfig) -> None:
 
 
 def read_token(token_file: str, warn: bool = True) -> str | None:
-    """Read the HQ bearer token; None when no token file is configured."""
+    """Read the HQ bearer token; None when no token file is configured.
+
+    A leading UTF-8 byte order mark and the whitespace around the token are removed. Raises
+    ConfigError, naming the file, the problem and the fix, when the file cannot be read or
+    does not contain one valid bearer token. The error never quotes the token.
+    """
     if not token_file:
         if warn:
             log.warning("hq.no_token", detail="[hq] token_file is not set; HQ calls carry no token")
         return None
     path = Path(token_file)
     try:
-        token = path.read_text(encoding="utf-8").strip()
+        data = path.read_bytes()
     except FileNotFoundError:
         raise ConfigError(
             f"[hq] token_file {path} not found: create it with the token HQ issued"
         ) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read [hq] token_file {path}: {exc}") from None
+    except PermissionError as exc:
+        raise ConfigError(
+            f"cannot read [hq] token_file {path}: {exc.strerror}. The service user needs read"
+            f" access: give the file owner root, group identity-connector and mode 0640"
+            f" (chown root:identity-connector {path} && chmod 0640 {path})"
+        ) from None
+    except IsADirectoryError:
+        raise ConfigError(
+            f"[hq] token_file {path} is a directory: set token_file to the file that contains"
+            " the token"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read [hq] token_file {path}: {exc.strerror}") from None
+
+    # Windows Notepad can save UTF-8 with a byte order mark. The record import accepts one too.
+    data = data.removeprefix(codecs.BOM_UTF8)
+    try:
+        token = data.decode("utf-8").strip()
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"[hq] token_file {path} is not UTF-8 text (byte {exc.start + 1} is not valid"
+            f" UTF-8, as in a file saved as UTF-16): save it as UTF-8 or ASCII"
+        ) from None
     if not token:
         raise ConfigError(f"[hq] token_file {path} is empty: write the token HQ issued into it")
+    problem = _bearer_token_problem(token)
+    if problem is not None:
+        raise ConfigError(f"[hq] token_file {path} {problem}")
     return token
+
+
+# Characters of a bearer token before its optional "=" padding: the b64token of RFC 6750,
+# section 2.1. Anything else breaks the Authorization header, and aiohttp (3.14) rejects a
+# line break in a header before the request leaves.
+BEARER_TOKEN_CHARACTERS = frozenset(string.ascii_letters + string.digits + "-._~+/")
+TOKEN_FIX = "write the token alone, on one line, exactly as HQ issued it"
+
+
+def _bearer_token_problem(token: str) -> str | None:
+    """Describe why ``token`` is not one bearer token, without quoting it; None when valid.
+
+    Positions count the token's characters from 1, after the byte order mark and leading
+    whitespace that ``read_token`` removed.
+    """
+    words = token.split(maxsplit=1)
+    if len(words) == 2 and words[0].lower() == "bearer":
+        return (
+            "starts with 'Bearer': write the token alone, because the daemon adds 'Bearer' to"
+            " the Authorization header itself"
+        )
+    line_end = next((i for i, character in enumerate(token) if character in "\r\n"), None)
+    if line_end is not None:
+        return (
+            f"contains a line break after character {line_end} of the token, but a bearer"
+            f" token is a single line: {TOKEN_FIX}"
+        )
+    unpadded = token.rstrip("=")
+    if not unpadded:
+        return f"contains only '=' characters, which is not a bearer token: {TOKEN_FIX}"
+    for index, character in enumerate(unpadded):
+        if character in BEARER_TOKEN_CHARACTERS:
+            continue
+        where = f"at character {index + 1} of the token"
+        if character == "=":
+            return f"contains '=' {where}, but '=' may only end a bearer token: {TOKEN_FIX}"
+        fix = TOKEN_FIX
+        if not character.isascii():
+            fix = (
+                "copy the token again exactly as HQ issued it, from plain text, because an"
+                " editor may have replaced a character (such as '-' with a dash)"
+            )
+        return (
+            f"contains {_describe_character(character)} {where}, but a bearer token contains"
+            f" only ASCII letters, digits, -._~+/ and '=' at its end: {fix}"
+        )
+    return None
+
+
+def _describe_character(character: str) -> str:
+    """Name a character by its code point and Unicode name, as in "U+2013 EN DASH"."""
+    code = f"U+{ord(character):04X}"
+    name = unicodedata.name(character, "")
+    return f"{code} {name}" if name else f"the control character {code}"
 
 
 def _set_meta(connection: sqlite3.Connection, values: dict[str, str]) -> None:
@@ -1189,6 +1275,7 @@ def sync_now(config: Config, store: Store) -> int:
             await adapter.adopt_cache_file()
             progress(f"syncing store {settings.store_id} with {settings.base_url}")
             report = await service.run_once()
+            waiting = await _outbox_depth(adapter, store.path)
         except HqError as exc:
             print(f"error: sync failed: {exc}", file=sys.stderr)
             return 1
@@ -1218,9 +1305,15 @@ def sync_now(config: Config, store: Store) -> int:
             pulled = f"pull stopped by the error above after {pulled}"
             if pull.rebuild_abandoned:
                 pulled += " (the failed rebuild was discarded: the cache in use is unchanged)"
-        uploaded = f"{report.upload.accepted} of {report.upload.sent} events accepted"
+        # HQ may acknowledge part of a batch, and the rest is sent again, so a count of sent
+        # events would count re-sends. Store IT needs what arrived and what is still queued.
+        uploaded = f"{_events(report.upload.accepted)} delivered to HQ, " + (
+            f"{_events(waiting)} waiting in the outbox"
+            if waiting is not None
+            else "the events waiting in the outbox could not be counted"
+        )
         if report.upload_error is not None:
-            uploaded = f"upload stopped by the error above after {uploaded}"
+            uploaded = f"upload stopped by the error above: {uploaded}"
         progress(f"done: {pulled}, {pull.rejected} rejected; {uploaded}")
         if pull.mismatch_after_rebuild:
             print(
@@ -1229,8 +1322,11 @@ def sync_now(config: Config, store: Store) -> int:
                 " disagree, which HQ must fix",
                 file=sys.stderr,
             )
-        if report.upload_error is not None and _is_store_error(report.upload_error):
-            # The outbox could not be read or emptied: a database error outside the pull.
+        if waiting is None or (
+            report.upload_error is not None and _is_store_error(report.upload_error)
+        ):
+            # The outbox could not be read, emptied or counted: a database error outside
+            # the pull.
             return 2
         failed = (
             pull.rejected
@@ -1241,6 +1337,24 @@ def sync_now(config: Config, store: Store) -> int:
         return 1 if failed else 0
 
     return asyncio.run(run())
+
+
+async def _outbox_depth(adapter: StoreAdapter, database: Path) -> int | None:
+    """Count the events in the outbox for `sync --now`; print the error and return None
+    when the outbox cannot be read."""
+    try:
+        return (await adapter.outbox_stats()).depth
+    except (sqlite3.Error, StoreError, OSError) as exc:
+        print(
+            f"error: cannot count the events in the outbox of {database}: {exc}."
+            f" {_store_failure_advice(exc, database)}",
+            file=sys.stderr,
+        )
+        return None
+
+
+def _events(count: int) -> str:
+    return f"{count} event" if count == 1 else f"{count} events"
 
 
 def _failure_message(step: str, error: Exception, database: Path) -> str:

@@ -101,11 +101,14 @@ class SnapshotStream:
         response: aiohttp.ClientResponse,
         cursor: str,
         expected_count: int | None,
+        read_timeout: float | None = None,
     ) -> None:
         self.cursor = cursor
         self.expected_count = expected_count
         self.received = 0
         self._response = response
+        # The session's sock_read timeout ([hq] request_timeout), named in the error.
+        self._read_timeout = read_timeout
 
     async def blocks(self, lines_per_block: int) -> AsyncIterator[tuple[int, bytes]]:
         """Yield (number of the first line, complete lines) blocks of the stream.
@@ -142,7 +145,8 @@ class SnapshotStream:
                     lines = 0
         except TimeoutError:
             raise HqUnreachable(
-                f"snapshot stream stalled after line {first_line + lines - 1}"
+                f"HQ snapshot stream timed out: {_no_data_for(self._read_timeout)} after"
+                f" {first_line + lines - 1} complete lines"
             ) from None
         except aiohttp.ClientError as exc:
             raise _body_incomplete(
@@ -254,7 +258,9 @@ class HqClient:
                 if not cursor:
                     raise HqResponseInvalid(f"snapshot response has no {CURSOR_HEADER} header")
                 expected = _optional_int(response.headers.get(COUNT_HEADER), COUNT_HEADER)
-                stream = SnapshotStream(response, cursor, expected)
+                stream = SnapshotStream(
+                    response, cursor, expected, read_timeout=self.settings.request_timeout
+                )
                 # HQ has responded. A stream of millions of records takes minutes, and HQ
                 # must not count as offline (no online lookups, an alert) until its end.
                 self.health.call_answered()
@@ -334,7 +340,8 @@ class HqClient:
             response = await self._session.request(method, url, allow_redirects=False, **kwargs)
         except TimeoutError:
             raise HqUnreachable(
-                f"HQ {call} timed out after {self.settings.request_timeout:g} s"
+                f"HQ {call} timed out after {self.settings.request_timeout:g} s ([hq]"
+                " request_timeout)"
             ) from None
         except aiohttp.ClientError as exc:
             hint = _tls_hint(exc, self.settings, self._responded)
@@ -373,7 +380,14 @@ class HqClient:
         kind: type[T],
         max_bytes: int = MAX_JSON_BODY_BYTES,
     ) -> T:
-        body = await _read_body(response, call, max_bytes)
+        body = await _read_body(response, call, max_bytes, self.settings.request_timeout)
+        if not body.strip():
+            # msgspec calls an empty body "truncated", which suggests a cut connection.
+            problem = "is empty" if not body else f"contains only whitespace ({len(body)} bytes)"
+            raise HqResponseInvalid(
+                f"HQ {call} response is invalid: the body {problem}"
+                f" ({_describe_content_type(response)}); HQ must send a JSON object"
+            )
         try:
             return msgspec.json.decode(body, type=kind)
         except msgspec.DecodeError as exc:
@@ -387,8 +401,7 @@ class HqClient:
         A JSON body may carry identity keys, which are secrets, so only a body that does not
         start like JSON (an HTML error page of a proxy, say) is quoted.
         """
-        content_type = response.headers.get("Content-Type", "none")
-        description = f"Content-Type {content_type[:80]!r}, {len(body)} bytes"
+        description = f"{_describe_content_type(response)}, {len(body)} bytes"
         text = body.lstrip()[:BODY_START_CHARS].decode("utf-8", errors="replace")
         if not text or text[0] in "{[":
             return description
@@ -409,10 +422,28 @@ def _check_page(page: _ChangesPage, limit: int) -> None:
         )
 
 
-async def _read_body(response: aiohttp.ClientResponse, call: str, max_bytes: int) -> bytes:
+def _describe_content_type(response: aiohttp.ClientResponse) -> str:
+    """Name a response's Content-Type header, or its absence, for an error message."""
+    content_type = response.headers.get("Content-Type")
+    if content_type is None:
+        return "no Content-Type header"
+    return f"Content-Type {content_type[:80]!r}"
+
+
+def _no_data_for(read_timeout: float | None) -> str:
+    """Describe a read timeout of the session, which [hq] request_timeout sets."""
+    if read_timeout is None:
+        return "no data within [hq] request_timeout"
+    return f"no data for {read_timeout:g} s ([hq] request_timeout)"
+
+
+async def _read_body(
+    response: aiohttp.ClientResponse, call: str, max_bytes: int, read_timeout: float
+) -> bytes:
     """Read a whole response body; raise HqResponseInvalid past ``max_bytes`` (decoded).
 
-    Raises HqBodyIncomplete when the body ends early or its framing does not decode.
+    Raises HqBodyIncomplete when the body ends early or its framing does not decode, and
+    HqUnreachable when no data comes for ``read_timeout`` seconds.
     """
     parts: list[bytes] = []
     size = 0
@@ -426,7 +457,7 @@ async def _read_body(response: aiohttp.ClientResponse, call: str, max_bytes: int
                 )
             parts.append(chunk)
     except TimeoutError:
-        raise HqUnreachable(f"HQ {call} response stalled") from None
+        raise HqUnreachable(f"HQ {call} response timed out: {_no_data_for(read_timeout)}") from None
     except aiohttp.ClientError as exc:
         raise _body_incomplete(call, response, exc) from None
     return b"".join(parts)

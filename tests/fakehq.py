@@ -86,6 +86,9 @@ class Control:
     """Identity-Count header of the snapshot in place of the number of records, when set."""
     raw_answers: dict[str, RawAnswer] = field(default_factory=dict)
     """Answers by call name ("changes", "snapshot", "digest", "lookup", "events")."""
+    stalled_calls: set[str] = field(default_factory=set)
+    """Calls whose response sends half of its body, waits ``stall_seconds``, then the rest."""
+    stall_seconds: float = 3.0
 
 
 @dataclass
@@ -262,6 +265,8 @@ class FakeHq:
             return web.Response(status=raw.status, body=raw.body, headers=headers)
         if name in self.control.cut_calls:
             return await self._cut(request, await handler(request))
+        if name in self.control.stalled_calls:
+            return await self._stall(request, await handler(request))
         return await handler(request)
 
     async def _cut(self, request: web.Request, answer: web.Response) -> web.StreamResponse:
@@ -278,6 +283,21 @@ class FakeHq:
         # close, not abort: the half that was written reaches the client first.
         assert request.transport is not None
         request.transport.close()
+        return response
+
+    async def _stall(self, request: web.Request, answer: web.Response) -> web.StreamResponse:
+        """Send the status, the headers and half of ``answer``'s body, pause, then the rest."""
+        body = bytes(answer.body or b"")
+        response = web.StreamResponse(
+            status=answer.status,
+            headers={"Content-Type": answer.content_type, "Date": self._date()},
+        )
+        response.content_length = len(body)
+        await response.prepare(request)
+        await response.write(body[: len(body) // 2])
+        await asyncio.sleep(self.control.stall_seconds)
+        await response.write(body[len(body) // 2 :])
+        await response.write_eof()
         return response
 
     def _date(self) -> str:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import codecs
 import fcntl
 import json
 import os
 import re
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -27,6 +29,7 @@ from tests.conftest import (
     unlabelled_samples,
 )
 from tests.fakehq import (
+    TOKEN,
     FakeHq,
     hq_config,
     local_versions,
@@ -79,7 +82,7 @@ def test_sync_now_pulls_and_uploads(tmp_path: Path, hq: FakeHq) -> None:
 
     assert result.returncode == 0, result.stderr
     assert "pulled 1 changes" in result.stdout
-    assert "3 of 3 events accepted" in result.stdout
+    assert "; 3 events delivered to HQ, 0 events waiting in the outbox" in result.stdout
     assert outbox_ids(daemon.database) == []
     assert "c-cash" not in local_versions(daemon.database)
 
@@ -257,7 +260,7 @@ def test_sync_now_uploads_when_pull_fails(tmp_path: Path, hq: FakeHq) -> None:
     assert result.returncode == 1
     assert "error: pull failed:" in result.stderr
     assert "the failed rebuild was discarded: the cache in use is unchanged" in result.stdout
-    assert "1 of 1 events accepted" in result.stdout
+    assert "; 1 event delivered to HQ, 0 events waiting in the outbox" in result.stdout
     assert outbox_ids(daemon.database) == []
 
 
@@ -269,7 +272,9 @@ def test_sync_now_reports_pull_and_upload_failures(tmp_path: Path, hq: FakeHq) -
     assert result.returncode == 1
     assert "error: pull failed: " in result.stderr
     assert "error: upload failed: " in result.stderr
-    assert "upload stopped by the error above after 0 of 0 events accepted" in result.stdout
+    assert (
+        "upload stopped by the error above: 0 events delivered to HQ, 1 event waiting in the outbox"
+    ) in result.stdout
     assert len(outbox_ids(daemon.database)) == 1
 
 
@@ -323,7 +328,7 @@ def test_sync_now_reports_store_failure_and_uploads(tmp_path: Path, hq: FakeHq) 
     assert "the snapshot worker could not write a new cache file" in result.stderr
     assert f"Free disk space in {daemon.directory} " in result.stderr
     assert "the failed rebuild was discarded: the cache in use is unchanged" in result.stdout
-    assert "1 of 1 events accepted" in result.stdout
+    assert "; 1 event delivered to HQ, 0 events waiting in the outbox" in result.stdout
     assert outbox_ids(daemon.database) == []
     assert len(cachefile.cache_files(daemon.database)) == 1
     assert "c-cash" in local_versions(daemon.database)
@@ -418,3 +423,136 @@ def test_missing_token_warned_once_at_start(tmp_path: Path, hq: FakeHq) -> None:
     finally:
         daemon.stop()
     assert len(warnings) == 1
+
+
+def test_sync_now_counts_waiting_events(tmp_path: Path, hq: FakeHq) -> None:
+    daemon = start_synced(tmp_path, hq)
+    hq.down()
+    for _ in range(4):
+        assert daemon.scan("KEY-ASSOCIATE-8e2d11").status == 200
+    daemon.stop()
+
+    offline = run_cli("sync", "--now", "--config", str(daemon.config))
+    hq.up()
+    # HQ acknowledges two events per request, so four events take two batches, and six
+    # are sent in all.
+    hq.control.ack_mode = "partial"
+    online = run_cli("sync", "--now", "--config", str(daemon.config))
+
+    assert offline.returncode == 1
+    assert (
+        "upload stopped by the error above: 0 events delivered to HQ, 4 events waiting in"
+        " the outbox"
+    ) in offline.stdout
+    assert online.returncode == 0, online.stderr
+    assert online.stdout.endswith("; 4 events delivered to HQ, 0 events waiting in the outbox\n")
+    assert len(hq.received.events) == 4
+    assert outbox_ids(daemon.database) == []
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        pytest.param(
+            "snapshot",
+            r"error: pull failed: HQ snapshot stream timed out: no data for 1 s \(\[hq\]"
+            r" request_timeout\) after \d+ complete lines\n",
+            id="snapshot",
+        ),
+        pytest.param(
+            "changes",
+            r"error: pull failed: HQ changes response timed out: no data for 1 s \(\[hq\]"
+            r" request_timeout\)\n",
+            id="changes",
+        ),
+    ],
+)
+def test_sync_now_names_read_timeout(tmp_path: Path, hq: FakeHq, call: str, message: str) -> None:
+    directory = tmp_path / "daemon"
+    table = hq_config(hq, directory).replace('request_timeout = "2s"', 'request_timeout = "1s"')
+    daemon = make_daemon(directory, table, records=[])
+    if call == "snapshot":
+        # The fake HQ pauses after each 500 lines of the snapshot.
+        hq.put(*make_records(600))
+        hq.control.snapshot_line_delay = 3.0
+    else:
+        # The first sync follows the changes feed from the snapshot's cursor.
+        hq.control.stalled_calls = {call}
+
+    result = run_cli("sync", "--now", "--config", str(daemon.config))
+
+    assert result.returncode == 1
+    assert re.search(message, result.stderr), result.stderr
+
+
+def token_config(tmp_path: Path, hq: FakeHq, content: bytes) -> tuple[Daemon, Path]:
+    """Make a daemon whose [hq] token_file contains ``content``; return it and the file."""
+    directory = tmp_path / "daemon"
+    daemon = make_daemon(directory, hq_config(hq, directory), records=[])
+    token_file = directory / "hq-token"
+    token_file.write_bytes(content)
+    return daemon, token_file
+
+
+def test_token_line_break_rejected(tmp_path: Path, hq: FakeHq) -> None:
+    daemon, token_file = token_config(tmp_path, hq, f"{TOKEN}\nsecond\n".encode())
+    problem = (
+        f"[hq] token_file {token_file} contains a line break after character {len(TOKEN)}"
+        " of the token"
+    )
+
+    checked = run_cli("check-config", str(daemon.config))
+    try:
+        with pytest.raises(RuntimeError) as start:
+            daemon.start()
+    finally:
+        if daemon.process is not None:
+            daemon.stop()
+
+    assert checked.returncode == 2, checked.stdout
+    assert problem in checked.stderr
+    assert problem in str(start.value)
+    assert hq.received.requests["snapshot"] == 0
+    for output in (checked.stderr, str(start.value)):
+        assert TOKEN not in output
+        assert "second" not in output
+
+
+def test_token_byte_order_mark_accepted(tmp_path: Path, hq: FakeHq) -> None:
+    # Windows Notepad can save UTF-8 with a byte order mark.
+    daemon, _ = token_config(tmp_path, hq, codecs.BOM_UTF8 + f"{TOKEN}\r\n".encode())
+
+    result = run_cli("sync", "--now", "--config", str(daemon.config))
+
+    assert result.returncode == 0, result.stderr
+    assert hq.received.authorization == {f"Bearer {TOKEN}"}
+
+
+# Root reads every file whatever its mode, unless it drops the capabilities that allow it.
+DROP_FILE_ACCESS_OVERRIDE = ["--bounding-set", "-dac_override,-dac_read_search"]
+
+
+def run_cli_bound_by_file_modes(*args: str) -> subprocess.CompletedProcess[str]:
+    """Run the command line so that file modes apply to it, even in a test run as root."""
+    command = [sys.executable, "-m", "daemon", *args]
+    if os.geteuid() == 0:
+        setpriv = shutil.which("setpriv")
+        if setpriv is None:
+            pytest.skip("setpriv (util-linux) is not installed")
+        probe = subprocess.run([setpriv, *DROP_FILE_ACCESS_OVERRIDE, "true"], capture_output=True)
+        if probe.returncode != 0:
+            pytest.skip(f"setpriv cannot drop root's file access: {probe.stderr.decode().strip()}")
+        command = [setpriv, *DROP_FILE_ACCESS_OVERRIDE, *command]
+    return subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=120)
+
+
+def test_unreadable_token_names_access_fix(tmp_path: Path, hq: FakeHq) -> None:
+    daemon, token_file = token_config(tmp_path, hq, f"{TOKEN}\n".encode())
+    token_file.chmod(0)
+
+    result = run_cli_bound_by_file_modes("check-config", str(daemon.config))
+
+    assert result.returncode == 2, result.stdout
+    assert f"cannot read [hq] token_file {token_file}: Permission denied." in result.stderr
+    assert "The service user needs read access" in result.stderr
+    assert "owner root, group identity-connector and mode 0640" in result.stderr

@@ -730,7 +730,7 @@ def test_retry_after_sets_retry_delay(
 
 @pytest.mark.parametrize(
     "case",
-    ["count-mismatch", "html-page", "not-found"],
+    ["count-mismatch", "html-page", "not-found", "empty-body"],
 )
 def test_pull_failure_messages(synced: Daemon, hq: FakeHq, case: str) -> None:
     if case == "count-mismatch":
@@ -742,9 +742,13 @@ def test_pull_failure_messages(synced: Daemon, hq: FakeHq, case: str) -> None:
         headers = {"Content-Type": "text/html; charset=utf-8"}
         hq.control.raw_answers["changes"] = RawAnswer(200, page, headers)
         expected = ["Content-Type 'text/html; charset=utf-8'", "'<html><head><title>Sign in"]
-    else:
+    elif case == "not-found":
         hq.control.fail_status = 404
         expected = [f"HTTP 404 for {hq.url}/v1/stores/STORE-001/identities/changes; check"]
+    else:
+        # aiohttp's server (3.14) sends an empty body without a Content-Type header.
+        hq.control.raw_answers["changes"] = RawAnswer(200)
+        expected = ["HQ changes response is invalid: the body is empty (no Content-Type header)"]
 
     failure = pull_failure(synced, expected[0])
     for text in expected:

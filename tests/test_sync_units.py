@@ -1,4 +1,4 @@
-"""Units of the sync package that need no server: backoff, HQ state, digest and clock."""
+"""Units of the sync that need no server: backoff, HQ state, digest, clock and token file."""
 
 from __future__ import annotations
 
@@ -6,11 +6,14 @@ import hashlib
 import random
 import time
 from email.utils import formatdate
+from pathlib import Path
 
 import aiohttp
 import pytest
 from structlog.testing import capture_logs
 
+from daemon.config import ConfigError
+from daemon.hq import read_token
 from sync.client import _retry_after_seconds, _tls_hint
 from sync.clock import ClockEstimator
 from sync.digest import compute_digest
@@ -312,3 +315,88 @@ def test_clock_agrees_again_under_short_threshold() -> None:
     events = [entry["event"] for entry in logs]
 
     assert events == ["hq.clock_offset", "hq.clock_agrees", "hq.clock_offset"]
+
+
+# (token file content, the token read from it): what surrounds the token is removed.
+VALID_TOKEN_FILES = [
+    pytest.param(b"s3cr3t-T0ken_a.b~c+d/e\n", "s3cr3t-T0ken_a.b~c+d/e", id="every-character"),
+    pytest.param(b"s3cr3tT0ken==\r\n", "s3cr3tT0ken==", id="padding"),
+    pytest.param(b"  s3cr3tT0ken\t\n\n", "s3cr3tT0ken", id="whitespace-around"),
+    # Windows Notepad can save UTF-8 with a byte order mark.
+    pytest.param(b"\xef\xbb\xbfs3cr3tT0ken\r\n", "s3cr3tT0ken", id="byte-order-mark"),
+]
+
+
+@pytest.mark.parametrize(("content", "token"), VALID_TOKEN_FILES)
+def test_token_file_valid(tmp_path: Path, content: bytes, token: str) -> None:
+    path = tmp_path / "hq-token"
+    path.write_bytes(content)
+
+    assert read_token(str(path), warn=False) == token
+
+
+# (token file content, fragments the error must contain). Each token starts with "s3cr3t",
+# which no error may quote.
+INVALID_TOKEN_FILES = [
+    pytest.param(
+        b"s3cr3t-one\nsecond\n",
+        ["contains a line break after character 10 of the token", "alone, on one line"],
+        id="line-break",
+    ),
+    pytest.param(
+        b"s3cr3t-one\r\nsecond\r\n",
+        ["contains a line break after character 10 of the token"],
+        id="windows-line-break",
+    ),
+    pytest.param(
+        "s3cr3t\u2013one\n".encode(),
+        ["U+2013 EN DASH at character 7 of the token", "letters, digits, -._~+/"],
+        id="en-dash",
+    ),
+    pytest.param(
+        b"s3cr3t one\n",
+        ["U+0020 SPACE at character 7 of the token"],
+        id="space",
+    ),
+    pytest.param(
+        b"s3cr3t\tone\n",
+        ["the control character U+0009 at character 7 of the token"],
+        id="tab",
+    ),
+    pytest.param(
+        b"s3cr3t=one\n",
+        ["'=' at character 7 of the token, but '=' may only end a bearer token"],
+        id="inner-equals",
+    ),
+    pytest.param(
+        b"Bearer s3cr3t-one\n",
+        ["starts with 'Bearer'", "write the token alone"],
+        id="bearer-prefix",
+    ),
+    pytest.param(
+        b"bearer\ts3cr3t-one\n",
+        ["starts with 'Bearer'"],
+        id="bearer-prefix-lower-case",
+    ),
+    pytest.param(
+        b"\xff\xfes\x003\x00c\x00r\x003\x00t\x00",
+        ["is not UTF-8 text", "save it as UTF-8"],
+        id="utf-16",
+    ),
+]
+
+
+@pytest.mark.parametrize(("content", "fragments"), INVALID_TOKEN_FILES)
+def test_token_file_invalid(tmp_path: Path, content: bytes, fragments: list[str]) -> None:
+    path = tmp_path / "hq-token"
+    path.write_bytes(content)
+
+    with pytest.raises(ConfigError) as raised:
+        read_token(str(path), warn=False)
+
+    message = str(raised.value)
+    assert f"[hq] token_file {path} " in message
+    for fragment in fragments:
+        assert fragment in message
+    assert "s3cr3t" not in message
+    assert "second" not in message
