@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sqlite3
 import sys
 import time
@@ -30,18 +31,63 @@ from daemon.schema import CHANNELS, LOCATIONS
 from daemon.store import (
     LAST_PULL_META_KEY,
     META_TIME_MAX_AHEAD,
+    RUNUSER_COMMAND,
+    SERVICE_USER,
     Store,
     StoreError,
+    current_user,
     parse_meta_time,
+    permission_denied_message,
 )
 
 MAX_PRINTED_ERRORS = 100
+# The distribution name in pyproject.toml, whose installed metadata contains the version.
+DISTRIBUTION = "identity-connector"
+# Installed paths of the README with the configuration reference, and of the commented
+# template of every key (systemd/config.toml in the source tree), from systemd/install.sh.
+INSTALLED_README = "/opt/identity-connector/README.md"
+INSTALLED_TEMPLATE = "/opt/identity-connector/config.toml.example"
+
+
+def installed_version() -> str:
+    """Return the version of the installed identity-connector distribution."""
+    # Imported here: importlib.metadata takes tens of milliseconds to import, and only
+    # --version and status need it.
+    from importlib import metadata
+
+    try:
+        return metadata.version(DISTRIBUTION)
+    except metadata.PackageNotFoundError:
+        return "unknown (the identity-connector package is not installed)"
+
+
+class _VersionAction(argparse.Action):
+    """Print the installed version and exit, as argparse's "version" action does.
+
+    The version is looked up only when the option is given, not for every command.
+    """
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, **kwargs)
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        print(f"{parser.prog} {installed_version()}")
+        parser.exit()
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="identity-connector",
         description="On-premises Identity Connector for Just Walk Out gates.",
+    )
+    parser.add_argument(
+        "--version", action=_VersionAction, help="print the installed version and exit"
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -112,10 +158,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # Scripts parse the output of `status --json`, so its errors are JSON on stdout too.
     errors_as_json = args.command == "status" and args.json
+    _restrict_new_files()
     try:
         if args.command == "check-config":
             return _check_config(args.file)
-        config = load_config(args.config)
+        config = _load_config(args.config)
         configure_logging(
             config.logging.level,
             config.logging.format,
@@ -150,16 +197,20 @@ def main(argv: list[str] | None = None) -> int:
                 store.close()
         return _status(config, args.json)
     except (ConfigError, StoreError) as exc:
-        if errors_as_json:
-            kind = "configuration" if isinstance(exc, ConfigError) else "database"
-            _print_json_error(str(exc), kind)
-            return 2
-        # Under systemd the "<3>" prefix files a line at priority err, not info. A
-        # ConfigError lists one problem per line, and each line gets the prefix.
-        prefix = "<3>" if stdout_is_journal(sys.stderr) else ""
-        for line in str(exc).splitlines():
-            print(f"{prefix}error: {line}", file=sys.stderr)
-        return 2
+        return _print_error(exc, errors_as_json)
+    except PermissionError as exc:
+        # From a check that the store's own messages do not cover, such as Store.open's first
+        # look at a database path in a folder that this user cannot search.
+        if exc.filename is None:
+            message = f"permission denied for user {current_user()}: {exc}"
+        else:
+            message = permission_denied_message(
+                Path(exc.filename),
+                "file",
+                f"Run the command as the user that owns it ({RUNUSER_COMMAND} on an installed box)",
+                action="access",
+            )
+        return _print_error(StoreError(message), errors_as_json)
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
@@ -181,6 +232,68 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def _print_error(exc: ConfigError | StoreError, as_json: bool) -> int:
+    """Print a configuration or database error for store IT and return exit code 2."""
+    if as_json:
+        kind = "configuration" if isinstance(exc, ConfigError) else "database"
+        _print_json_error(str(exc), kind)
+        return 2
+    # Under systemd the "<3>" prefix files a line at priority err, not info. A
+    # ConfigError lists one problem per line, and each line gets the prefix.
+    prefix = "<3>" if stdout_is_journal(sys.stderr) else ""
+    for line in str(exc).splitlines():
+        print(f"{prefix}error: {line}", file=sys.stderr)
+    return 2
+
+
+def _restrict_new_files() -> None:
+    """Make the files this process creates readable and writable by their owner only.
+
+    The database and its cache file contain key digests and audit events. The unit's
+    UMask=0077 restricts them for the daemon under systemd, but a command run through
+    runuser or sudo keeps the caller's umask, usually 0022. A stricter umask stays as it is.
+    """
+    previous = os.umask(0o077)
+    os.umask(previous | 0o077)
+
+
+def _load_config(path: Path, check_listener: bool = False) -> Config:
+    """Load the configuration; a missing or unreadable file gets a message with the fix."""
+    try:
+        # O_NONBLOCK keeps this probe from waiting for a writer when the path is a FIFO.
+        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise ConfigError(_missing_config_message(path)) from None
+    except PermissionError:
+        quoted = shlex.quote(str(path))
+        raise ConfigError(
+            permission_denied_message(
+                path,
+                "configuration file",
+                f"The service reads it through its group {SERVICE_USER}: as root, run"
+                f" chown root:{SERVICE_USER} {quoted}; chmod 0640 {quoted}. Then run the"
+                f" command as root or as the service user: {RUNUSER_COMMAND}",
+            )
+        ) from None
+    except OSError:
+        # Such as a folder given as the file: load_config words the other failures.
+        pass
+    else:
+        os.close(descriptor)
+    return load_config(path, check_listener=check_listener)
+
+
+def _missing_config_message(path: Path) -> str:
+    return (
+        f"configuration file {path} not found: create it from the commented template that"
+        f" lists every key (cp {INSTALLED_TEMPLATE} {shlex.quote(str(path))})."
+        " systemd/install.sh installs the template systemd/config.toml there, and as"
+        f" {DEFAULT_CONFIG_PATH} at the first install. The configuration reference is in"
+        f" {INSTALLED_README}. To use another file, name it with --config FILE, or as the"
+        " argument of check-config"
+    )
+
+
 def _print_json_error(message: str, kind: str) -> None:
     """Print an error as the one JSON object of `status --json`.
 
@@ -195,7 +308,7 @@ def _print_json_error(message: str, kind: str) -> None:
 def _check_config(path: Path) -> int:
     """Validate a configuration with the checks `serve` makes when it starts."""
     # The listener's exposure is checked with the rest of the file, so one run lists it too.
-    config = load_config(path, check_listener=True)
+    config = _load_config(path, check_listener=True)
     # To stderr, like the other commands: the [hq] check logs a warning when no token is set.
     configure_logging(
         config.logging.level,
@@ -295,9 +408,16 @@ def _import(config: Config, path: Path, file_format: str | None) -> int:
         f"imported {path}: {summary.inserted} inserted, {summary.updated} updated,"
         f" {summary.rejected} rejected in {summary.seconds:.1f} s ({rate:,.0f} records/s)"
     )
-    if summary.replaced_keys:
+    if summary.replaced_keys == 1:
+        line += "; 1 older credential gave up its key"
+    elif summary.replaced_keys:
         line += f"; {summary.replaced_keys} older credentials gave up their key"
-    if summary.duplicates:
+    if summary.duplicates == 1:
+        line += (
+            "; 1 line repeated the credentialId of an earlier line (at line"
+            f" {summary.first_duplicate_line}), and that later line was imported"
+        )
+    elif summary.duplicates:
         line += (
             f"; {summary.duplicates} lines repeated the credentialId of an earlier line (first"
             f" at line {summary.first_duplicate_line}), and the last line of each was imported"
@@ -367,6 +487,7 @@ def _status(config: Config, as_json: bool) -> int:
         # Parsed as the daemon parses it, so a time far ahead of the clock counts as invalid.
         last_pull = parse_meta_time(stored_last_pull, now)
         state = {
+            "version": installed_version(),
             "database": str(store.path),
             "cacheFile": str(store.cache.path),
             "identities": reader.count("identities"),
@@ -387,6 +508,7 @@ def _status(config: Config, as_json: bool) -> int:
     if as_json:
         print(json.dumps(state, indent=2))
         return 0
+    print(f"version:        {state['version']}")
     print(f"database:       {state['database']}")
     print(f"cache file:     {state['cacheFile']}")
     print(f"identities:     {state['identities']}")

@@ -14,14 +14,19 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import errno
 import fcntl
+import grp
 import hashlib
 import hmac
 import math
 import os
+import pwd
 import queue
 import secrets
+import shlex
 import sqlite3
+import stat
 import threading
 import time
 from collections.abc import Callable
@@ -179,6 +184,17 @@ def load_or_create_secret(path: Path, database_exists: bool) -> bytes:
                 " database aside and import the identities again"
             ) from None
         return _create_secret(path)
+    except PermissionError:
+        raise StoreError(
+            permission_denied_message(
+                path,
+                "secret file",
+                "The secret file belongs to the user that runs the daemon and its commands,"
+                f" with mode 0600. On an installed box that is {SERVICE_USER}: as root, run"
+                f" {_chown_command(f'{SERVICE_USER}:{SERVICE_USER}', path)}; chmod 0600"
+                f" {shlex.quote(str(path))}",
+            )
+        ) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise StoreError(f"cannot read secret file {path}: {exc}") from None
 
@@ -192,20 +208,48 @@ def load_or_create_secret(path: Path, database_exists: bool) -> bytes:
         raise StoreError(f"secret file {path} is too short: it must hold at least 16 bytes as hex")
     mode = path.stat().st_mode & 0o777
     if mode & 0o077:
-        log.warning("store.secret_permissions", path=str(path), mode=oct(mode), expected="0o600")
+        log.warning(
+            "store.secret_permissions",
+            path=str(path),
+            mode=oct(mode),
+            expected="0o600",
+            fix=f"chmod 0600 {shlex.quote(str(path))}",
+        )
     return secret
 
 
 def _create_secret(path: Path) -> bytes:
     secret = secrets.token_bytes(SECRET_BYTES)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(descriptor, "w", encoding="ascii") as handle:
-        handle.write(secret.hex() + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except PermissionError:
+        raise StoreError(
+            f"cannot create secret file {path}: permission denied for user {current_user()}"
+            f" in the folder {path.parent}, which has {_owner_text(path.parent)}. Run the"
+            f" command as the user that owns the folder ({RUNUSER_COMMAND} on an installed"
+            " box), or set [database] secret_file to a file in a folder that user can write"
+        ) from None
+    except OSError as exc:
+        raise StoreError(_secret_creation_message(path, exc)) from None
+    try:
+        with os.fdopen(descriptor, "w", encoding="ascii") as handle:
+            handle.write(secret.hex() + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError as exc:
+        # A partly written file would be read as an invalid secret at the next start.
+        path.unlink(missing_ok=True)
+        raise StoreError(_secret_creation_message(path, exc)) from None
     log.info("store.secret_created", path=str(path))
     return secret
+
+
+def _secret_creation_message(path: Path, exc: OSError) -> str:
+    full_disk = disk_full_text(path, exc)
+    if full_disk is not None:
+        return f"cannot create secret file {path}: {exc}. {full_disk}"
+    return f"cannot create secret file {path}: {exc}"
 
 
 def connect(
@@ -450,10 +494,128 @@ def is_corruption(exc: sqlite3.DatabaseError) -> bool:
     return getattr(exc, "sqlite_errorname", "") in ("SQLITE_CORRUPT", "SQLITE_NOTADB")
 
 
+# The system user and group that systemd/sysusers.conf creates and the unit runs the daemon as.
+SERVICE_USER = "identity-connector"
+# The command line that docs/operations.md gives for running a command as the service user.
+RUNUSER_COMMAND = (
+    f"runuser -u {SERVICE_USER} -- /opt/identity-connector/venv/bin/identity-connector ..."
+)
+# An open that fails with less free space than this counts as stopped by a full disk, because
+# SQLite 3.40 reported an open on a full tmpfs as "disk I/O error", not as a full disk. The
+# limit is a judgment: an open writes the 32 KiB WAL index, WAL frames and new pages.
+LOW_DISK_BYTES = 1024 * 1024
+
+
 def unopenable_message(path: Path, exc: BaseException) -> str:
+    """Word a failure to open or create the SQLite file ``path``, naming the likely fix."""
+    full_disk = disk_full_text(path, exc)
+    if full_disk is not None:
+        return f"cannot open database {path}: {exc}. {full_disk}"
     return (
         f"cannot open database {path}: {exc}; check that [database] path names a database"
-        " file (not a folder) and that the service user can read and write it and its folder"
+        f" file (not a folder) and that {current_user()}, the user this command runs as, can"
+        " read and write it and its folder"
+    )
+
+
+def disk_full_text(path: Path, exc: BaseException | None = None) -> str | None:
+    """Return the sentence that the file system of ``path`` is full, or None when it has room.
+
+    The file system counts as full when ``exc`` reports it (ENOSPC or SQLITE_FULL), or when
+    less than LOW_DISK_BYTES are free to the current user.
+    """
+    reported_full = (
+        getattr(exc, "errno", None) == errno.ENOSPC
+        or getattr(exc, "sqlite_errorname", "") == "SQLITE_FULL"
+    )
+    # The folder of a new database may not exist yet: its nearest existing parent is on the
+    # file system where it would be created.
+    folder = path.parent
+    try:
+        while not folder.is_dir() and folder != folder.parent:
+            folder = folder.parent
+        usage = os.statvfs(folder)
+    except OSError:
+        usage = None
+    if usage is None:
+        if not reported_full:
+            return None
+        return f"The file system of {folder} is full: free space on it and run the command again"
+    # Root may also use the blocks that the file system reserves for it (5 % by default on ext4).
+    blocks = usage.f_bfree if os.geteuid() == 0 else usage.f_bavail
+    free = blocks * usage.f_frsize
+    if free >= LOW_DISK_BYTES and not reported_full:
+        return None
+    total = usage.f_blocks * usage.f_frsize
+    return (
+        f"The file system of {folder} is full: {_format_bytes(free)} free of"
+        f" {_format_bytes(total)}. Free space on it (`df -h {shlex.quote(str(folder))}` shows"
+        " it), or set [database] path to a file system with room, and run the command again"
+    )
+
+
+def _format_bytes(count: int) -> str:
+    if count < 1024:
+        return f"{count} bytes"
+    if count < 1024 * 1024:
+        return f"{count / 1024:.0f} KiB"
+    if count < 1024**3:
+        return f"{count / 1024**2:.1f} MiB"
+    return f"{count / 1024**3:.1f} GiB"
+
+
+def current_user() -> str:
+    """Name the effective user as ``name (uid N)``, for messages about file permissions."""
+    uid = os.geteuid()
+    try:
+        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except KeyError:
+        return f"uid {uid}"
+
+
+def _owner_text(path: Path) -> str:
+    """Describe the owner, group and mode of ``path``, such as "owner root:root and mode 0600"."""
+    try:
+        status = path.stat()
+    except OSError:
+        return "owner unknown"
+    try:
+        owner = pwd.getpwuid(status.st_uid).pw_name
+    except KeyError:
+        owner = str(status.st_uid)
+    try:
+        group = grp.getgrgid(status.st_gid).gr_name
+    except KeyError:
+        group = str(status.st_gid)
+    return f"owner {owner}:{group} and mode {stat.S_IMODE(status.st_mode):04o}"
+
+
+def _chown_command(owner: str, path: Path) -> str:
+    return f"chown {owner} {shlex.quote(str(path))}"
+
+
+def permission_denied_message(path: Path, role: str, fix: str, action: str = "read") -> str:
+    """Word a permission error on ``path``: the user refused, the owner and mode, and ``fix``.
+
+    ``role`` names the file, such as "configuration file", and ``action`` what failed on it.
+    ``fix`` is the sentence that lets the user in, and is left out when a folder above the
+    file blocks the user.
+    """
+    user = current_user()
+    try:
+        path.stat()
+    except PermissionError:
+        quoted = shlex.quote(str(path))
+        return (
+            f"cannot {action} {role} {path}: permission denied for user {user}, because a folder"
+            f" above the file does not let that user in. `namei -l {quoted}` lists the owner"
+            " and mode of each folder, and the user needs search permission (x) on each"
+        )
+    except OSError:
+        pass
+    return (
+        f"cannot {action} {role} {path}: permission denied for user {user}, and the file has"
+        f" {_owner_text(path)}. {fix}"
     )
 
 
@@ -480,7 +642,15 @@ def check_marker(path: Path) -> Path:
 
 def prepare_database_path(path: Path) -> None:
     """Check that ``path`` can name a database file and create its folder; raise StoreError."""
-    if path.name in ("", ".", "..") or (path.exists() and not path.is_file()):
+    try:
+        not_a_file = path.name in ("", ".", "..") or (path.exists() and not path.is_file())
+    except PermissionError:
+        raise StoreError(
+            permission_denied_message(
+                path, "database", f"Run the command as {RUNUSER_COMMAND}", action="access"
+            )
+        ) from None
+    if not_a_file:
         raise StoreError(
             f"database path {str(path)!r} is not a file: set [database] path to a database"
             " file such as /var/lib/identity-connector/connector.sqlite3"

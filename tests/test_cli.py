@@ -7,19 +7,24 @@ from __future__ import annotations
 
 import codecs
 import csv
+import errno
 import io
 import json
 import os
+import pwd
 import re
 import shutil
 import signal
 import sqlite3
 import ssl
+import stat
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
+from importlib import metadata
 from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
@@ -442,8 +447,12 @@ def test_import_counts_key_takeovers(
 
     assert result.returncode == 0, result.stderr
     assert counts in result.stdout
-    takeover = re.search(r"(\d+) older credentials gave up their key", result.stdout)
-    assert (int(takeover.group(1)) if takeover else 0) == replaced
+    if replaced == 0:
+        assert "gave up" not in result.stdout
+    elif replaced == 1:
+        assert "; 1 older credential gave up its key" in result.stdout
+    else:
+        assert f"; {replaced} older credentials gave up their key" in result.stdout
     assert count_rows(database_of(config), "identities") == rows
 
 
@@ -1716,3 +1725,323 @@ def wait_for_curl_command(output: Path, process: subprocess.Popen[bytes]) -> str
         assert process.poll() is None, "\n".join(lines)
         time.sleep(0.1)
     raise AssertionError(f"make run printed no curl command:\n{output.read_text()}")
+
+
+# --- messages and files as store IT meets them -----------------------------------------------
+
+
+def test_version_option() -> None:
+    result = run_cli("--version")
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"identity-connector {metadata.version('identity-connector')}\n"
+
+
+def test_status_shows_version(imported_folder: Path, tmp_path: Path) -> None:
+    directory = tmp_path / "copy"
+    shutil.copytree(imported_folder, directory)
+    config = write_config(directory, free_port())
+    version = metadata.version("identity-connector")
+
+    text = run_cli("status", "--config", str(config))
+    as_json = run_cli("status", "--config", str(config), "--json")
+
+    assert text.returncode == 0, text.stderr
+    assert f"version:        {version}\n" in text.stdout
+    assert as_json.returncode == 0, as_json.stderr
+    assert json.loads(as_json.stdout)["version"] == version
+
+
+# (records imported after records 1 and 2, fragments the summary must contain)
+SUMMARY_NUMBER_CASES = [
+    pytest.param(
+        [good_record(3, key="KEY-CLI-GOOD-1"), good_record(3, key="KEY-CLI-GOOD-1", id="p-3")],
+        [
+            "; 1 older credential gave up its key",
+            "; 1 line repeated the credentialId of an earlier line (at line 2), and that later"
+            " line was imported",
+        ],
+        id="one",
+    ),
+    pytest.param(
+        [
+            good_record(3, key="KEY-CLI-GOOD-1"),
+            good_record(4, key="KEY-CLI-GOOD-2"),
+            good_record(3, key="KEY-CLI-GOOD-1", id="p-3"),
+            good_record(4, key="KEY-CLI-GOOD-2", id="p-4"),
+        ],
+        [
+            "; 2 older credentials gave up their key",
+            "; 2 lines repeated the credentialId of an earlier line (first at line 3), and the"
+            " last line of each was imported",
+        ],
+        id="two",
+    ),
+]
+
+
+@pytest.mark.parametrize(("records", "fragments"), SUMMARY_NUMBER_CASES)
+def test_import_summary_number_agreement(
+    config: Path, records: list[dict[str, Any]], fragments: list[str]
+) -> None:
+    first = config.parent / "first.jsonl"
+    first.write_bytes(b"".join(jsonl_line(good_record(n)) for n in (1, 2)))
+    second = config.parent / "second.jsonl"
+    second.write_bytes(b"".join(jsonl_line(r) for r in records))
+    assert import_file(config, first).returncode == 0
+
+    result = import_file(config, second)
+
+    assert result.returncode == 0, result.stderr
+    for fragment in fragments:
+        assert fragment in result.stdout
+
+
+@pytest.mark.parametrize("command", [["status", "--config"], ["check-config"]])
+def test_missing_config_names_installed_files(tmp_path: Path, command: list[str]) -> None:
+    missing = tmp_path / "absent.toml"
+
+    result = run_cli(*command, str(missing))
+
+    assert result.returncode == 2
+    assert f"configuration file {missing} not found" in result.stderr
+    assert f"cp /opt/identity-connector/config.toml.example {missing}" in result.stderr
+    assert "systemd/config.toml" in result.stderr
+    assert "/etc/identity-connector/config.toml" in result.stderr
+    assert "/opt/identity-connector/README.md" in result.stderr
+
+
+def test_secret_permission_warning_gives_chmod(imported_folder: Path, tmp_path: Path) -> None:
+    directory = tmp_path / "copy"
+    shutil.copytree(imported_folder, directory)
+    config = write_config(directory, free_port())
+    secret = directory / "connector.sqlite3.key"
+    secret.chmod(0o644)
+
+    result = run_cli("status", "--config", str(config))
+
+    assert result.returncode == 0, result.stderr
+    warnings = [
+        json.loads(line)
+        for line in result.stderr.splitlines()
+        if "store.secret_permissions" in line
+    ]
+    assert len(warnings) == 1, result.stderr
+    assert warnings[0]["fix"] == f"chmod 0600 {secret}"
+
+
+def run_cli_with_umask_022(*args: str) -> subprocess.CompletedProcess[str]:
+    """Run a command with umask 0022, the usual umask of a shell that runuser or sudo keeps."""
+    return subprocess.run(
+        ["sh", "-c", 'umask 022 && exec "$@"', "sh", sys.executable, "-m", "daemon", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
+
+
+def test_commands_create_owner_only_files(tmp_path: Path) -> None:
+    # Nothing listens on this loopback port, so `sync --now` fails after it takes its lock.
+    config = write_config(tmp_path, free_port(), f'[hq]\nurl = "http://127.0.0.1:{free_port()}"\n')
+    records = tmp_path / "records.jsonl"
+    records.write_bytes(jsonl_line(good_record(1)))
+
+    imported = run_cli_with_umask_022("import", "--config", str(config), str(records))
+    synced = run_cli_with_umask_022("sync", "--now", "--config", str(config))
+
+    assert imported.returncode == 0, imported.stderr
+    assert synced.returncode == 1, synced.stderr
+    database = database_of(config)
+    created = sorted(database.parent.glob(f"{database.name}*"))
+    names = [path.name for path in created]
+    assert database.name in names
+    assert f"{database.name}.key" in names
+    assert f"{database.name}.sync-lock" in names
+    assert any(".cache-" in name for name in names), names
+    for path in created:
+        assert (path.name, stat.S_IMODE(path.stat().st_mode)) == (path.name, 0o600)
+
+
+# --- as another user, and on a full disk (root only) ------------------------------------------
+
+
+def nobody_command(*args: str) -> list[str]:
+    """Return the command line that runs ``args`` as the user nobody with no other groups."""
+    entry = pwd.getpwnam("nobody")
+    return [
+        "setpriv",
+        f"--reuid={entry.pw_uid}",
+        f"--regid={entry.pw_gid}",
+        "--clear-groups",
+        *args,
+    ]
+
+
+def run_cli_as_nobody(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        nobody_command(sys.executable, "-m", "daemon", *args),
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
+
+
+@pytest.fixture
+def nobody_folder() -> Iterator[Path]:
+    """A folder owned by the user nobody, which that user can reach, for commands run as it."""
+    if os.geteuid() != 0:
+        pytest.skip("running a command as another user needs root")
+    if shutil.which("setpriv") is None:
+        pytest.skip("setpriv (util-linux) is not installed")
+    try:
+        entry = pwd.getpwnam("nobody")
+    except KeyError:
+        pytest.skip("this system has no user nobody")
+    probe = subprocess.run(
+        nobody_command(sys.executable, "-c", "import daemon.cli"),
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+    )
+    if probe.returncode != 0:
+        pytest.skip(f"the user nobody cannot run {sys.executable}: {probe.stderr.strip()}")
+    # pytest's temporary folders lie below a folder that only root may enter.
+    directory = Path(tempfile.mkdtemp(prefix="cli-as-nobody-"))
+    try:
+        os.chown(directory, entry.pw_uid, entry.pw_gid)
+        directory.chmod(0o755)
+        yield directory
+    finally:
+        shutil.rmtree(directory)
+
+
+def config_readable_by_root_only(directory: Path) -> tuple[Path, list[str]]:
+    config = directory / "config.toml"
+    config.chmod(0o600)
+    return config, [
+        f"cannot read configuration file {config}: permission denied for user nobody",
+        "owner root:root and mode 0600",
+        f"chown root:identity-connector {config}; chmod 0640 {config}",
+        "runuser -u identity-connector --",
+    ]
+
+
+def secret_owned_by_root(directory: Path) -> tuple[Path, list[str]]:
+    secret = directory / "state" / "connector.sqlite3.key"
+    os.chown(secret, 0, 0)
+    return directory / "config.toml", [
+        f"cannot read secret file {secret}: permission denied for user nobody",
+        "owner root:root and mode 0600",
+        f"chown identity-connector:identity-connector {secret}; chmod 0600 {secret}",
+    ]
+
+
+def database_folder_closed(directory: Path) -> tuple[Path, list[str]]:
+    folder = directory / "state"
+    os.chown(folder, 0, 0)
+    folder.chmod(0o700)
+    return directory / "config.toml", [
+        f"cannot access file {folder / 'connector.sqlite3'}: permission denied for user nobody",
+        "a folder above the file does not let that user in",
+        f"namei -l {folder / 'connector.sqlite3'}",
+    ]
+
+
+@pytest.mark.parametrize(
+    "breakage", [config_readable_by_root_only, secret_owned_by_root, database_folder_closed]
+)
+def test_unreadable_file_names_user_and_fix(
+    nobody_folder: Path, breakage: Callable[[Path], tuple[Path, list[str]]]
+) -> None:
+    config = write_config(nobody_folder, free_port())
+    database = nobody_folder / "state" / "connector.sqlite3"
+    text = config.read_text(encoding="utf-8")
+    config.write_text(
+        text.replace(str(nobody_folder / "connector.sqlite3"), str(database)), encoding="utf-8"
+    )
+    records = nobody_folder / "records.jsonl"
+    records.write_bytes(jsonl_line(good_record(1)))
+    imported = run_cli_as_nobody("import", "--config", str(config), str(records))
+    assert imported.returncode == 0, imported.stderr
+    config, fragments = breakage(nobody_folder)
+
+    result = run_cli_as_nobody("status", "--config", str(config))
+
+    assert result.returncode == 2, result.stderr
+    for fragment in fragments:
+        assert fragment in result.stderr
+
+
+@pytest.fixture
+def small_tmpfs() -> Iterator[Path]:
+    """A 1 MiB tmpfs mounted on a new folder, unmounted and removed afterwards."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mount_point = Path(tempfile.mkdtemp(prefix="cli-small-tmpfs-"))
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", str(mount_point)],
+        capture_output=True,
+        text=True,
+    )
+    if mounted.returncode != 0:
+        mount_point.rmdir()
+        pytest.skip(f"cannot mount a tmpfs: {mounted.stderr.strip()}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", str(mount_point)], check=True)
+        mount_point.rmdir()
+
+
+def fill_file_system(folder: Path) -> None:
+    """Write zeros into a new file in ``folder`` until its file system has no space left."""
+    descriptor = os.open(folder / "filler", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    block = bytes(4096)
+    try:
+        while True:
+            os.write(descriptor, block)
+    except OSError as exc:
+        assert exc.errno == errno.ENOSPC
+    finally:
+        os.close(descriptor)
+
+
+@pytest.mark.parametrize("command", ["status", "import"])
+def test_full_disk_says_disk_is_full(small_tmpfs: Path, tmp_path: Path, command: str) -> None:
+    config = write_config(small_tmpfs, free_port())
+    records = tmp_path / "records.jsonl"
+    records.write_bytes(jsonl_line(good_record(1)))
+    assert import_file(config, records).returncode == 0
+    fill_file_system(small_tmpfs)
+    arguments = [str(records)] if command == "import" else []
+
+    result = run_cli(command, "--config", str(config), *arguments)
+
+    assert result.returncode == 2, result.stderr
+    assert f"cannot open database {database_of(config)}" in result.stderr
+    assert f"The file system of {small_tmpfs} is full: 0 bytes free of 1.0 MiB" in result.stderr
+    assert "Free space on it" in result.stderr
+    assert "names a database file" not in result.stderr
+
+
+def test_full_disk_leaves_no_partial_secret(small_tmpfs: Path, tmp_path: Path) -> None:
+    secret = small_tmpfs / "connector.key"
+    config = write_config(tmp_path, free_port())
+    text = config.read_text(encoding="utf-8")
+    assert "[database]\n" in text
+    config.write_text(
+        text.replace("[database]\n", f'[database]\nsecret_file = "{secret}"\n'), encoding="utf-8"
+    )
+    records = tmp_path / "records.jsonl"
+    records.write_bytes(jsonl_line(good_record(1)))
+    fill_file_system(small_tmpfs)
+
+    result = import_file(config, records)
+
+    assert result.returncode == 2, result.stderr
+    assert f"cannot create secret file {secret}" in result.stderr
+    assert f"The file system of {small_tmpfs} is full" in result.stderr
+    assert not secret.exists()

@@ -563,10 +563,14 @@ def test_import_counts_duplicates(
 
     assert result.returncode == 0, result.stderr
     assert counts in result.stdout
-    assert (
-        f"; {duplicates} lines repeated the credentialId of an earlier line (first at line"
-        f" {first_line})" in result.stdout
-    )
+    if duplicates == 1:
+        repeated = f"; 1 line repeated the credentialId of an earlier line (at line {first_line})"
+    else:
+        repeated = (
+            f"; {duplicates} lines repeated the credentialId of an earlier line (first at line"
+            f" {first_line})"
+        )
+    assert repeated in result.stdout
     warnings = [
         line for line in result.stderr.splitlines() if "import.duplicate_credentials" in line
     ]
