@@ -42,7 +42,7 @@ from daemon.schema import (
     openapi_document,
 )
 from daemon.security import ADMISSION_KEY, Admission, LogThrottle, admission_middleware
-from daemon.store import Rows
+from daemon.store import CommitFailed, StoreWriter, write_probe
 
 log = structlog.get_logger(__name__)
 
@@ -113,15 +113,20 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
         return web.Response(status=400)
     except Exception:
         log.exception("request.failed", method=request.method, path=request.path)
-        response = problem_response(
-            500,
-            "internal-error",
-            "Internal Server Error",
-            "the connector failed to process the request; the cause is in its log",
-        )
+        response = _internal_error()
     if response.status >= 400:
         request.app[METRICS_KEY].count_http_error(response.status)
     return response
+
+
+def _internal_error() -> web.Response:
+    """Build the 500 response, which names no internals."""
+    return problem_response(
+        500,
+        "internal-error",
+        "Internal Server Error",
+        "the connector failed to process the request; the cause is in its log",
+    )
 
 
 _INVALID_LOG_THROTTLE = LogThrottle(60.0)
@@ -498,6 +503,19 @@ async def resolve_scan(request: web.Request) -> web.Response:
             f"scanEvent.id {scan_request.scanEvent.id} was already decided for a different"
             " storeId, location, channel or value; send a new scanEvent.id for a new scan",
         )
+    except CommitFailed as exc:
+        # The writer logs the storage fault once as store.commit_failed, so a traceback on
+        # every request would only repeat it.
+        log.error(
+            "request.failed",
+            method=request.method,
+            path=request.path,
+            request_id=scan_request.requestId,
+            scan_event_id=scan_request.scanEvent.id,
+            error=str(exc),
+            detail="the decision was not recorded; store.commit_failed has the cause",
+        )
+        return _internal_error()
     return web.Response(body=response_body, content_type="application/json")
 
 
@@ -517,20 +535,18 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 _HEALTH_LOG_THROTTLE = LogThrottle(60.0)
-# Seconds /readyz waits for its probe commit while the writer is failing.
+# Seconds /readyz waits for its probe commit.
 READY_PROBE_SECONDS = 2.0
+# Seconds after the last commit of a decision or probe from which /readyz commits a probe of
+# its own, so it notices a full disk while no decision comes in.
+READY_PROBE_INTERVAL = 2.0
 
 
-def _probe_job() -> Rows:
-    return Rows(
-        (
-            (
-                "INSERT INTO meta (key, value) VALUES ('writer_probe_at', ?)"
-                " ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-                (str(time.time()),),
-            ),
-        )
-    )
+def _probe_due(writer: StoreWriter) -> bool:
+    """Tell whether /readyz must commit a probe to know that decisions commit."""
+    if writer.failure is not None or writer.proved_at is None:
+        return True
+    return time.monotonic() - writer.proved_at >= READY_PROBE_INTERVAL
 
 
 async def readyz(request: web.Request) -> web.Response:
@@ -539,17 +555,17 @@ async def readyz(request: web.Request) -> web.Response:
     try:
         store.reader.connection.execute("SELECT 1 FROM identities LIMIT 1").fetchall()
         database_ok = store.writer.alive
-        if database_ok and store.writer.failure is not None:
-            # The last commit failed (a locked or read-only database), so every decision
-            # would fail too. A write of its own shows when commits work again, even if no
-            # decision comes in while the gateway waits for readiness.
-            await asyncio.wait_for(store.writer.submit(_probe_job()), READY_PROBE_SECONDS)
+        if database_ok and _probe_due(store.writer):
+            # The probe writes and deletes the rows of a decision, so it notices a full disk
+            # with no traffic, and its commit ends the writer's failure.
+            await asyncio.wait_for(store.writer.submit(write_probe), READY_PROBE_SECONDS)
             database_ok = store.writer.failure is None
     except Exception as exc:  # the reason goes to the log, not to the caller
         if isinstance(exc, TimeoutError):
             error = (
                 f"the probe commit did not finish within {READY_PROBE_SECONDS:g} s; another"
-                " process may hold the database's write lock"
+                " process may hold the database's write lock, or a long job keeps the"
+                " writer busy"
             )
         else:
             error = str(exc) or type(exc).__name__

@@ -29,6 +29,7 @@ import sqlite3
 import stat
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -933,7 +934,8 @@ class Rows:
     """A job that only inserts rows: ``statements`` are (SQL, parameters) pairs.
 
     The writer runs the Rows jobs of one group commit with one ``executemany`` per
-    statement, which costs far less than a Python call per job.
+    statement, which costs far less than a Python call per job. A decision is one Rows job,
+    so the commit of a Rows job with statements ends the writer's ``failure``.
     """
 
     statements: tuple[tuple[str, tuple[Any, ...]], ...]
@@ -941,6 +943,83 @@ class Rows:
     def __call__(self, connection: sqlite3.Connection) -> None:
         for sql, parameters in self.statements:
             connection.execute(sql, parameters)
+
+
+# Primary SQLite result codes that mean the storage took no commit, not that a job was wrong.
+# They cover a write lock held past the busy timeout, a read-only file, an I/O error, a full
+# disk or file size limit, and a file that cannot be opened.
+_STORAGE_FAULT_CODES = frozenset(
+    {
+        sqlite3.SQLITE_BUSY,
+        sqlite3.SQLITE_LOCKED,
+        sqlite3.SQLITE_READONLY,
+        sqlite3.SQLITE_IOERR,
+        sqlite3.SQLITE_FULL,
+        sqlite3.SQLITE_CANTOPEN,
+    }
+)
+
+
+class CommitFailed(sqlite3.OperationalError):
+    """A writer job failed because the storage took no commit, not because of the job.
+
+    The usual causes are a full disk, a read-only file, an I/O error and a write lock held
+    past the busy timeout. The message, ``sqlite_errorcode`` and ``sqlite_errorname`` are
+    those of the SQLite error, which is the ``__cause__``.
+    """
+
+
+def _as_commit_failure(error: Exception) -> Exception:
+    """Return ``error`` as CommitFailed when its SQLite result code is a storage fault."""
+    if not isinstance(error, sqlite3.OperationalError) or isinstance(error, CommitFailed):
+        return error
+    code = getattr(error, "sqlite_errorcode", None)
+    if not isinstance(code, int) or code & 0xFF not in _STORAGE_FAULT_CODES:
+        return error
+    failure = CommitFailed(str(error))
+    failure.sqlite_errorcode = code
+    failure.sqlite_errorname = error.sqlite_errorname
+    failure.__cause__ = error
+    return failure
+
+
+# Sizes of the write probe's rows, a little over a gateway decision's: its response measured
+# 53-80 bytes and its audit event 497-524 bytes with the sample identities of the tests.
+# Longer identity ids make both larger.
+PROBE_RESPONSE_BYTES = 96
+PROBE_EVENT_BYTES = 640
+
+
+def write_probe(connection: sqlite3.Connection) -> None:
+    """Insert a decision and its outbox event as a decision does, then delete both.
+
+    The transaction writes the pages of the same tables and indexes as a decision and
+    leaves no row behind, so its commit shows that a decision would commit too. A commit
+    that writes fewer pages, such as one that updates a row in ``meta``, can succeed on a
+    full disk where a decision fails. The outbox's AUTOINCREMENT counter keeps the probe's
+    ``seq``, so the next event's ``seq`` skips one number.
+    """
+    scan_event_id = str(uuid.uuid4())
+    event_id = str(uuid.uuid4())
+    now = time.time()
+    connection.execute(
+        "INSERT INTO decisions (scan_event_id, request_hash, response, action, reason,"
+        " decided_at) VALUES (?, ?, ?, 'PROBE', 'PROBE', ?)",
+        (scan_event_id, bytes(32), bytes(PROBE_RESPONSE_BYTES), now),
+    )
+    connection.execute(
+        "INSERT INTO outbox (event_id, created_at, body) VALUES (?, ?, ?)",
+        (event_id, now, bytes(PROBE_EVENT_BYTES)),
+    )
+    connection.execute("DELETE FROM decisions WHERE scan_event_id = ?", (scan_event_id,))
+    connection.execute("DELETE FROM outbox WHERE event_id = ?", (event_id,))
+
+
+def _proves_decisions_commit(job: Any) -> bool:
+    """Tell whether a committed ``job`` shows that decisions commit: a decision or the probe."""
+    if type(job) is Rows:
+        return bool(job.statements)
+    return job is write_probe
 
 
 class StoreWriter:
@@ -969,8 +1048,10 @@ class StoreWriter:
         self._connection.execute(f"PRAGMA journal_size_limit = {WAL_RESTART_FRAMES * 4096}")
         self._checkpointer = Checkpointer(path, slot, busy_timeout)
         self.failure: str | None = None
-        """The error of the last batch when no job of it could commit, such as a locked or
-        read-only database; None once a batch commits again."""
+        """The storage error that made a decision, or a whole batch, fail, such as a full
+        disk or a locked database; None once a decision or the write probe commits again."""
+        self.proved_at: float | None = None
+        """``time.monotonic()`` when a decision or the write probe last committed."""
         # Each item is a list of (job, waiter) or _STOP.
         self._jobs: queue.SimpleQueue[list[tuple[Any, Any]]] = queue.SimpleQueue()
         self._outgoing: dict[asyncio.AbstractEventLoop, list[tuple[Any, Any]]] = {}
@@ -1070,28 +1151,39 @@ class StoreWriter:
             if connection.in_transaction:
                 connection.execute("ROLLBACK")
             outcomes = [(False, exc)] * len(batch)
-        self._note_outcomes(len(batch), outcomes)
+        outcomes = [(ok, value if ok else _as_commit_failure(value)) for ok, value in outcomes]
+        self._note_outcomes(batch, outcomes)
         _deliver_all(batch, outcomes)
 
-    def _note_outcomes(self, jobs: int, outcomes: list[tuple[bool, Any]]) -> None:
-        """Track whether the database takes commits, for /readyz and one log line per change.
+    def _note_outcomes(self, batch: list, outcomes: list[tuple[bool, Any]]) -> None:
+        """Track whether decisions commit, for /readyz and one log line per change.
 
-        Only a batch in which every job failed on an operational error (locked, read-only,
-        disk full, I/O) counts: a job that breaks a constraint is that job's own fault.
+        A failure starts when a decision, or every job of a batch, fails with CommitFailed.
+        A job that breaks a constraint is that job's own fault. Only the commit of a
+        decision or of ``write_probe`` ends the failure: an empty job writes nothing, and a
+        small update can fit on a full disk where a decision's new pages do not.
         """
-        if not outcomes:
-            return
-        if any(ok for ok, _value in outcomes):
+        proved = False
+        decision_failed = False
+        failures: list[CommitFailed] = []
+        for (job, _waiter), (ok, value) in zip(batch, outcomes, strict=True):
+            proves = _proves_decisions_commit(job)
+            if ok:
+                proved = proved or proves
+            elif isinstance(value, CommitFailed):
+                failures.append(value)
+                decision_failed = decision_failed or proves
+        if proved:
+            self.proved_at = time.monotonic()
             if self.failure is not None:
                 log.info("store.commit_recovered", previous_error=self.failure)
             self.failure = None
             return
-        errors = [value for _ok, value in outcomes]
-        if not all(isinstance(error, sqlite3.OperationalError) for error in errors):
+        if not failures or (not decision_failed and len(failures) < len(outcomes)):
             return
         if self.failure is None:
-            log.error("store.commit_failed", jobs=jobs, error=str(errors[0]))
-        self.failure = str(errors[0])
+            log.error("store.commit_failed", jobs=len(batch), error=str(failures[0]))
+        self.failure = str(failures[0])
 
     def _run_in_one_transaction(self, batch: list) -> list[tuple[bool, Any]]:
         connection = self._connection
@@ -1109,7 +1201,9 @@ class StoreWriter:
                 results.append((True, job(connection)))
             _insert_pending(connection, pending)
         except Exception as exc:
-            connection.execute("ROLLBACK")
+            # SQLite has already rolled back after some errors, such as a full disk.
+            if connection.in_transaction:
+                connection.execute("ROLLBACK")
             raise _JobFailed from exc
         connection.execute("COMMIT")
         return results
