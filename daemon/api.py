@@ -594,6 +594,21 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": metrics_module.CONTENT_TYPE})
 
 
+async def _close_connection_while_stopping(
+    request: web.Request, response: web.StreamResponse
+) -> None:
+    """Send `Connection: close` on every response once the daemon begins to stop.
+
+    The client then sends its next request on a new connection, which the closed listener
+    refuses, instead of on one that the drain closes. aiohttp (3.14) fires
+    on_response_prepare after it has set the Connection header, so this replaces the
+    header, and force_close makes aiohttp close the connection after the response.
+    """
+    if request.app[ADMISSION_KEY].stopping.is_set():
+        response.force_close()
+        response.headers[hdrs.CONNECTION] = "close"
+
+
 def build_app(runtime: Runtime, metrics_registry: Metrics) -> web.Application:
     # Admission runs inside problem_middleware, so its 401/403/429 responses are counted too.
     app = web.Application(
@@ -617,6 +632,7 @@ def build_app(runtime: Runtime, metrics_registry: Metrics) -> web.Application:
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/openapi.json", openapi)
     app.router.add_get("/metrics", metrics)
+    app.on_response_prepare.append(_close_connection_while_stopping)
     add_local_routes(app, runtime)
     return app
 

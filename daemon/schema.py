@@ -410,8 +410,8 @@ def openapi_document() -> dict[str, Any]:
                         "500": problem_response("The connector failed; see its log."),
                         "503": {
                             **problem_response(
-                                "The connector began to stop before the whole body arrived;"
-                                " send the request again."
+                                "The connector began to stop before it admitted the request;"
+                                " nothing was decided, so send the request again."
                             ),
                             "headers": {
                                 "Retry-After": {

@@ -548,8 +548,10 @@ class Admission:
         self._state = load_state(config)
         self._previous: AdmissionState | None = None
         self.stopping = asyncio.Event()
-        """Set when the daemon begins to stop: aiohttp then drops the bytes that arrive on
-        open connections, so a body still on its way would never come."""
+        """Set when the daemon begins to stop. A request that reaches admission after that
+        gets 503 with Retry-After, and so does an admitted one whose body is still arriving."""
+        self.rejected_while_stopping = 0
+        """The number of 503 responses sent because the daemon was stopping."""
         self.ssl_context: ssl.SSLContext | None = None
         if config.tls is not None and self._state.tls_material is not None:
             self.ssl_context = build_server_context(config.tls, self._state.tls_material)
@@ -663,7 +665,9 @@ class Admission:
     # Request path ----------------------------------------------------------------------------
 
     async def admit(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        """Check a request in order: network, rate, client certificate name, API key."""
+        """Check a request in order: stopping, network, rate, client certificate name, API key."""
+        if self.stopping.is_set():
+            return self._stopping_response()
         state = self._state
         auth = state.auth
         if auth is None:
@@ -798,16 +802,7 @@ class Admission:
             if reading.done() and not reading.cancelled():
                 reading.result()  # raises what the read raised, such as a broken encoding
             elif self.stopping.is_set():
-                response = self._problem(
-                    503,
-                    "stopping",
-                    "Service Unavailable",
-                    "the connector is stopping and did not receive the whole request body;"
-                    " send the request again",
-                    headers={"Retry-After": "1"},
-                )
-                response.force_close()
-                return response
+                return self._stopping_response()
             else:
                 peer = _peer_address(request)
                 self._log_rejection("request.body_timed_out", str(peer), timeout=timeout)
@@ -820,6 +815,19 @@ class Admission:
                 response.force_close()
                 return response
         return await handler(request)
+
+    def _stopping_response(self) -> web.Response:
+        """Build the 503 for a request that the stopping daemon did not decide."""
+        self.rejected_while_stopping += 1
+        response = self._problem(
+            503,
+            "stopping",
+            "Service Unavailable",
+            "the connector is stopping and did not decide this request; send it again",
+            headers={"Retry-After": "1"},
+        )
+        response.force_close()
+        return response
 
 
 ADMISSION_KEY = web.AppKey("admission", Admission)

@@ -29,6 +29,8 @@ from daemon.runtime import Runtime
 from daemon.security import ADMISSION_KEY
 from daemon.store import (
     CheckInterrupted,
+    DatabaseChange,
+    OpenedDatabase,
     ServeLock,
     Store,
     StoreError,
@@ -36,19 +38,28 @@ from daemon.store import (
     check_marker,
     open_reader,
     prepare_database_path,
+    save_open_database,
 )
 
 log = structlog.get_logger(__name__)
 
 PRUNE_INTERVAL = 3600.0
 STATUS_INTERVAL = 30.0
+# Seconds between checks that [database] path still names the database file the daemon opened.
+DATABASE_CHECK_INTERVAL = 1.0
 # While the database opens before READY, systemd is asked every START_EXTEND_INTERVAL
 # seconds for START_EXTEND_SECONDS more, for at most START_EXTEND_LIMIT seconds in all.
 START_EXTEND_SECONDS = 30.0
 START_EXTEND_INTERVAL = 10.0
 START_EXTEND_LIMIT = 3600.0
-# In-flight requests get this long to finish after SIGTERM before their connections close.
-# The unit's TimeoutStopSec (30 s) leaves room for the writer flush after it.
+# After SIGTERM the listener closes at once, but open connections stay open for up to
+# STOP_GRACE seconds, so a request already sent on one gets a 503 instead of a closed
+# connection. The stop ends the grace early once every connection has closed.
+STOP_GRACE = 1.0
+STOP_GRACE_POLL_INTERVAL = 0.05
+# After the grace, requests in flight get this long to finish before their connections
+# close. The unit's TimeoutStopSec (30 s) leaves room for the grace, this timeout and the
+# writer flush after them.
 SHUTDOWN_TIMEOUT = 10.0
 
 
@@ -111,6 +122,8 @@ def _export_hq_client_certificate(runtime: Runtime) -> None:
 
 
 async def _serve_with_store(config: Config, config_path: Path | None, store: Store) -> None:
+    # Recorded first, so a file deleted or replaced during the rest of the start is noticed.
+    opened = OpenedDatabase.record(store.path)
     metrics = Metrics()
     runtime = Runtime(
         config=config,
@@ -175,6 +188,9 @@ async def _serve_with_store(config: Config, config_path: Path | None, store: Sto
         tasks.append(
             asyncio.create_task(_check_in_background(runtime, stop), name="integrity-check")
         )
+    tasks.append(
+        asyncio.create_task(_watch_database_file(runtime, stop, opened), name="database-watch")
+    )
     interval = sdnotify.watchdog_interval()
     if interval is not None:
         tasks.append(
@@ -193,21 +209,41 @@ async def _serve_with_store(config: Config, config_path: Path | None, store: Sto
     finally:
         log.info("server.stopping")
         sdnotify.stopping()
+        # From here on a request not admitted yet gets 503 with Retry-After, and every
+        # response carries Connection: close. site.stop() closes the listening socket before
+        # it yields to the event loop, so no client reads Connection: close and reconnects
+        # while the listener still accepts.
+        app[ADMISSION_KEY].stopping.set()
+        # NOTE: closing the listener resets a connection still in its accept backlog, so a
+        # request sent on such a connection gets no response.
+        await site.stop()
+        grace_ends = loop.time() + STOP_GRACE
         for task in tasks:
             task.cancel()
         # The default action of SIGTERM, SIGINT and SIGHUP ends the process, so a second
         # signal would cut the drain short. During the drain such a signal is only logged.
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.add_signal_handler(signum, _signal_while_stopping, signum)
-        # Drivers stop before the listener closes, so no scan is decided during the drain.
+        # Drivers stop before runner.cleanup() closes the connections, so no scan is decided
+        # while they close.
         await local.stop()
-        # aiohttp drops what arrives on open connections once it stops, so a request whose
-        # body is still on its way gets 503 at once instead of waiting out client_timeout.
-        app[ADMISSION_KEY].stopping.set()
-        # Closes the listening socket first, then waits for in-flight handlers.
+        # runner.cleanup() stops reading every open connection at once and closes the idle
+        # ones (aiohttp 3.14), so a request still on its way would meet a closed connection.
+        # The grace lets it arrive and get its 503. A connection closes by itself after its
+        # next response, which carries Connection: close.
+        assert runner.server is not None
+        while runner.server.connections and loop.time() < grace_ends:
+            await asyncio.sleep(STOP_GRACE_POLL_INTERVAL)
+        log.info(
+            "server.draining",
+            open_connections=len(runner.server.connections),
+            rejected_requests=app[ADMISSION_KEY].rejected_while_stopping,
+        )
+        # Waits up to SHUTDOWN_TIMEOUT for handlers in progress, then closes every connection.
         await runner.cleanup()
         if hq is not None:
             await hq.stop()
+        await _save_if_database_changed(runtime, opened)
     if runtime.failure:
         raise StoreError(runtime.failure)
 
@@ -249,6 +285,105 @@ async def _check_in_background(runtime: Runtime, stop: asyncio.Event) -> None:
         detail="stopping; the next start moves the file aside and starts with an empty cache",
     )
     stop.set()
+
+
+async def _watch_database_file(
+    runtime: Runtime, stop: asyncio.Event, opened: OpenedDatabase
+) -> None:
+    """Stop the daemon once [database] path no longer names the database file it opened.
+
+    SQLite keeps committing to a deleted file, and every decision would be lost when the
+    process exits. The stop copies the open database back (``_save_if_database_changed``).
+    """
+    check_failed = False
+    while True:
+        await asyncio.sleep(DATABASE_CHECK_INTERVAL)
+        try:
+            change = opened.change()
+        except OSError as exc:
+            if not check_failed:
+                log.warning("store.database_check_failed", path=str(opened.path), error=str(exc))
+            check_failed = True
+            continue
+        if check_failed:
+            log.info("store.database_check_recovered", path=str(opened.path))
+        check_failed = False
+        if change is not None:
+            _report_database_change(runtime, opened.path, change)
+            stop.set()
+            return
+
+
+def _report_database_change(runtime: Runtime, path: Path, change: DatabaseChange) -> None:
+    runtime.failure = f"database {path} was {change} while the daemon served it"
+    if change == "deleted":
+        log.error(
+            "store.database_deleted",
+            path=str(path),
+            detail="stopping; once the decisions in flight have committed, the open database"
+            " is copied back to this path, and the next start serves it",
+        )
+    else:
+        log.error(
+            "store.database_replaced",
+            path=str(path),
+            detail="stopping; once the decisions in flight have committed, the open database"
+            " is copied beside this path as <name>.deleted-<UTC time>, and the next start"
+            " serves the file now at this path",
+        )
+
+
+async def _save_if_database_changed(runtime: Runtime, opened: OpenedDatabase) -> None:
+    """Copy the open database to a file when its path no longer names it, after the drain."""
+    try:
+        change = opened.change()
+    except OSError as exc:
+        log.warning("store.database_check_failed", path=str(opened.path), error=str(exc))
+        return
+    if change is None:
+        return
+    if runtime.failure is None:
+        # Changed during a stop that a signal began, after the watch task's last check.
+        _report_database_change(runtime, opened.path, change)
+
+    store = runtime.store
+    if store.writer.alive:
+        try:
+            # Jobs run in order, so every job queued before this one has committed after it.
+            await store.writer.submit(lambda connection: None)
+        except Exception as exc:
+            log.warning("store.writer_flush_failed", error=str(exc))
+    try:
+        saved = await asyncio.to_thread(save_open_database, store.reader.connection, opened)
+    except StoreError as exc:
+        # The copy is complete, and the message names it and what to do.
+        log.error("store.database_save_failed", path=str(opened.path), error=str(exc))
+        return
+    except (sqlite3.Error, OSError) as exc:
+        log.error(
+            "store.database_save_failed",
+            path=str(opened.path),
+            error=str(exc),
+            detail="the decisions and audit events of the open database are lost when the"
+            " daemon exits; restore the database from a backup",
+        )
+        return
+    if saved == opened.path:
+        log.warning(
+            "store.database_restored",
+            path=str(saved),
+            detail="the next start serves this copy, with its decisions, its audit outbox and"
+            " the cache file it names",
+        )
+    else:
+        log.warning(
+            "store.database_saved_aside",
+            path=str(saved),
+            database=str(opened.path),
+            detail="the next start serves the file now at the database path. To serve the"
+            " saved copy instead, stop the service, move that file aside, and move the copy"
+            " to the database path",
+        )
 
 
 def _signal_while_stopping(signum: int) -> None:

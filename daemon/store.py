@@ -346,8 +346,17 @@ def _migrate_4(db: sqlite_utils.Database, path: Path) -> None:
     connection = db.conn
     for stale in cachefile.cache_files(path):
         # Left by a migration that stopped before its commit, or by a database that was
-        # moved aside as corrupt: no database names them.
+        # moved aside as corrupt or deleted: no database names them.
         cachefile.remove(stale)
+        log.warning(
+            "store.orphan_cache_file_removed",
+            path=str(stale),
+            database=str(path),
+            detail="the database being created or migrated does not name this cache file, so"
+            " it was deleted with the identities it held. Import them again, or let HQ sync"
+            " rebuild the cache. If the database was deleted by mistake, stop the service and"
+            " restore both files from a backup",
+        )
     target = cachefile.new_cache_path(path)
     builder = cachefile.build_connection(target)
 
@@ -629,6 +638,172 @@ def move_aside(path: Path) -> Path:
         if source.exists():
             source.rename(Path(str(target) + suffix))
     return target
+
+
+# Files SQLite keeps beside a database: the WAL and its index in WAL mode, and a rollback
+# journal otherwise.
+_JOURNAL_SUFFIXES = ("-wal", "-shm", "-journal")
+
+DatabaseChange = Literal["deleted", "replaced"]
+
+
+def file_identity(path: Path) -> tuple[int, int] | None:
+    """Return the device and inode numbers of the file at ``path``, or None when it is missing."""
+    try:
+        status = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return status.st_dev, status.st_ino
+
+
+@dataclass(frozen=True, slots=True)
+class OpenedDatabase:
+    """The files of an open database by device and inode, to notice when its path changes.
+
+    SQLite keeps reading and writing a database file after the file is deleted or renamed,
+    and reports no error, so only comparing the path with the open file shows the change.
+    """
+
+    path: Path
+    identities: dict[str, tuple[int, int] | None]
+    """Device and inode numbers by suffix: "" for the database, "-wal" and "-shm"."""
+
+    @classmethod
+    def record(cls, path: Path) -> OpenedDatabase:
+        suffixes = ("", "-wal", "-shm")
+        return cls(path, {suffix: file_identity(Path(f"{path}{suffix}")) for suffix in suffixes})
+
+    def change(self) -> DatabaseChange | None:
+        """Return how ``path`` changed since ``record``: None while it names the same file.
+
+        An empty file counts as deleted: it contains no data, and SQLite creates one when a
+        connection opens a path where no file is. Raises OSError when ``path`` cannot be
+        examined, such as in a folder without search permission.
+        """
+        try:
+            status = os.stat(self.path)
+        except (FileNotFoundError, NotADirectoryError):
+            return "deleted"
+        if (status.st_dev, status.st_ino) == self.identities[""]:
+            return None
+        if stat.S_ISREG(status.st_mode) and status.st_size == 0:
+            return "deleted"
+        return "replaced"
+
+
+def save_open_database(source: sqlite3.Connection, opened: OpenedDatabase) -> Path:
+    """Copy the database that ``source`` has open to a new file after its path changed.
+
+    SQLite's backup API reads through ``source``, which still has the file it opened even
+    after that file was deleted. The copy takes ``opened.path`` when no file or an empty one
+    is there. Otherwise it becomes ``<name>.deleted-<UTC time>`` beside the path, so the file
+    now at the path is never overwritten. Returns the copy's path. Raises sqlite3.Error or
+    OSError when the copy fails, and StoreError when a complete copy could not be moved.
+    """
+    path = opened.path
+    partial = path.with_name(f"{path.name}.saving-{secrets.token_hex(4)}")
+    _backup_to_new_file(source, partial)
+    try:
+        if opened.change() == "deleted":
+            # With no database at the path, any -wal, -shm or journal file there belongs to
+            # the deleted database or to none, and SQLite would read a leftover WAL file as
+            # part of the copy.
+            _remove_journal_files(path)
+            if _take_path(partial, path):
+                return path
+        # The deleted database's own -wal and -shm files stay behind under the path's names.
+        # Beside another database, SQLite would read that WAL file as part of it.
+        _remove_journal_files(path, opened)
+        return _link_aside(partial, path)
+    except OSError as exc:
+        raise StoreError(
+            f"the open database {path} was copied completely to {partial}, but moving the copy"
+            f" failed: {exc}. To serve the copy, stop the service, move any file at {path}"
+            f" aside, and move {partial} to {path}"
+        ) from None
+
+
+def _backup_to_new_file(source: sqlite3.Connection, target: Path) -> None:
+    """Copy the main database of ``source`` into the new file ``target`` and sync it to disk."""
+    # Mode 0600, because the copy contains key digests and audit events.
+    os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    try:
+        connection = sqlite3.connect(target, isolation_level=None)
+        try:
+            source.backup(connection)
+        except BaseException:
+            connection.close()
+            raise
+        # Switches the copy to WAL as the daemon uses it, closes it, and syncs the file and
+        # its folder to disk.
+        cachefile.seal(connection, target)
+    except BaseException:
+        for suffix in ("", *_JOURNAL_SUFFIXES):
+            Path(f"{target}{suffix}").unlink(missing_ok=True)
+        raise
+
+
+def _remove_journal_files(path: Path, opened: OpenedDatabase | None = None) -> None:
+    """Delete the files SQLite keeps beside ``path``, or with ``opened`` only its own -wal and -shm.
+
+    The daemon's connections keep the deleted files open, so they go on working until they
+    close.
+    """
+    for suffix in _JOURNAL_SUFFIXES:
+        sibling = Path(f"{path}{suffix}")
+        if opened is not None:
+            identity = file_identity(sibling)
+            if identity is None or identity != opened.identities.get(suffix):
+                continue
+        sibling.unlink(missing_ok=True)
+
+
+def _take_path(copy: Path, path: Path) -> bool:
+    """Move ``copy`` to ``path`` unless a file with data is there, and return whether it moved."""
+    try:
+        # Unlike a rename, a hard link fails instead of replacing a file created meanwhile.
+        os.link(copy, path)
+    except FileExistsError:
+        if not _is_empty_file(path):
+            return False
+        os.replace(copy, path)
+    else:
+        copy.unlink()
+    _sync_folder(path.parent)
+    return True
+
+
+def _link_aside(copy: Path, path: Path) -> Path:
+    """Move ``copy`` to a new ``<name>.deleted-<UTC time>`` file beside ``path`` and return it."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    attempt = 1
+    while True:
+        suffix = "" if attempt == 1 else f"-{attempt}"
+        target = path.with_name(f"{path.name}.deleted-{stamp}{suffix}")
+        try:
+            os.link(copy, target)
+        except FileExistsError:
+            attempt += 1
+            continue
+        copy.unlink()
+        _sync_folder(path.parent)
+        return target
+
+
+def _is_empty_file(path: Path) -> bool:
+    try:
+        status = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    return stat.S_ISREG(status.st_mode) and status.st_size == 0
+
+
+def _sync_folder(folder: Path) -> None:
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 # Files up to this size are checked before the daemon reports ready. The check reads the

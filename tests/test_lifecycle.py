@@ -10,8 +10,10 @@ import socket
 import sqlite3
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -156,49 +158,184 @@ def test_stopping_on_sigterm(notified_daemon: Daemon, notify_socket: NotifySocke
     assert notified_daemon.stop() == 0
 
 
-def test_sigterm_drain_loses_no_decision(daemon: Daemon) -> None:
-    statuses: list[int] = []
-    failures: list[str] = []
-    stop = threading.Event()
+STOP_LOAD_CLIENTS = 8
+# How long a client waits for a response, and for the daemon to close an idle connection.
+STOP_READ_TIMEOUT = 10.0
+
+
+def _scan_request(port: int, scan_id: str) -> bytes:
+    """Build the raw bytes of a ResolveScan request for the sample shopper."""
+    body = json.dumps(scan_body("KEY-SHOPPER-5f1c2b", scan_id=scan_id)).encode()
+    head = (
+        "POST /v1/identity/scan HTTP/1.1\r\n"
+        f"Host: 127.0.0.1:{port}\r\n"
+        "Content-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n"
+        "\r\n"
+    )
+    return head.encode() + body
+
+
+def _read_response(reader: BinaryIO) -> tuple[int, http.client.HTTPMessage, bytes]:
+    """Read one response with a Content-Length body from a kept-alive connection."""
+    status_line = reader.readline()
+    if not status_line:
+        raise ConnectionError("the daemon closed the connection without a response")
+    status = int(status_line.split()[1])
+    headers = http.client.parse_headers(reader)
+    body = reader.read(int(headers.get("Content-Length", "0")))
+    return status, headers, body
+
+
+def _decided(daemon: Daemon, scan_ids: list[str]) -> set[str]:
+    connection = sqlite3.connect(daemon.database)
+    try:
+        rows = connection.execute("SELECT scan_event_id FROM decisions").fetchall()
+    finally:
+        connection.close()
+    return {row[0] for row in rows} & set(scan_ids)
+
+
+def test_sigterm_responds_to_every_request(daemon: Daemon) -> None:
+    replies: list[tuple[str, int, http.client.HTTPMessage]] = []
+    lost: list[str] = []
 
     def client() -> None:
-        connection = http.client.HTTPConnection("127.0.0.1", daemon.port, timeout=10)
+        sock: socket.socket | None = None
+        reader: BinaryIO | None = None
         try:
-            while not stop.is_set():
-                body = json.dumps(scan_body("KEY-SHOPPER-5f1c2b")).encode()
-                connection.request(
-                    "POST", "/v1/identity/scan", body, {"Content-Type": "application/json"}
-                )
-                response = connection.getresponse()
-                response.read()
-                statuses.append(response.status)
-        except (ConnectionError, http.client.HTTPException, OSError) as exc:
-            # After the listener closes, the next request on a kept-alive connection fails
-            # before the daemon reads it; that request was never decided.
-            failures.append(type(exc).__name__)
+            while True:
+                if sock is None:
+                    try:
+                        sock = socket.create_connection(
+                            ("127.0.0.1", daemon.port), timeout=STOP_READ_TIMEOUT
+                        )
+                    except ConnectionRefusedError:
+                        return  # the listener has closed, so this request was never sent
+                    reader = sock.makefile("rb")
+                assert reader is not None
+                scan_id = str(uuid.uuid4())
+                try:
+                    sock.sendall(_scan_request(daemon.port, scan_id))
+                    status, headers, _ = _read_response(reader)
+                except OSError as exc:
+                    lost.append(f"{scan_id}: {type(exc).__name__}: {exc}")
+                    return
+                replies.append((scan_id, status, headers))
+                if headers.get("Connection", "").lower() == "close":
+                    reader.close()
+                    sock.close()
+                    reader = None
+                    sock = None
         finally:
-            connection.close()
+            if reader is not None:
+                reader.close()
+            if sock is not None:
+                sock.close()
 
-    threads = [threading.Thread(target=client) for _ in range(4)]
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(STOP_LOAD_CLIENTS)]
     for thread in threads:
         thread.start()
     time.sleep(1.0)
-    assert daemon.stop() == 0
-    stop.set()
+    started = time.monotonic()
+    code = daemon.stop()
+    stop_seconds = time.monotonic() - started
     for thread in threads:
-        thread.join()
+        thread.join(timeout=WAIT)
 
-    ok = statuses.count(200)
-    connection = sqlite3.connect(daemon.database)
+    accepted = [scan_id for scan_id, status, _ in replies if status == 200]
+    unavailable = [(scan_id, headers) for scan_id, status, headers in replies if status == 503]
+    decided = _decided(daemon, [scan_id for scan_id, _, _ in replies])
+    assert code == 0
+    assert not any(thread.is_alive() for thread in threads)
+    assert stop_seconds < 8.0
+    assert lost == []
+    assert {status for _, status, _ in replies} <= {200, 503}
+    assert len(accepted) > 0
+    assert set(accepted) <= decided
+    for scan_id, headers in unavailable:
+        assert headers.get("Retry-After") == "1", scan_id
+        assert headers.get("Connection") == "close", scan_id
+        assert scan_id not in decided
+
+
+def test_sigterm_responds_on_open_connections(daemon: Daemon) -> None:
+    connections = {
+        name: socket.create_connection(("127.0.0.1", daemon.port), timeout=STOP_READ_TIMEOUT)
+        for name in ("idle", "partial", "late")
+    }
+    readers = {name: sock.makefile("rb") for name, sock in connections.items()}
     try:
-        stored = connection.execute("SELECT count(*) FROM outbox").fetchone()[0]
+        for name, sock in connections.items():
+            sock.sendall(_scan_request(daemon.port, str(uuid.uuid4())))
+            status, headers, _ = _read_response(readers[name])
+            assert status == 200, name
+            assert "Connection" not in headers, name
+
+        # One request whose headers are half sent when the stop begins, one sent after it.
+        partial_id = str(uuid.uuid4())
+        partial_request = _scan_request(daemon.port, partial_id)
+        connections["partial"].sendall(partial_request[:40])
+        time.sleep(0.1)
+        mark = len(daemon.log_lines())
+        assert daemon.process is not None
+        daemon.process.send_signal(signal.SIGTERM)
+        started = time.monotonic()
+        _wait_for_log(daemon, "server.stopping", mark)
+        connections["partial"].sendall(partial_request[40:])
+        late_id = str(uuid.uuid4())
+        connections["late"].sendall(_scan_request(daemon.port, late_id))
+
+        for name in ("partial", "late"):
+            status, headers, body = _read_response(readers[name])
+            assert status == 503, name
+            assert headers.get("Retry-After") == "1", name
+            assert headers.get("Connection") == "close", name
+            assert json.loads(body)["type"].endswith(":stopping"), name
+            assert readers[name].read() == b"", name
+        assert readers["idle"].read() == b""
+        idle_closed_after = time.monotonic() - started
+        code = daemon.stop()
     finally:
-        connection.close()
-    assert ok > 0
-    # A request whose body was still on its way when the daemon began to stop gets 503, and
-    # it was never decided. Every other request was decided and got 200.
-    assert set(statuses) <= {200, 503}
-    assert stored == ok
+        for name, sock in connections.items():
+            readers[name].close()
+            sock.close()
+
+    assert code == 0
+    assert idle_closed_after < 5.0
+    assert _decided(daemon, [partial_id, late_id]) == set()
+
+
+def test_sigterm_closes_after_admitted_decision(daemon: Daemon) -> None:
+    sock = socket.create_connection(("127.0.0.1", daemon.port), timeout=STOP_READ_TIMEOUT)
+    reader = sock.makefile("rb")
+    # Another process holding the write lock keeps the decision from committing, so its
+    # handler is still running when the stop begins.
+    blocker = sqlite3.connect(daemon.database, isolation_level=None)
+    try:
+        blocker.execute("BEGIN IMMEDIATE")
+        scan_id = str(uuid.uuid4())
+        sock.sendall(_scan_request(daemon.port, scan_id))
+        time.sleep(0.5)
+        mark = len(daemon.log_lines())
+        assert daemon.process is not None
+        daemon.process.send_signal(signal.SIGTERM)
+        _wait_for_log(daemon, "server.stopping", mark)
+        blocker.execute("ROLLBACK")
+
+        status, headers, body = _read_response(reader)
+        closed = reader.read() == b""
+    finally:
+        blocker.close()
+        reader.close()
+        sock.close()
+
+    assert daemon.stop() == 0
+    assert status == 200
+    assert json.loads(body)["action"] == "ACCEPT"
+    assert headers.get("Connection") == "close"
+    assert closed
+    assert _decided(daemon, [scan_id]) == {scan_id}
 
 
 def _wait_for_log(daemon: Daemon, event: str, after: int) -> dict:
