@@ -49,6 +49,10 @@ INSTALLED_README = "/opt/identity-connector/README.md"
 INSTALLED_TEMPLATE = "/opt/identity-connector/config.toml.example"
 
 
+def _events(count: int) -> str:
+    return "1 event" if count == 1 else f"{count} events"
+
+
 def installed_version() -> str:
     """Return the version of the installed identity-connector distribution."""
     # Imported here: importlib.metadata takes tens of milliseconds to import, and only
@@ -516,9 +520,9 @@ def _status(config: Config, as_json: bool) -> int:
     age = state["outboxOldestAgeSeconds"]
     oldest_text = f", oldest {age:.0f} s old" if age is not None else ""
     if config.hq is None:
-        print(f"outbox:         {state['outboxDepth']} events kept, none sent{oldest_text}")
+        print(f"outbox:         {_events(state['outboxDepth'])} kept, none sent{oldest_text}")
     else:
-        print(f"outbox:         {state['outboxDepth']} events waiting for HQ{oldest_text}")
+        print(f"outbox:         {_events(state['outboxDepth'])} waiting for HQ{oldest_text}")
     if config.hq is None:
         print("hq:             not configured; the cache changes only by import")
     else:

@@ -160,8 +160,12 @@ async def _serve_with_store(config: Config, config_path: Path | None, store: Sto
             " stop the other process on that port or change [server] port"
         ) from None
 
+    # Imported here: daemon.cli imports this module when it runs serve.
+    from daemon.cli import installed_version
+
     log.info(
         "server.started",
+        version=installed_version(),
         host=config.server.host,
         port=config.server.port,
         database=str(store.path),

@@ -1752,6 +1752,33 @@ def test_status_shows_version(imported_folder: Path, tmp_path: Path) -> None:
     assert json.loads(as_json.stdout)["version"] == version
 
 
+def add_outbox_events(path: Path, count: int) -> None:
+    connection = sqlite3.connect(path)
+    try:
+        connection.executemany(
+            "INSERT INTO outbox (event_id, created_at, body) VALUES (?, ?, ?)",
+            [(f"event-{index}", time.time(), b"{}") for index in range(count)],
+        )
+        connection.commit()
+    finally:
+        connection.close()
+
+
+@pytest.mark.parametrize(("events", "shown"), [(1, "1 event kept"), (2, "2 events kept")])
+def test_status_outbox_number_agreement(
+    imported_folder: Path, tmp_path: Path, events: int, shown: str
+) -> None:
+    directory = tmp_path / "copy"
+    shutil.copytree(imported_folder, directory)
+    config = write_config(directory, free_port())
+    add_outbox_events(directory / "connector.sqlite3", events)
+
+    result = run_cli("status", "--config", str(config))
+
+    assert result.returncode == 0, result.stderr
+    assert f"outbox:         {shown}, none sent" in result.stdout
+
+
 # (records imported after records 1 and 2, fragments the summary must contain)
 SUMMARY_NUMBER_CASES = [
     pytest.param(

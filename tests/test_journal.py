@@ -8,6 +8,7 @@ import struct
 import subprocess
 import sys
 import time
+from importlib import metadata
 from pathlib import Path
 
 import pytest
@@ -124,6 +125,7 @@ def test_auto_detects_journal_stream(tmp_path: Path, journal: JournalSocket) -> 
     finally:
         instance.stop()
     assert entry["PORT"] == str(instance.port)
+    assert entry["VERSION"] == metadata.version("identity-connector")
 
 
 @pytest.mark.parametrize("under_systemd", [True, False], ids=["journal", "terminal"])
