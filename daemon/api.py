@@ -558,7 +558,7 @@ async def readyz(request: web.Request) -> web.Response:
         if database_ok and _probe_due(store.writer):
             # The probe writes and deletes the rows of a decision, so it notices a full disk
             # with no traffic, and its commit ends the writer's failure.
-            await asyncio.wait_for(store.writer.submit(write_probe), READY_PROBE_SECONDS)
+            await asyncio.wait_for(store.writer.submit(write_probe()), READY_PROBE_SECONDS)
             database_ok = store.writer.failure is None
     except Exception as exc:  # the reason goes to the log, not to the caller
         if isinstance(exc, TimeoutError):

@@ -66,6 +66,7 @@ from daemon.store import (
     CURSOR_CHANGED_META_KEY,
     LAST_PULL_META_KEY,
     LAST_REBUILD_META_KEY,
+    NO_ROWS,
     OUTBOX_DROPPED_META_KEY,
     Identity,
     KeyHasher,
@@ -756,7 +757,7 @@ class StoreAdapter:
         self.store.reader.cache.refresh()
         # The writer attaches the new file before its next batch, this reader before its
         # next query, the checkpoint thread at its next round.
-        await self.store.writer.submit(lambda connection: None)
+        await self.store.writer.submit(NO_ROWS)
         await self._read(lambda connection: None)
         deadline = time.monotonic() + CACHE_SWITCH_WAIT_SECONDS
         while not self.store.attached_everywhere(path) and time.monotonic() < deadline:

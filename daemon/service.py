@@ -28,6 +28,7 @@ from daemon.resolver import Resolver, prune_decisions
 from daemon.runtime import Runtime
 from daemon.security import ADMISSION_KEY
 from daemon.store import (
+    NO_ROWS,
     CheckInterrupted,
     DatabaseChange,
     OpenedDatabase,
@@ -354,7 +355,7 @@ async def _save_if_database_changed(runtime: Runtime, opened: OpenedDatabase) ->
     if store.writer.alive:
         try:
             # Jobs run in order, so every job queued before this one has committed after it.
-            await store.writer.submit(lambda connection: None)
+            await store.writer.submit(NO_ROWS)
         except Exception as exc:
             log.warning("store.writer_flush_failed", error=str(exc))
     try:
@@ -461,7 +462,7 @@ async def _health_problem(runtime: Runtime, site: web.TCPSite, timeout: float) -
     if not writer.alive:
         return "database writer stopped"
     try:
-        await asyncio.wait_for(writer.submit(lambda connection: None), timeout)
+        await asyncio.wait_for(writer.submit(NO_ROWS), timeout)
     except TimeoutError:
         return "database writer did not commit within the watchdog interval"
     except Exception as exc:

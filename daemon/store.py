@@ -1165,36 +1165,45 @@ PROBE_RESPONSE_BYTES = 96
 PROBE_EVENT_BYTES = 640
 
 
-def write_probe(connection: sqlite3.Connection) -> None:
-    """Insert a decision and its outbox event as a decision does, then delete both.
+def write_probe() -> Rows:
+    """Return a job that inserts a decision and its outbox event as a decision does, then
+    deletes both.
 
     The transaction writes the pages of the same tables and indexes as a decision and
     leaves no row behind, so its commit shows that a decision would commit too. A commit
     that writes fewer pages, such as one that updates a row in ``meta``, can succeed on a
     full disk where a decision fails. The outbox's AUTOINCREMENT counter keeps the probe's
-    ``seq``, so the next event's ``seq`` skips one number.
+    ``seq``, so the next event's ``seq`` skips one number. It is a Rows job, so like a
+    decision it does not wait for an import's lock on the cache file.
     """
     scan_event_id = str(uuid.uuid4())
     event_id = str(uuid.uuid4())
     now = time.time()
-    connection.execute(
-        "INSERT INTO decisions (scan_event_id, request_hash, response, action, reason,"
-        " decided_at) VALUES (?, ?, ?, 'PROBE', 'PROBE', ?)",
-        (scan_event_id, bytes(32), bytes(PROBE_RESPONSE_BYTES), now),
+    return Rows(
+        (
+            (
+                "INSERT INTO decisions (scan_event_id, request_hash, response, action, reason,"
+                " decided_at) VALUES (?, ?, ?, 'PROBE', 'PROBE', ?)",
+                (scan_event_id, bytes(32), bytes(PROBE_RESPONSE_BYTES), now),
+            ),
+            (
+                "INSERT INTO outbox (event_id, created_at, body) VALUES (?, ?, ?)",
+                (event_id, now, bytes(PROBE_EVENT_BYTES)),
+            ),
+            ("DELETE FROM decisions WHERE scan_event_id = ?", (scan_event_id,)),
+            ("DELETE FROM outbox WHERE event_id = ?", (event_id,)),
+        )
     )
-    connection.execute(
-        "INSERT INTO outbox (event_id, created_at, body) VALUES (?, ?, ?)",
-        (event_id, now, bytes(PROBE_EVENT_BYTES)),
-    )
-    connection.execute("DELETE FROM decisions WHERE scan_event_id = ?", (scan_event_id,))
-    connection.execute("DELETE FROM outbox WHERE event_id = ?", (event_id,))
+
+
+NO_ROWS = Rows(())
+"""A job that writes nothing: its commit shows that the writer runs, and it does not wait
+for an import's lock on the cache file, as a job that is not a Rows job would."""
 
 
 def _proves_decisions_commit(job: Any) -> bool:
     """Tell whether a committed ``job`` shows that decisions commit: a decision or the probe."""
-    if type(job) is Rows:
-        return bool(job.statements)
-    return job is write_probe
+    return type(job) is Rows and bool(job.statements)
 
 
 class StoreWriter:
@@ -1386,7 +1395,7 @@ class StoreWriter:
     def _run_alone(self, job: Callable[[sqlite3.Connection], Any]) -> tuple[bool, Any]:
         connection = self._connection
         try:
-            connection.execute("BEGIN IMMEDIATE")
+            connection.execute(_begin_statement([(job, None)]))
             result = job(connection)
             connection.execute("COMMIT")
         except Exception as exc:

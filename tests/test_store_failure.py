@@ -19,7 +19,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from daemon.api import READY_PROBE_INTERVAL
-from daemon.store import CommitFailed, Rows, Store, write_probe
+from daemon.store import NO_ROWS, CommitFailed, Rows, Store, write_probe
 from tests.conftest import REPO, START_TIMEOUT, Daemon, make_daemon
 
 # Sizes of a gateway decision's response and audit event with the sample identities.
@@ -88,14 +88,14 @@ def test_full_database_recovers_on_decision_write(store: Store) -> None:
         error = _fill(store)
         failure_after_fill = store.writer.failure
         # The watchdog's empty job and a one-row update still commit on the full database.
-        store.writer.submit_and_wait(lambda connection: None)
+        store.writer.submit_and_wait(NO_ROWS)
         failure_after_empty_job = store.writer.failure
         store.writer.submit_and_wait(_update_meta)
         failure_after_small_write = store.writer.failure
         with pytest.raises(CommitFailed) as probe_error:
-            store.writer.submit_and_wait(write_probe)
+            store.writer.submit_and_wait(write_probe())
         _set_max_page_count(store, 1_000_000)
-        store.writer.submit_and_wait(write_probe)
+        store.writer.submit_and_wait(write_probe())
 
     events = [entry["event"] for entry in logs if entry["event"].startswith("store.commit")]
     leftovers = store.reader.connection.execute(
@@ -122,7 +122,7 @@ def test_batched_empty_job_keeps_failure(store: Store) -> None:
     async def scenario() -> list:
         return await asyncio.gather(
             store.writer.submit(_decision()),
-            store.writer.submit(lambda connection: None),
+            store.writer.submit(NO_ROWS),
             return_exceptions=True,
         )
 

@@ -96,3 +96,21 @@ def test_import_beside_locked_cache_file(tmp_path: Path) -> None:
     assert "database is locked" in result.stderr
     assert "run the import again" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_readiness_probe_beside_locked_cache_file(tmp_path: Path) -> None:
+    # No decision has committed yet, so /readyz commits its probe. Like a decision, the probe
+    # writes only the database, so it must not wait for an import's lock on the cache file.
+    daemon = locked_daemon(tmp_path)
+    daemon.start()
+    try:
+        with write_lock(cache_file_of(daemon.database)):
+            ready = daemon.request("GET", "/readyz")
+            reply = daemon.scan("KEY-SHOPPER-5f1c2b")
+        failures = [line for line in daemon.log_lines() if line["event"] == "store.commit_failed"]
+    finally:
+        daemon.stop()
+
+    assert ready.status == 200
+    assert reply.status == 200
+    assert failures == []
