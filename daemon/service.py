@@ -39,6 +39,7 @@ from daemon.store import (
     check_marker,
     open_reader,
     prepare_database_path,
+    restore_secret,
     save_open_database,
 )
 
@@ -358,6 +359,12 @@ async def _save_if_database_changed(runtime: Runtime, opened: OpenedDatabase) ->
             await store.writer.submit(NO_ROWS)
         except Exception as exc:
             log.warning("store.writer_flush_failed", error=str(exc))
+    if change == "deleted":
+        # rm connector.sqlite3* deletes the secret too, and the copy needs it to start.
+        try:
+            restore_secret(runtime.config.database.secret_path, store.hasher.secret)
+        except StoreError as exc:
+            log.error("store.secret_restore_failed", error=str(exc))
     try:
         saved = await asyncio.to_thread(save_open_database, store.reader.connection, opened)
     except StoreError as exc:

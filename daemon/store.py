@@ -219,8 +219,10 @@ def load_or_create_secret(path: Path, database_exists: bool) -> bytes:
     return secret
 
 
-def _create_secret(path: Path) -> bytes:
-    secret = secrets.token_bytes(SECRET_BYTES)
+def _create_secret(path: Path, secret: bytes | None = None) -> bytes:
+    """Write ``secret``, or a new one, to a new file ``path`` with mode 0600."""
+    restored = secret is not None
+    secret = secrets.token_bytes(SECRET_BYTES) if secret is None else secret
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -242,8 +244,23 @@ def _create_secret(path: Path) -> bytes:
         # A partly written file would be read as an invalid secret at the next start.
         path.unlink(missing_ok=True)
         raise StoreError(_secret_creation_message(path, exc)) from None
-    log.info("store.secret_created", path=str(path))
+    if restored:
+        log.warning("store.secret_restored", path=str(path))
+    else:
+        log.info("store.secret_created", path=str(path))
     return secret
+
+
+def restore_secret(path: Path, secret: bytes) -> bool:
+    """Write the secret in use back to ``path`` when that file is gone; return whether it was.
+
+    A database saved after it was deleted is of no use without its secret, which a command
+    such as ``rm connector.sqlite3*`` deletes too.
+    """
+    if path.exists():
+        return False
+    _create_secret(path, secret)
+    return True
 
 
 def _secret_creation_message(path: Path, exc: OSError) -> str:

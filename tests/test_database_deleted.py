@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import sqlite3
+import stat
 import subprocess
 import time
 from pathlib import Path
@@ -194,3 +195,38 @@ def test_new_database_warns_on_cache_removal(tmp_path: Path) -> None:
     assert warnings[0]["level"] == "warning"
     assert warnings[0]["database"] == str(daemon.database)
     assert not orphans[0].exists()
+
+
+def test_deleted_with_every_file_beside_it(tmp_path: Path) -> None:
+    # rm connector.sqlite3* also deletes the secret and the cache file. Without the secret,
+    # the restored database could not start: every restart would stop at the missing key.
+    daemon = make_daemon(tmp_path / "daemon")
+    secret = daemon.directory / "connector.sqlite3.key"
+    daemon.start()
+    try:
+        before = scan_body(KNOWN_KEY)
+        first = daemon.post_json(before)
+        assert first.status == 200, first.body
+        secret_bytes = secret.read_bytes()
+
+        for path in daemon.directory.glob("connector.sqlite3*"):
+            path.unlink()
+        _scan_until_exit(daemon)
+        code = _wait_for_exit(daemon)
+    finally:
+        if daemon.process is not None:
+            daemon.kill()
+
+    assert code == STORE_ERROR_EXIT
+    assert [line["path"] for line in _events(daemon, "store.secret_restored")] == [str(secret)]
+    assert secret.read_bytes() == secret_bytes
+    assert stat.S_IMODE(secret.stat().st_mode) == 0o600
+
+    daemon.start()
+    try:
+        # The decision survived with its secret, so the repeat replays it byte for byte.
+        repeat = daemon.post_json(before)
+    finally:
+        daemon.stop()
+    assert repeat.status == 200
+    assert repeat.body == first.body
