@@ -304,12 +304,22 @@ def read_token(token_file: str, warn: bool = True) -> str | None:
     problem = _bearer_token_problem(token)
     if problem is not None:
         raise ConfigError(f"[hq] token_file {path} {problem}")
+    unusual = _unusual_character(token)
+    if unusual is not None and warn:
+        log.warning(
+            "hq.token_unusual",
+            path=str(path),
+            character=unusual,
+            detail="a bearer token has only ASCII letters, digits, -._~+/ and '=' at its end;"
+            " if HQ answers 401, copy the token again exactly as HQ issued it",
+        )
     return token
 
 
 # Characters of a bearer token before its optional "=" padding: the b64token of RFC 6750,
-# section 2.1. Anything else breaks the Authorization header, and aiohttp (3.14) rejects a
-# line break in a header before the request leaves.
+# section 2.1. Other printable ASCII still fits in the Authorization header and gets a
+# warning only. Whitespace, control characters and non-ASCII do not fit: aiohttp (3.14)
+# rejects a line break in a header before the request leaves.
 BEARER_TOKEN_CHARACTERS = frozenset(string.ascii_letters + string.digits + "-._~+/")
 TOKEN_FIX = "write the token alone, on one line, exactly as HQ issued it"
 
@@ -332,15 +342,14 @@ def _bearer_token_problem(token: str) -> str | None:
             f"contains a line break after character {line_end} of the token, but a bearer"
             f" token is a single line: {TOKEN_FIX}"
         )
-    unpadded = token.rstrip("=")
-    if not unpadded:
+    if not token.rstrip("="):
         return f"contains only '=' characters, which is not a bearer token: {TOKEN_FIX}"
-    for index, character in enumerate(unpadded):
-        if character in BEARER_TOKEN_CHARACTERS:
+    for index, character in enumerate(token):
+        # Printable ASCII other than a space fits in the header; _unusual_character warns
+        # about what is outside RFC 6750's token characters.
+        if "!" <= character <= "~":
             continue
         where = f"at character {index + 1} of the token"
-        if character == "=":
-            return f"contains '=' {where}, but '=' may only end a bearer token: {TOKEN_FIX}"
         fix = TOKEN_FIX
         if not character.isascii():
             fix = (
@@ -351,6 +360,19 @@ def _bearer_token_problem(token: str) -> str | None:
             f"contains {_describe_character(character)} {where}, but a bearer token contains"
             f" only ASCII letters, digits, -._~+/ and '=' at its end: {fix}"
         )
+    return None
+
+
+def _unusual_character(token: str) -> str | None:
+    """Describe the first character of ``token`` outside RFC 6750's token characters, or None.
+
+    Such a token still fits in the Authorization header, and some issuers use one, so it is
+    only warned about. ``token`` has passed ``_bearer_token_problem``.
+    """
+    unpadded = token.rstrip("=")
+    for index, character in enumerate(unpadded):
+        if character not in BEARER_TOKEN_CHARACTERS:
+            return f"{_describe_character(character)} at character {index + 1}"
     return None
 
 
