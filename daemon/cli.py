@@ -19,7 +19,7 @@ from typing import Any
 
 import uvloop
 
-from daemon import security
+from daemon import installed_version, security
 from daemon.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
 from daemon.curl_example import curl_example
 from daemon.identities import check_records_file, import_file
@@ -41,28 +41,10 @@ from daemon.store import (
 )
 
 MAX_PRINTED_ERRORS = 100
-# The distribution name in pyproject.toml, whose installed metadata contains the version.
-DISTRIBUTION = "identity-connector"
 # Installed paths of the README with the configuration reference, and of the commented
 # template of every key (systemd/config.toml in the source tree), from systemd/install.sh.
 INSTALLED_README = "/opt/identity-connector/README.md"
 INSTALLED_TEMPLATE = "/opt/identity-connector/config.toml.example"
-
-
-def _events(count: int) -> str:
-    return "1 event" if count == 1 else f"{count} events"
-
-
-def installed_version() -> str:
-    """Return the version of the installed identity-connector distribution."""
-    # Imported here: importlib.metadata takes tens of milliseconds to import, and only
-    # --version and status need it.
-    from importlib import metadata
-
-    try:
-        return metadata.version(DISTRIBUTION)
-    except metadata.PackageNotFoundError:
-        return "unknown (the identity-connector package is not installed)"
 
 
 class _VersionAction(argparse.Action):
@@ -480,7 +462,7 @@ def _lookup(config: Config, args: argparse.Namespace) -> int:
 
 def _status(config: Config, as_json: bool) -> int:
     # Imported here: daemon.hq pulls in the aiohttp client, which slows every other command.
-    from daemon.hq import hq_status, print_hq_status
+    from daemon.hq import events_text, hq_status, print_hq_status
 
     store = _open_store(config, must_exist=True)
     try:
@@ -520,9 +502,9 @@ def _status(config: Config, as_json: bool) -> int:
     age = state["outboxOldestAgeSeconds"]
     oldest_text = f", oldest {age:.0f} s old" if age is not None else ""
     if config.hq is None:
-        print(f"outbox:         {_events(state['outboxDepth'])} kept, none sent{oldest_text}")
+        print(f"outbox:         {events_text(state['outboxDepth'])} kept, none sent{oldest_text}")
     else:
-        print(f"outbox:         {_events(state['outboxDepth'])} waiting for HQ{oldest_text}")
+        print(f"outbox:         {events_text(state['outboxDepth'])} waiting for HQ{oldest_text}")
     if config.hq is None:
         print("hq:             not configured; the cache changes only by import")
     else:

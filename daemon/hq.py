@@ -1330,8 +1330,8 @@ def sync_now(config: Config, store: Store) -> int:
                 pulled += " (the failed rebuild was discarded: the cache in use is unchanged)"
         # HQ may acknowledge part of a batch, and the rest is sent again, so a count of sent
         # events would count re-sends. Store IT needs what arrived and what is still queued.
-        uploaded = f"{_events(report.upload.accepted)} delivered to HQ, " + (
-            f"{_events(waiting)} waiting in the outbox"
+        uploaded = f"{events_text(report.upload.accepted)} delivered to HQ, " + (
+            f"{events_text(waiting)} waiting in the outbox"
             if waiting is not None
             else "the events waiting in the outbox could not be counted"
         )
@@ -1376,7 +1376,8 @@ async def _outbox_depth(adapter: StoreAdapter, database: Path) -> int | None:
         return None
 
 
-def _events(count: int) -> str:
+def events_text(count: int) -> str:
+    """Return "1 event" or "N events"."""
     return f"{count} event" if count == 1 else f"{count} events"
 
 

@@ -176,7 +176,6 @@ _SAVE_AS_UTF8 = 'save it as UTF-8 text, in Excel as "CSV UTF-8"'
 # Magic bytes of the files an export is mistaken for, and the problem each one is.
 _WRONG_FILE_KINDS: tuple[tuple[bytes, str], ...] = (
     (b"\x1f\x8b", "the file is gzip-compressed: decompress it (gunzip) and import the result"),
-    (b"BZh", "the file is bzip2-compressed: decompress it (bunzip2) and import the result"),
     (b"\xfd7zXZ\x00", "the file is xz-compressed: decompress it (unxz) and import the result"),
     (
         b"\x28\xb5\x2f\xfd",
@@ -204,6 +203,11 @@ def _check_file_kind(head: bytes, path: Path) -> None:
     for magic, problem in _WRONG_FILE_KINDS:
         if head.startswith(magic):
             raise ImportFileError(problem)
+    # bzip2's magic is "BZh" and a block size digit; a CSV column may start with "BZh" too.
+    if head.startswith(b"BZh") and head[3:4].isdigit() and head[3:4] != b"0":
+        raise ImportFileError(
+            "the file is bzip2-compressed: decompress it (bunzip2) and import the result"
+        )
     encoding = _utf16_without_bom(head)
     if encoding is not None:
         converted = path.with_name(f"{path.stem}-utf8{path.suffix}")

@@ -18,7 +18,7 @@ from pathlib import Path
 import structlog
 from aiohttp import web
 
-from daemon import sdnotify, security
+from daemon import installed_version, sdnotify, security
 from daemon.api import build_app
 from daemon.config import Config, ConfigError, HqConfig
 from daemon.hq import settings_from_config, start_sync
@@ -161,9 +161,6 @@ async def _serve_with_store(config: Config, config_path: Path | None, store: Sto
             f"cannot listen on {config.server.host}:{config.server.port}: {exc.strerror};"
             " stop the other process on that port or change [server] port"
         ) from None
-
-    # Imported here: daemon.cli imports this module when it runs serve.
-    from daemon.cli import installed_version
 
     log.info(
         "server.started",

@@ -418,6 +418,14 @@ CASES: list[tuple[str, Callable[[Path], Path], int, str, int]] = [
         1,
     ),
     (
+        # bzip2 files start with "BZh" and a digit from 1 to 9, so this header is CSV.
+        "CSV column name starting with BZh",
+        file_with("records.csv", csv_file("BZhNotes," + REQUIRED_HEADER, [["a note", *ROW_1]])),
+        0,
+        "",
+        1,
+    ),
+    (
         "cell over the size limit",
         file_with(
             "records.csv",
