@@ -316,7 +316,9 @@ def test_sigterm_closes_after_admitted_decision(daemon: Daemon) -> None:
         blocker.execute("BEGIN IMMEDIATE")
         scan_id = str(uuid.uuid4())
         sock.sendall(_scan_request(daemon.port, scan_id))
-        time.sleep(0.5)
+        # Time for the daemon to read and admit the request; it then waits on the lock for
+        # the busy timeout (5 s), so a generous wait here cannot turn into a commit failure.
+        time.sleep(1.5)
         mark = len(daemon.log_lines())
         assert daemon.process is not None
         daemon.process.send_signal(signal.SIGTERM)
