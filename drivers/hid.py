@@ -405,7 +405,31 @@ class HidDriver:
             # Decode the whole batch before delivering, so a cancel during a delivery still
             # finds the keys of a following partial scan in the decoder.
             results = [self._decoder.feed(event.type, event.code, event.value) for event in events]
-            for result in results:
+            await self._deliver_batch(results, sink)
+
+    async def _deliver_batch(self, results: list[KeyResult | None], sink: EventSink) -> None:
+        """Deliver the results of one read in order, dropping the rest if the driver stops."""
+        for index, result in enumerate(results):
+            try:
+                await self._deliver(result, sink)
+            except asyncio.CancelledError:
+                await self._drop_undelivered(results[index + 1 :], sink)
+                raise
+
+    async def _drop_undelivered(self, results: list[KeyResult | None], sink: EventSink) -> None:
+        """Count the scans of a batch that a stop cut off before their delivery.
+
+        Each complete scan is dropped as ``stopped``, with one warning line for all of them
+        that gives their count and no text. A rejected scan keeps its own reason.
+        """
+        stopped = sum(isinstance(result, TypedScan) for result in results)
+        if stopped:
+            log.warning("hid.scan_rejected", device=self.name, reason="stopped", count=stopped)
+
+        for result in results:
+            if isinstance(result, TypedScan):
+                await sink(Dropped(self.name, "stopped"))
+            else:
                 await self._deliver(result, sink)
 
     async def _drop_pending(self, sink: EventSink) -> None:

@@ -825,17 +825,48 @@ class SerialDriver:
         return max(0.0, min(deadlines) - now)
 
     async def _deliver(self, results: list[FrameResult], sink: EventSink) -> None:
-        loop = asyncio.get_running_loop()
-        for result in results:
-            if isinstance(result, DroppedFrame):
-                self._report_drop(result, loop.time())
-                await sink(Dropped(self.name, result.reason))
-                continue
+        """Deliver frame results in order, dropping the rest if the driver stops."""
+        for index, result in enumerate(results):
+            try:
+                await self._deliver_one(result, sink)
+            except asyncio.CancelledError:
+                await self._drop_undelivered(results[index + 1 :], sink)
+                raise
 
-            self.stats.scans += 1
-            age = timedelta(seconds=max(0.0, loop.time() - result.ended_at))
-            scan = Scan(self.name, "OPTICAL", result.value, datetime.now(UTC) - age)
-            await sink(scan)
+    async def _deliver_one(self, result: FrameResult, sink: EventSink) -> None:
+        loop = asyncio.get_running_loop()
+        if isinstance(result, DroppedFrame):
+            self._report_drop(result, loop.time())
+            await sink(Dropped(self.name, result.reason))
+            return
+
+        self.stats.scans += 1
+        age = timedelta(seconds=max(0.0, loop.time() - result.ended_at))
+        scan = Scan(self.name, "OPTICAL", result.value, datetime.now(UTC) - age)
+        await sink(scan)
+
+    async def _drop_undelivered(self, results: list[FrameResult], sink: EventSink) -> None:
+        """Count the frames of one read that a stop cut off before their delivery.
+
+        Each complete frame is dropped as ``stopped``, with one warning line for all of them
+        that gives their count and no content. A dropped frame keeps its own reason.
+        """
+        stopped = sum(isinstance(result, Frame) for result in results)
+        if stopped:
+            self.stats.dropped["stopped"] += stopped
+            log.warning(
+                "serial.frame_dropped",
+                device=self.name,
+                reason="stopped",
+                count=stopped,
+                dropped_total=self.stats.dropped["stopped"],
+            )
+
+        for result in results:
+            if isinstance(result, Frame):
+                await sink(Dropped(self.name, "stopped"))
+            else:
+                await self._deliver_one(result, sink)
 
     def _report_drop(self, dropped: DroppedFrame, now: float) -> None:
         self.stats.dropped[dropped.reason] += 1

@@ -13,7 +13,7 @@ import structlog
 from daemon.devices import DeviceConfig, DeviceManager, RestartBackoff, device_configs
 from drivers.base import Driver, Dropped, Health, Scan
 from tests.drivers.conftest import WAIT
-from tests.drivers.test_serial import FAST, point_link
+from tests.drivers.test_serial import FAST, point_link, write_and_wait_read
 
 if TYPE_CHECKING:
     from tests.drivers.conftest import PtyScanner
@@ -156,9 +156,8 @@ def test_manager_reload_counts_partial_frame(pty_factory: PtyFactory, tmp_path: 
         await manager.apply([serial_device(link, partial_timeout=60)])
         try:
             await until(lambda: handlers.count(is_available) >= 1, "first open")
-            scanner.write(b"SECRET-12")
-            # The pause lets the driver read the bytes before the reload stops it.
-            await asyncio.sleep(0.2)
+            # The driver reads the bytes before the reload stops it.
+            await write_and_wait_read(scanner, b"SECRET-12")
             # A reload whose configuration no longer has the device.
             await manager.apply([])
         finally:

@@ -830,6 +830,67 @@ def test_driver_cancel_during_scan_delivery(backend: FakeBackend) -> None:
     ]
 
 
+def test_driver_cancel_drops_undelivered_scans(backend: FakeBackend) -> None:
+    scanner = backend.add("/dev/input/event3", "Example Scanner Keyboard")
+    driver = HidDriver(make_settings(partial_timeout=60), backend=backend)
+    events: list[Event] = []
+
+    async def slow_sink(event: Event) -> None:
+        # Holds the driver inside the delivery of the first scan, as a slow database write would.
+        events.append(event)
+        if isinstance(event, Scan):
+            await asyncio.Event().wait()
+
+    async def scenario() -> None:
+        task = asyncio.create_task(driver.run(slow_sink))
+        async with asyncio.timeout(10):
+            while not any(isinstance(event, Health) for event in events):
+                await asyncio.sleep(0.01)
+            # One write of 60 events, so the driver reads them in one batch (a read returns at
+            # most 64). The batch has the scan that the driver delivers, two complete scans
+            # around one that Ctrl rejects, and a partial scan.
+            scanner.type(
+                [
+                    ("KEY_7", ()),
+                    ("KEY_ENTER", ()),
+                    ("KEY_9", ()),
+                    ("KEY_TAB", ()),
+                    ("KEY_A", ("KEY_LEFTCTRL",)),
+                    ("KEY_ENTER", ()),
+                    ("KEY_5", ()),
+                    ("KEY_TAB", ()),
+                    ("KEY_B", ()),
+                ]
+            )
+            while not any(isinstance(event, Scan) for event in events):
+                await asyncio.sleep(0.01)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    with structlog.testing.capture_logs() as logs:
+        asyncio.run(scenario())
+
+    assert [event.value for event in events if isinstance(event, Scan)] == ["7"]
+    assert [event for event in events if isinstance(event, Dropped)] == [
+        Dropped("test-wedge", "stopped"),
+        Dropped("test-wedge", "unmapped_key"),
+        Dropped("test-wedge", "stopped"),
+        Dropped("test-wedge", "incomplete"),
+    ]
+    lines = {entry["reason"]: entry for entry in rejected_lines(logs)}
+    assert sorted(lines) == ["incomplete", "stopped", "unmapped_key"]
+    # One line for both stopped scans, with their count and no text.
+    assert lines["stopped"] == {
+        "event": "hid.scan_rejected",
+        "log_level": "warning",
+        "device": "test-wedge",
+        "reason": "stopped",
+        "count": 2,
+    }
+    assert (lines["unmapped_key"]["length"], lines["incomplete"]["length"]) == (0, 1)
+
+
 @pytest.mark.parametrize("end", ["unplug", "cancel"])
 def test_driver_modifiers_only_not_dropped(
     backend: FakeBackend, run_driver: RunDriver, end: str

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import os
+import sys
+import termios
+import time
 import tomllib
 from collections import Counter
 from collections.abc import Callable
@@ -19,7 +23,7 @@ import serial
 import structlog
 
 from drivers import serial as serial_driver
-from drivers.base import Dropped, backoff_delay, parse_duration
+from drivers.base import Dropped, Event, Health, Scan, backoff_delay, parse_duration
 from drivers.serial import (
     MAX_FRAME_LENGTH_LIMIT,
     DroppedFrame,
@@ -28,6 +32,7 @@ from drivers.serial import (
     SerialDriver,
     SerialSettings,
 )
+from tests.drivers.conftest import WAIT
 
 if TYPE_CHECKING:
     from conftest import PtyScanner, Recorder
@@ -49,6 +54,41 @@ def make_settings(path: str = "/dev/null", **overrides: Any) -> SerialSettings:
     table.update(FAST)
     table.update(overrides)
     return msgspec.convert(table, SerialSettings)
+
+
+def tty_unread_bytes(fd: int) -> int:
+    """Return how many received bytes wait unread in the input queue of the tty open as ``fd``."""
+    count = fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0")
+    return int.from_bytes(count, sys.byteorder)
+
+
+async def write_and_wait_read(scanner: PtyScanner, data: bytes) -> None:
+    """Send ``data`` as the scanner, and wait until the driver has read all of it.
+
+    The kernel moves bytes written to the pty master into the slave's input queue from a
+    workqueue, so right after the write the queue may still be empty. The first wait
+    therefore blocks the event loop until all of ``data`` is queued, which keeps the driver
+    from reading part of it. The second wait lets the driver run until the queue is empty.
+    Each raises TimeoutError after WAIT seconds. ``data`` must fit in the queue, which takes
+    at most 4095 bytes in raw mode on Linux 6.18.
+    """
+    fd = os.open(scanner.path, os.O_RDONLY | os.O_NOCTTY | os.O_NONBLOCK)
+    try:
+        scanner.write(data)
+        deadline = time.monotonic() + WAIT
+        while tty_unread_bytes(fd) < len(data):
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"{len(data)} bytes written to {scanner.path} did not reach its input queue"
+                    f" within {WAIT:g} s"
+                )
+            time.sleep(0.001)
+
+        async with asyncio.timeout(WAIT):
+            while tty_unread_bytes(fd) > 0:
+                await asyncio.sleep(0.01)
+    finally:
+        os.close(fd)
 
 
 def point_link(link: Path, target: str) -> None:
@@ -905,12 +945,10 @@ def test_driver_unplug_counts_partial_frame(
     async def scenario() -> None:
         async with run_driver(driver) as recorder:
             await recorder.wait_health(available=True)
-            # The pause lets the driver read each write before the next one and before the
-            # unplug hangs up the line, so a too_long frame crosses the limit before its
-            # terminator arrives.
+            # The driver reads each write before the next one and before the unplug hangs up
+            # the line, so a too_long frame crosses the limit before its terminator arrives.
             for data in writes:
-                scanner.write(data)
-                await asyncio.sleep(0.2)
+                await write_and_wait_read(scanner, data)
             scanner.unplug()
             lost = await recorder.wait_health(available=False)
             # The reopens that fail must not count the frame again.
@@ -941,9 +979,8 @@ def test_driver_cancel_counts_partial_frame(pty_factory: PtyFactory, run_driver:
     async def scenario() -> None:
         async with run_driver(driver) as recorder:
             await recorder.wait_health(available=True)
-            scanner.write(b"SECRET-12")
-            # The pause lets the driver read the bytes before the block ends and cancels it.
-            await asyncio.sleep(0.2)
+            # The driver reads the bytes before the block ends and cancels it.
+            await write_and_wait_read(scanner, b"SECRET-12")
 
         assert recorder.scans == []
         assert recorder.dropped == [Dropped("test-scanner", "incomplete")]
@@ -955,6 +992,59 @@ def test_driver_cancel_counts_partial_frame(pty_factory: PtyFactory, run_driver:
     drops = [entry for entry in logs if entry["event"] == "serial.frame_dropped"]
     assert [(entry["reason"], entry["size"]) for entry in drops] == [("incomplete", 9)]
     assert drops[0]["log_level"] == "warning"
+    assert "SECRET" not in repr(logs)
+
+
+def test_driver_cancel_drops_undelivered_frames(pty_factory: PtyFactory) -> None:
+    scanner = pty_factory()
+    driver = SerialDriver(make_settings(scanner.path, partial_timeout=60))
+    events: list[Event] = []
+
+    async def slow_sink(event: Event) -> None:
+        # Holds the driver inside the delivery of the first scan, as a slow database write would.
+        events.append(event)
+        if isinstance(event, Scan):
+            await asyncio.Event().wait()
+
+    async def scenario() -> None:
+        task = asyncio.create_task(driver.run(slow_sink))
+        async with asyncio.timeout(WAIT):
+            while not any(isinstance(event, Health) for event in events):
+                await asyncio.sleep(0.01)
+            # The driver reads this write at once. It has the frame that the driver delivers,
+            # two complete frames around an undecodable one, and a partial frame.
+            await write_and_wait_read(scanner, b"FIRST\rSECRET-1\r\xff\rSECRET-2\rPART")
+            while not any(isinstance(event, Scan) for event in events):
+                await asyncio.sleep(0.01)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    with structlog.testing.capture_logs() as logs:
+        asyncio.run(scenario())
+
+    assert [event.value for event in events if isinstance(event, Scan)] == ["FIRST"]
+    assert [event for event in events if isinstance(event, Dropped)] == [
+        Dropped("test-scanner", "stopped"),
+        Dropped("test-scanner", "undecodable"),
+        Dropped("test-scanner", "stopped"),
+        Dropped("test-scanner", "incomplete"),
+    ]
+    assert driver.stats.scans == 1
+    assert driver.stats.dropped == Counter({"stopped": 2, "undecodable": 1, "incomplete": 1})
+
+    lines = {entry["reason"]: entry for entry in logs if entry["event"] == "serial.frame_dropped"}
+    assert sorted(lines) == ["incomplete", "stopped", "undecodable"]
+    # One line for both stopped frames, with their count and no content.
+    assert lines["stopped"] == {
+        "event": "serial.frame_dropped",
+        "log_level": "warning",
+        "device": "test-scanner",
+        "reason": "stopped",
+        "count": 2,
+        "dropped_total": 2,
+    }
+    assert (lines["undecodable"]["size"], lines["incomplete"]["size"]) == (1, 4)
     assert "SECRET" not in repr(logs)
 
 
