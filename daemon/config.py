@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import difflib
 import functools
+import importlib
 import ipaddress
-import json
 import re
 import tomllib
 import types
@@ -20,7 +21,7 @@ from urllib.parse import urlsplit
 import msgspec
 
 from daemon.store import SynchronousMode
-from drivers.base import parse_duration_text
+from drivers.base import DeviceSettings, parse_duration_text
 
 DEFAULT_CONFIG_PATH = Path("/etc/identity-connector/config.toml")
 
@@ -442,16 +443,26 @@ _BARE_VALUE_LINE = re.compile(
 
 
 def _describe_toml_error(text: str, error: tomllib.TOMLDecodeError) -> str:
-    """Add the fix to tomllib's message when the error is at a value written without quotes.
+    """Add the fix to tomllib's message for a value without quotes or a key set twice.
 
-    tomllib's message ends with the line and column of the error. The fix names the key but
-    never repeats the value, which could be a secret.
+    tomllib's message ends with the line and column of the error, or with "at end of
+    document". The fix names the key but never repeats the value, which could be a secret.
     """
     message = str(error)
     position = _TOML_ERROR_POSITION.search(message)
-    if position is None:
+    if message.startswith(_DUPLICATE_KEY_ERROR):
+        if position is not None:
+            line_number = int(position.group(1))
+        elif message.endswith("(at end of document)"):
+            # tomllib counts lines by "\n" only, unlike str.splitlines.
+            line_number = text.count("\n") + 1
+        else:
+            return message
+        hint = _duplicate_key_hint(text, line_number)
+    elif position is not None:
+        hint = _bare_value_hint(text, int(position.group(1)), int(position.group(2)))
+    else:
         return message
-    hint = _bare_value_hint(text, int(position.group(1)), int(position.group(2)))
     return f"{message}; {hint}" if hint else message
 
 
@@ -507,6 +518,109 @@ def _table_at_line(lines: list[str], line_number: int) -> list[str]:
         elif table_header:
             table = table_header.group(1).split(".")
     return table
+
+
+# tomllib's message for a key that the same table sets twice, and for a dotted key whose
+# parent is a value already. _duplicate_key_hint gives a fix for the first case only.
+_DUPLICATE_KEY_ERROR = "Cannot overwrite a value"
+# One part of a dotted key: bare, or in double or single quotes.
+_KEY_PART_TEXT = r"""(?:[A-Za-z0-9_-]+|"[^"]*"|'[^']*')"""
+# A line that starts with a key, or a dotted key, and "=".
+_ASSIGNMENT_LINE = re.compile(rf"\s*(?P<key>{_KEY_PART_TEXT}(?:\s*\.\s*{_KEY_PART_TEXT})*)\s*=")
+_KEY_PART = re.compile(r"""(?P<bare>[A-Za-z0-9_-]+)|"(?P<basic>[^"]*)"|'(?P<literal>[^']*)'""")
+# A table header that is commented out, such as "#[local]" or "# [[devices]]".
+_COMMENTED_HEADER = re.compile(r"\s*#\s*(\[\[?[^\]]+\]\]?)\s*(?:#.*)?")
+
+
+def _duplicate_key_hint(text: str, line_number: int) -> str | None:
+    """Return the fix for a key that its table sets twice, with the line of the first one.
+
+    ``line_number`` is the 1-based line of tomllib's error, which is where the value of the
+    second key ends. Returns None when no earlier line of the same table sets that key, as
+    for ``a = 1`` followed by ``a.b = 2``, so that nothing is guessed.
+    """
+    lines = text.split("\n")
+    if not 1 <= line_number <= len(lines):
+        return None
+    second = _assignment_above(lines, line_number - 1)
+    if second is None:
+        return None
+    key = _key_parts(lines[second])
+    first = _assignment_above(lines, second - 1, key)
+    if first is None:
+        return None
+
+    name = _excerpt(".".join(key))
+    table = _table_at_line(lines, second + 1)
+    place = _table_place(lines, second)
+    hint = (
+        f"{name} is already set at line {first + 1} {place}, and a key may appear only once"
+        " per table"
+    )
+    # The last header between the two lines that is commented out, such as "#[local]" of
+    # the configuration template.
+    commented = None
+    for index in range(second - 1, first, -1):
+        header = _COMMENTED_HEADER.fullmatch(lines[index])
+        if header is not None:
+            commented = (index + 1, header.group(1))
+            break
+    if commented is not None:
+        return (
+            f"{hint}. The header of the table it belongs in is probably commented out"
+            f" (remove the # of #{commented[1]} at line {commented[0]})"
+        )
+    # Without a commented-out header, a key of the table it is in was most likely written
+    # twice. A key of an array table such as [[devices]] is not among those keys, because
+    # the second one more likely belongs in the next table of the array.
+    if len(key) == 1 and key[0] in _table_key_names(table):
+        return f"{hint}, so remove one of the two lines"
+    return f"{hint}. The header of the table it belongs in is probably commented out (remove the #)"
+
+
+def _assignment_above(lines: list[str], index: int, key: list[str] | None = None) -> int | None:
+    """Find the nearest line at or above a 0-based index that sets a key, within its table.
+
+    With ``key``, only a line that sets that key counts. Returns None when a table header
+    comes first.
+    """
+    for number in range(index, -1, -1):
+        line = lines[number]
+        stripped = line.strip()
+        if _ARRAY_HEADER.match(stripped) or _TABLE_HEADER.match(stripped):
+            return None
+        if _ASSIGNMENT_LINE.match(line) and (key is None or _key_parts(line) == key):
+            return number
+    return None
+
+
+def _key_parts(line: str) -> list[str]:
+    """Return the parts of the key, dotted or quoted, that a line sets, without quotes."""
+    assignment = _ASSIGNMENT_LINE.match(line)
+    if assignment is None:
+        return []
+    return [
+        part.group("bare") or part.group("basic") or part.group("literal") or ""
+        for part in _KEY_PART.finditer(assignment.group("key"))
+    ]
+
+
+def _table_place(lines: list[str], index: int) -> str:
+    """Return the table that a 0-based line is in, as "in [stores]" or "at the top level"."""
+    for number in range(index, -1, -1):
+        stripped = lines[number].strip()
+        array_header = _ARRAY_HEADER.match(stripped)
+        if array_header:
+            return f"in this [[{array_header.group(1)}]] table"
+        table_header = _TABLE_HEADER.match(stripped)
+        if table_header:
+            return f"in [{table_header.group(1)}]"
+    return "at the top level"
+
+
+def _table_key_names(table: list[str]) -> set[str]:
+    """Return the names of the keys that Config defines for a table, given by its parts."""
+    return {field.name for field in _table_fields(".".join(table))}
 
 
 MAX_LISTED_PROBLEMS = 20
@@ -736,7 +850,7 @@ def _check_files(
         try:
             read()
         except ConfigError as error:
-            found.append(_file_problem(text, source, table, str(error)))
+            found.append(_file_problem(config, text, source, table, str(error)))
 
     # NOTE: load_api_key logs a warning for a key file that other users can read. Here that
     # warning goes to standard output, because check-config sets up logging only for a file
@@ -758,13 +872,48 @@ def _check_files(
     return found
 
 
-def _file_problem(text: str, source: str, table: str, message: str) -> _Problem:
-    """Place a file's ConfigError at the line of the key it names, such as "[tls] key_file"."""
+def _file_problem(config: Config, text: str, source: str, table: str, message: str) -> _Problem:
+    """Place a file's ConfigError at the line of the key it names, such as "[tls] key_file".
+
+    That line names the key already, so "[tls] key_file " is dropped where the file's path
+    follows it, as in "[tls] key_file /etc/tls.key not found". A message on its own, as
+    check-config prints for a file without other problems, keeps it.
+    """
     named = re.search(rf"\[{table}\] (\w+)", message)
     key_path = f"{table}.{named.group(1)}" if named else table
     if _key_type(key_path) is None:
         key_path = table
+    elif named is not None:
+        for path in _path_forms(config, key_path):
+            forms = (f"{named.group(0)} entry {path}", f"{named.group(0)} {path}")
+            repeated = next((form for form in forms if form in message), None)
+            if repeated is not None:
+                message = message.replace(repeated, path, 1)
+                break
     return _problem(text, source, key_path, message)
+
+
+def _path_forms(config: Config, key_path: str) -> list[str]:
+    """Return the forms in which file errors write the paths that a key such as tls.key_file sets.
+
+    An error writes a path as configured, as Python's repr, or, for a relative API key
+    file, joined to $CREDENTIALS_DIRECTORY.
+    """
+    # Imported here because daemon.security imports this module.
+    from daemon.security import resolve_key_path
+
+    table, _, key = key_path.partition(".")
+    value = getattr(getattr(config, table, None), key, None)
+    forms = []
+    for path in value if isinstance(value, list) else [value]:
+        if not isinstance(path, str) or not path:
+            continue
+        forms += [str(Path(path)), repr(path)]
+        if key_path == "auth.api_key_files":
+            # Without $CREDENTIALS_DIRECTORY, a relative path is shown as its repr.
+            with contextlib.suppress(ConfigError):
+                forms.append(str(resolve_key_path(path)))
+    return forms
 
 
 # The keys that daemon.security.listener_problem reads, by dotted path.
@@ -856,7 +1005,7 @@ def _describe_type_error(detail: str, path: list[str | int], data: dict[str, Any
     name = next((part for part in reversed(path) if isinstance(part, str)), "the key")
     if isinstance(path[-1], int):
         name = f"each item of {name}"
-    message = f"invalid value {_shown_value(value)}: {name} must be {expected}"
+    message = f"invalid value {_quoted(value)}: {name} must be {expected}"
     if mismatch.group(1) in ("int", "float") and isinstance(value, str):
         try:
             float(value)
@@ -878,39 +1027,25 @@ def _excerpt(text: str) -> str:
 
 
 def _quoted(value: Any) -> str:
-    """Show a value in an error as Python's repr does, cutting a long string short.
+    """Show a TOML value in an error: a string as Python's repr does, cut short.
 
-    A list or table whose repr is longer than MAX_SHOWN_CHARACTERS is named by its kind.
-    repr escapes line breaks and the other characters that are not printable, so the value
-    stays on the error's line.
+    repr escapes line breaks and the other characters that are not printable, such as
+    U+2028, so the value stays on the error's line. true, false and dates are written as
+    TOML writes them. A list is shown item by item unless that is longer than
+    MAX_SHOWN_CHARACTERS, and then, like every table, it is named by its kind.
     """
     if isinstance(value, str):
         return repr(_excerpt(value))
-    representation = repr(value)
-    if len(representation) <= MAX_SHOWN_CHARACTERS:
-        return representation
-    return _shown_value(value)
-
-
-def _shown_value(value: Any) -> str:
-    """Show a TOML value in an error: a string in quotes and cut short, a list or table by kind.
-
-    A string is escaped as in JSON, and so are the characters that Python does not count as
-    printable, such as U+2028, so that a value with a line break stays on the error's line.
-    """
-    if isinstance(value, str):
-        quoted = json.dumps(_excerpt(value), ensure_ascii=False)
-        return "".join(
-            character if character.isprintable() else json.dumps(character)[1:-1]
-            for character in quoted
-        )
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, datetime.date | datetime.time):
+        return value.isoformat()
     if isinstance(value, list):
-        return "a list"
+        items = "[" + ", ".join(_quoted(item) for item in value) + "]"
+        return items if len(items) <= MAX_SHOWN_CHARACTERS else "a list"
     if isinstance(value, dict):
         return "a table"
-    return str(value)
+    return repr(value)
 
 
 def _describe_validation_error(detail: str, key_path: str, text: str) -> tuple[str, str]:
@@ -961,8 +1096,9 @@ def _describe_unknown_key(table_path: str, name: str, text: str) -> str:
     """Describe a key that the table at ``table_path`` does not have, for an error message.
 
     A likely misspelling of one of the table's keys gets "did you mean". A key of other
-    tables gets the tables it belongs in, which catches a key that is uncommented below a
-    table header that is still commented out, as in the configuration template.
+    tables, [[devices]] among them, gets the tables it belongs in, which catches a key that
+    is uncommented below a table header that is still commented out, as in the
+    configuration template.
     """
     location = f"in [{table_path}]" if table_path else "at the top level"
     homes = [
@@ -970,6 +1106,8 @@ def _describe_unknown_key(table_path: str, name: str, text: str) -> str:
         for table in _table_names()
         if table != table_path and any(field.name == name for field in _table_fields(table))
     ]
+    if name in _device_keys():
+        homes.append("devices")
     suggestion = _similar_key(table_path, name)
     if suggestion is not None:
         detail = f"unknown key; did you mean {suggestion}?"
@@ -984,6 +1122,13 @@ def _describe_unknown_key(table_path: str, name: str, text: str) -> str:
             " table it is meant for"
         )
     home = homes[0]
+    # Each [[devices]] header starts a new device table, so the fix is to write one above
+    # the key, even when the file has [[devices]] tables already.
+    if home == "devices":
+        return (
+            f"{name} belongs in [[devices]], not {location}; write the [[devices]] header"
+            " above it (remove the # if it is commented out)"
+        )
     # A second header of a table that the file has already is a TOML error, so the fix
     # then is to move the key, not to write the header.
     header_line = find_key_line(text, home)
@@ -1003,9 +1148,33 @@ def _table_names() -> list[str]:
     return [field.name for field in msgspec.structs.fields(Config) if _table_fields(field.name)]
 
 
+@functools.cache
+def _device_keys() -> frozenset[str]:
+    """Return the keys that a [[devices]] table of at least one kind can have.
+
+    NOTE: a kind whose driver module cannot be imported, such as hid without python-evdev,
+    adds none of its own keys, so such a key outside [[devices]] is reported as unknown.
+    """
+    # Imported here because only an unknown key needs daemon.devices and the driver modules.
+    from daemon.devices import KINDS
+
+    keys = {field.name for field in msgspec.structs.fields(DeviceSettings)}
+    tag_field = DeviceSettings.__struct_config__.tag_field  # kind
+    if tag_field is not None:
+        keys.add(tag_field)
+    for module_name, settings_name, _ in KINDS.values():
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            continue
+        settings = getattr(module, settings_name)
+        keys.update(field.name for field in msgspec.structs.fields(settings))
+    return frozenset(keys)
+
+
 def _or_list(tables: Sequence[str]) -> str:
-    """Join table names in brackets as "[hq] or [local]"."""
-    return " or ".join(f"[{table}]" for table in tables)
+    """Join table names as their headers are written, such as "[database] or [[devices]]"."""
+    return " or ".join(f"[[{table}]]" if table == "devices" else f"[{table}]" for table in tables)
 
 
 def _similar_key(table_path: str, name: str) -> str | None:

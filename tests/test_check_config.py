@@ -901,18 +901,18 @@ TYPE_ERROR_CASES = [
     (
         "number in quotes",
         '[server]\nport = "8081"\n',
-        'key server.port: invalid value "8081": port must be a whole number; remove the quotes'
+        "key server.port: invalid value '8081': port must be a whole number; remove the quotes"
         " around the number",
     ),
     (
         "word for a number",
         '[auth]\nrate_burst = "many"\n',
-        'key auth.rate_burst: invalid value "many": rate_burst must be a whole number',
+        "key auth.rate_burst: invalid value 'many': rate_burst must be a whole number",
     ),
     (
         "string for a list",
         '[policy]\nexit_override = "SUSPENDED"\n',
-        'key policy.exit_override: invalid value "SUSPENDED": exit_override must be a list in'
+        "key policy.exit_override: invalid value 'SUSPENDED': exit_override must be a list in"
         ' brackets, such as ["A", "B"]',
     ),
     (
@@ -923,7 +923,7 @@ TYPE_ERROR_CASES = [
     (
         "string for true or false",
         '[hq]\nurl = "https://hq.example"\ngzip_uploads = "yes"\n',
-        'key hq.gzip_uploads: invalid value "yes": gzip_uploads must be true or false',
+        "key hq.gzip_uploads: invalid value 'yes': gzip_uploads must be true or false",
     ),
     (
         "number in a list of strings",
@@ -934,7 +934,7 @@ TYPE_ERROR_CASES = [
     (
         "line break in a string",
         '[server]\nport = "80\\n80"\n',
-        'key server.port: invalid value "80\\n80": port must be a whole number',
+        "key server.port: invalid value '80\\n80': port must be a whole number",
     ),
 ]
 
@@ -954,11 +954,11 @@ def test_type_error_names_value_and_type(text: str, message: str) -> None:
 @pytest.mark.parametrize(
     ("value", "shown"),
     [
-        ("80\\n80", '"80\\n80"'),
-        ("80\\r\\n80", '"80\\r\\n80"'),
-        ("80\\u202880", '"80\\u202880"'),
-        ('8\\"0', '"8\\"0"'),
-        ("8é0", '"8é0"'),
+        ("80\\n80", "'80\\n80'"),
+        ("80\\r\\n80", "'80\\r\\n80'"),
+        ("80\\u202880", "'80\\u202880'"),
+        ('8\\"0', "'8\"0'"),
+        ("8é0", "'8é0'"),
     ],
     ids=["line-feed", "carriage-return", "line-separator", "quote", "accent"],
 )
@@ -971,6 +971,41 @@ def test_type_error_escapes_string(value: str, shown: str) -> None:
     message = str(raised.value)
     assert message.splitlines() == [message]
     assert f"key server.port: invalid value {shown}: port must be a whole number" in message
+
+
+# (TOML added to the test configuration, fragment of the check-config output). One run
+# lists all of them, and each message quotes a value the same way: a string as Python's
+# repr, true and false as TOML writes them, a list item by item.
+QUOTED_VALUE_CASES = [
+    (
+        '[auth]\nrate_burst = "many"\n',
+        "key auth.rate_burst: invalid value 'many': rate_burst must be a whole number",
+    ),
+    (
+        "\n".join(device_table("serial", {"baudrate": '"fast"'})) + "\n",
+        "key devices.0.baudrate: invalid value 'fast': baudrate must be an integer",
+    ),
+    (
+        '[hq]\nurl = "http://127.0.0.1:9"\nstore_id = ["STORE-001", true]\n',
+        "key hq.store_id: invalid value ['STORE-001', true]: store_id must be a string in quotes",
+    ),
+    (
+        '[policy]\nvalue_encoding = "hex"\n',
+        "key policy.value_encoding: invalid value_encoding 'hex': use one of raw, base64, auto",
+    ),
+]
+
+
+def test_check_config_quotes_values_alike(tmp_path: Path) -> None:
+    extra = "".join(table for table, _ in QUOTED_VALUE_CASES)
+    config = write_config(tmp_path, free_port(), extra)
+
+    result = run_cli("check-config", str(config))
+
+    assert result.returncode == 2, result.stdout
+    for _, fragment in QUOTED_VALUE_CASES:
+        assert fragment in result.stderr
+    assert result.stderr.count("error: ") == len(QUOTED_VALUE_CASES)
 
 
 # (case, TOML added to the test configuration, the keys check-config names, in order).
@@ -1060,18 +1095,23 @@ def test_unknown_key_suggests_known_one(text: str, message: str) -> None:
 
 
 # (commented-out line of systemd/config.toml that store IT uncomments without its table
-# header, table the key belongs in). Every table header above it is still commented out,
-# so TOML puts the key in [stores].
+# header, header of the table the key belongs in). Every table header above it is still
+# commented out, so TOML puts the key in [stores]. A [[devices]] key is one that every
+# kind has, the kind itself, or a key of one kind.
 TEMPLATE_KEY_CASES = [
-    pytest.param('#max_scan_age = "5m"', "policy", id="policy"),
-    pytest.param("#port = 8080", "server", id="server"),
-    pytest.param('#level = "info"', "logging", id="logging"),
+    pytest.param('#max_scan_age = "5m"', "[policy]", id="policy"),
+    pytest.param("#port = 8080", "[server]", id="server"),
+    pytest.param('#level = "info"', "[logging]", id="logging"),
+    pytest.param('#name = "station-1-handheld"', "[[devices]]", id="device-name"),
+    pytest.param('#kind = "pcsc"', "[[devices]]", id="device-kind"),
+    pytest.param("#baudrate = 9600", "[[devices]]", id="serial-baudrate"),
+    pytest.param('#reader = "ACS ACR122U*"', "[[devices]]", id="pcsc-reader"),
 ]
 
 
-@pytest.mark.parametrize(("commented", "table"), TEMPLATE_KEY_CASES)
+@pytest.mark.parametrize(("commented", "header"), TEMPLATE_KEY_CASES)
 def test_check_config_template_key_without_header(
-    tmp_path: Path, commented: str, table: str
+    tmp_path: Path, commented: str, header: str
 ) -> None:
     text = (REPO / "systemd" / "config.toml").read_text(encoding="utf-8")
     line = text.splitlines().index(commented) + 1
@@ -1083,8 +1123,8 @@ def test_check_config_template_key_without_header(
 
     assert result.returncode == 2, result.stdout
     assert (
-        f"line {line}, key stores.{key}: {key} belongs in [{table}], not in [stores]; write"
-        f" the [{table}] header above it (remove the # if it is commented out)"
+        f"line {line}, key stores.{key}: {key} belongs in {header}, not in [stores]; write"
+        f" the {header} header above it (remove the # if it is commented out)"
     ) in result.stderr
     assert result.stderr.count("error: ") == 1
 
@@ -1127,6 +1167,24 @@ WRONG_TABLE_CASES = [
         "policy.store_id",
         "store_id belongs in [hq] or [local], not in [policy]; put it below the header of the"
         " table it is meant for",
+    ),
+    (
+        "key of a table and of devices",
+        "",
+        '[local]\npath = "/dev/ttyACM0"\n',
+        'path = "/dev/ttyACM0"',
+        "local.path",
+        "path belongs in [database] or [[devices]], not in [local]; put it below the header of"
+        " the table it is meant for",
+    ),
+    (
+        "device key after a device table",
+        "",
+        "\n".join(device_table("serial", {})) + '\n\n[local]\nstation = "station-2"\n',
+        'station = "station-2"',
+        "local.station",
+        "station belongs in [[devices]], not in [local]; write the [[devices]] header above it"
+        " (remove the # if it is commented out)",
     ),
     (
         "misspelling that is a key of another table",
@@ -1216,7 +1274,6 @@ TOML_SYNTAX_CASES = [
     ),
     ("address without quotes", "[hq]\nurl = http://127.0.0.1:9\n", 2, 7, ""),
     ("space before the unit", "[policy]\nmax_scan_age = 5 m\n", 2, 18, ""),
-    ("valid value set twice", "[auth]\nrate_limit = inf\nrate_limit = inf\n", 3, 17, ""),
 ]
 
 
@@ -1239,6 +1296,91 @@ def test_check_config_hints_toml_syntax_fix(
     assert result.stderr.endswith(f"(at line {line}, column {column}){hint}\n")
     detail = result.stderr.partition("invalid TOML: ")[2]
     assert value not in detail
+
+
+TEMPLATE = (REPO / "systemd" / "config.toml").read_text(encoding="utf-8")
+TEMPLATE_STORE_ID = '#store_id = ""'
+
+# (case, configuration text, line the key is set on, text after tomllib's message with
+# {first} for the line where that key is set first and {header} for the line of the last
+# commented-out header above the second key). tomllib names only the second key's line,
+# and the fix names the first. An error that is not a key set twice keeps tomllib's
+# message alone. A file that ends without a line break gets the error "at end of document".
+DUPLICATE_KEY_CASES = [
+    (
+        "template key below two commented-out headers",
+        TEMPLATE.replace(TEMPLATE_STORE_ID, 'store_id = "STORE-001"'),
+        'store_id = "STORE-001"',
+        "; store_id is already set at line {first} in [stores], and a key may appear only once"
+        " per table. The header of the table it belongs in is probably commented out (remove"
+        " the # of #[local] at line {header})",
+    ),
+    (
+        "device key without the next device header",
+        '[stores]\nids = ["S1"]\n\n'
+        + "\n".join(device_table("serial", {}, name="serial-1"))
+        + "\n\n#[[devices]]\n"
+        + 'name = "serial-2"\n',
+        "name = ",
+        "; name is already set at line {first} in this [[devices]] table, and a key may appear"
+        " only once per table. The header of the table it belongs in is probably commented out"
+        " (remove the # of #[[devices]] at line {header})",
+    ),
+    (
+        "key of its table set twice",
+        '[stores]\nids = ["S1"]\n\n[auth]\nrate_limit = inf\nrate_limit = inf\n',
+        "rate_limit = inf",
+        "; rate_limit is already set at line {first} in [auth], and a key may appear only once"
+        " per table, so remove one of the two lines",
+    ),
+    (
+        "key set twice at the end",
+        '[stores]\nids = ["S1"]\n\n[auth]\nrate_limit = inf\nrate_limit = inf',
+        "rate_limit = inf",
+        "; rate_limit is already set at line {first} in [auth], and a key may appear only once"
+        " per table, so remove one of the two lines",
+    ),
+    (
+        "unknown key set twice",
+        '[stores]\nids = ["S1"]\nsecret = "s3cr3t"\nsecret = [\n  "s3cr3t",\n]\n',
+        "secret = ",
+        "; secret is already set at line {first} in [stores], and a key may appear only once per"
+        " table. The header of the table it belongs in is probably commented out (remove the #)",
+    ),
+    (
+        "dotted key below a value",
+        '[stores]\nids = ["S1"]\nsecret = "s3cr3t"\nsecret.part = "s3cr3t"\n',
+        "secret",
+        "",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("text", "key_line", "hint"),
+    [pytest.param(*case[1:], id=case[0]) for case in DUPLICATE_KEY_CASES],
+)
+def test_check_config_names_key_set_twice(
+    tmp_path: Path, text: str, key_line: str, hint: str
+) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text(text, encoding="utf-8")
+    lines = text.split("\n")
+    key_lines = [number for number, line in enumerate(lines, 1) if line.startswith(key_line)]
+    headers = [
+        number for number, line in enumerate(lines[: key_lines[-1]], 1) if line.startswith("#[")
+    ]
+    expected = hint.format(first=key_lines[0], header=headers[-1] if headers else None)
+
+    result = run_cli("check-config", str(config))
+
+    assert result.returncode == 2, result.stdout
+    assert result.stderr.count("error: ") == 1
+    assert "invalid TOML: Cannot overwrite a value" in result.stderr
+    assert result.stderr.endswith(f"){expected}\n")
+    assert "s3cr3t" not in result.stderr
+    assert "STORE-001" not in result.stderr.partition("invalid TOML: ")[2]
+    assert "inf" not in result.stderr.partition("invalid TOML: ")[2]
 
 
 # (line that replaces the ids line of the test configuration, lines from [stores] to the
@@ -1369,30 +1511,54 @@ def test_check_config_cuts_long_values(tmp_path: Path, extra: str, key: str) -> 
 
 
 # (TOML added before a [policy] table whose max_scan_age is invalid, where {missing} names
-# a file that does not exist and {short_key} an API key file with a key that is too short;
-# then (key, fragment of its message) of each problem in file order). A table whose own
-# values are valid has its files read in the same run; a table with a problem does not.
+# a file that does not exist, {short_key} an API key file with a key that is too short and
+# {broken_token} a token file with a line break; then (key, fragment of its message) of
+# each problem in file order). A table whose own values are valid has its files read in the
+# same run; a table with a problem does not. The line names the key, so a file's message
+# starts at its path, and a message that names no path after the key keeps the key.
 FILE_PROBLEM_CASES = [
     pytest.param(
-        '[auth]\napi_key_files = ["{missing}", "{short_key}"]\n',
+        '[auth]\napi_key_files = ["{missing}", "{short_key}", "relative.key"]\n',
         [
-            ("auth.api_key_files", "[auth] api_key_files entry {missing} not found"),
-            ("auth.api_key_files", "[auth] api_key_files entry {short_key} holds a key shorter"),
+            ("auth.api_key_files", "{missing} not found"),
+            ("auth.api_key_files", "{short_key} holds a key shorter"),
+            ("auth.api_key_files", "'relative.key' is relative but $CREDENTIALS_DIRECTORY"),
         ],
         id="api-key-files",
     ),
     pytest.param(
         '[tls]\ncert_file = "{missing}"\nkey_file = "{missing}"\n',
-        [("tls.cert_file", "[tls] cert_file {missing} not found")],
+        [("tls.cert_file", "{missing} not found")],
         id="tls-certificate",
+    ),
+    pytest.param(
+        '[tls]\ncert_file = "{short_key}"\nkey_file = "{short_key}"\n',
+        [("tls.cert_file", "cannot load {short_key} with key_file {short_key}: ")],
+        id="tls-pair-not-pem",
     ),
     pytest.param(
         '[hq]\nurl = "https://127.0.0.1:9"\ntoken_file = "{missing}"\nca_file = "{missing}"\n',
         [
-            ("hq.token_file", "[hq] token_file {missing} not found"),
-            ("hq.ca_file", "[hq] ca_file {missing} not found"),
+            ("hq.token_file", "{missing} not found"),
+            ("hq.ca_file", "{missing} not found"),
         ],
         id="hq-token-and-ca",
+    ),
+    pytest.param(
+        '[hq]\nurl = "http://127.0.0.1:9"\ntoken_file = "{broken_token}"\n',
+        [("hq.token_file", "{broken_token} contains a line break after character 3")],
+        id="hq-token-with-line-break",
+    ),
+    pytest.param(
+        '[hq]\nurl = "https://127.0.0.1:9"\nclient_cert_file = "{short_key}"\n',
+        [
+            (
+                "hq.client_key_file",
+                "[hq] client_key_file is not set, so the key must be in client_cert_file"
+                " {short_key}",
+            )
+        ],
+        id="hq-client-key-not-set",
     ),
     pytest.param(
         '[tls]\ncert_file = "{missing}"\nkey_file = "{missing}"\nmin_version = "1.1"\n',
@@ -1411,9 +1577,14 @@ FILE_PROBLEM_CASES = [
 def test_check_config_lists_file_problems(
     tmp_path: Path, extra: str, expected: list[tuple[str, str]]
 ) -> None:
-    names = {"missing": tmp_path / "absent.pem", "short_key": tmp_path / "short.key"}
+    names = {
+        "missing": tmp_path / "absent.pem",
+        "short_key": tmp_path / "short.key",
+        "broken_token": tmp_path / "broken.token",
+    }
     names["short_key"].write_text("abc\n", encoding="utf-8")
     names["short_key"].chmod(0o600)
+    names["broken_token"].write_text("abc\ndef\n", encoding="utf-8")
     text = extra.format(**names) + '\n[policy]\nmax_scan_age = "soon"\n'
     config = write_config(tmp_path, free_port(), text)
 

@@ -286,7 +286,7 @@ def test_inline_device_list_keeps_places() -> None:
 
     message = str(raised.value)
     assert (
-        'config.toml: line 1, key devices.0: invalid value "scanner-0": each item of devices must'
+        "config.toml: line 1, key devices.0: invalid value 'scanner-0': each item of devices must"
         " be a table" in message
     )
     assert (
