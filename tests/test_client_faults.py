@@ -194,8 +194,8 @@ def test_huge_number_names_field(shared_daemon: Daemon, field: str, number: str)
 
 
 def test_body_on_its_way_at_stop_gets_503(daemon: Daemon) -> None:
-    # The stop answers a request whose body is still on its way at once, without waiting
-    # for the body or for client_timeout.
+    # The stop sends its 503 for a request whose body is still on its way at once, without
+    # waiting for the body or for client_timeout.
     assert daemon.process is not None
     sock = socket.create_connection(("127.0.0.1", daemon.port), timeout=10)
     sock.sendall(SCAN_HEADERS + b"Content-Length: 300\r\n\r\n")

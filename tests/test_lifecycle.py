@@ -316,8 +316,8 @@ def test_sigterm_closes_after_admitted_decision(daemon: Daemon) -> None:
         blocker.execute("BEGIN IMMEDIATE")
         scan_id = str(uuid.uuid4())
         sock.sendall(_scan_request(daemon.port, scan_id))
-        # Time for the daemon to read and admit the request; it then waits on the lock for
-        # the busy timeout (5 s), so a generous wait here cannot turn into a commit failure.
+        # Time for the daemon to read and admit the request. The decision then waits on the
+        # lock for up to the busy timeout (5 s), so this wait cannot make its commit fail.
         time.sleep(1.5)
         mark = len(daemon.log_lines())
         assert daemon.process is not None
