@@ -31,7 +31,7 @@ from daemon.normalize import strip_value
 from daemon.resolver import Evaluation, audit_event
 from daemon.runtime import DeviceState, Runtime
 from daemon.stations import Debouncer, SessionChange, SessionEvent, Stations
-from daemon.store import DEVICE_HEALTH_META_KEY, KeyHasher
+from daemon.store import DEVICE_HEALTH_META_KEY, KeyHasher, Rows
 from drivers.base import Driver, Dropped, Health, LogThrottle, Scan
 
 log = structlog.get_logger(__name__)
@@ -49,17 +49,20 @@ BLANK_LOG_INTERVAL = 60.0
 _ENCODER = msgspec.json.Encoder()
 
 
-def record_local_decision(
-    connection: sqlite3.Connection, event: dict[str, Any], now: float
-) -> None:
-    """Queue a local decision's audit event for HQ.
+def local_decision_rows(event: dict[str, Any], now: float) -> Rows:
+    """Return the writer job that queues a local decision's audit event for HQ.
 
-    Local scans have no scanEvent.id to replay, so unlike gateway decisions
-    they get no idempotency record.
+    Local scans have no scanEvent.id to replay, so unlike gateway decisions they get no
+    idempotency record. As a Rows job, like a gateway decision, it commits in the same
+    transaction as other decisions and does not wait for an import's lock on the cache file.
     """
-    connection.execute(
-        "INSERT INTO outbox (event_id, created_at, body) VALUES (?, ?, ?)",
-        (event["eventId"], now, _ENCODER.encode(event)),
+    return Rows(
+        (
+            (
+                "INSERT INTO outbox (event_id, created_at, body) VALUES (?, ?, ?)",
+                (event["eventId"], now, _ENCODER.encode(event)),
+            ),
+        )
     )
 
 
@@ -424,9 +427,7 @@ class LocalScanning:
 
     async def _record(self, device: DeviceConfig, event: dict[str, Any], now: float) -> None:
         try:
-            await self.runtime.store.writer.submit(
-                functools.partial(record_local_decision, event=event, now=now)
-            )
+            await self.runtime.store.writer.submit(local_decision_rows(event, now))
         except Exception as error:
             # The device already had its feedback. The decision still goes to the log and the
             # stream, so an operator can see which event the outbox is missing.

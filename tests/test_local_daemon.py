@@ -29,12 +29,15 @@ import pytest
 from tests.conftest import (
     SAMPLE_RECORDS,
     Daemon,
+    busy_timeout,
+    edit_config,
     free_port,
     labelled_samples,
     make_daemon,
     run_cli,
     write_config,
 )
+from tests.test_write_locks import cache_file_of, write_lock
 from tests.tls_helpers import CertificateAuthority, client_context, make_secure_daemon
 
 # Generous, because the suite must pass on a loaded two-core machine.
@@ -680,6 +683,33 @@ def test_scan_with_feedback_survives_kill(tmp_path: Path) -> None:
             daemon.stop()
         scanner.unplug()
     assert counts == [1, 2, 3, 4, 5]
+
+
+def test_scan_beside_locked_cache_file(tmp_path: Path) -> None:
+    # An import holds the cache file's write lock for a whole batch. A device scan writes
+    # only the database, so its audit event must commit without waiting for that lock.
+    scanner = PtyScanner(tmp_path / "tty-lock")
+    daemon = make_daemon(tmp_path / "daemon", device_table("lock", scanner.link), RECORDS)
+    edit_config(daemon.config, busy_timeout("0.5s"))
+    daemon.start()
+    try:
+        _wait_until_device_available(daemon.port, "dev-lock")
+        with write_lock(cache_file_of(daemon.database)):
+            scanner.scan(SHOPPER)
+            feedback = scanner.read_feedback(1)
+            deadline = time.monotonic() + 5
+            while _outbox_rows(daemon.database) == 0 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            recorded = _outbox_rows(daemon.database)
+        failures = [line for line in daemon.log_lines() if line["event"] == "scan.record_failed"]
+    finally:
+        if daemon.process is not None:
+            daemon.stop()
+        scanner.unplug()
+
+    assert feedback == GOOD_READ
+    assert recorded == 1
+    assert failures == []
 
 
 def _wait_until_device_available(port: int, device: str) -> None:
