@@ -14,7 +14,7 @@ import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Annotated, Literal, Protocol
+from typing import Annotated, Literal, Protocol, TypeVar
 
 import msgspec
 import structlog
@@ -258,3 +258,24 @@ class LogThrottle:
             return False
         self._next_allowed[key] = now + self._interval
         return True
+
+
+_Result = TypeVar("_Result")
+
+
+async def deliver_in_order(
+    results: list[_Result],
+    deliver: Callable[[_Result], Awaitable[None]],
+    drop_undelivered: Callable[[list[_Result]], Awaitable[None]],
+) -> None:
+    """Deliver the results of one read in order; when the driver stops, drop the rest.
+
+    A cancel during one delivery passes the results after it to ``drop_undelivered``, so
+    that the driver counts them, and then ends the driver as the cancel asked.
+    """
+    for index, result in enumerate(results):
+        try:
+            await deliver(result)
+        except asyncio.CancelledError:
+            await drop_undelivered(results[index + 1 :])
+            raise

@@ -8,6 +8,7 @@ scanner types in. A scan ends on Enter, keypad Enter or Tab.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import unicodedata
 from collections.abc import Iterable
@@ -28,6 +29,7 @@ from drivers.base import (
     HealthReporter,
     LogThrottle,
     Scan,
+    deliver_in_order,
     name_matches,
     parse_duration,
     parse_positive_duration_setting,
@@ -409,12 +411,11 @@ class HidDriver:
 
     async def _deliver_batch(self, results: list[KeyResult | None], sink: EventSink) -> None:
         """Deliver the results of one read in order, dropping the rest if the driver stops."""
-        for index, result in enumerate(results):
-            try:
-                await self._deliver(result, sink)
-            except asyncio.CancelledError:
-                await self._drop_undelivered(results[index + 1 :], sink)
-                raise
+        await deliver_in_order(
+            results,
+            functools.partial(self._deliver, sink=sink),
+            functools.partial(self._drop_undelivered, sink=sink),
+        )
 
     async def _drop_undelivered(self, results: list[KeyResult | None], sink: EventSink) -> None:
         """Count the scans of a batch that a stop cut off before their delivery.

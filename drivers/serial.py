@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import codecs
 import errno
+import functools
 import os
 import stat
 import termios
@@ -38,6 +39,7 @@ from drivers.base import (
     HealthReporter,
     LogThrottle,
     Scan,
+    deliver_in_order,
     parse_duration,
     parse_duration_setting,
     parse_positive_duration_setting,
@@ -826,12 +828,11 @@ class SerialDriver:
 
     async def _deliver(self, results: list[FrameResult], sink: EventSink) -> None:
         """Deliver frame results in order, dropping the rest if the driver stops."""
-        for index, result in enumerate(results):
-            try:
-                await self._deliver_one(result, sink)
-            except asyncio.CancelledError:
-                await self._drop_undelivered(results[index + 1 :], sink)
-                raise
+        await deliver_in_order(
+            results,
+            functools.partial(self._deliver_one, sink=sink),
+            functools.partial(self._drop_undelivered, sink=sink),
+        )
 
     async def _deliver_one(self, result: FrameResult, sink: EventSink) -> None:
         loop = asyncio.get_running_loop()
