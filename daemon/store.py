@@ -622,7 +622,7 @@ def _chown_command(owner: str, path: Path) -> str:
 
 
 def permission_denied_message(path: Path, role: str, fix: str, action: str = "read") -> str:
-    """Word a permission error on ``path``: the user refused, the owner and mode, and ``fix``.
+    """Word a permission error on ``path``: the user denied access, the owner and mode, and ``fix``.
 
     ``role`` names the file, such as "configuration file", and ``action`` what failed on it.
     ``fix`` is the sentence that lets the user in, and is left out when a folder above the
@@ -1123,11 +1123,14 @@ class StoreReader:
 
 @dataclass(frozen=True, slots=True)
 class Rows:
-    """A job that only inserts rows: ``statements`` are (SQL, parameters) pairs.
+    """A job that only writes rows of the database: ``statements`` are (SQL, parameters) pairs.
 
     The writer runs the Rows jobs of one group commit with one ``executemany`` per
     statement, which costs far less than a Python call per job. A decision is one Rows job,
     so the commit of a Rows job with statements ends the writer's ``failure``.
+    NOTE: the statements of a group commit run grouped by their SQL text, in the order each
+    text first appears, so a statement must not depend on another job's statements running
+    before it (a delete and an insert of one row in two jobs could swap).
     """
 
     statements: tuple[tuple[str, tuple[Any, ...]], ...]
