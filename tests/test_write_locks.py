@@ -10,10 +10,12 @@ from __future__ import annotations
 import contextlib
 import json
 import sqlite3
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 from daemon import cachefile
+from daemon.api import READY_PROBE_INTERVAL
 from tests.conftest import Daemon, busy_timeout, edit_config, make_daemon, run_cli
 
 # Long enough that a commit that waits for the held lock gives up within the test.
@@ -57,10 +59,20 @@ def write_lock(path: Path) -> Iterator[None]:
         connection.close()
 
 
+def let_start_up_writes_finish(daemon: Daemon) -> None:
+    """Wait until the start-up prune's two writer jobs, which take the cache file's lock
+    too, have committed. Each /readyz probe queues behind the job before it, and a probe
+    runs only 2 s after the last one."""
+    for _ in range(2):
+        assert daemon.request("GET", "/readyz").status == 200
+        time.sleep(READY_PROBE_INTERVAL + 0.2)
+
+
 def test_decision_beside_locked_cache_file(tmp_path: Path) -> None:
     daemon = locked_daemon(tmp_path)
     daemon.start()
     try:
+        let_start_up_writes_finish(daemon)
         with write_lock(cache_file_of(daemon.database)):
             reply = daemon.scan("KEY-SHOPPER-5f1c2b")
         failures = [line for line in daemon.log_lines() if line["event"] == "store.commit_failed"]
@@ -99,11 +111,13 @@ def test_import_beside_locked_cache_file(tmp_path: Path) -> None:
 
 
 def test_readiness_probe_beside_locked_cache_file(tmp_path: Path) -> None:
-    # No decision has committed yet, so /readyz commits its probe. Like a decision, the probe
-    # writes only the database, so it must not wait for an import's lock on the cache file.
+    # /readyz commits its probe when no decision or probe committed in the last 2 s. Like a
+    # decision, the probe writes only the database, so it must not wait for an import's lock
+    # on the cache file.
     daemon = locked_daemon(tmp_path)
     daemon.start()
     try:
+        let_start_up_writes_finish(daemon)
         with write_lock(cache_file_of(daemon.database)):
             ready = daemon.request("GET", "/readyz")
             reply = daemon.scan("KEY-SHOPPER-5f1c2b")
